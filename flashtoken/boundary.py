@@ -1,0 +1,156 @@
+"""Stable cuts: how much of a text's encoding no continuation of the text can change.
+
+tiktoken encodes ``text`` by splitting it into regex pieces (``enc._pat_str``) and running BPE
+inside each piece. Appending to ``text`` can only change its last few pieces: at most 1 for
+cl100k_base, at most 2 for r50k/p50k and o200k (docs/ALGORITHM.md proves it and gives examples).
+So the tokens of ``text`` before the start of its K-th last piece are final: a *stable cut*.
+
+Everything here works on a window ``text[start:end]`` whose ``start`` is known to be a piece
+boundary tiktoken's scan passes through (the start of the text, the end of an allowed special
+token, an earlier stable cut). The cut is found in ``text[start:end]`` as if the text ended at
+``end``; that is always safe, because the real text is one of the continuations the cut is stable
+under. Callers use ``end`` to stop before anything the scan cannot be sure of: the first code point
+whose Unicode class tiktoken may see differently, a trailing high surrogate, the possible start of
+a special token that the continuation could complete.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import regex
+import tiktoken
+
+from flashtoken import unicode
+from flashtoken.specials import SpecialPolicy
+
+# The patterns whose behaviour under appending is proven in docs/ALGORITHM.md, with the number
+# of trailing pieces an append can change. Keyed by the exact pattern text: a pattern that
+# differs in a single character is an unknown pattern.
+_R50K = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+_CL100K = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+_O200K = "|".join(
+    [
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
+PROVEN_PIECES = {_R50K: 2, _CL100K: 1, _O200K: 2}
+
+DEFAULT_BACKTRACK_PIECES = 3
+"""Pieces re-encoded by default: one more than any proof needs, as a margin."""
+
+UNKNOWN_PATTERN_PIECES = 8
+"""Pieces re-encoded for a pattern no proof covers; such cuts are also self-checked."""
+
+
+@dataclass(frozen=True)
+class CutRule:
+    """How to find stable cuts for one tiktoken pattern.
+
+    ``pieces`` is how many trailing pieces to leave unstable; ``proven`` says whether a proof
+    covers the pattern (if not, callers self-check each cut against tiktoken).
+    """
+
+    pattern: regex.Pattern[str]
+    pieces: int
+    proven: bool
+
+    def cut(self, text: str, start: int, end: int) -> int:
+        """The start of the K-th last piece of ``text[start:end]`` (``start`` if there are fewer).
+
+        ``end`` is pulled back to the first code point of uncertain class: the cut of the shorter
+        text is stable under every continuation, the real one included.
+        """
+        end = unicode.first_uncertain(text, start, end)
+        # Slice rather than pass pos/endpos: tiktoken's Rust scan sees each segment on its own,
+        # and a custom pattern with a look-behind would see the text before ``pos``.
+        window = text[start:end]
+        last = collections.deque((m.start() for m in self.pattern.finditer(window)), self.pieces)
+        if len(last) < self.pieces:
+            return start
+        return start + last[0]
+
+
+def cut_rule(pat_str: str, backtrack_pieces: int | None = None) -> CutRule:
+    """The rule for ``pat_str``, re-encoding ``backtrack_pieces`` pieces (default: 3, or 8).
+
+    Raises ValueError if ``backtrack_pieces`` is below what the pattern is proven to need.
+    """
+    proven = PROVEN_PIECES.get(pat_str)
+    if backtrack_pieces is None:
+        backtrack_pieces = DEFAULT_BACKTRACK_PIECES if proven else UNKNOWN_PATTERN_PIECES
+    if not isinstance(backtrack_pieces, int) or isinstance(backtrack_pieces, bool):
+        raise TypeError(f"backtrack_pieces must be an int, not {type(backtrack_pieces).__name__}")
+    minimum = proven or 1
+    if backtrack_pieces < minimum:
+        raise ValueError(
+            f"backtrack_pieces={backtrack_pieces} is below the {minimum} piece(s) this encoding's "
+            f"pattern needs to stay exact; pass {minimum} or more (or None for the default)"
+        )
+    return CutRule(_compile(pat_str), backtrack_pieces, proven is not None)
+
+
+@functools.lru_cache(maxsize=32)
+def _compile(pat_str: str) -> regex.Pattern[str]:
+    # Python's ``$`` also matches before a final newline; Rust's only at the very end.
+    return regex.compile(regex.sub(r"(?<!\\)\$", r"\\Z", pat_str))
+
+
+def find_cut(
+    enc: tiktoken.Encoding,
+    rule: CutRule,
+    policy: SpecialPolicy,
+    text: str,
+    start: int,
+    tokens: Sequence[int],
+) -> tuple[int, int]:
+    """The stable cut of ``text`` at or after the known boundary ``start``.
+
+    ``tokens`` are the tokens tiktoken gives ``text[start:]`` within the whole text (all of them
+    when ``start == 0``). Returns ``(cut, n)``: an offset into ``text`` (never inside a surrogate
+    pair) and how many of ``tokens`` lie before it. ``(start, 0)`` when nothing can be kept.
+    """
+    end = len(text)
+    if end > start and unicode.is_high_surrogate(text[-1]):
+        end -= 1  # the continuation may complete it into a pair, one character
+    window = text[start:end]
+    raw = unicode.has_surrogates(window)
+    if raw:
+        window = unicode.repair_surrogates(window)
+    # An allowed special token is a hard boundary: tiktoken scans the text after it afresh.
+    boundary = policy.last_allowed_end(window)
+    cut = rule.cut(window, boundary, policy.completable_from(window, boundary))
+    if raw:
+        cut = unicode.raw_offset(text[start:end], cut)
+    cut += start
+    kept = _tokens_before(enc, tokens, text[cut:])
+    if kept is None:  # the cut is no token boundary: only a wrong split can do that; keep nothing
+        return start, 0
+    return cut, kept
+
+
+def _tokens_before(enc: tiktoken.Encoding, tokens: Sequence[int], rest: str) -> int | None:
+    """How many of ``tokens`` come before the ones that spell ``rest``; None if none do exactly.
+
+    Walks back from the end, so it costs the length of ``rest``, not of the text.
+    """
+    if unicode.has_surrogates(rest):
+        rest = unicode.repair_surrogates(rest)
+    need = len(rest.encode("utf-8"))
+    n = len(tokens)
+    while need > 0 and n > 0:
+        n -= 1
+        need -= len(enc.decode_single_token_bytes(tokens[n]))
+    return n if need == 0 else None

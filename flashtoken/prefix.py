@@ -1,0 +1,286 @@
+"""FixedPrefixTokenCache: encode ``prefix + suffix`` for one fixed prefix, paying only for the suffix."""
+
+from __future__ import annotations
+
+from array import array
+from typing import NamedTuple, Union
+
+import tiktoken
+
+from flashtoken.boundary import CutRule, cut_rule, find_cut
+from flashtoken.encodings import resolve_encoding
+from flashtoken.specials import SpecialArg, SpecialPolicy
+
+EncodingLike = Union[str, tiktoken.Encoding]
+
+ORDINARY = SpecialPolicy(frozenset(), frozenset())
+"""The policy of ``encode_ordinary``: every special token's text is ordinary text."""
+
+# Continuations tried on every cut of a pattern no proof covers (docs/ALGORITHM.md).
+_SELF_CHECK_PROBES = ("", " ", "  x", "a", "A", "1", "'s", "\n", "\r\n", ".", "/", "中", "é", "\u0301")
+
+
+class PrefixSplit(NamedTuple):
+    """A prefix split at its stable cut: ``head`` are its tokens before offset ``cut``.
+
+    For every suffix, ``head + encode(prefix[cut:] + suffix)`` is ``encode(prefix + suffix)``.
+    """
+
+    head: list[int]
+    cut: int
+
+
+class TokenDelta(NamedTuple):
+    """Drop the last ``rollback_tokens`` of the tokens you hold, then add ``tokens_to_append``."""
+
+    rollback_tokens: int
+    tokens_to_append: list[int]
+
+
+def split_prefix(
+    encoding: EncodingLike,
+    prefix: str,
+    *,
+    allowed_special: SpecialArg = frozenset(),
+    backtrack_pieces: int | None = None,
+) -> PrefixSplit:
+    """Encode ``prefix`` once and split it at its stable cut.
+
+    >>> split_prefix("cl100k_base", "You are a helpful assistant.")
+    PrefixSplit(head=[2675, 527, 264, 11190], cut=19)
+    """
+    enc = resolve_encoding(encoding)
+    _require_str(prefix, "prefix")
+    policy = SpecialPolicy.of(enc, allowed_special, ())
+    return _split(enc, cut_rule(enc._pat_str, backtrack_pieces), policy, prefix)
+
+
+def _split(enc: tiktoken.Encoding, rule: CutRule, policy: SpecialPolicy, prefix: str) -> PrefixSplit:
+    tokens = _encode(enc, prefix, policy)
+    cut, kept = find_cut(enc, rule, policy, prefix, 0, tokens)
+    split = PrefixSplit(tokens[:kept], cut)
+    if not rule.proven and not _self_check(enc, policy, prefix, split):
+        return PrefixSplit([], 0)
+    return split
+
+
+def _self_check(enc: tiktoken.Encoding, policy: SpecialPolicy, prefix: str, split: PrefixSplit) -> bool:
+    """Whether the split is exact on a few continuations: a net under unproven patterns."""
+    tail = prefix[split.cut :]
+    return all(
+        split.head + _encode(enc, tail + probe, policy) == _encode(enc, prefix + probe, policy)
+        for probe in _SELF_CHECK_PROBES
+    )
+
+
+def _encode(enc: tiktoken.Encoding, text: str, policy: SpecialPolicy) -> list[int]:
+    """tiktoken's encoding of ``text`` with ``policy.allowed`` as special tokens (no check)."""
+    if policy.allowed:
+        return enc.encode(text, allowed_special=policy.allowed, disallowed_special=())
+    return enc.encode_ordinary(text)
+
+
+def _require_str(value: object, name: str) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+
+
+class FixedPrefixTokenCache:
+    """Encodes ``prefix + suffix`` for a fixed ``prefix``, exactly as tiktoken does.
+
+    The prefix is encoded once. Each call re-encodes only the prefix's last few regex pieces
+    together with the suffix, and reuses the tokens before them.
+
+    >>> cache = FixedPrefixTokenCache("cl100k_base", "You are a helpful assistant.")
+    >>> cache.encode_ordinary(" Answer briefly.")
+    [2675, 527, 264, 11190, 18328, 13, 22559, 27851, 13]
+    >>> cache.encode_ordinary(" Answer briefly.") == cache.encoding.encode_ordinary(
+    ...     "You are a helpful assistant. Answer briefly.")
+    True
+
+    ``backtrack_pieces`` raises the number of pieces re-encoded (default 3; 8 for a pattern no
+    proof covers); it raises ValueError below what the encoding's pattern is proven to need.
+    """
+
+    def __init__(
+        self, encoding: EncodingLike, prefix: str, *, backtrack_pieces: int | None = None
+    ) -> None:
+        _require_str(prefix, "prefix")
+        self._enc = resolve_encoding(encoding)
+        self._prefix = prefix
+        self._rule = cut_rule(self._enc._pat_str, backtrack_pieces)
+        self._splits: dict[frozenset[str], PrefixSplit] = {}
+        self._prefix_has: dict[frozenset[str], bool] = {}
+        self._policies: dict[tuple[object, object], SpecialPolicy] = {}
+        ordinary = self._split_for(ORDINARY)
+        self._head, self._tail = ordinary.head, prefix[ordinary.cut :]
+        self._head_array = array("I", self._head)
+
+    @classmethod
+    def from_split(
+        cls,
+        encoding: EncodingLike,
+        prefix: str,
+        split: PrefixSplit,
+        *,
+        allowed_special: SpecialArg = frozenset(),
+    ) -> FixedPrefixTokenCache:
+        """A cache whose split for ``allowed_special`` was computed elsewhere (by the daemon).
+
+        The caller vouches for ``split``; other policies are computed here when first used.
+        """
+        self = cls.__new__(cls)
+        self._enc = resolve_encoding(encoding)
+        self._prefix = prefix
+        self._rule = cut_rule(self._enc._pat_str)
+        self._splits = {SpecialPolicy.of(self._enc, allowed_special, ()).allowed: split}
+        self._prefix_has = {}
+        self._policies = {}
+        ordinary = self._split_for(ORDINARY)
+        self._head, self._tail = ordinary.head, prefix[ordinary.cut :]
+        self._head_array = array("I", self._head)
+        return self
+
+    # -- read-only views ------------------------------------------------------------------------
+
+    @property
+    def encoding(self) -> tiktoken.Encoding:
+        return self._enc
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    @property
+    def prefix_tokens(self) -> tuple[int, ...]:
+        """``encoding.encode_ordinary(prefix)``."""
+        return tuple(self._head + self._enc.encode_ordinary(self._tail))
+
+    def _held(self, policy: SpecialPolicy) -> int:
+        """How many tokens ``prefix`` encodes to under ``policy``."""
+        split = self._split_for(policy)
+        return len(split.head) + len(_encode(self._enc, self._prefix[split.cut :], policy))
+
+    @property
+    def cut(self) -> int:
+        """Offset into ``prefix`` where re-encoding starts (for ``encode_ordinary``)."""
+        return len(self._prefix) - len(self._tail)
+
+    # -- encode_ordinary ----------------------------------------------------------------------
+
+    def encode_ordinary(self, suffix: str) -> list[int]:
+        """``encoding.encode_ordinary(prefix + suffix)``, without re-encoding the prefix."""
+        return self._head + self._enc.encode_ordinary(self._tail + suffix)
+
+    def encode_ordinary_array(self, suffix: str) -> array[int]:
+        """The same tokens as an ``array('I')`` (uint32): one memcpy for the prefix's part.
+
+        Wrap it without copying with ``numpy.frombuffer(a, dtype=numpy.uint32)``.
+        """
+        return self._head_array + array("I", self._enc.encode_ordinary(self._tail + suffix))
+
+    def count_ordinary(self, suffix: str) -> int:
+        """``len(encode_ordinary(suffix))``, without building the list."""
+        return len(self._head) + len(self._enc.encode_ordinary(self._tail + suffix))
+
+    def encode_ordinary_delta(self, suffix: str) -> TokenDelta:
+        """For callers holding ``prefix_tokens`` (a KV cache): what to drop and what to add.
+
+        >>> cache = FixedPrefixTokenCache("cl100k_base", "Total: 12")
+        >>> cache.prefix_tokens, cache.encode_ordinary_delta("3")
+        ((7749, 25, 220, 717), TokenDelta(rollback_tokens=1, tokens_to_append=[4513]))
+        """
+        tail = self._enc.encode_ordinary(self._tail + suffix)
+        return TokenDelta(self._held(ORDINARY) - len(self._head), tail)
+
+    # -- encode, with special tokens ----------------------------------------------------------
+
+    def encode(
+        self,
+        suffix: str,
+        *,
+        allowed_special: SpecialArg = frozenset(),
+        disallowed_special: SpecialArg = "all",
+    ) -> list[int]:
+        """``encoding.encode(prefix + suffix, allowed_special=..., disallowed_special=...)``.
+
+        Raises tiktoken's own ValueError if the text has a disallowed special token, also one
+        that only forms across the join (``"...<|endof"`` + ``"text|>..."``).
+        """
+        split, tail = self._encode_plan(suffix, allowed_special, disallowed_special)
+        return split.head + tail
+
+    def count(
+        self,
+        suffix: str,
+        *,
+        allowed_special: SpecialArg = frozenset(),
+        disallowed_special: SpecialArg = "all",
+    ) -> int:
+        """``len(encode(suffix, ...))``, without building the list."""
+        split, tail = self._encode_plan(suffix, allowed_special, disallowed_special)
+        return len(split.head) + len(tail)
+
+    def encode_delta(
+        self,
+        suffix: str,
+        *,
+        allowed_special: SpecialArg = frozenset(),
+        disallowed_special: SpecialArg = "all",
+    ) -> TokenDelta:
+        """Like :meth:`encode_ordinary_delta`, against ``encode(prefix, allowed_special=...)``."""
+        split, tail = self._encode_plan(suffix, allowed_special, disallowed_special)
+        policy = self._policy(allowed_special, disallowed_special)
+        return TokenDelta(self._held(policy) - len(split.head), tail)
+
+    def _encode_plan(
+        self, suffix: str, allowed_special: SpecialArg, disallowed_special: SpecialArg
+    ) -> tuple[PrefixSplit, list[int]]:
+        _require_str(suffix, "suffix")
+        policy = self._policy(allowed_special, disallowed_special)
+        if policy.disallowed and self._finds_disallowed(policy, suffix):
+            # tiktoken raises its own error (and if it did not, its answer is still exact).
+            return PrefixSplit([], 0), self._enc.encode(
+                self._prefix + suffix,
+                allowed_special=allowed_special,
+                disallowed_special=disallowed_special,
+            )
+        split = self._split_for(policy)
+        return split, _encode(self._enc, self._prefix[split.cut :] + suffix, policy)
+
+    def _policy(self, allowed_special: SpecialArg, disallowed_special: SpecialArg) -> SpecialPolicy:
+        key = (_hashable(allowed_special), _hashable(disallowed_special))
+        policy = self._policies.get(key)
+        if policy is None:
+            policy = SpecialPolicy.of(self._enc, allowed_special, disallowed_special)
+            if None not in key and len(self._policies) < 64:
+                self._policies[key] = policy
+        return policy
+
+    def _finds_disallowed(self, policy: SpecialPolicy, suffix: str) -> bool:
+        in_prefix = self._prefix_has.get(policy.disallowed)
+        if in_prefix is None:
+            in_prefix = self._prefix_has[policy.disallowed] = policy.finds_disallowed(self._prefix)
+        join = self._prefix[max(0, len(self._prefix) - policy.reach()) :]
+        return in_prefix or policy.finds_disallowed(join + suffix)
+
+    def _split_for(self, policy: SpecialPolicy) -> PrefixSplit:
+        split = self._splits.get(policy.allowed)
+        if split is None:
+            split = self._splits[policy.allowed] = _split(self._enc, self._rule, policy, self._prefix)
+        return split
+
+    def __repr__(self) -> str:
+        shown = self._prefix if len(self._prefix) <= 40 else self._prefix[:37] + "..."
+        return f"FixedPrefixTokenCache({self._enc.name!r}, {shown!r})"
+
+
+def _hashable(arg: object) -> object:
+    """A key for the policy memo, or None where there is none (then nothing is memoised)."""
+    if isinstance(arg, str):
+        return arg
+    try:
+        return frozenset(arg)  # type: ignore[call-overload]
+    except TypeError:
+        return None
+

@@ -1,0 +1,103 @@
+"""The special-token policy of ``encode``, in one place.
+
+tiktoken's ``encode(text, *, allowed_special=set(), disallowed_special="all")`` first raises
+``ValueError`` if ``text`` contains a disallowed special token, then encodes with the allowed
+ones as single tokens that split the text into segments encoded apart. A prefix cache must do
+the same for ``prefix + suffix`` while looking only at the suffix and the join, so:
+
+- a disallowed token inside the prefix is found once; one in the suffix or spanning the join
+  (``"... <|endof"`` + ``"text|> ..."``) is found in the last ``longest - 1`` characters of the
+  prefix plus the suffix. Either way tiktoken itself is then called on the whole text, so the
+  error is tiktoken's own, word for word;
+- an allowed token is a hard boundary: the prefix's stable cut never lies before the end of its
+  last allowed token, and never after the start of a trailing fragment that the suffix could
+  complete into an allowed token.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import AbstractSet, Literal, Union
+
+import regex
+import tiktoken
+
+SpecialArg = Union[Literal["all"], AbstractSet[str], Collection[str]]
+
+
+@dataclass(frozen=True)
+class SpecialPolicy:
+    """Normalised ``allowed_special`` / ``disallowed_special``, as tiktoken normalises them."""
+
+    allowed: frozenset[str]
+    disallowed: frozenset[str]
+
+    @classmethod
+    def of(
+        cls,
+        enc: tiktoken.Encoding,
+        allowed_special: SpecialArg = frozenset(),
+        disallowed_special: SpecialArg = "all",
+    ) -> SpecialPolicy:
+        specials = enc.special_tokens_set
+        if allowed_special == "all":
+            allowed = frozenset(specials)
+        else:
+            allowed = _string_set(allowed_special, "allowed_special")
+        if disallowed_special == "all":
+            disallowed = frozenset(specials) - allowed
+        else:
+            disallowed = _string_set(disallowed_special, "disallowed_special")
+        # Strings in allowed_special that are no special token change nothing in tiktoken.
+        return cls(allowed & specials, disallowed)
+
+    @property
+    def key(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """A stable, hashable, serialisable form (sorted), for cache keys and the wire."""
+        return tuple(sorted(self.allowed)), tuple(sorted(self.disallowed))
+
+    def reach(self) -> int:
+        """How far a special string can reach back from the end of the prefix into it."""
+        return max(map(len, self.allowed | self.disallowed), default=1) - 1
+
+    def finds_disallowed(self, text: str) -> bool:
+        return bool(self.disallowed) and _search_pattern(self.disallowed).search(text) is not None
+
+    def last_allowed_end(self, text: str, start: int = 0) -> int:
+        """End of the last allowed special token in ``text[start:]``, or ``start``."""
+        end = start
+        if self.allowed:
+            for match in _search_pattern(self.allowed).finditer(text, start):
+                end = match.end()
+        return end
+
+    def completable_from(self, text: str, start: int) -> int:
+        """Earliest offset >= ``start`` where the rest of ``text`` is a proper prefix of an
+        allowed token (a continuation could complete it), or ``len(text)``."""
+        if self.allowed:
+            prefixes = _proper_prefixes(self.allowed)
+            for offset in range(max(start, len(text) - self.reach()), len(text)):
+                if text[offset:] in prefixes:
+                    return offset
+        return len(text)
+
+
+def _string_set(value: object, name: str) -> frozenset[str]:
+    if isinstance(value, str) or not isinstance(value, Collection):
+        raise TypeError(f'{name} must be "all" or a collection of strings, not {value!r}')
+    if not all(isinstance(item, str) for item in value):
+        raise TypeError(f"{name} must contain only strings")
+    return frozenset(value)
+
+
+@functools.lru_cache(maxsize=64)
+def _search_pattern(tokens: frozenset[str]) -> regex.Pattern[str]:
+    # Longest first, so that of two tokens where one starts the other the longer one is found.
+    return regex.compile("|".join(regex.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+
+
+@functools.lru_cache(maxsize=64)
+def _proper_prefixes(tokens: frozenset[str]) -> frozenset[str]:
+    return frozenset(t[:i] for t in tokens for i in range(1, len(t)))
