@@ -47,7 +47,7 @@ def split_prefix(
     """Encode ``prefix`` once and split it at its stable cut.
 
     >>> split_prefix("cl100k_base", "You are a helpful assistant.")
-    PrefixSplit(head=[2675, 527, 264, 11190], cut=19)
+    PrefixSplit(head=[2675, 527, 264], cut=9)
     """
     enc = resolve_encoding(encoding)
     _require_str(prefix, "prefix")
@@ -110,6 +110,7 @@ class FixedPrefixTokenCache:
         self._prefix = prefix
         self._rule = cut_rule(self._enc._pat_str, backtrack_pieces)
         self._splits: dict[frozenset[str], PrefixSplit] = {}
+        self._held_tails: dict[frozenset[str], list[int]] = {}
         self._prefix_has: dict[frozenset[str], bool] = {}
         self._policies: dict[tuple[object, object], SpecialPolicy] = {}
         ordinary = self._split_for(ORDINARY)
@@ -134,6 +135,7 @@ class FixedPrefixTokenCache:
         self._prefix = prefix
         self._rule = cut_rule(self._enc._pat_str)
         self._splits = {SpecialPolicy.of(self._enc, allowed_special, ()).allowed: split}
+        self._held_tails = {}
         self._prefix_has = {}
         self._policies = {}
         ordinary = self._split_for(ORDINARY)
@@ -154,12 +156,28 @@ class FixedPrefixTokenCache:
     @property
     def prefix_tokens(self) -> tuple[int, ...]:
         """``encoding.encode_ordinary(prefix)``."""
-        return tuple(self._head + self._enc.encode_ordinary(self._tail))
+        return tuple(self._head + self._held_tail(ORDINARY))
 
-    def _held(self, policy: SpecialPolicy) -> int:
-        """How many tokens ``prefix`` encodes to under ``policy``."""
-        split = self._split_for(policy)
-        return len(split.head) + len(_encode(self._enc, self._prefix[split.cut :], policy))
+    def _held_tail(self, policy: SpecialPolicy) -> list[int]:
+        """The prefix's own tokens after its cut, under ``policy``."""
+        held = self._held_tails.get(policy.allowed)
+        if held is None:
+            split = self._split_for(policy)
+            held = self._held_tails[policy.allowed] = _encode(
+                self._enc, self._prefix[split.cut :], policy
+            )
+        return held
+
+    def _delta(self, policy: SpecialPolicy, tail: list[int]) -> TokenDelta:
+        """The delta from the prefix's own tokens to ``head + tail``, rolling back no more than
+        needed: the prefix's tokens after the cut often start the same way as ``tail``."""
+        held = self._held_tail(policy)
+        same = 0
+        for mine, theirs in zip(held, tail):
+            if mine != theirs:
+                break
+            same += 1
+        return TokenDelta(len(held) - same, tail[same:])
 
     @property
     def cut(self) -> int:
@@ -190,8 +208,7 @@ class FixedPrefixTokenCache:
         >>> cache.prefix_tokens, cache.encode_ordinary_delta("3")
         ((7749, 25, 220, 717), TokenDelta(rollback_tokens=1, tokens_to_append=[4513]))
         """
-        tail = self._enc.encode_ordinary(self._tail + suffix)
-        return TokenDelta(self._held(ORDINARY) - len(self._head), tail)
+        return self._delta(ORDINARY, self._enc.encode_ordinary(self._tail + suffix))
 
     # -- encode, with special tokens ----------------------------------------------------------
 
@@ -231,7 +248,10 @@ class FixedPrefixTokenCache:
         """Like :meth:`encode_ordinary_delta`, against ``encode(prefix, allowed_special=...)``."""
         split, tail = self._encode_plan(suffix, allowed_special, disallowed_special)
         policy = self._policy(allowed_special, disallowed_special)
-        return TokenDelta(self._held(policy) - len(split.head), tail)
+        own = self._split_for(policy)
+        if split is not own:  # tiktoken encoded the whole text (and did not raise): all new
+            return TokenDelta(len(own.head) + len(self._held_tail(policy)), tail)
+        return self._delta(policy, tail)
 
     def _encode_plan(
         self, suffix: str, allowed_special: SpecialArg, disallowed_special: SpecialArg

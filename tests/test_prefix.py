@@ -60,7 +60,14 @@ def test_encode_ordinary_is_tiktoken(enc, prefix, suffix):
 def test_encode_is_tiktoken(enc, prefix, suffix, policy):
     allowed, disallowed = policy
     cache = FixedPrefixTokenCache(enc, prefix)
-    assert ours(cache, suffix, allowed, disallowed) == oracle(enc, prefix + suffix, allowed, disallowed)
+    want = oracle(enc, prefix + suffix, allowed, disallowed)
+    assert ours(cache, suffix, allowed, disallowed) == want
+    if want[0] == "tokens":
+        kwargs = dict(allowed_special=allowed, disallowed_special=disallowed)
+        assert cache.count(suffix, **kwargs) == len(want[1])
+        held = enc.encode(prefix, allowed_special=allowed, disallowed_special=())
+        delta = cache.encode_delta(suffix, **kwargs)
+        assert held[: len(held) - delta.rollback_tokens] + delta.tokens_to_append == want[1]
 
 
 @pytest.mark.parametrize("text", CORPUS, ids=range(len(CORPUS)))

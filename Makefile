@@ -1,0 +1,34 @@
+# Two commands set up everything on a fresh machine that has only python3:
+#   make test    create .venv, install the project with its dev extra, run pytest
+#   make bench   same environment, run the benchmark
+# Pass arguments through PYTEST_ARGS / BENCH_ARGS, e.g. make test PYTEST_ARGS='-k encodings -x'.
+
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+# Re-install only when the dependencies may have changed. The install is editable, so edits to
+# the sources (new modules included) need no re-install.
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: test bench install clean
+
+test: $(STAMP)
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VPY) -m benchmark $(BENCH_ARGS)
+
+install: $(STAMP)
+
+# A current pip first: the editable install of a pyproject-only project needs pip >= 21.3, older
+# than what some distributions' python3 brings.
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --upgrade pip
+
+$(STAMP): pyproject.toml | $(VPY)
+	$(VPY) -m pip install -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) benchmark/out

@@ -1,0 +1,27 @@
+"""Shared test settings.
+
+hypothesis runs a modest number of examples by default; set FLASHTOKEN_HYPOTHESIS_EXAMPLES to
+run the long randomized search (e.g. 200000 per property: millions of cases in all).
+"""
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from flashtoken import get_encoding
+
+settings.register_profile(
+    "flashtoken",
+    max_examples=int(os.environ.get("FLASHTOKEN_HYPOTHESIS_EXAMPLES", "300")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("flashtoken")
+
+ENCODINGS = ["cl100k_base", "o200k_base", "o200k_harmony"]
+
+
+@pytest.fixture(params=ENCODINGS, scope="session")
+def enc(request):
+    return get_encoding(request.param)
