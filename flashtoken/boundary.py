@@ -73,7 +73,7 @@ class CutRule:
         ``end`` is pulled back to the first code point of uncertain class: the cut of the shorter
         text is stable under every continuation, the real one included.
         """
-        end = unicode.first_uncertain(text, start, end)
+        end = unicode.first_uncertain(text, start, end, grouped=self.proven)
         # Slice rather than pass pos/endpos: tiktoken's Rust scan sees each segment on its own,
         # and a custom pattern with a look-behind would see the text before ``pos``.
         window = text[start:end]

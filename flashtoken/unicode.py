@@ -14,35 +14,49 @@ import unicodedata
 
 import regex
 
-# Every general category but Cn (unassigned), Cs (surrogates never reach a regex here) and Co
-# (private use, fixed since Unicode 2.0).
-_CATEGORIES = (
-    "Lu Ll Lt Lm Lo Mn Mc Me Nd Nl No Pc Pd Ps Pe Pi Pf Po Sm Sc Sk So Zs Zl Zp Cc Cf".split()
-)
+# The general categories, grouped the way every proven pattern (r50k, cl100k, o200k) tells
+# them apart: they use \p{L}, \p{N}, \p{M}, \p{Lu}\p{Lt}, \p{Ll}, \p{Lm}\p{Lo} and \s, nothing
+# finer. Two categories in one group are interchangeable for those patterns.
+_GROUPS = {
+    **dict.fromkeys(("Lu", "Lt"), "upper"),
+    "Ll": "lower",
+    **dict.fromkeys(("Lm", "Lo"), "other-letter"),
+    **dict.fromkeys(("Mn", "Mc", "Me"), "mark"),
+    **dict.fromkeys(("Nd", "Nl", "No"), "number"),
+}
+# Every general category but Cn (unassigned for ``regex``, the newest table, is unassigned in
+# the older ones too: nothing to compare) and Co (private use, fixed since Unicode 2.0).
+_CATEGORIES = "Lu Ll Lt Lm Lo Mn Mc Me Nd Nl No Pc Pd Ps Pe Pi Pf Po Sm Sc Sk So Zs Zl Zp Cc Cf".split()
 
 
 @functools.lru_cache(maxsize=None)
-def _uncertain_pattern() -> regex.Pattern[str]:
+def _uncertain_pattern(grouped: bool) -> regex.Pattern[str]:
     """A character class of the code points whose class tiktoken may see differently.
 
-    A code point is certain when Python's own Unicode database (``unicodedata``, an older release
-    than tiktoken's) has it assigned and the ``regex`` module puts it in the same general category.
-    Assignments are never withdrawn and category changes are rare and not reverted, so when
-    tiktoken's tables are no older than ``unicodedata``'s and no newer than ``regex``'s, a certain
-    code point has one category in all three. Everything else (unassigned in either, or changed
-    in between, like U+0295 which went from Ll to Lo in Unicode 16) is uncertain.
+    Three Unicode tables are in play: Python's ``unicodedata`` (the oldest: 14.0 on 3.11),
+    tiktoken's Rust regex (16.0 in tiktoken 0.14) and the ``regex`` module's (16.0 or newer, by
+    the pin ``regex>=2024.11.6``). Assignments are never withdrawn and category changes are rare
+    and never reverted, so while tiktoken's tables lie between the other two, a code point on
+    which ``unicodedata`` and ``regex`` agree has that category in tiktoken too. A code point on
+    which they disagree (newly assigned, or changed like U+0295, Ll before Unicode 16 and Lo
+    after) is uncertain. With ``grouped``, only disagreements across the groups the proven
+    patterns tell apart count: a new emoji (So, or Cn where unknown) is "other" either way.
 
-    Built once per process (~0.2 s), only when non-ASCII text first needs it.
+    Built once per process (~0.3 s), only when non-ASCII text first needs it.
     """
     everything = "".join(map(chr, range(0x80, 0xD800))) + "".join(map(chr, range(0xE000, 0x110000)))
     uncertain: list[int] = []
-    # Unassigned for regex: unassigned for unicodedata too (assignments only grow).
-    for run in regex.finditer(r"\p{gc=Cn}+", everything):
-        uncertain.extend(range(ord(run.group()[0]), ord(run.group()[-1]) + 1))
     for category in _CATEGORIES:
         for run in regex.finditer(r"\p{gc=%s}+" % category, everything):
-            uncertain.extend(ord(c) for c in run.group() if unicodedata.category(c) != category)
-    return regex.compile("[%s]" % "".join(_ranges(sorted(uncertain))))
+            for char in run.group():
+                theirs = unicodedata.category(char)
+                if theirs != category and (
+                    not grouped or _GROUPS.get(theirs, "other") != _GROUPS.get(category, "other")
+                ):
+                    uncertain.append(ord(char))
+    if not uncertain:
+        return regex.compile(r"(?!)")  # matches nothing
+    return regex.compile("[%s]" % "".join(_ranges(uncertain)))
 
 
 def _ranges(code_points: list[int]) -> list[str]:
@@ -58,11 +72,14 @@ def _ranges(code_points: list[int]) -> list[str]:
     return out
 
 
-def first_uncertain(text: str, start: int, end: int) -> int:
-    """Offset of the first code point in ``text[start:end]`` whose class is uncertain, or ``end``."""
+def first_uncertain(text: str, start: int, end: int, *, grouped: bool = False) -> int:
+    """Offset of the first code point in ``text[start:end]`` whose class is uncertain, or ``end``.
+
+    ``grouped`` is for the proven patterns (see :func:`_uncertain_pattern`).
+    """
     if text.isascii():
         return end
-    match = _uncertain_pattern().search(text, start, end)
+    match = _uncertain_pattern(grouped).search(text, start, end)
     return match.start() if match else end
 
 

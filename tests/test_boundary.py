@@ -1,0 +1,66 @@
+"""Stable cuts, the proven-pattern table and the Unicode guard."""
+
+import unicodedata
+
+import pytest
+
+from flashtoken import FixedPrefixTokenCache, get_encoding
+from flashtoken import unicode as uni
+from flashtoken.boundary import PROVEN_PIECES, cut_rule
+
+
+@pytest.mark.parametrize(
+    "name, pieces", [("cl100k_base", 1), ("o200k_base", 2), ("o200k_harmony", 2)]
+)
+def test_shipped_patterns_are_the_proven_ones(name, pieces):
+    """If tiktoken ever changes a pattern by one character, the proof no longer applies."""
+    assert PROVEN_PIECES.get(get_encoding(name)._pat_str) == pieces
+
+
+def test_cut_is_the_start_of_the_kth_last_piece():
+    rule = cut_rule(get_encoding("cl100k_base")._pat_str, 2)
+    text = "Total: 123 apples"  # pieces: Total : ␣ 123 ␣apples
+    assert rule.cut(text, 0, len(text)) == text.index(" 123") + 1
+    assert rule.cut(text, 0, 3) == 0  # fewer pieces than K: nothing is final
+
+
+def test_uncertain_code_points_stop_the_scan():
+    """U+0295 was Ll before Unicode 16 and Lo since: the two regex engines may split it apart."""
+    assert uni.first_uncertain("abc\u0295x", 0, 5, grouped=True) == 3
+    assert uni.first_uncertain("plain ascii", 0, 11) == 11
+    assert uni.first_uncertain("中文 and é", 0, 8, grouped=True) == 8
+    prefix = "An old letter \u0295 then a long tail of ordinary words " * 3
+    cache = FixedPrefixTokenCache("o200k_base", prefix)
+    assert cache.cut <= prefix.index("\u0295")
+    assert cache.encode_ordinary("more") == cache.encoding.encode_ordinary(prefix + "more")
+
+
+def test_new_symbols_are_certain_for_proven_patterns():
+    """An emoji newer than unicodedata is "other" whether known (So) or not (Cn)."""
+    new_emoji = "\U0001fae8"  # Unicode 15
+    if unicodedata.category(new_emoji) == "So":
+        pytest.skip("unicodedata already knows it")
+    assert uni.first_uncertain(new_emoji, 0, 1, grouped=True) == 1
+    assert uni.first_uncertain(new_emoji, 0, 1, grouped=False) == 0
+
+
+def test_unicodedata_is_not_newer_than_tiktokens_tables():
+    """The Unicode guard assumes tiktoken's tables (Unicode 16.0 in tiktoken 0.14) are no older
+    than Python's unicodedata. A Python with newer tables needs the guard revisited."""
+    version = tuple(int(x) for x in unicodedata.unidata_version.split("."))
+    assert version <= (16, 0, 0)
+
+
+def test_surrogate_repair_is_local_and_offsets_never_split_a_pair():
+    raw = "a\ud83d\ude00b\ud83dc"
+    repaired = uni.repair_surrogates(raw)
+    assert repaired == "a\U0001f600b\ufffdc"
+    assert [uni.raw_offset(raw, i) for i in range(len(repaired) + 1)] == [0, 1, 3, 4, 5, 6]
+    assert uni.repair_surrogates("x\ud83d") + uni.repair_surrogates("\ude00") != uni.repair_surrogates(
+        "x\ud83d\ude00"
+    )
+
+
+def test_a_pair_split_across_the_join_is_joined_as_tiktoken_does(enc):
+    cache = FixedPrefixTokenCache(enc, "smile \ud83d")
+    assert cache.encode_ordinary("\ude00!") == enc.encode_ordinary("smile \ud83d\ude00!")
