@@ -4,6 +4,7 @@ This is the public API of the core library. The ZeroMQ sidecar and its client li
 ``flashtoken.daemon`` and ``flashtoken.client`` and are imported only when asked for.
 """
 
+from flashtoken.auto import AutoPrefixCache
 from flashtoken.conversation import AppendOnlyPieceTokenCache
 from flashtoken.encodings import get_encoding
 from flashtoken.errors import (
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AppendOnlyPieceTokenCache",
+    "AutoPrefixCache",
     "DaemonError",
     "DaemonTimeout",
     "DaemonUnavailable",

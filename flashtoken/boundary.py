@@ -122,8 +122,19 @@ def find_cut(
     when ``start == 0``). Returns ``(cut, n)``: an offset into ``text`` (never inside a surrogate
     pair) and how many of ``tokens`` lie before it. ``(start, 0)`` when nothing can be kept.
     """
-    end = len(text)
-    if end > start and unicode.is_high_surrogate(text[-1]):
+    cut = stable_offset(rule, policy, text, start, len(text))
+    kept = _tokens_before(enc, tokens, text[cut:])
+    if kept is None:  # the cut is no token boundary: only a wrong split can do that; keep nothing
+        return start, 0
+    return cut, kept
+
+
+def stable_offset(rule: CutRule, policy: SpecialPolicy, text: str, start: int, end: int) -> int:
+    """The stable cut of ``text[:end]`` at or after the known boundary ``start``, as an offset.
+
+    Stable under every continuation of ``text[:end]``: the real text after ``end`` is one.
+    """
+    if end > start and unicode.is_high_surrogate(text[end - 1]):
         end -= 1  # the continuation may complete it into a pair, one character
     window = text[start:end]
     raw = unicode.has_surrogates(window)
@@ -134,11 +145,7 @@ def find_cut(
     cut = rule.cut(window, boundary, policy.completable_from(window, boundary))
     if raw:
         cut = unicode.raw_offset(text[start:end], cut)
-    cut += start
-    kept = _tokens_before(enc, tokens, text[cut:])
-    if kept is None:  # the cut is no token boundary: only a wrong split can do that; keep nothing
-        return start, 0
-    return cut, kept
+    return start + cut
 
 
 def _tokens_before(enc: tiktoken.Encoding, tokens: Sequence[int], rest: str) -> int | None:

@@ -15,6 +15,7 @@ def test_all_is_the_public_api():
     assert sorted(flashtoken.__all__) == sorted(
         [
             "AppendOnlyPieceTokenCache",
+            "AutoPrefixCache",
             "DaemonError",
             "DaemonTimeout",
             "DaemonUnavailable",
@@ -44,7 +45,7 @@ def test_errors_inherit_the_matching_builtins():
 
 
 @pytest.mark.parametrize(
-    "module", ["flashtoken.prefix", "flashtoken.conversation", "flashtoken.encodings"]
+    "module", ["flashtoken.prefix", "flashtoken.conversation", "flashtoken.encodings", "flashtoken.auto"]
 )
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
