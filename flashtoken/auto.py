@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import heapq
 import itertools
 import threading
 import weakref
@@ -33,12 +34,29 @@ DEFAULT_MAX_BYTES = 64 * 2**20
 _NODE_OVERHEAD = 160  # bytes a node costs beyond its block and token pointers (measured, rounded)
 
 
-class _Node(NamedTuple):
-    parent: Optional[_Node]
-    block: bytes  # this block's bytes, to confirm a digest match
-    cut: int  # stable cut, as an offset into the text (characters)
-    cut_byte: int  # the same cut in UTF-8 bytes
-    tokens: list[int]  # the tokens between the parent's cut and this one
+class _Node:
+    """One block of one chain."""
+
+    __slots__ = ("key", "parent", "block", "cut", "cut_byte", "tokens", "children", "used")
+
+    def __init__(self, key, parent, block, cut, cut_byte, tokens, used):  # type: ignore[no-untyped-def]
+        self.key: tuple[frozenset[str], int] = key
+        self.parent: _Node | None = parent
+        self.block: bytes = block  # this block's bytes, to confirm a digest match
+        self.cut: int = cut  # stable cut, as an offset into the text (characters)
+        self.cut_byte: int = cut_byte  # the same cut in UTF-8 bytes
+        self.tokens: list[int] = tokens  # the tokens between the parent's cut and this one
+        self.children = 0
+        self.used = used  # when a lookup last ended here (a tick)
+
+
+class _Memo(NamedTuple):
+    """The last lookup of a policy: most texts extend the previous one (a growing chat)."""
+
+    data: bytes
+    path: list[_Node]
+    state: object  # the xxh3 state after the path's last block
+    evictions: int  # the eviction count then: unchanged means every node of path is still in
 
 
 class AutoPrefixCache:
@@ -79,13 +97,15 @@ class AutoPrefixCache:
         self._block = block_bytes
         self._max_bytes = max_bytes
         self._lengths = token_byte_lengths(self._enc)
-        self._nodes: collections.OrderedDict[tuple[frozenset[str], int], _Node] = (
-            collections.OrderedDict()
-        )
+        self._nodes: dict[tuple[frozenset[str], int], _Node] = {}
+        # Eviction takes the least recently used *leaf*: a block is never evicted while blocks
+        # extending it remain. Candidates sit in a heap of (used, key), invalidated lazily.
+        self._leaves: list[tuple[int, tuple[frozenset[str], int]]] = []
+        self._memos: dict[frozenset[str], _Memo] = {}
+        self._tick = 0
         self._bytes = 0
         self._lock = threading.Lock()
         self._counts = collections.Counter[str]()
-        self._policies: dict[tuple[object, object], SpecialPolicy] = {}
 
     @property
     def encoding(self) -> tiktoken.Encoding:
@@ -133,51 +153,64 @@ class AutoPrefixCache:
             data = text.encode("utf-8")
         except UnicodeEncodeError:  # lone surrogates: rare; tiktoken repairs them, we step aside
             return _encode(self._enc, text, policy)
-        digests = self._digests(data)
         with self._lock:
-            path = self._longest_path(policy.allowed, data, digests)
+            path, digests, state = self._longest_path(policy.allowed, data)
+            last = path[-1] if path else None
+            if last is not None:
+                self._use(last)
         head: list[int] = []
         for node in path:
             head += node.tokens
-        cut, cut_byte = (path[-1].cut, path[-1].cut_byte) if path else (0, 0)
+        cut, cut_byte = (last.cut, last.cut_byte) if last else (0, 0)
         tail = _encode(self._enc, text[cut:], policy)
-        self._record(policy, text, data, digests, path, tail)
+        self._record(policy, text, data, digests, path, tail, state)
         with self._lock:
             self._counts.update(lookups=1, reused_bytes=cut_byte, encoded_bytes=len(data) - cut_byte)
-        return head + tail
-
-    def _digests(self, data: bytes) -> list[int]:
-        """The digest of the bytes up to the end of each full block."""
-        state = self._hasher()
-        out = []
-        view = memoryview(data)
-        for end in range(self._block, len(data) + 1, self._block):
-            state.update(view[end - self._block : end])
-            out.append(state.intdigest())
-        return out
+        head += tail  # not head + tail: one copy of the prefix's tokens, not two
+        return head
 
     def _longest_path(
-        self, allowed: frozenset[str], data: bytes, digests: list[int]
-    ) -> list[_Node]:
-        path: list[_Node] = []
-        parent = None
-        for i, digest in enumerate(digests):
-            node = self._nodes.get((allowed, digest))
-            # Confirm: the same parent (so every earlier block matched) and the same bytes.
-            if node is None or node.parent is not parent:
-                break
-            if node.block != data[i * self._block : (i + 1) * self._block]:
-                break
-            path.append(node)
-            parent = node
-        self._touch(allowed, digests[: len(path)])
-        return path
+        self, allowed: frozenset[str], data: bytes
+    ) -> tuple[list[_Node], list[int], object]:
+        """The cached blocks that start ``data``, the digests of all its full blocks, and the
+        digest state after the last of them.
 
-    def _touch(self, allowed: frozenset[str], digests: list[int]) -> None:
-        """Mark a path most recently used, ancestors after descendants: eviction, which takes
-        the least recently used first, then never takes a block before the blocks under it."""
-        for digest in reversed(digests):
-            self._nodes.move_to_end((allowed, digest))
+        Starts from the previous lookup's path when ``data`` extends it, so a growing text pays
+        per block only for its new blocks (and one memcmp for the rest).
+        """
+        size = self._block
+        memo = self._memos.get(allowed)
+        if (
+            memo is not None
+            and memo.evictions == self._counts["evictions"]
+            and data[: len(memo.path) * size] == memo.data[: len(memo.path) * size]
+        ):
+            path = list(memo.path)
+            state = memo.state.copy()  # type: ignore[attr-defined]
+        else:
+            path, state = [], self._hasher()
+        digests = [node.key[1] for node in path]
+        view = memoryview(data)
+        matching = True
+        for end in range((len(path) + 1) * size, len(data) + 1, size):
+            state.update(view[end - size : end])
+            digest = state.intdigest()
+            digests.append(digest)
+            if matching:
+                node = self._nodes.get((allowed, digest))
+                # Confirm: the same parent (so every earlier block matched) and the same bytes.
+                parent = path[-1] if path else None
+                if node is None or node.parent is not parent or node.block != view[end - size : end]:
+                    matching = False
+                    continue
+                path.append(node)
+        return path, digests, state
+
+    def _use(self, node: _Node) -> None:
+        self._tick += 1
+        node.used = self._tick
+        if not node.children:
+            heapq.heappush(self._leaves, (node.used, node.key))
 
     def _record(
         self,
@@ -187,10 +220,13 @@ class AutoPrefixCache:
         digests: list[int],
         path: list[_Node],
         tail: list[int],
+        state: object,
     ) -> None:
-        """Add the blocks after ``path``; ``tail`` are the tokens of the text after its cut."""
-        if len(path) == len(digests):
-            return
+        """Add the blocks after ``path``; ``tail`` are the tokens of the text after its cut.
+
+        ``state`` is the digest state after the last full block: when every block gets stored,
+        the next lookup can start from this one (the memo).
+        """
         parent = path[-1] if path else None
         start, start_byte = (parent.cut, parent.cut_byte) if parent else (0, 0)
         base = start_byte
@@ -202,7 +238,7 @@ class AutoPrefixCache:
         ends = list(itertools.accumulate(lengths))
         taken = 0  # tokens of ``tail`` already given to a block
         chars, mark = start, start_byte  # complete characters in data[:mark]
-        added: list[tuple[int, _Node]] = []
+        added: list[_Node] = []
         for i in range(len(path), len(digests)):
             block_end = (i + 1) * self._block
             aligned = block_end
@@ -215,25 +251,48 @@ class AutoPrefixCache:
             n = bisect.bisect_left(ends, cut_byte - base) + 1 if cut_byte > base else 0
             if n and (n > len(ends) or ends[n - 1] != cut_byte - base):
                 break  # not a token boundary: only a wrong split could do that; record no more
-            node = _Node(parent, data[i * self._block : block_end], cut, cut_byte, tail[taken:n])
-            added.append((digests[i], node))
+            key = (policy.allowed, digests[i])
+            block = data[i * self._block : block_end]
+            node = _Node(key, parent, block, cut, cut_byte, tail[taken:n], 0)
+            added.append(node)
             parent, start, start_byte, taken = node, cut, cut_byte, n
         with self._lock:
-            for digest, node in reversed(added):
-                key = (policy.allowed, digest)
-                if key not in self._nodes:  # a concurrent twin or a collision: keep the first
-                    self._nodes[key] = node
-                    self._bytes += _size(node)
-                    self._counts["blocks_added"] += 1
-                self._nodes.move_to_end(key)
-            self._touch(policy.allowed, digests[: len(path)])
+            stored = 0
+            for node in added:
+                if node.key in self._nodes:  # a concurrent twin or a collision: keep the first
+                    break
+                if node.parent is not None and self._nodes.get(node.parent.key) is not node.parent:
+                    break  # the parent was evicted meanwhile: this chain cannot be reached
+                self._nodes[node.key] = node
+                self._bytes += _size(node)
+                self._counts["blocks_added"] += 1
+                if node.parent is not None:
+                    node.parent.children += 1
+                self._use(node)
+                stored += 1
             self._evict()
+            if len(path) + stored == len(digests):
+                self._memos[policy.allowed] = _Memo(
+                    data, path + added, state, self._counts["evictions"]
+                )
 
     def _evict(self) -> None:
-        while self._bytes > self._max_bytes and self._nodes:
-            _, node = self._nodes.popitem(last=False)
+        while self._bytes > self._max_bytes and self._leaves:
+            used, key = heapq.heappop(self._leaves)
+            node = self._nodes.get(key)
+            if node is None or node.used != used or node.children:
+                continue  # a stale heap entry
+            del self._nodes[key]
             self._bytes -= _size(node)
             self._counts["evictions"] += 1
+            parent = node.parent
+            if parent is not None and self._nodes.get(parent.key) is parent:
+                parent.children -= 1
+                if not parent.children:
+                    heapq.heappush(self._leaves, (parent.used, parent.key))
+        if len(self._leaves) > 4 * len(self._nodes) + 64:  # drop the stale entries
+            self._leaves = [(n.used, k) for k, n in self._nodes.items() if not n.children]
+            heapq.heapify(self._leaves)
 
 
 def _size(node: _Node) -> int:

@@ -70,6 +70,11 @@ class _ClumsyHash:
     def intdigest(self):
         return self._n
 
+    def copy(self):
+        twin = _ClumsyHash()
+        twin._n = self._n
+        return twin
+
 
 def test_digest_collisions_never_hand_out_another_texts_tokens(enc):
     cache = AutoPrefixCache(enc, block_bytes=16)

@@ -3,10 +3,12 @@
 import unicodedata
 
 import pytest
+from hypothesis import given
 
 from flashtoken import FixedPrefixTokenCache, get_encoding
 from flashtoken import unicode as uni
 from flashtoken.boundary import PROVEN_PIECES, cut_rule
+from tests.strategies import texts
 
 
 @pytest.mark.parametrize(
@@ -64,3 +66,11 @@ def test_surrogate_repair_is_local_and_offsets_never_split_a_pair():
 def test_a_pair_split_across_the_join_is_joined_as_tiktoken_does(enc):
     cache = FixedPrefixTokenCache(enc, "smile \ud83d")
     assert cache.encode_ordinary("\ude00!") == enc.encode_ordinary("smile \ud83d\ude00!")
+
+
+@given(text=texts)
+def test_proven_patterns_tile_the_text(enc, text):
+    """The cut arithmetic of proven patterns relies on their pieces covering every character."""
+    pattern = cut_rule(enc._pat_str).pattern
+    text = uni.repair_surrogates(text)
+    assert "".join(pattern.findall(text)) == text
