@@ -71,24 +71,51 @@ class CutRule:
         """The start of the K-th last piece of ``text[start:end]`` (``start`` if there are fewer).
 
         ``end`` is pulled back to the first code point of uncertain class: the cut of the shorter
-        text is stable under every continuation, the real one included.
+        text is stable under every continuation, the real one included. For the proven patterns
+        the scan starts at the last *anchor* that leaves K pieces to scan, not at ``start``.
         """
-        end = unicode.first_uncertain(text, start, end, grouped=self.proven)
-        # Slice rather than pass pos/endpos: tiktoken's Rust scan sees each segment on its own,
-        # and a custom pattern with a look-behind would see the text before ``pos``.
-        window = text[start:end]
-        if self.proven:
+        if not self.proven:
+            end = unicode.first_uncertain(text, start, end)
+            # Slice rather than pass pos/endpos: tiktoken's Rust scan sees each segment on its
+            # own, and a custom pattern with a look-behind would see the text before ``pos``.
+            last = collections.deque(
+                (m.start() for m in self.pattern.finditer(text[start:end])), self.pieces
+            )
+            return start + last[0] if len(last) == self.pieces else start
+        before = end
+        while True:
+            origin = _last_anchor(text, start, before)
+            stop = unicode.first_uncertain(text, origin, end, grouped=True)
             # The proven patterns match every character (each has a catch-all alternative), so
             # the pieces tile the window and the last ones' lengths give the cut; findall builds
             # them in C, several times faster than a Match object per piece.
-            pieces = self.pattern.findall(window)
-            if len(pieces) < self.pieces:
+            pieces = self.pattern.findall(text, origin, stop)
+            if len(pieces) >= self.pieces:
+                return stop - sum(map(len, pieces[-self.pieces :]))
+            if origin == start:
                 return start
-            return start + len(window) - sum(map(len, pieces[-self.pieces :]))
-        last = collections.deque((m.start() for m in self.pattern.finditer(window)), self.pieces)
-        if len(last) < self.pieces:
-            return start
-        return start + last[0]
+            before = origin - 1
+
+
+def _last_anchor(text: str, start: int, end: int) -> int:
+    """The last offset ``p`` in ``(start, end)`` with ``text[p-1] == "\n"`` and ``text[p]`` an
+    ASCII letter, or ``start``.
+
+    Every proven pattern has a piece boundary at such a ``p``, and decides its pieces before
+    ``p`` from ``text[:p+1]`` alone: none of their alternatives can hold a newline followed by
+    a letter, and every run they read stops at one or the other (docs/ALGORITHM.md, "Anchors").
+    So a scan may start at ``p`` as if the text started there, whatever comes before it, even a
+    code point of uncertain class.
+    """
+    if end - 1 <= start:
+        return start
+    newline = text.rfind("\n", start, end - 1)
+    while newline >= start:
+        after = text[newline + 1]
+        if after.isascii() and after.isalpha():
+            return newline + 1
+        newline = text.rfind("\n", start, newline)
+    return start
 
 
 def cut_rule(pat_str: str, backtrack_pieces: int | None = None) -> CutRule:
@@ -123,14 +150,15 @@ def find_cut(
     text: str,
     start: int,
     tokens: Sequence[int],
+    end: int | None = None,
 ) -> tuple[int, int]:
-    """The stable cut of ``text`` at or after the known boundary ``start``.
+    """The stable cut of ``text[:end]`` at or after the known boundary ``start``.
 
     ``tokens`` are the tokens tiktoken gives ``text[start:]`` within the whole text (all of them
     when ``start == 0``). Returns ``(cut, n)``: an offset into ``text`` (never inside a surrogate
     pair) and how many of ``tokens`` lie before it. ``(start, 0)`` when nothing can be kept.
     """
-    cut = stable_offset(rule, policy, text, start, len(text))
+    cut = stable_offset(rule, policy, text, start, len(text) if end is None else end)
     kept = _tokens_before(enc, tokens, text[cut:])
     if kept is None:  # the cut is no token boundary: only a wrong split can do that; keep nothing
         return start, 0

@@ -88,9 +88,35 @@ class AppendOnlyPieceTokenCache:
 
     @property
     def text(self) -> str:
+        return self._fixed_text() + self._tail
+
+    def _starts_with_fixed(self, text: str) -> bool:
+        """``text.startswith(fixed text)``, without joining the pieces of the fixed text (a copy
+        of the whole history) unless they have piled up."""
+        if len(self._fixed) > 32:  # join the old pieces; keep the recent ones a rewrite may cut
+            self._fixed[:-8] = ["".join(self._fixed[:-8])]
+        offset = 0
+        for piece in self._fixed:
+            if not text.startswith(piece, offset):
+                return False
+            offset += len(piece)
+        return True
+
+    def _truncate_fixed(self, length: int) -> None:
+        """Keep the first ``length`` characters of the fixed text (dropping pieces, not copying
+        the history)."""
+        while self._fixed_len > length:
+            piece = self._fixed.pop()
+            self._fixed_len -= len(piece)
+            if self._fixed_len < length:
+                self._fixed.append(piece[: length - self._fixed_len])
+                self._fixed_len = length
+
+    def _fixed_text(self) -> str:
+        """The text before the stable cut (joined on demand, then kept joined)."""
         if len(self._fixed) > 1:
             self._fixed = ["".join(self._fixed)]
-        return (self._fixed[0] if self._fixed else "") + self._tail
+        return self._fixed[0] if self._fixed else ""
 
     @property
     def tokens(self) -> list[int]:
@@ -125,27 +151,42 @@ class AppendOnlyPieceTokenCache:
         the whole text.
         """
         _require_str(text, "text")
-        old = self.text
-        if text.startswith(old):
-            return self.append(text[len(old) :])
-        same = _common_prefix_length(old, text)
+        if self._starts_with_fixed(text):  # the usual case: memcmp, then only the short tail
+            fixed = self._fixed_len
+            if text.startswith(self._tail, fixed):
+                return self.append(text[fixed + len(self._tail) :])
+            same = fixed + _common_prefix_length(self._tail, text[fixed:])
+        else:
+            same = _common_prefix_length(self._fixed_text(), text)
         reach = self._policy.reach()
         self._check_disallowed(text[max(0, same - reach) :])
         # The latest cut still valid: taken when the text was no longer than the common part.
-        index = bisect.bisect_right([c.length for c in self._checkpoints], same) - 1
+        index = bisect.bisect_right(self._checkpoints, same, key=_length) - 1
         checkpoint = self._checkpoints[index]
         del self._checkpoints[index + 1 :]
         dropped = self._head[checkpoint.head_tokens :] + self._tail_tokens
         del self._head[checkpoint.head_tokens :]
-        self._fixed = [text[: checkpoint.cut]]
-        self._fixed_len = checkpoint.cut
-        return self._retokenize(text[checkpoint.cut :], dropped)
+        self._truncate_fixed(checkpoint.cut)
+        return self._retokenize(text[checkpoint.cut :], dropped, same - checkpoint.cut)
 
-    def _retokenize(self, tail: str, held: list[int]) -> TokenDelta:
-        """Encode ``tail`` (the text after the stable cut), replacing ``held``; advance the cut."""
+    def _retokenize(self, tail: str, held: list[int], changed_at: int = 0) -> TokenDelta:
+        """Encode ``tail`` (the text after the stable cut), replacing ``held``; advance the cut.
+
+        ``changed_at``: where in ``tail`` a rewrite began. The cut of the text before it is
+        remembered too: the next rewrite (a template redoing its generation prompt each turn)
+        most likely keeps that much, and can restart there instead of turns earlier.
+        """
         tokens = _encode(self._enc, tail, self._policy)
         same = _common_prefix_length(held, tokens)
         delta = TokenDelta(len(held) - same, tokens[same:])
+        if changed_at:
+            cut, kept = find_cut(self._enc, self._rule, self._policy, tail, 0, tokens, changed_at)
+            if cut:
+                self._checkpoints.append(
+                    _Checkpoint(
+                        self._fixed_len + changed_at, self._fixed_len + cut, len(self._head) + kept
+                    )
+                )
         cut, kept = find_cut(self._enc, self._rule, self._policy, tail, 0, tokens)
         self._head += tokens[:kept]
         if cut:
@@ -176,6 +217,10 @@ class AppendOnlyPieceTokenCache:
             f"<AppendOnlyPieceTokenCache {self._enc.name} {self._fixed_len + len(self._tail)} chars "
             f"{self.token_count} tokens>"
         )
+
+
+def _length(checkpoint: _Checkpoint) -> int:
+    return checkpoint.length
 
 
 def _common_prefix_length(a: list[int] | str, b: list[int] | str) -> int:

@@ -9,7 +9,6 @@ boundary search treats text from there on as unknown (see docs/ALGORITHM.md, "Un
 
 from __future__ import annotations
 
-import functools
 import unicodedata
 
 import regex
@@ -24,39 +23,45 @@ _GROUPS = {
     **dict.fromkeys(("Mn", "Mc", "Me"), "mark"),
     **dict.fromkeys(("Nd", "Nl", "No"), "number"),
 }
-# Every general category but Cn (unassigned for ``regex``, the newest table, is unassigned in
-# the older ones too: nothing to compare) and Co (private use, fixed since Unicode 2.0).
-_CATEGORIES = "Lu Ll Lt Lm Lo Mn Mc Me Nd Nl No Pc Pd Ps Pe Pi Pf Po Sm Sc Sk So Zs Zl Zp Cc Cf".split()
+_CATEGORIES = (
+    "Lu Ll Lt Lm Lo Mn Mc Me Nd Nl No Pc Pd Ps Pe Pi Pf Po Sm Sc Sk So Zs Zl Zp Cc Cf Cs Co".split()
+)
+# One group per category: match.lastindex names the category ``regex`` gives a character.
+_REGEX_CATEGORY = regex.compile("|".join(r"(\p{gc=%s})" % c for c in _CATEGORIES))
+
+# What has been decided, per character, grown as text is seen: the characters checked so far and,
+# of those, the uncertain ones (strict, and grouped). Only ever added to: thread-safe under the
+# GIL, and a character's verdict never changes in a process.
+_checked: set[str] = set()
+_uncertain: dict[bool, set[str]] = {False: set(), True: set()}
 
 
-@functools.lru_cache(maxsize=None)
-def _uncertain_chars(grouped: bool) -> frozenset[str]:
-    """The code points whose class tiktoken may see differently.
+def _check(chars: set[str]) -> None:
+    """Decide which of ``chars`` tiktoken may classify differently from ``regex``.
 
     Three Unicode tables are in play: Python's ``unicodedata`` (the oldest: 14.0 on 3.11),
     tiktoken's Rust regex (16.0 in tiktoken 0.14) and the ``regex`` module's (16.0 or newer, by
     the pin ``regex>=2024.11.6``). Assignments are never withdrawn and category changes are rare
     and never reverted, so while tiktoken's tables lie between the other two, a code point on
-    which ``unicodedata`` and ``regex`` agree has that category in tiktoken too. A code point on
-    which they disagree (newly assigned, or changed like U+0295, Ll before Unicode 16 and Lo
-    after) is uncertain. With ``grouped``, only disagreements across the groups the proven
-    patterns tell apart count: a new emoji (So, or Cn where unknown) is "other" either way.
+    which ``unicodedata`` and ``regex`` agree has that category in tiktoken too. One on which they
+    disagree (newly assigned, or changed like U+0295, Ll before Unicode 16 and Lo after) is
+    uncertain. *Grouped*, only disagreements across the groups the proven patterns tell apart
+    count: a new emoji (So, or Cn where unknown) is "other" either way.
 
-    Built once per process (~0.3 s), only when non-ASCII text first needs it.
+    Checked per distinct character as it is first seen (~1 us each), rather than for all 1.1M
+    code points up front (~0.3 s on the first non-ASCII text).
     """
-    everything = "".join(map(chr, range(0x80, 0xD800))) + "".join(map(chr, range(0xE000, 0x110000)))
-    uncertain: list[int] = []
-    for category in _CATEGORIES:
-        for run in regex.finditer(r"\p{gc=%s}+" % category, everything):
-            for char in run.group():
-                theirs = unicodedata.category(char)
-                if theirs != category and (
-                    not grouped or _GROUPS.get(theirs, "other") != _GROUPS.get(category, "other")
-                ):
-                    uncertain.append(char)
-    # A set, not a regex character class: with ~27k members in many ranges, regex's class
-    # search costs ~200 ns per character of text, the set's isdisjoint ~7.
-    return frozenset(uncertain)
+    for char in chars:
+        if char.isascii():
+            continue
+        theirs = unicodedata.category(char)
+        match = _REGEX_CATEGORY.match(char)
+        ours = _CATEGORIES[match.lastindex - 1] if match and match.lastindex else "Cn"
+        if theirs != ours:
+            _uncertain[False].add(char)
+            if _GROUPS.get(theirs, "other") != _GROUPS.get(ours, "other"):
+                _uncertain[True].add(char)
+    _checked.update(chars)
 
 
 def first_uncertain(text: str, start: int, end: int, *, grouped: bool = False) -> int:
@@ -67,8 +72,11 @@ def first_uncertain(text: str, start: int, end: int, *, grouped: bool = False) -
     window = text[start:end]
     if window.isascii():
         return end
-    uncertain = _uncertain_chars(grouped)
-    if uncertain.isdisjoint(window):
+    seen = set(window)
+    if not _checked.issuperset(seen):
+        _check(seen - _checked)
+    uncertain = _uncertain[grouped]
+    if uncertain.isdisjoint(seen):
         return end
     return start + next(i for i, char in enumerate(window) if char in uncertain)
 
