@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from array import array
+from collections.abc import Iterable
 from typing import NamedTuple, Union
 
 import tiktoken
@@ -58,7 +59,7 @@ def split_prefix(
 def _split(enc: tiktoken.Encoding, rule: CutRule, policy: SpecialPolicy, prefix: str) -> PrefixSplit:
     tokens = _encode(enc, prefix, policy)
     cut, kept = find_cut(enc, rule, policy, prefix, 0, tokens)
-    split = PrefixSplit(tokens[:kept], cut)
+    split = PrefixSplit(token_list(tokens[:kept]), cut)
     if not rule.proven and not _self_check(enc, policy, prefix, split):
         return PrefixSplit([], 0)
     return split
@@ -78,6 +79,29 @@ def _encode(enc: tiktoken.Encoding, text: str, policy: SpecialPolicy) -> list[in
     if policy.allowed:
         return enc.encode(text, allowed_special=policy.allowed, disallowed_special=())
     return enc.encode_ordinary(text)
+
+
+_ints: list[int] = []
+_MAX_TOKEN_ID = 2**22  # far above any vocabulary; bounds the table against garbage ids
+
+
+def token_list(tokens: Iterable[int]) -> list[int]:
+    """``list(tokens)``, every id the one shared int object for its value.
+
+    A long-lived list of fresh ints costs 8 bytes a token for the list and ~32 for each int;
+    sharing the ints leaves the 8 (a 32 KiB prefix: ~60 KB instead of ~300 KB). Costs ~16 ns a
+    token, once per prefix.
+    """
+    global _ints
+    try:
+        return list(map(_ints.__getitem__, tokens))
+    except IndexError:  # an id above any seen so far: grow the table (for every encoding)
+        tokens = list(tokens)
+        top = max(tokens)
+        if top >= _MAX_TOKEN_ID or min(tokens) < 0:
+            raise ValueError(f"token ids must lie in [0, {_MAX_TOKEN_ID}), not {top}") from None
+        _ints = list(range(max(len(_ints), (top | 0xFFF) + 1)))
+        return list(map(_ints.__getitem__, tokens))
 
 
 def _require_str(value: object, name: str) -> None:
@@ -106,16 +130,9 @@ class FixedPrefixTokenCache:
         self, encoding: EncodingLike, prefix: str, *, backtrack_pieces: int | None = None
     ) -> None:
         _require_str(prefix, "prefix")
-        self._enc = resolve_encoding(encoding)
-        self._prefix = prefix
-        self._rule = cut_rule(self._enc._pat_str, backtrack_pieces)
-        self._splits: dict[frozenset[str], PrefixSplit] = {}
-        self._held_tails: dict[frozenset[str], list[int]] = {}
-        self._prefix_has: dict[frozenset[str], bool] = {}
-        self._policies: dict[tuple[object, object], SpecialPolicy] = {}
-        ordinary = self._split_for(ORDINARY)
-        self._head, self._tail = ordinary.head, prefix[ordinary.cut :]
-        self._head_array = array("I", self._head)
+        enc = resolve_encoding(encoding)
+        self._setup(enc, prefix, cut_rule(enc._pat_str, backtrack_pieces))
+        self._use_ordinary(self._split_for(ORDINARY))
 
     @classmethod
     def from_split(
@@ -128,20 +145,46 @@ class FixedPrefixTokenCache:
     ) -> FixedPrefixTokenCache:
         """A cache whose split for ``allowed_special`` was computed elsewhere (by the daemon).
 
-        The caller vouches for ``split``; other policies are computed here when first used.
+        ``split.head`` may be a list (kept as it is: pass :func:`token_list`'s to save memory) or
+        an ``array('I')``. The caller vouches for ``split``; the splits of other policies are
+        computed here when first used.
         """
         self = cls.__new__(cls)
-        self._enc = resolve_encoding(encoding)
-        self._prefix = prefix
-        self._rule = cut_rule(self._enc._pat_str)
-        self._splits = {SpecialPolicy.of(self._enc, allowed_special, ()).allowed: split}
-        self._held_tails = {}
-        self._prefix_has = {}
-        self._policies = {}
-        ordinary = self._split_for(ORDINARY)
-        self._head, self._tail = ordinary.head, prefix[ordinary.cut :]
-        self._head_array = array("I", self._head)
+        enc = resolve_encoding(encoding)
+        self._setup(enc, prefix, cut_rule(enc._pat_str))
+        policy = SpecialPolicy.of(enc, allowed_special, ())
+        if not isinstance(split.head, list):
+            split = PrefixSplit(token_list(split.head), split.cut)
+        self._splits[policy.allowed] = split
+        if policy is ORDINARY or not policy.allowed:
+            self._use_ordinary(split)
+        # Otherwise the ordinary split is computed if encode_ordinary is ever called (__getattr__).
         return self
+
+    def _setup(self, enc: tiktoken.Encoding, prefix: str, rule: CutRule) -> None:
+        self._enc = enc
+        self._prefix = prefix
+        self._rule = rule
+        self._splits: dict[frozenset[str], PrefixSplit] = {}
+        self._held_tails: dict[frozenset[str], list[int]] = {}
+        self._prefix_has: dict[frozenset[str], bool] = {}
+        self._policies: dict[tuple[object, object], SpecialPolicy] = {}
+
+    def _use_ordinary(self, split: PrefixSplit) -> None:
+        # Plain attributes, read by the hot paths below without a lookup of the split.
+        self._head, self._tail = split.head, self._prefix[split.cut :]
+
+    def __getattr__(self, name: str) -> object:
+        # Only reached for attributes not set yet: the ordinary split of a cache made with
+        # from_split for another policy, and the array form of the head. Computing them here
+        # keeps the hot paths free of "is it computed yet?" checks.
+        if name in ("_head", "_tail"):
+            self._use_ordinary(self._split_for(ORDINARY))
+            return getattr(self, name)
+        if name == "_head_array":
+            self._head_array = array("I", self._head)
+            return self._head_array
+        raise AttributeError(name)
 
     # -- read-only views ------------------------------------------------------------------------
 

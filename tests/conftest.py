@@ -11,6 +11,9 @@ from hypothesis import HealthCheck, settings
 
 from flashtoken import get_encoding
 
+# The real-daemon fixtures (start_daemon, daemon, shared_daemon), owned by the sidecar's tests.
+pytest_plugins = ["tests.daemon_fixtures"]
+
 settings.register_profile(
     "flashtoken",
     max_examples=int(os.environ.get("FLASHTOKEN_HYPOTHESIS_EXAMPLES", "300")),

@@ -199,3 +199,19 @@ def test_tiktoken_panic_is_raised_as_tiktoken_raises_it(name):
         cache.encode_ordinary(huge + "b")
     assert type(ours_error.value) is type(theirs.value)
     assert cache.encode_ordinary(" fine") == enc.encode_ordinary("a fine")
+
+
+@pytest.mark.parametrize("allowed", [frozenset(), frozenset({"<|endoftext|>"})])
+def test_from_split_takes_a_split_computed_elsewhere(enc, allowed):
+    prefix = "A prompt computed by the daemon.\nIt ends<|endoftext|> here " * 3
+    split = split_prefix(enc, prefix, allowed_special=allowed)
+    cache = FixedPrefixTokenCache.from_split(
+        enc, prefix, split._replace(head=array("I", split.head)), allowed_special=allowed
+    )
+    suffix = " and a question?"
+    assert cache.encode(suffix, allowed_special=allowed, disallowed_special=()) == enc.encode(
+        prefix + suffix, allowed_special=allowed, disallowed_special=()
+    )
+    # The ordinary split of a cache built for another policy is computed on first need.
+    assert cache.encode_ordinary(suffix) == enc.encode_ordinary(prefix + suffix)
+    assert list(cache.encode_ordinary_array(suffix)) == enc.encode_ordinary(prefix + suffix)

@@ -1,0 +1,246 @@
+"""``AsyncClient``: ``Client`` for asyncio (zmq.asyncio), with the same API as coroutines.
+
+The same core (client/core.py) makes every decision; only the waiting differs. Encoding — the
+suffix, or the whole prefix on a local fallback — runs on the event loop's thread: a suffix
+costs microseconds, and a local prefix encode happens once per prefix and process (the same cost
+a direct tiktoken call would have). Wrap calls in ``loop.run_in_executor`` if even that one
+encode of a very long prefix must not hold the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from array import array
+from typing import Any, Optional, Union
+
+import tiktoken
+import zmq
+import zmq.asyncio
+
+from flashtoken.prefix import FixedPrefixTokenCache
+from flashtoken.protocol import default_address
+from flashtoken.specials import SpecialArg
+
+from .core import CLIENT_DEFAULTS, CONTEXT, DONE, LATE, ClientCore, Pending, _abandoned, configure_dealer, register
+from .sync import request_stats
+
+__all__ = ["AsyncClient"]
+
+
+class AsyncClient:
+    """``Client`` for asyncio: the same arguments, the same exactness, ``await``-able calls.
+
+    >>> import asyncio
+    >>> async def main():
+    ...     async with AsyncClient(encoding="cl100k_base") as client:
+    ...         return await client.encode_ordinary(" Answer briefly.",
+    ...                                             prefix="You are a helpful assistant.")
+    >>> asyncio.run(main())
+    [2675, 527, 264, 11190, 18328, 13, 22559, 27851, 13]
+
+    Concurrent tasks share one socket, one request at a time: a task that would wait longer
+    than ``timeout_ms`` for it encodes locally instead. Never raises the daemon's errors from
+    the encode methods.
+    """
+
+    def __init__(
+        self,
+        address: Optional[str] = None,
+        encoding: Union[str, tiktoken.Encoding] = "cl100k_base",
+        **options: Any,
+    ) -> None:
+        unknown = set(options) - set(CLIENT_DEFAULTS) - {"namespace", "fill"}
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
+        self._core = ClientCore(encoding, **options)
+        self.address = address or default_address()
+        self._sock: Optional[zmq.asyncio.Socket] = None
+        self._ctx: Optional[zmq.asyncio.Context] = None
+        self._lock: Optional[asyncio.Lock] = None
+        self._lock_loop: Any = None
+        self._closed = False
+        register(self)
+
+    @property
+    def encoding(self) -> tiktoken.Encoding:
+        return self._core.enc
+
+    async def encode_ordinary(self, suffix: str, *, prefix: str) -> list[int]:
+        """``encoding.encode_ordinary(prefix + suffix)``."""
+        return (await self._cache(prefix, frozenset())).encode_ordinary(suffix)
+
+    async def encode_ordinary_array(self, suffix: str, *, prefix: str) -> array:
+        """The same tokens as ``array('I')``."""
+        return (await self._cache(prefix, frozenset())).encode_ordinary_array(suffix)
+
+    async def count_ordinary(self, suffix: str, *, prefix: str) -> int:
+        """``len(await encode_ordinary(suffix, prefix=prefix))``, without building the list."""
+        return (await self._cache(prefix, frozenset())).count_ordinary(suffix)
+
+    async def encode(
+        self,
+        suffix: str,
+        *,
+        prefix: str,
+        allowed_special: SpecialArg = frozenset(),
+        disallowed_special: SpecialArg = "all",
+    ) -> list[int]:
+        """``encoding.encode(prefix + suffix, ...)``; tiktoken's ValueError for a disallowed
+        special token."""
+        allowed = ClientCore.allowed_of(self._core.enc, allowed_special)
+        return (await self._cache(prefix, allowed)).encode(
+            suffix, allowed_special=allowed_special, disallowed_special=disallowed_special)
+
+    async def count(
+        self,
+        suffix: str,
+        *,
+        prefix: str,
+        allowed_special: SpecialArg = frozenset(),
+        disallowed_special: SpecialArg = "all",
+    ) -> int:
+        """``len(await encode(suffix, prefix=prefix, ...))``, without building the list."""
+        allowed = ClientCore.allowed_of(self._core.enc, allowed_special)
+        return (await self._cache(prefix, allowed)).count(
+            suffix, allowed_special=allowed_special, disallowed_special=disallowed_special)
+
+    def stats(self) -> dict[str, Any]:
+        """The same counters as ``Client.stats()``."""
+        out = self._core.stats()
+        out["address"] = self.address
+        return out
+
+    async def daemon_stats(self, timeout_ms: int = 1000) -> dict[str, Any]:
+        """The daemon's STATS reply; raises DaemonTimeout / DaemonError like ``Client``'s.
+
+        Runs the blocking request in the default executor, so the loop keeps running.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            None, lambda: request_stats(self.address, timeout_ms=timeout_ms))
+
+    def close(self) -> None:
+        """Close the socket (LINGER=0); later calls encode locally."""
+        self._closed = True
+        self._close_socket()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- L1, then the daemon, then local ------------------------------------------------------
+
+    async def _cache(self, prefix: str, allowed: frozenset) -> FixedPrefixTokenCache:
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
+        core = self._core
+        key = ClientCore.l1_key(prefix, allowed)
+        cache = core.l1_get(key)
+        if cache is None:
+            cache = await self._fetch(prefix, allowed, key)
+        return cache
+
+    async def _fetch(self, prefix: str, allowed: frozenset, key: Any) -> FixedPrefixTokenCache:
+        core = self._core
+        if core.pid != os.getpid():
+            if self._sock is not None:
+                _abandoned.append(self._sock)
+            self._sock = self._ctx = None
+            self._lock = None
+            core.after_fork()
+        cache = None
+        if not self._closed:
+            cache = await self._ask(prefix, allowed, key)
+            if cache is not None and cache is core.l1.get(key, (None,))[0]:
+                return cache  # another task fetched it while this one waited for the socket
+        if cache is None:
+            cache = core.build_local(prefix, allowed)
+        core.l1_put(key, cache)
+        return cache
+
+    async def _ask(self, prefix: str, allowed: frozenset, key: Any) -> Optional[FixedPrefixTokenCache]:
+        core = self._core
+        lock = self._loop_lock()
+        try:
+            await asyncio.wait_for(lock.acquire(), core.timeout)
+        except asyncio.TimeoutError:
+            core.busy()
+            return None
+        try:
+            found = core.l1.get(key)
+            if found is not None:  # fetched by the task that held the socket
+                return found[0]
+            pending = core.prepare(prefix, allowed)
+            if pending is None:
+                return None
+            return await self._round_trip(pending)
+        except zmq.ZMQError:
+            core.unavailable()
+            self._close_socket()
+            return None
+        finally:
+            lock.release()
+
+    def _loop_lock(self) -> asyncio.Lock:
+        # asyncio.Lock belongs to one event loop; a client may outlive one (asyncio.run twice).
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._lock_loop is not loop:
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        return self._lock
+
+    async def _round_trip(self, pending: Pending) -> Optional[FixedPrefixTokenCache]:
+        core = self._core
+        deadline = time.monotonic() + core.timeout
+        sock = self._socket()
+        try:
+            # zmq.asyncio reports EAGAIN through the returned future: await it.
+            await sock.send_multipart(pending.frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            # No completed connection yet (ZMQ_IMMEDIATE): wait for one within the budget.
+            if not await sock.poll(_ms_left(deadline), zmq.POLLOUT):
+                core.timed_out()
+                self._close_socket()
+                return None
+            try:
+                await sock.send_multipart(pending.frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                core.timed_out()
+                self._close_socket()
+                return None
+        while True:
+            remaining = _ms_left(deadline)
+            if remaining <= 0 or not await sock.poll(remaining, zmq.POLLIN):
+                core.timed_out()
+                self._close_socket()
+                return None
+            frames = await sock.recv_multipart(zmq.NOBLOCK)
+            outcome, cache = core.accept(pending, frames)
+            if outcome == LATE:
+                continue
+            if outcome != DONE:
+                self._close_socket()
+            return cache
+
+    def _socket(self) -> zmq.asyncio.Socket:
+        if self._sock is None:
+            if self._ctx is None:
+                # A shadow: the asyncio face of this process's one context, not a second one.
+                self._ctx = zmq.asyncio.Context.shadow(CONTEXT.get().underlying)
+            sock = self._ctx.socket(zmq.DEALER)
+            configure_dealer(sock, self.address)
+            self._sock = sock
+        return self._sock
+
+    def _close_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None and self._core.pid == os.getpid():
+            sock.close(linger=0)
+
+
+def _ms_left(deadline: float) -> int:
+    left = deadline - time.monotonic()
+    return int(left * 1000) + 1 if left > 0 else 0

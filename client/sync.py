@@ -1,0 +1,292 @@
+"""``Client``: exact tiktoken tokens through an in-process cache and the shared daemon.
+
+All decisions are in ``client/core.py``; this module only waits on the socket (zguide's Lazy
+Pirate: poll with a timeout, drop the socket after a failure, reopen it on the next use).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from array import array
+from typing import Any, Optional, Union
+
+import tiktoken
+import zmq
+
+from flashtoken.errors import DaemonError, DaemonTimeout, DaemonUnavailable, ProtocolError
+from flashtoken.prefix import FixedPrefixTokenCache
+from flashtoken.protocol import default_address, pack_simple, parse_reply
+from flashtoken.specials import SpecialArg
+
+from .core import CLIENT_DEFAULTS, CONTEXT, DONE, LATE, ClientCore, Pending, _abandoned, configure_dealer, register
+
+__all__ = ["Client", "request_stats"]
+
+
+class Client:
+    """Encode ``prefix + suffix`` exactly as tiktoken does, sharing prefix work across processes.
+
+    >>> client = Client(encoding="cl100k_base")           # the daemon's default address
+    >>> client.encode_ordinary(" Answer briefly.", prefix="You are a helpful assistant.")
+    [2675, 527, 264, 11190, 18328, 13, 22559, 27851, 13]
+    >>> client.close()
+
+    Each call looks ``prefix`` up in the in-process cache (L1). On a miss it asks the daemon
+    (L2, one round trip within ``timeout_ms``); on a daemon miss, or when the daemon is down,
+    frozen, slow or answers nonsense, it encodes the prefix locally (one tiktoken call) and the
+    daemon fills its store in the background for the other workers. Either way the prefix lands
+    in L1 and the next call with it costs about a list copy plus encoding the suffix.
+
+    The encode methods never raise the daemon's errors: every answer is tiktoken's, whatever
+    the daemon does. ``encode`` raises tiktoken's ``ValueError`` for a disallowed special token,
+    as tiktoken would. A ``Client`` made before ``fork()`` works in the child (gunicorn
+    ``--preload``): sockets are made per process. It may be shared by threads (one round trip at
+    a time; a thread that would wait longer than ``timeout_ms`` for the socket encodes locally).
+
+    Arguments: ``address`` (default: ``flashtoken.protocol.default_address()``), ``encoding`` (a
+    name or a ``tiktoken.Encoding``), and keyword-only ``timeout_ms`` (5), ``l1_bytes`` (64 MiB),
+    ``namespace`` (a salt for the daemon's keys: clients with different namespaces share
+    nothing), ``breaker_failures`` (3), ``breaker_cooldown_ms`` (1000), ``breaker_max_cooldown_ms``
+    (30000), ``max_prefix_bytes`` (4 MiB), ``fill`` (True: ask the daemon to fill on a miss).
+    """
+
+    def __init__(
+        self,
+        address: Optional[str] = None,
+        encoding: Union[str, tiktoken.Encoding] = "cl100k_base",
+        **options: Any,
+    ) -> None:
+        unknown = set(options) - set(CLIENT_DEFAULTS) - {"namespace", "fill"}
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
+        self._core = ClientCore(encoding, **options)
+        self.address = address or default_address()
+        self._sock: Optional[zmq.Socket] = None
+        self._lock = threading.Lock()
+        self._closed = False
+        register(self)
+
+    @property
+    def encoding(self) -> tiktoken.Encoding:
+        return self._core.enc
+
+    # -- the encode API -----------------------------------------------------------------------
+
+    def encode_ordinary(self, suffix: str, *, prefix: str) -> list[int]:
+        """``encoding.encode_ordinary(prefix + suffix)``."""
+        return self._cache(prefix, frozenset()).encode_ordinary(suffix)
+
+    def encode_ordinary_array(self, suffix: str, *, prefix: str) -> array:
+        """The same tokens as ``array('I')`` (``numpy.frombuffer(a, dtype=numpy.uint32)``)."""
+        return self._cache(prefix, frozenset()).encode_ordinary_array(suffix)
+
+    def count_ordinary(self, suffix: str, *, prefix: str) -> int:
+        """``len(encode_ordinary(suffix, prefix=prefix))``, without building the list."""
+        return self._cache(prefix, frozenset()).count_ordinary(suffix)
+
+    def encode(
+        self,
+        suffix: str,
+        *,
+        prefix: str,
+        allowed_special: SpecialArg = frozenset(),
+        disallowed_special: SpecialArg = "all",
+    ) -> list[int]:
+        """``encoding.encode(prefix + suffix, allowed_special=..., disallowed_special=...)``.
+
+        Raises tiktoken's ``ValueError`` if the text holds a disallowed special token, also one
+        that only forms across the join.
+        """
+        allowed = ClientCore.allowed_of(self._core.enc, allowed_special)
+        return self._cache(prefix, allowed).encode(
+            suffix, allowed_special=allowed_special, disallowed_special=disallowed_special)
+
+    def count(
+        self,
+        suffix: str,
+        *,
+        prefix: str,
+        allowed_special: SpecialArg = frozenset(),
+        disallowed_special: SpecialArg = "all",
+    ) -> int:
+        """``len(encode(suffix, prefix=prefix, ...))``, without building the list."""
+        allowed = ClientCore.allowed_of(self._core.enc, allowed_special)
+        return self._cache(prefix, allowed).count(
+            suffix, allowed_special=allowed_special, disallowed_special=disallowed_special)
+
+    def stats(self) -> dict[str, Any]:
+        """This process's counters: ``l1_hits``, ``l2_hits`` (daemon hits), ``misses`` (daemon
+        misses), ``fallbacks`` (local encodes without a daemon answer), ``timeouts``, ``errors``,
+        ``rejected_hits``, ``late_replies``, ``breaker`` (closed / open / half-open), L1 size."""
+        out = self._core.stats()
+        out["address"] = self.address
+        return out
+
+    def daemon_stats(self, timeout_ms: int = 1000) -> dict[str, Any]:
+        """The daemon's STATS reply: ``{"stats": {...}, "settings": {...}}``.
+
+        Raises DaemonTimeout if no reply comes within ``timeout_ms``, DaemonError for an error
+        reply or a malformed one.
+        """
+        return request_stats(self.address, timeout_ms=timeout_ms)
+
+    def close(self) -> None:
+        """Close the socket (LINGER=0). The client still works afterwards, locally only."""
+        self._closed = True
+        self._close_socket()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- L1, then the daemon, then local ------------------------------------------------------
+
+    def _cache(self, prefix: str, allowed: frozenset) -> FixedPrefixTokenCache:
+        core = self._core
+        key = ClientCore.l1_key(prefix, allowed) if isinstance(prefix, str) else None
+        if key is None:
+            raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
+        cache = core.l1_get(key)
+        if cache is None:
+            cache = self._fetch(prefix, allowed, key)
+        return cache
+
+    def _fetch(self, prefix: str, allowed: frozenset, key: Any) -> FixedPrefixTokenCache:
+        core = self._core
+        if core.pid != os.getpid():
+            self._after_fork()
+        cache = None
+        if not self._closed:
+            pending = core.prepare(prefix, allowed)
+            if pending is not None:
+                cache = self._ask(pending)
+        if cache is None:
+            cache = core.build_local(prefix, allowed)
+        core.l1_put(key, cache)
+        return cache
+
+    def _after_fork(self) -> None:
+        # The parent's socket must not be touched here: keep it from being collected (which
+        # would close it) and start afresh. The lock may have been held by a parent's thread.
+        if self._sock is not None:
+            _abandoned.append(self._sock)
+            self._sock = None
+        self._lock = threading.Lock()
+        self._core.after_fork()
+
+    def _ask(self, pending: Pending) -> Optional[FixedPrefixTokenCache]:
+        core = self._core
+        if not self._lock.acquire(timeout=core.timeout):
+            core.busy()
+            return None
+        try:
+            return self._round_trip(pending)
+        except zmq.ZMQError:
+            core.unavailable()
+            self._close_socket()
+            return None
+        finally:
+            self._lock.release()
+
+    def _round_trip(self, pending: Pending) -> Optional[FixedPrefixTokenCache]:
+        core = self._core
+        deadline = time.monotonic() + core.timeout
+        sock = self._socket()
+        if not _send(sock, pending.frames, deadline):
+            core.timed_out()
+            self._close_socket()
+            return None
+        while True:
+            remaining = _ms_left(deadline)
+            if remaining <= 0 or not sock.poll(remaining, zmq.POLLIN):
+                # Lazy Pirate: the request may still be queued or answered late; a fresh socket
+                # next time leaves all of that behind.
+                core.timed_out()
+                self._close_socket()
+                return None
+            outcome, cache = core.accept(pending, sock.recv_multipart(zmq.NOBLOCK))
+            if outcome == LATE:
+                continue
+            if outcome != DONE:
+                self._close_socket()
+            return cache
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            sock = CONTEXT.get().socket(zmq.DEALER)
+            configure_dealer(sock, self.address)
+            self._sock = sock
+        return self._sock
+
+    def _close_socket(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None and self._core.pid == os.getpid():
+            sock.close(linger=0)
+
+
+def _ms_left(deadline: float) -> int:
+    # Round up: a poll of 0 ms would give up on a reply that is microseconds away.
+    left = deadline - time.monotonic()
+    return int(left * 1000) + 1 if left > 0 else 0
+
+
+def _send(sock: zmq.Socket, frames: list, deadline: float) -> bool:
+    """Send without blocking past ``deadline``; False if the socket never became writable."""
+    try:
+        sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        return True
+    except zmq.Again:
+        # No completed connection yet (ZMQ_IMMEDIATE): a fresh socket still connecting, or no
+        # daemon. Wait for one within the budget.
+        remaining = _ms_left(deadline)
+        if remaining <= 0 or not sock.poll(remaining, zmq.POLLOUT):
+            return False
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            return False
+
+
+_stats_ids = iter(range(1, 2**63))
+
+
+def request_stats(address: str, *, timeout_ms: int = 1000) -> dict[str, Any]:
+    """Ask the daemon at ``address`` for its STATS, on a socket of its own.
+
+    Raises DaemonTimeout if no reply comes within ``timeout_ms``; DaemonUnavailable if the
+    socket fails; DaemonError for an error reply or a malformed one.
+    """
+    request_id = next(_stats_ids)
+    sock = CONTEXT.get().socket(zmq.DEALER)
+    try:
+        configure_dealer(sock, address)
+        deadline = time.monotonic() + timeout_ms / 1000
+        if not _send(sock, pack_simple("STATS", request_id), deadline):
+            raise DaemonTimeout(f"no flashtoken-daemon is accepting connections at {address}"
+                                f" (waited {timeout_ms} ms); start one with `flashtoken-daemon`")
+        while True:
+            remaining = _ms_left(deadline)
+            if remaining <= 0 or not sock.poll(remaining, zmq.POLLIN):
+                raise DaemonTimeout(f"no reply from a flashtoken-daemon at {address} within"
+                                    f" {timeout_ms} ms; is it running (or stopped)?")
+            try:
+                reply = parse_reply(sock.recv_multipart(zmq.NOBLOCK))
+            except ProtocolError as exc:
+                raise DaemonError(f"malformed reply from {address}: {exc}") from exc
+            if reply.id != request_id:
+                continue
+            if not reply.ok:
+                raise DaemonError(f"{reply.error}: {reply.fields.get('message')}")
+            stats, settings = reply.fields.get("stats"), reply.fields.get("settings")
+            if not isinstance(stats, dict) or not isinstance(settings, dict):
+                raise DaemonError(f"malformed STATS reply from {address}")
+            return {"stats": stats, "settings": settings}
+    except zmq.ZMQError as exc:
+        raise DaemonUnavailable(f"cannot reach a flashtoken-daemon at {address}: {exc}") from exc
+    finally:
+        sock.close(linger=0)

@@ -1,0 +1,410 @@
+"""The daemon: one ROUTER socket, a poll loop, handlers named after the verbs, a fill pool.
+
+Threading model. The loop thread owns the socket and the store: it receives every request,
+answers GETs straight from the store (a dict lookup, a memcmp and a send: a GET never waits for
+an encode) and sends every reply. A miss that asks for a fill submits the encode to a small
+``ThreadPoolExecutor`` (tiktoken releases the GIL while it encodes); the worker puts its result on
+a queue and writes one byte to a pipe the loop polls next to the socket, and the loop stores the
+result. So the store needs no lock, and ZeroMQ's rule that a socket belongs to one thread holds.
+Rejected: an inproc PAIR socket per worker (a socket per thread, for what a pipe byte does), and
+a lock around the store (every GET would pay for it, and replies would still have to be sent
+from the loop thread).
+
+Nothing a client sends can stop the loop: a malformed request gets a CLIENT_ERROR reply and
+counts ``protocol_errors``; an unexpected exception in a handler gets a SERVER_ERROR reply; an
+exception in a fill, ``BaseException`` included (o200k's ``PanicException`` on ~1M spaces), is
+logged, counted in ``fill_errors``, remembered, and answered as SERVER_ERROR for that prefix.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from array import array
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import tiktoken
+import zmq
+
+import flashtoken
+from flashtoken.encodings import encoding_id, get_encoding
+from flashtoken.prefix import split_prefix
+from flashtoken.protocol import (
+    CLIENT_ERROR,
+    MAX_HEADER_BYTES,
+    SERVER_ERROR,
+    GetRequest,
+    Request,
+    ipc_path,
+    pack_error,
+    pack_hit,
+    pack_miss,
+    pack_ok,
+    parse_request,
+    request_id_of,
+    tokens_to_frame,
+)
+from flashtoken.errors import ProtocolError
+
+from .settings import Config
+from .store import Entry, Store
+
+log = logging.getLogger("flashtoken.daemon")
+
+# Longest path a unix socket address can hold (sun_path is 108 bytes on Linux, with its NUL).
+_MAX_IPC_PATH_BYTES = 107
+# Fills whose failure is remembered, so that a prefix that makes tiktoken panic is not encoded
+# again on every GET.
+_FAILED_FILLS_KEPT = 1024
+_POLL_MS = 1000
+_RECV_BATCH = 256
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    enc: tiktoken.Encoding
+    eid: bytes
+    specials: frozenset
+
+
+@dataclass(frozen=True)
+class _FillResult:
+    key: bytes
+    request: GetRequest
+    entry: Optional[Entry] = None
+    loaded: Optional[_Loaded] = None
+    error: Optional[str] = None
+
+
+class Server:
+    """The daemon. ``Server(config).serve()`` runs until ``stop()`` or SIGTERM / SIGINT."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store = Store(config.max_bytes)
+        self._encodings: dict[str, _Loaded] = {}
+        self._filling: set[bytes] = set()
+        self._failed: OrderedDict[bytes, tuple[str, tuple[str, ...], bytes, str]] = OrderedDict()
+        self._results: queue.SimpleQueue[_FillResult] = queue.SimpleQueue()
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._stopping = False
+        self._started = time.monotonic()
+        self._parent = os.getppid()
+        self._lock_fd: Optional[int] = None
+        self._socket_path: Optional[str] = None
+        self._ctx: Optional[zmq.Context] = None
+        self._router: Optional[zmq.Socket] = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self.counters = {"fills": 0, "fill_errors": 0, "protocol_errors": 0, "tokens_served": 0,
+                         "server_errors": 0}
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the preloaded encodings, take the single-instance lock, bind.
+
+        Raises StartupError with a message fit for the user.
+        """
+        for name in self.config.encodings:
+            try:
+                self._encodings[name] = _load(name)
+            except Exception as exc:
+                raise StartupError(f"cannot load encoding {name!r}: {exc}") from exc
+        address = self.config.bind
+        path = ipc_path(address)
+        if path is not None:
+            self._take_lock(path, address)
+        self._ctx = zmq.Context()
+        router = self._router = self._ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.SNDHWM, self.config.hwm)
+        router.setsockopt(zmq.RCVHWM, self.config.hwm)
+        # libzmq drops a peer that sends a frame larger than this, before we ever see it.
+        router.setsockopt(zmq.MAXMSGSIZE, self.config.max_prefix_bytes + MAX_HEADER_BYTES)
+        try:
+            if path is not None:
+                # Created 0600 from the start (umask), not only after the chmod below.
+                old = os.umask(0o177)
+                try:
+                    router.bind(address)
+                finally:
+                    os.umask(old)
+                os.chmod(path, 0o600)
+                self._socket_path = path
+            else:
+                router.bind(address)
+                if address.startswith("tcp://"):
+                    log.warning("listening on %s: TCP has no authentication; any local or remote"
+                                " peer that can connect can use this daemon", address)
+        except zmq.ZMQError as exc:
+            self._close()
+            raise StartupError(f"cannot bind {address}: {exc}") from exc
+        self._poller = zmq.Poller()
+        self._poller.register(router, zmq.POLLIN)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        log.info("flashtoken-daemon %s (pid %d) serving %s, max_bytes=%d, encodings=%s",
+                 flashtoken.__version__, os.getpid(), address, self.config.max_bytes,
+                 ",".join(self._encodings) or "-")
+
+    def _take_lock(self, path: str, address: str) -> None:
+        """One daemon per socket path: an exclusive flock on ``{path}.lock``, held for life.
+
+        Two processes binding one ipc path would both succeed, and the second would silently
+        take the path from the first. With the lock held, a socket file left at the path is
+        stale (its owner is gone) and is removed.
+        """
+        if len(path.encode()) > _MAX_IPC_PATH_BYTES:
+            raise StartupError(f"socket path {path!r} is longer than {_MAX_IPC_PATH_BYTES} bytes;"
+                               " choose a shorter --bind ipc:// path")
+        directory = os.path.dirname(path) or "."
+        if not os.path.isdir(directory):
+            raise StartupError(f"directory {directory} of {address} does not exist")
+        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise StartupError(f"another flashtoken-daemon (pid {owner}) is serving {address};"
+                               " stop it first, or pass another --bind") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        if os.path.lexists(path):
+            log.info("removing stale socket %s", path)
+            os.unlink(path)
+
+    def serve(self, *, install_signals: bool = True) -> None:
+        """Start (if not started) and run the loop until stopped; always cleans up."""
+        if self._router is None:
+            self.start()
+        if install_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda signum, frame: self.stop())
+        try:
+            while not self._stopping:
+                events = dict(self._poller.poll(_POLL_MS))
+                if self._router in events:
+                    self._drain_router()
+                if self._wake_r in events:
+                    self._drain_wake()
+                self._housekeeping()
+        finally:
+            self._close()
+
+    def stop(self) -> None:
+        """Ask the loop to stop; safe from a signal handler or another thread."""
+        self._stopping = True
+        self._wake()
+
+    def _close(self) -> None:
+        if self._pool is not None:
+            # A running encode cannot be interrupted; queued ones are dropped.
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._router is not None:
+            self._router.close(linger=0)
+        if self._ctx is not None:
+            self._ctx.term()
+        if self._socket_path is not None:
+            try:
+                os.unlink(self._socket_path)
+            except FileNotFoundError:
+                pass
+        if self._lock_fd is not None:
+            # The lock file stays: unlinking it would let a new daemon lock a fresh inode while
+            # a third still waits on the old one.
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        log.info("flashtoken-daemon stopped")
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (the loop will wake anyway) or already closed
+
+    def _drain_wake(self) -> None:
+        try:
+            os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            pass
+
+    def _housekeeping(self) -> None:
+        while True:
+            try:
+                result = self._results.get_nowait()
+            except queue.Empty:
+                break
+            self._on_fill_done(result)
+        if self.config.exit_with_parent and os.getppid() != self._parent:
+            log.info("parent process %d exited; stopping", self._parent)
+            self._stopping = True
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def _drain_router(self) -> None:
+        router = self._router
+        assert router is not None
+        for _ in range(_RECV_BATCH):
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity, body = frames[0], frames[1:]
+            reply = self._handle(body)
+            try:
+                router.send_multipart([identity, *reply], zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                pass  # that client's queue is full: it will time out and fall back
+            except zmq.ZMQError as exc:
+                log.debug("reply dropped: %s", exc)
+
+    def _handle(self, body: list[bytes]) -> list[Any]:
+        request_id = 0
+        try:
+            request = parse_request(body, max_prefix_bytes=self.config.max_prefix_bytes)
+            request_id = request.id
+            handler = getattr(self, "on_" + request.op.lower())
+            return handler(request)
+        except ProtocolError as exc:
+            self.counters["protocol_errors"] += 1
+            log.debug("CLIENT_ERROR: %s", exc)
+            return pack_error(request_id or request_id_of(body), CLIENT_ERROR, str(exc))
+        except Exception as exc:  # a bug of ours: answer, log, keep serving
+            self.counters["server_errors"] += 1
+            log.exception("SERVER_ERROR while handling a request")
+            return pack_error(request_id, SERVER_ERROR, f"{type(exc).__name__}: {exc}")
+
+    def on_ping(self, request: Request) -> list[Any]:
+        return pack_ok(request.id, pong=True, pid=os.getpid(), version=flashtoken.__version__)
+
+    def on_stats(self, request: Request) -> list[Any]:
+        return pack_ok(request.id, stats=self.stats(), settings=self.config.report())
+
+    def on_get(self, request: Request) -> list[Any]:
+        assert isinstance(request, GetRequest)
+        loaded = self._encodings.get(request.enc)
+        if loaded is None:
+            if request.enc not in tiktoken.list_encoding_names():
+                raise ProtocolError(f"unknown encoding {request.enc!r}")
+        else:
+            _check_encoding(loaded, request)
+        key = request.key
+        if self.config.debug_key_bytes is not None:
+            key = key[: self.config.debug_key_bytes]  # test-only: force collisions
+        failed = self._failed.get(key)
+        if failed is not None and failed[:3] == (request.enc, request.allowed, _digest(request.prefix)):
+            self.store.count_miss()
+            return pack_error(request.id, SERVER_ERROR, f"this prefix cannot be encoded: {failed[3]}")
+        entry = self.store.get(key, request.prefix, request.enc, request.allowed)
+        if entry is not None:
+            self.counters["tokens_served"] += len(entry.tokens) // 4
+            return pack_hit(request.id, entry.cut, entry.tokens)
+        filling = key in self._filling
+        if (request.fill and not filling and self.store.peek(key) is None
+                and len(self._filling) < self.config.max_pending_fills):
+            # peek: a key held by another prefix (a collision) is not refilled; see Store.
+            self._submit_fill(key, request)
+            filling = True
+        return pack_miss(request.id, filling)
+
+    # -- fills --------------------------------------------------------------------------------
+
+    def _submit_fill(self, key: bytes, request: GetRequest) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.config.fill_threads, "flashtoken-fill")
+        self._filling.add(key)
+        self._pool.submit(self._fill, key, request)
+
+    def _fill(self, key: bytes, request: GetRequest) -> None:
+        """On a pool thread: encode the prefix, hand the result to the loop. Never raises."""
+        try:
+            loaded = self._encodings.get(request.enc) or _load(request.enc)
+            _check_encoding(loaded, request)
+            split = split_prefix(loaded.enc, request.prefix.decode("utf-8"),
+                                 allowed_special=frozenset(request.allowed))
+            entry = Entry(request.prefix, request.enc, request.allowed,
+                          tokens_to_frame(array("I", split.head)), split.cut)
+            result = _FillResult(key, request, entry=entry, loaded=loaded)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:  # noqa: B036 - pyo3's PanicException is a BaseException
+            result = _FillResult(key, request, error=f"{type(exc).__name__}: {exc}"[:300])
+        self._results.put(result)
+        self._wake()
+
+    def _on_fill_done(self, result: _FillResult) -> None:
+        self._filling.discard(result.key)
+        request = result.request
+        if result.error is not None:
+            self.counters["fill_errors"] += 1
+            log.warning("fill of a %d-byte %s prefix failed: %s", len(request.prefix), request.enc,
+                        result.error)
+            self._failed[result.key] = (request.enc, request.allowed, _digest(request.prefix),
+                                        result.error)
+            while len(self._failed) > _FAILED_FILLS_KEPT:
+                self._failed.popitem(last=False)
+            return
+        assert result.entry is not None and result.loaded is not None
+        self._encodings.setdefault(request.enc, result.loaded)
+        self.counters["fills"] += 1
+        if not self.store.put(result.key, result.entry):
+            log.debug("fill of a %d-byte prefix not stored", len(request.prefix))
+
+    # -- stats --------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "pid": os.getpid(),
+            "uptime": int(time.monotonic() - self._started),
+            "time": int(time.time()),
+            "version": flashtoken.__version__,
+            "tiktoken_version": tiktoken.__version__,
+        }
+        out.update(self.store.stats())
+        out.update(self.counters)
+        out["fills_pending"] = len(self._filling)
+        out["encodings_loaded"] = sorted(self._encodings)
+        return out
+
+
+def _load(name: str) -> _Loaded:
+    enc = get_encoding(name)
+    return _Loaded(enc, encoding_id(enc), frozenset(enc.special_tokens_set))
+
+
+def _check_encoding(loaded: _Loaded, request: GetRequest) -> None:
+    if request.eid != loaded.eid:
+        raise ProtocolError(
+            f"the daemon's {request.enc} is not the client's (another tiktoken version or a custom"
+            " Encoding): not served"
+        )
+    if not loaded.specials.issuperset(request.allowed):
+        raise ProtocolError(f"'allowed' names strings that are no special token of {request.enc}")
+
+
+def _digest(prefix: bytes) -> bytes:
+    return hashlib.blake2b(prefix, digest_size=16).digest()

@@ -1,0 +1,422 @@
+"""The wire format between ``flashtoken-daemon`` and its clients (docs/PROTOCOL.md).
+
+One module, imported by both sides (never by ``import flashtoken``: it pulls in msgpack and
+xxhash). A message is a ZeroMQ multipart message: a msgpack *header* frame, then raw frames.
+
+Request ``[header, *frames]``; header ``{"m": b"FT", "v": 1, "op": str, "id": uint64, ...}``:
+
+- ``GET``  fields ``key`` (16 bytes), ``enc`` (encoding name), ``eid`` (32 bytes,
+  ``encoding_id``), ``allowed`` (sorted list of allowed special tokens, ``[]`` for ordinary),
+  ``fill`` (bool); frame 1: the prefix as UTF-8.
+- ``STATS``, ``PING``: no fields, no frames.
+
+Reply ``[header, *frames]``; header ``{"m", "v", "id", "ok": bool, ...}``. A GET hit carries
+``{"hit": true, "cut": int, "n": int}`` and one frame of ``n`` little-endian uint32 tokens; a miss
+``{"hit": false, "filling": bool}``. Errors are ``{"ok": false, "error": "CLIENT_ERROR" |
+"SERVER_ERROR", "message": str}``, as memcached names them.
+
+Everything that crosses the socket is checked here, type and range, before anyone uses it: a
+peer is never trusted to be well formed. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import tempfile
+from array import array
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import msgpack
+import xxhash
+
+from flashtoken.errors import ProtocolError
+
+__all__ = [
+    "ENCODING_ID_BYTES",
+    "KEY_BYTES",
+    "MAGIC",
+    "MAX_HEADER_BYTES",
+    "MAX_PREFIX_BYTES",
+    "VERSION",
+    "GetRequest",
+    "Reply",
+    "Request",
+    "default_address",
+    "ipc_path",
+    "make_key",
+    "pack_error",
+    "pack_get",
+    "pack_hit",
+    "pack_miss",
+    "pack_ok",
+    "pack_simple",
+    "parse_reply",
+    "parse_request",
+    "runtime_dir",
+    "tokens_from_frame",
+    "tokens_to_frame",
+]
+
+MAGIC = b"FT"
+VERSION = 1
+
+KEY_BYTES = 16
+"""xxh3_128 digest length."""
+ENCODING_ID_BYTES = 32
+"""``flashtoken.encodings.encoding_id`` length."""
+MAX_HEADER_BYTES = 64 * 1024
+"""A header frame longer than this is refused unread."""
+MAX_PREFIX_BYTES = 4 * 1024 * 1024
+"""Default limit on the UTF-8 prefix frame of a GET (``--max-prefix-bytes`` on the daemon)."""
+MAX_REQUEST_ID = 2**64 - 1
+MAX_NAME_CHARS = 64
+"""Encoding names and ops are short."""
+MAX_SPECIALS = 256
+MAX_SPECIAL_CHARS = 256
+MAX_ERROR_MESSAGE_CHARS = 1024
+
+OPS = ("GET", "STATS", "PING")
+CLIENT_ERROR = "CLIENT_ERROR"
+SERVER_ERROR = "SERVER_ERROR"
+
+# msgpack's own limits for one header: no string, array or map may even be allocated beyond
+# what a valid header can hold, whatever length a hostile frame declares. Nesting is bounded by
+# msgpack's parser stack and then refused by the type checks (no valid field is a container of
+# containers).
+_UNPACK_LIMITS: dict[str, Any] = dict(
+    max_str_len=MAX_HEADER_BYTES,
+    max_bin_len=MAX_HEADER_BYTES,
+    max_array_len=4096,
+    max_map_len=256,
+    max_ext_len=0,
+    raw=False,
+    strict_map_key=True,
+    use_list=True,
+)
+
+
+# -- addresses -------------------------------------------------------------------------------
+
+
+def runtime_dir(*, create: bool = True) -> str:
+    """The per-user directory of the default socket, checked to be private.
+
+    ``$XDG_RUNTIME_DIR/flashtoken`` when ``XDG_RUNTIME_DIR`` is set and writable, else
+    ``{tempdir}/flashtoken-{uid}``; created with mode 0700.
+
+    Raises ``PermissionError`` if the directory exists but is not ours, is a symlink, or can be
+    used by the group or others: a socket in it could be replaced by another user.
+    """
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK):
+        path = os.path.join(base, "flashtoken")
+    else:
+        path = os.path.join(tempfile.gettempdir(), f"flashtoken-{os.getuid()}")
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+    check_private_dir(path)
+    return path
+
+
+def check_private_dir(path: str) -> None:
+    """Raise ``PermissionError`` unless ``path`` is a real directory, ours, mode ``0o700`` or less."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise PermissionError(f"{path} is not a directory (a symlink?); remove it and retry")
+    if st.st_uid != os.getuid():
+        raise PermissionError(
+            f"{path} belongs to uid {st.st_uid}, not to us (uid {os.getuid()}); another user may"
+            " control the socket in it. Remove it, or pass --bind / address= elsewhere."
+        )
+    if st.st_mode & 0o077:
+        raise PermissionError(
+            f"{path} has mode {stat.S_IMODE(st.st_mode):o}; other users could reach the socket."
+            f" Run `chmod 700 {path}`, or remove it."
+        )
+
+
+def default_address() -> str:
+    """``ipc://{runtime_dir()}/daemon.sock``: where the daemon binds and clients connect."""
+    return "ipc://" + os.path.join(runtime_dir(), "daemon.sock")
+
+
+def ipc_path(address: str) -> Optional[str]:
+    """The filesystem path of an ``ipc://`` address, else None."""
+    return address[len("ipc://") :] if address.startswith("ipc://") else None
+
+
+# -- keys ------------------------------------------------------------------------------------
+
+
+def make_key(namespace: bytes, encoding_ident: bytes, allowed: tuple[str, ...], prefix: bytes) -> bytes:
+    """The 16-byte cache key: xxh3_128 over the length-prefixed fields.
+
+    A key locates an entry; it proves nothing (xxh3 has no collision resistance against crafted
+    input), so the daemon confirms every hit against the prefix bytes it stores. The namespace is
+    a salt: tenants with different salts never share entries, and cannot aim collisions at each
+    other's keys without knowing the salt.
+
+    >>> len(make_key(b"", bytes(32), (), b"You are a helpful assistant."))
+    16
+    """
+    h = xxhash.xxh3_128()
+    policy = b"".join(len(s).to_bytes(8, "little") + s for s in (a.encode("utf-8") for a in allowed))
+    for field in (b"flashtoken-key/1", namespace, encoding_ident, policy, prefix):
+        # Length-prefixed, so that no two field sequences hash the same bytes.
+        h.update(len(field).to_bytes(8, "little"))
+        h.update(field)
+    return h.digest()
+
+
+# -- tokens ----------------------------------------------------------------------------------
+
+_BIG_ENDIAN = sys.byteorder == "big"
+
+
+def tokens_to_frame(tokens: array) -> bytes:
+    """``array('I')`` to the wire: little-endian uint32, 4 bytes a token."""
+    if _BIG_ENDIAN:
+        tokens = array("I", tokens)
+        tokens.byteswap()
+    return tokens.tobytes()
+
+
+def tokens_from_frame(frame: bytes | memoryview) -> array:
+    """The wire to ``array('I')``. Raises ProtocolError if the length is not a multiple of 4."""
+    if len(frame) % 4:
+        raise ProtocolError(f"token frame of {len(frame)} bytes is not a whole number of uint32")
+    tokens = array("I")
+    tokens.frombytes(frame)
+    if _BIG_ENDIAN:
+        tokens.byteswap()
+    return tokens
+
+
+# -- headers ---------------------------------------------------------------------------------
+
+
+def _pack(header: dict[str, Any]) -> bytes:
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def unpack_header(frame: bytes) -> dict[str, Any]:
+    """Decode a header frame, with msgpack's allocation limits; check magic and version.
+
+    Raises ProtocolError for anything but a map carrying our magic and version.
+    """
+    if not isinstance(frame, (bytes, bytearray, memoryview)):
+        raise ProtocolError("header frame must be bytes")
+    if len(frame) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(frame)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(frame, **_UNPACK_LIMITS)
+    except Exception as exc:  # msgpack raises ValueError, ExtraData, StackError, UnicodeError...
+        raise ProtocolError(f"header is not valid msgpack: {type(exc).__name__}") from exc
+    if not isinstance(header, dict):
+        raise ProtocolError("header must be a msgpack map")
+    if header.get("m") != MAGIC:
+        raise ProtocolError("bad magic: not a FlashToken message")
+    if header.get("v") != VERSION:
+        raise ProtocolError(f"unsupported protocol version {header.get('v')!r}; this side speaks {VERSION}")
+    return header
+
+
+def _int(header: dict[str, Any], name: str, low: int, high: int) -> int:
+    value = header.get(name)
+    if type(value) is not int or not low <= value <= high:  # bool is an int: type() excludes it
+        raise ProtocolError(f"field {name!r} must be an int in [{low}, {high}]")
+    return value
+
+
+def _bool(header: dict[str, Any], name: str) -> bool:
+    value = header.get(name)
+    if type(value) is not bool:
+        raise ProtocolError(f"field {name!r} must be a bool")
+    return value
+
+
+def _bytes(header: dict[str, Any], name: str, length: int) -> bytes:
+    value = header.get(name)
+    if type(value) is not bytes or len(value) != length:
+        raise ProtocolError(f"field {name!r} must be {length} bytes")
+    return value
+
+
+def _str(header: dict[str, Any], name: str, max_chars: int) -> str:
+    value = header.get(name)
+    if type(value) is not str or not 0 < len(value) <= max_chars:
+        raise ProtocolError(f"field {name!r} must be a str of 1 to {max_chars} characters")
+    return value
+
+
+def request_id_of(frames: list[bytes]) -> int:
+    """Best-effort id of a request that failed validation, so its error reply can be matched; 0
+    (never a client's id) when there is none."""
+    try:
+        header = msgpack.unpackb(frames[0], **_UNPACK_LIMITS)
+        value = header.get("id") if isinstance(header, dict) else None
+        return value if type(value) is int and 0 <= value <= MAX_REQUEST_ID else 0
+    except Exception:
+        return 0
+
+
+# -- requests --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    op: str
+    id: int
+
+
+@dataclass(frozen=True)
+class GetRequest(Request):
+    key: bytes
+    enc: str
+    eid: bytes
+    allowed: tuple[str, ...]
+    fill: bool
+    prefix: bytes
+
+
+def pack_get(
+    request_id: int, key: bytes, enc: str, eid: bytes, allowed: tuple[str, ...], fill: bool,
+    prefix: bytes,
+) -> list[bytes]:
+    header = {"m": MAGIC, "v": VERSION, "op": "GET", "id": request_id, "key": key, "enc": enc,
+              "eid": eid, "allowed": list(allowed), "fill": fill}
+    return [_pack(header), prefix]
+
+
+def pack_simple(op: str, request_id: int) -> list[bytes]:
+    """A request with no fields: STATS or PING."""
+    return [_pack({"m": MAGIC, "v": VERSION, "op": op, "id": request_id})]
+
+
+def parse_request(frames: list[bytes], *, max_prefix_bytes: int = MAX_PREFIX_BYTES) -> Request:
+    """Validate a request's frames (without the ROUTER identity) into a ``Request``.
+
+    Checks the shape only; whether ``enc`` can be loaded and ``allowed`` are its special tokens is
+    the daemon's to check. Raises ProtocolError with a message fit for a CLIENT_ERROR reply.
+    """
+    if not 1 <= len(frames) <= 2:
+        raise ProtocolError(f"a request has 1 or 2 frames, not {len(frames)}")
+    header = unpack_header(frames[0])
+    op = header.get("op")
+    if op not in OPS or type(op) is not str:
+        raise ProtocolError(f"unknown op; expected one of {', '.join(OPS)}")
+    request_id = _int(header, "id", 0, MAX_REQUEST_ID)
+    if op != "GET":
+        if len(frames) != 1:
+            raise ProtocolError(f"{op} takes no frames after the header")
+        return Request(op, request_id)
+    if len(frames) != 2:
+        raise ProtocolError("GET takes exactly one frame after the header: the prefix")
+    allowed = header.get("allowed")
+    if type(allowed) is not list or len(allowed) > MAX_SPECIALS:
+        raise ProtocolError(f"field 'allowed' must be a list of at most {MAX_SPECIALS} str")
+    for item in allowed:
+        if type(item) is not str or not 0 < len(item) <= MAX_SPECIAL_CHARS:
+            raise ProtocolError("field 'allowed' must hold special-token strings")
+    if any(a >= b for a, b in zip(allowed, allowed[1:])):
+        # One canonical form, so that equal policies compare equal in the store.
+        raise ProtocolError("field 'allowed' must be sorted and without duplicates")
+    prefix = frames[1]
+    if len(prefix) > max_prefix_bytes:
+        raise ProtocolError(f"prefix of {len(prefix)} bytes exceeds the limit of {max_prefix_bytes}")
+    prefix = bytes(prefix)
+    try:
+        prefix.decode("utf-8")  # strict: lone surrogates and overlong forms are refused too
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"prefix is not valid UTF-8 at byte {exc.start}") from exc
+    return GetRequest(
+        op, request_id,
+        key=_bytes(header, "key", KEY_BYTES),
+        enc=_str(header, "enc", MAX_NAME_CHARS),
+        eid=_bytes(header, "eid", ENCODING_ID_BYTES),
+        allowed=tuple(allowed),
+        fill=_bool(header, "fill"),
+        prefix=prefix,
+    )
+
+
+# -- replies ---------------------------------------------------------------------------------
+
+
+def _reply(request_id: int, ok: bool, **fields: Any) -> bytes:
+    return _pack({"m": MAGIC, "v": VERSION, "id": request_id, "ok": ok, **fields})
+
+
+def pack_hit(request_id: int, cut: int, tokens_frame: bytes) -> list[Any]:
+    return [_reply(request_id, True, hit=True, cut=cut, n=len(tokens_frame) // 4), tokens_frame]
+
+
+def pack_miss(request_id: int, filling: bool) -> list[Any]:
+    return [_reply(request_id, True, hit=False, filling=filling)]
+
+
+def pack_ok(request_id: int, **fields: Any) -> list[Any]:
+    return [_reply(request_id, True, **fields)]
+
+
+def pack_error(request_id: int, error: str, message: str) -> list[Any]:
+    return [_reply(request_id, False, error=error, message=message[:MAX_ERROR_MESSAGE_CHARS])]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A checked reply. ``fields`` is the header; ``tokens`` the token frame of a hit."""
+
+    id: int
+    ok: bool
+    fields: dict[str, Any]
+    tokens: Optional[array] = None
+
+    @property
+    def error(self) -> Optional[str]:
+        return None if self.ok else self.fields["error"]
+
+
+def parse_reply(frames: list[bytes]) -> Reply:
+    """Validate a reply's frames. Raises ProtocolError for anything malformed.
+
+    A GET hit's tokens come back as ``array('I')`` whose length has been checked against ``n``;
+    whether they are right for the prefix is the client's to check (client/core.py).
+    """
+    if not 1 <= len(frames) <= 2:
+        raise ProtocolError(f"a reply has 1 or 2 frames, not {len(frames)}")
+    header = unpack_header(frames[0])
+    request_id = _int(header, "id", 0, MAX_REQUEST_ID)
+    ok = _bool(header, "ok")
+    if not ok:
+        error = header.get("error")
+        if error not in (CLIENT_ERROR, SERVER_ERROR):
+            raise ProtocolError("error reply without a CLIENT_ERROR / SERVER_ERROR type")
+        message = header.get("message")
+        if type(message) is not str:
+            raise ProtocolError("error reply without a message")
+        if len(frames) != 1:
+            raise ProtocolError("error reply with frames")
+        return Reply(request_id, False, header)
+    tokens = None
+    if "hit" in header and type(header["hit"]) is not bool:
+        raise ProtocolError("field 'hit' must be a bool")
+    if header.get("hit") is True:
+        _int(header, "cut", 0, MAX_PREFIX_BYTES * 64)
+        n = _int(header, "n", 0, MAX_PREFIX_BYTES * 64)
+        if len(frames) != 2 or len(frames[1]) != 4 * n:
+            raise ProtocolError("hit reply whose token frame does not hold n tokens")
+        tokens = tokens_from_frame(frames[1])
+    elif len(frames) != 1:
+        raise ProtocolError("unexpected frame in a reply")
+    return Reply(request_id, True, header, tokens)
+

@@ -1,0 +1,153 @@
+"""Failure is normal: a daemon killed, frozen or restarted under load changes no token and raises
+nothing to the caller, and each call stays within local-encode time plus a small budget."""
+
+from __future__ import annotations
+
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from flashtoken import get_encoding
+from flashtoken.client import Client
+from tests.daemon_fixtures import DaemonProcess, wait_until
+
+pytestmark = pytest.mark.timeout(90)
+
+# A worker process: encodes random (prefix, suffix) pairs through a Client until told to stop,
+# checks every answer against tiktoken, and reports mismatches, exceptions and counters.
+WORKER = r"""
+import json, os, random, sys, time
+from flashtoken import get_encoding
+from flashtoken.client import Client
+
+address, name, control, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+enc = get_encoding(name)
+rng = random.Random(seed)
+words = ["alpha", "beta", " ", "  ", "\n", "'s", "123", "中文", "é", "!!", "Z", "don't", "\t"]
+prefixes = ["".join(rng.choice(words) for _ in range(rng.randrange(1, 400))) for _ in range(60)]
+suffixes = ["", " x", "s", "'t", "4567", "\n\n", "中", " ", "e\u0301"]
+client = Client(address, name, timeout_ms=20, l1_bytes=0)  # no L1: every call exercises L2
+mismatches = exceptions = calls = 0
+at_restart = None
+while not os.path.exists(os.path.join(control, "stop")):
+    prefix, suffix = rng.choice(prefixes), rng.choice(suffixes)
+    try:
+        if client.encode_ordinary(suffix, prefix=prefix) != enc.encode_ordinary(prefix + suffix):
+            mismatches += 1
+    except BaseException:
+        exceptions += 1
+    calls += 1
+    if at_restart is None and os.path.exists(os.path.join(control, "restarted")):
+        at_restart = client.stats()
+    if at_restart is not None and client.stats()["l2_hits"] > at_restart["l2_hits"]:
+        open(os.path.join(control, f"resumed-{seed}"), "w").close()
+print(json.dumps({"mismatches": mismatches, "exceptions": exceptions, "calls": calls,
+                  "at_restart": at_restart, "end": client.stats()}))
+"""
+
+
+@pytest.mark.parametrize("name", ["cl100k_base", "o200k_base"])
+def test_kill9_and_restart_under_multiprocess_load(
+    start_daemon: Callable[..., DaemonProcess], daemon_dir: Path, name: str
+) -> None:
+    daemon = start_daemon(encodings=name)
+    control = daemon_dir / "control"
+    control.mkdir()
+    workers = [
+        subprocess.Popen([sys.executable, "-c", WORKER, daemon.address, name, str(control), str(i)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(4)
+    ]
+    try:
+        wait_until(lambda: daemon.stats()["get_hits"] > 100, 30, "no hits before the kill")
+        daemon.kill9()
+        time.sleep(1.0)
+        restarted = start_daemon(encodings=name)
+        (control / "restarted").touch()
+        # Each worker's breaker closes at its next probe (cool-downs of 1 s, then 2 s, ...).
+        wait_until(lambda: len(list(control.glob("resumed-*"))) == len(workers), 30,
+                   "hits never resumed in some worker")
+    finally:
+        (control / "stop").touch()
+        outputs = [worker.communicate(timeout=30) for worker in workers]
+    for (out, err), worker in zip(outputs, workers):
+        assert worker.returncode == 0, err
+        report = json.loads(out)
+        assert report["mismatches"] == 0 and report["exceptions"] == 0
+        assert report["calls"] > 50
+        # Hits resumed without restarting the client.
+        assert report["end"]["l2_hits"] > report["at_restart"]["l2_hits"]
+
+
+def test_sigstop_costs_each_call_at_most_local_time_plus_budget(
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    enc = get_encoding("cl100k_base")
+    daemon = start_daemon()
+    prefixes = [f"frozen daemon {i} " + "the quick brown fox jumps. " * 300 for i in range(8)]
+    local = []
+    for prefix in prefixes:
+        start = time.perf_counter()
+        enc.encode_ordinary(prefix + " tail")
+        local.append(time.perf_counter() - start)
+    budget_ms = 5
+    with Client(daemon.address, timeout_ms=budget_ms, l1_bytes=0) as client:
+        for prefix in prefixes:  # fill the daemon
+            client.encode_ordinary(" tail", prefix=prefix)
+        wait_until(lambda: daemon.stats()["curr_items"] == len(prefixes), 20, "fills missing")
+        daemon.signal(signal.SIGSTOP)
+        try:
+            times = []
+            deadline = time.monotonic() + 3.0
+            i = 0
+            while time.monotonic() < deadline:
+                prefix = prefixes[i % len(prefixes)]
+                i += 1
+                start = time.perf_counter()
+                tokens = client.encode_ordinary(" tail", prefix=prefix)
+                times.append(time.perf_counter() - start)
+                assert tokens == enc.encode_ordinary(prefix + " tail")
+            stats = client.stats()
+        finally:
+            daemon.signal(signal.SIGCONT)
+        # Generous for a loaded CI machine; the point is no call waits for the frozen daemon.
+        bound = max(local) * 3 + budget_ms / 1000 + 0.2
+        assert max(times) < bound, (max(times), bound)
+        # The breaker opened: a few timeouts in 3 s (3 to open, then a probe per cool-down),
+        # not one per call.
+        assert stats["timeouts"] <= 8 and len(times) > 100 and stats["breaker"] != "closed"
+        # Resumed: the breaker closes at its next probe and hits come back.
+        hits = stats["l2_hits"]
+        deadline = time.monotonic() + 20
+        while client.stats()["l2_hits"] == hits and time.monotonic() < deadline:
+            client.encode_ordinary(" tail", prefix=prefixes[0])
+            time.sleep(0.01)
+        assert client.stats()["l2_hits"] > hits and client.stats()["breaker"] == "closed"
+    assert statistics.median(times) < bound
+
+
+def test_daemon_down_from_the_start_then_up(start_daemon: Callable[..., DaemonProcess],
+                                            daemon_dir: Path) -> None:
+    enc = get_encoding("cl100k_base")
+    address = f"ipc://{daemon_dir}/d.sock"
+    with Client(address, timeout_ms=20, l1_bytes=0, breaker_cooldown_ms=100,
+                breaker_max_cooldown_ms=400) as client:
+        for i in range(30):
+            prefix = f"early {i} " * 20
+            assert client.encode_ordinary("!", prefix=prefix) == enc.encode_ordinary(prefix + "!")
+        assert client.stats()["breaker"] in ("open", "half-open")
+        daemon = start_daemon()
+        assert daemon.address == address
+        deadline = time.monotonic() + 20
+        while client.stats()["l2_hits"] == 0 and time.monotonic() < deadline:
+            assert client.encode_ordinary("!", prefix="early 0 " * 20) == \
+                enc.encode_ordinary("early 0 " * 20 + "!")
+            time.sleep(0.02)
+        assert client.stats()["l2_hits"] > 0
