@@ -1,0 +1,193 @@
+"""Figures from results.json, a step apart from the measurements.
+
+    python -m benchmark.plot benchmark/out/results.json [--out DIR]
+
+matplotlib (Agg backend, no display) is imported here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from benchmark import multiworker, workloads  # noqa: E402
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def speedup_vs_prefix(results: dict[str, Any], out: Path) -> Path | None:
+    sweep = results.get("sweeps", {}).get("prefix_length") or {}
+    if not sweep:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for enc, fp in sweep.items():
+        xs = [c["prefix_kib"] for c in fp["cells"]]
+        for name, style in ((workloads.FT_ENCODE, "-o"), (workloads.FT_COUNT, "--s")):
+            ax.plot(xs, [c["ratio_vs_tiktoken"][name] for c in fp["cells"]], style, label=f"{name} ({enc})")
+        for name in fp["cells"][0]["stats"]:
+            if "whole text" in name:
+                ax.plot(xs, [c["ratio_vs_tiktoken"][name] for c in fp["cells"]], ":^", label=f"{name} ({enc})")
+    ax.axhline(1, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ticks = sorted({c["prefix_kib"] for fp in sweep.values() for c in fp["cells"]})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel("prefix length (KiB of text)")
+    ax.set_ylabel("speed-up over tiktoken (x, median)")
+    ax.set_title("Fixed prefix + ~100-char suffix: speed-up vs prefix length")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    return _save(fig, out / "speedup_vs_prefix_length.png")
+
+
+def chat_latency(results: dict[str, Any], out: Path) -> Path | None:
+    chat = results.get("workloads", {}).get("chat")
+    if not chat:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, us in chat["per_turn_median_us"].items():
+        ax.plot(range(1, len(us) + 1), us, label=name, lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("turn")
+    ax.set_ylabel("latency per turn (µs, median of sequences, log)")
+    ax.set_title(f"{chat['turns']}-turn chat ({chat['encoding']}): per-turn cost vs history "
+                 f"(ends at {chat['history_tokens'][-1]:,} tokens)")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    return _save(fig, out / "chat_per_turn_latency.png")
+
+
+def _runs(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return (results.get("workloads", {}).get("multiworker") or {}).get("runs", [])
+
+
+def throughput(results: dict[str, Any], out: Path) -> Path | None:
+    runs = _runs(results)
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for strategy in dict.fromkeys(r["strategy"] for r in runs):
+        rs = [r for r in runs if r["strategy"] == strategy]
+        ax.plot([r["workers"] for r in rs], [r["requests_per_s"] for r in rs], "-o", label=strategy)
+        ax.plot([r["workers"] for r in rs], [r["cold_requests_per_s"] for r in rs], ":x", alpha=0.6,
+                label=f"{strategy}, cold start")
+    ax.set_yscale("log")
+    ax.set_xscale("log", base=2)
+    ticks = sorted({r["workers"] for r in runs})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel("worker processes")
+    ax.set_ylabel("aggregate throughput (requests/s, log)")
+    ax.set_title(f"Multi-worker throughput ({results['machine']['cores']} cores)")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    return _save(fig, out / "multiworker_throughput.png")
+
+
+def _reference_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    counts = sorted({r["workers"] for r in runs})
+    n = 4 if 4 in counts else counts[-1]
+    return [r for r in runs if r["workers"] == n]
+
+
+def latency_percentiles(results: dict[str, Any], out: Path) -> Path | None:
+    runs = _runs(results)
+    if not runs:
+        return None
+    chosen = _reference_runs(runs)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    width = 0.25
+    for i, (key, label) in enumerate((("median_us", "p50"), ("p90_us", "p90"), ("p99_us", "p99"))):
+        ax.bar([j + (i - 1) * width for j in range(len(chosen))], [r["latency"][key] for r in chosen],
+               width, label=label)
+    ax.set_xticks(range(len(chosen)), [r["strategy"].replace(" (", "\n(") for r in chosen], fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("request latency (µs, log)")
+    ax.set_title(f"Latency percentiles, {chosen[0]['workers']} workers")
+    ax.legend()
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    return _save(fig, out / "latency_percentiles.png")
+
+
+def memory(results: dict[str, Any], out: Path) -> Path | None:
+    runs = _runs(results)
+    if not runs:
+        return None
+    chosen = _reference_runs([r for r in runs if r["workers"] == max(x["workers"] for x in runs)] or runs)
+    labels, worker_mib, daemon_mib = [], [], []
+    for r in chosen:
+        labels.append(r["strategy"].replace(" (", "\n("))
+        worker_mib.append(r["rss_mib_median_worker"] or 0)
+        daemon_mib.append((r.get("daemon_rss_kib") or 0) / 1024)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = range(len(labels))
+    ax.bar([x - 0.2 for x in xs], worker_mib, 0.4, label="RSS per worker (median)")
+    ax.bar([x + 0.2 for x in xs], daemon_mib, 0.4, label="daemon RSS")
+    ax.set_xticks(list(xs), labels, fontsize=7)
+    ax.set_ylabel("resident memory (MiB)")
+    ax.set_title(f"Memory per strategy, {chosen[0]['workers']} workers")
+    ax.set_ylim(0, 1.3 * max(worker_mib + daemon_mib + [1]))
+    ax.legend(loc="upper left")
+    return _save(fig, out / "memory_per_strategy.png")
+
+
+def heatmap(results: dict[str, Any], out: Path) -> Path | None:
+    fp = results.get("workloads", {}).get("fixed_prefix")
+    if not fp or not fp.get("cells"):
+        return None
+    pks = sorted({c["prefix_kib"] for c in fp["cells"]})
+    sks = sorted({c["suffix_chars"] for c in fp["cells"]})
+    grid = [[float("nan")] * len(sks) for _ in pks]
+    for c in fp["cells"]:
+        grid[pks.index(c["prefix_kib"])][sks.index(c["suffix_chars"])] = c["ratio_vs_tiktoken"][workloads.FT_ENCODE]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
+    for i in range(len(pks)):
+        for j in range(len(sks)):
+            ax.text(j, i, f"{grid[i][j]:.0f}x", ha="center", va="center", color="white", fontsize=8)
+    ax.set_xticks(range(len(sks)), [str(s) for s in sks])
+    ax.set_yticks(range(len(pks)), [str(p) for p in pks])
+    ax.set_xlabel("suffix length (characters)")
+    ax.set_ylabel("prefix length (KiB)")
+    ax.set_title(f"{workloads.FT_ENCODE}\nspeed-up over tiktoken ({fp['encoding']})", fontsize=9)
+    fig.colorbar(im, label="speed-up (x)")
+    return _save(fig, out / "fixed_prefix_heatmap.png")
+
+
+def draw(results_path: Path, out: Path | None = None) -> list[Path]:
+    """Every figure results.json has data for; returns the files written."""
+    results = json.loads(Path(results_path).read_text())
+    out = Path(results_path).parent if out is None else out
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fn in (speedup_vs_prefix, chat_latency, throughput, latency_percentiles, memory, heatmap):
+        path = fn(results, out)
+        if path is not None:
+            written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmark.plot", description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="results.json written by python -m benchmark")
+    parser.add_argument("--out", type=Path, default=None, help="directory for the PNGs (default: next to results)")
+    args = parser.parse_args(argv)
+    for path in draw(args.results, args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""results.json and summary.md: the machine, the settings, every measurement, the headline ratios."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from benchmark import multiworker, workloads
+
+_PACKAGES = ("tiktoken", "flashtoken", "regex", "pyzmq", "msgpack", "xxhash", "numpy", "matplotlib",
+             "bpe-openai", "toktok-rs")
+
+# The figures plot.py draws from results.json, each with the one line summary.md prints for it.
+FIGURES = (
+    ("speedup_vs_prefix_length.png",
+     "Speed-up of FixedPrefixTokenCache.encode_ordinary over tiktoken on the whole text, against prefix "
+     "length (suffix ~100 characters), per encoding: the saving grows with the prefix."),
+    ("chat_per_turn_latency.png",
+     "Per-turn latency over a 200-turn chat: tiktoken re-encoding the history grows with it; the "
+     "append-only cache should stay flat."),
+    ("multiworker_throughput.png",
+     "Aggregate requests/s against the number of worker processes, per strategy (2 cores: beyond 2 "
+     "workers there is no more CPU)."),
+    ("latency_percentiles.png",
+     "p50/p90/p99 request latency per strategy in the 4-worker (or largest) multi-worker run, log scale."),
+    ("memory_per_strategy.png",
+     "Resident memory per worker process (median) and of the daemon, per strategy, at the largest "
+     "worker count."),
+    ("fixed_prefix_heatmap.png",
+     "Speed-up over tiktoken for every prefix size x suffix size of the fixed-system-prompt workload."),
+)
+
+TARGETS = {"fixed_prefix_32k_100": 100.0, "multiworker_4_daemon": 20.0, "chat_total": 50.0}
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(),
+        "python": sys.version.split()[0], "implementation": platform.python_implementation(),
+        "versions": versions, "loadavg_start": _loadavg(),
+    }
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def headlines(results: dict[str, Any]) -> dict[str, Any]:
+    """The three figures the design promises, each with its target and whether it was met."""
+    out: dict[str, Any] = {}
+    fp = results["workloads"].get("fixed_prefix", {})
+    for cell in fp.get("cells", []):
+        if cell["prefix_kib"] == 32 and cell["suffix_chars"] == 100:
+            out["fixed_prefix_32k_100"] = {"value": cell["ratio_vs_tiktoken"][workloads.FT_ENCODE],
+                                           "what": "FixedPrefixTokenCache.encode_ordinary, 32 KiB prefix + 100 chars"}
+    mw = results["workloads"].get("multiworker", {})
+    for run in mw.get("runs", []):
+        if run["strategy"] == multiworker.DAEMON and run["workers"] == 4:
+            out["multiworker_4_daemon"] = {"value": run["throughput_ratio_vs_tiktoken"],
+                                           "what": "4 workers, shared daemon via Client, aggregate req/s"}
+    chat = results["workloads"].get("chat", {})
+    if chat:
+        out["chat_total"] = {
+            "value": chat["total_ratio_vs_tiktoken"][workloads.CHAT_APPEND],
+            "what": f"{chat['turns']}-turn chat total, AppendOnlyPieceTokenCache.append_ordinary",
+            "flatness_last_over_first": chat["flatness_last_over_first"][workloads.CHAT_APPEND],
+        }
+    for key, entry in out.items():
+        entry["target"] = TARGETS[key]
+        entry["met"] = entry["value"] is not None and entry["value"] >= TARGETS[key]
+    return out
+
+
+def write(results: dict[str, Any], out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results["machine"]["loadavg_end"] = _loadavg()
+    results["headlines"] = headlines(results)
+    path = out_dir / "results.json"
+    path.write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
+    (out_dir / "summary.md").write_text(summary(results))
+    return path
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return repr(value)
+
+
+def _f(x: float | None, digits: int = 1) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def summary(results: dict[str, Any]) -> str:
+    m, c, w = results["machine"], results["correctness"], results["workloads"]
+    lines = [
+        "# FlashToken benchmark", "",
+        f"Mode `{results['settings']['mode']}`, seed {results['settings']['seed']}, "
+        f"{results['duration_s']:.0f} s. {m['cpu']}, {m['cores']} cores, {m['os']}, Python {m['python']}; "
+        + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + ".",
+        f"Load average at start {m['loadavg_start']}, at end {m.get('loadavg_end')}: on a shared machine "
+        "absolute times are noisy; ratios measured in the same run are what to compare.", "",
+        "## Correctness", "",
+        f"**{c['mismatches']} mismatches in {c['cases']:,} FlashToken cases** (every strategy on every "
+        "workload and on the boundary corpus, token by token against tiktoken on the whole text). "
+        f"Control `naive encode(p)+encode(s)`: {c['control_mismatches']:,} mismatches in "
+        f"{c['control_cases']:,} cases (expected > 0). Other tokenizers (baselines): "
+        f"{c['baseline_mismatches']} mismatches in {c['baseline_cases']:,} cases.", "",
+        "| strategy | kind | cases | mismatches |", "|---|---|---:|---:|",
+    ]
+    for name, e in sorted(c["by_strategy"].items()):
+        lines.append(f"| {name} | {e['kind']} | {e['cases']:,} | {e['mismatches']:,} |")
+    lines += ["", "## Headline figures", "", "| figure | measured | target | met |", "|---|---:|---:|---|"]
+    for key, h in results["headlines"].items():
+        extra = f" (last/first per-turn cost {h['flatness_last_over_first']:.2f})" if "flatness_last_over_first" in h else ""
+        lines.append(f"| {h['what']}{extra} | {_f(h['value'])}x | {h['target']:.0f}x | {'yes' if h['met'] else 'NO'} |")
+    for name in ("fixed_prefix", "multiworker"):
+        skipped = (w.get(name) or {}).get("daemon_skipped") if name == "multiworker" else results.get("daemon_skipped")
+        if skipped:
+            lines.append(f"\nDaemon strategies skipped: {skipped}")
+            break
+    lines += _fixed_prefix_tables(w.get("fixed_prefix"))
+    lines += _chat_table(w.get("chat"))
+    lines += _stats_table("RAG template", w.get("rag"), "median per request")
+    lines += _multiworker_table(w.get("multiworker"))
+    lines += _sweep_tables(results.get("sweeps", {}))
+    if results.get("errors"):
+        lines += ["", "## Errors", ""] + [f"- {e}" for e in results["errors"]]
+    lines += ["", "## Figures", ""] + [f"- `{name}`: {what}" for name, what in FIGURES]
+    lines += ["", "See docs/METHODOLOGY.md for how these were measured and what they do not show.", ""]
+    return "\n".join(lines)
+
+
+def _fixed_prefix_tables(fp: dict[str, Any] | None, title: str = "Fixed system prompt") -> list[str]:
+    if not fp or not fp.get("cells"):
+        return []
+    lines = ["", f"## {title} ({fp['encoding']})", "",
+             "Median / p90 / p99 in microseconds per call; ratio = tiktoken median / strategy median.", ""]
+    for cell in fp["cells"]:
+        lines += [f"**prefix {cell['prefix_kib']} KiB ({cell['prefix_tokens']:,} tokens) + suffix "
+                  f"{cell['suffix_chars']} chars**", "",
+                  "| strategy | median µs | p90 µs | p99 µs | ratio vs tiktoken |", "|---|---:|---:|---:|---:|"]
+        for name, s in cell["stats"].items():
+            lines.append(f"| {name} | {_f(s['median_us'])} | {_f(s['p90_us'])} | {_f(s['p99_us'])} | "
+                         f"{_f(cell['ratio_vs_tiktoken'][name])}x |")
+        lines.append("")
+    return lines
+
+
+def _chat_table(chat: dict[str, Any] | None) -> list[str]:
+    if not chat:
+        return []
+    lines = ["", f"## Append-only chat ({chat['encoding']}, {chat['turns']} turns, "
+             f"{chat['history_chars'][-1]:,} chars / {chat['history_tokens'][-1]:,} tokens at the end)", "",
+             "| strategy | total ms | ratio vs tiktoken | per-turn median µs | p90 µs | p99 µs | last/first turns |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, total in chat["total_ms"].items():
+        s = chat["per_turn_stats"][name]
+        lines.append(f"| {name} | {_f(total)} | {_f(chat['total_ratio_vs_tiktoken'][name])}x | {_f(s['median_us'])} "
+                     f"| {_f(s['p90_us'])} | {_f(s['p99_us'])} | {_f(chat['flatness_last_over_first'][name], 2)} |")
+    lines.append(f"\n`last/first turns`: mean per-turn cost of the last {chat['flatness_window_turns']} turns over "
+                 "the first (after turn 0); ~1 means flat.")
+    return lines
+
+
+def _stats_table(title: str, data: dict[str, Any] | None, what: str) -> list[str]:
+    if not data:
+        return []
+    lines = ["", f"## {title} ({data['encoding']}, {data['requests']} requests, {data['documents']} documents)", "",
+             f"| strategy | {what} µs | p90 µs | p99 µs | total ms | ratio vs tiktoken (total) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, s in data["stats"].items():
+        lines.append(f"| {name} | {_f(s['median_us'])} | {_f(s['p90_us'])} | {_f(s['p99_us'])} | "
+                     f"{_f(data['total_ms'][name])} | {_f(data['total_ratio_vs_tiktoken'][name])}x |")
+    return lines
+
+
+def _multiworker_table(mw: dict[str, Any] | None) -> list[str]:
+    if not mw:
+        return []
+    lines = ["", f"## Multi-worker ({mw['encoding']}, {mw['prefixes']} prefixes of {mw['prefix_kib'][0]}-"
+             f"{mw['prefix_kib'][1]} KiB, Zipf s={mw['zipf_s']}, one process per worker)", "",
+             "| strategy | workers | req/s | ratio vs tiktoken | cold req/s | p50 µs | p90 µs | p99 µs | "
+             "RSS/worker MiB | daemon RSS MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in mw["runs"]:
+        d = r.get("daemon_rss_kib")
+        lat = r["latency"]
+        lines.append(f"| {r['strategy']} | {r['workers']} | {_f(r['requests_per_s'], 0)} | "
+                     f"{_f(r['throughput_ratio_vs_tiktoken'])}x | {_f(r['cold_requests_per_s'], 0)} | "
+                     f"{_f(lat['median_us'])} | {_f(lat['p90_us'])} | {_f(lat['p99_us'])} | "
+                     f"{_f(r['rss_mib_median_worker'])} | {_f(d / 1024 if d else None)} |")
+    return lines
+
+
+def _sweep_tables(sweeps: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for fp in (sweeps.get("prefix_length") or {}).values():
+        lines += _fixed_prefix_tables(fp, "Sweep: prefix length, suffix 100 chars")
+    lines += _fixed_prefix_tables(sweeps.get("suffix_length"), "Sweep: suffix length, 32 KiB prefix")
+    bt = sweeps.get("backtrack_pieces") or {}
+    if bt:
+        lines += ["", "## Sweep: backtrack pieces (32 KiB prefix + 100 chars)", "",
+                  "| encoding | pieces | cut (chars from end) | median µs | ratio vs tiktoken | boundary mismatches |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for enc, rows in bt.items():
+            for r in rows:
+                if "rejected" in r:
+                    lines.append(f"| {enc} | {r['backtrack_pieces']} | rejected: {r['rejected'][:60]} | | | |")
+                else:
+                    lines.append(f"| {enc} | {r['backtrack_pieces']} | {r['cut_offset_from_end']} | "
+                                 f"{_f(r['stats'][workloads.FT_ENCODE]['median_us'])} | "
+                                 f"{_f(r['ratio_vs_tiktoken'][workloads.FT_ENCODE])}x | {r['boundary_mismatches']} |")
+    l1 = sweeps.get("l1_size") or {}
+    if l1.get("rows"):
+        lines += ["", f"## Sweep: client L1 size (one process, {l1['requests']} requests, daemon holds every prefix)",
+                  "", "| l1_bytes | L1 hit rate | median µs | p90 µs | p99 µs |", "|---:|---:|---:|---:|---:|"]
+        for r in l1["rows"]:
+            s = r["latency"]
+            lines.append(f"| {r['l1_bytes']:,} | {r['l1_hit_rate']:.2f} | {_f(s['median_us'])} | "
+                         f"{_f(s['p90_us'])} | {_f(s['p99_us'])} |")
+    elif l1.get("skipped"):
+        lines += ["", f"Sweep L1 size skipped: {l1['skipped']}"]
+    return lines
