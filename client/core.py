@@ -46,11 +46,14 @@ __all__ = ["CLIENT_DEFAULTS", "Breaker", "ClientCore", "Pending"]
 MiB = 1024 * 1024
 
 CLIENT_DEFAULTS: dict[str, Any] = {
-    "timeout_ms": 5,  # ms: how long one daemon round trip may take before going local
+    # ms: how long one daemon round trip may take before going local. Not less: with more busy
+    # workers than cores, a healthy daemon's replies take 5-15 ms to be scheduled; at 5 ms the
+    # breaker stayed open under such load and the daemon was never filled (8 workers, 2 cores).
+    "timeout_ms": 20,
     "l1_bytes": 64 * MiB,  # bytes: approximate memory of the in-process cache
     "breaker_failures": 3,  # consecutive failures that open the breaker
-    "breaker_cooldown_ms": 1000,  # ms: first open period; doubles per failed probe
-    "breaker_max_cooldown_ms": 30_000,  # ms: longest open period
+    "breaker_cooldown_ms": 250,  # ms: first open period; doubles per failed probe
+    "breaker_max_cooldown_ms": 5_000,  # ms: longest open period (a restart is seen within it)
     "max_prefix_bytes": MAX_PREFIX_BYTES,  # bytes: longer prefixes never go to the daemon
 }
 

@@ -46,10 +46,10 @@ class Client:
     a time; a thread that would wait longer than ``timeout_ms`` for the socket encodes locally).
 
     Arguments: ``address`` (default: ``flashtoken.protocol.default_address()``), ``encoding`` (a
-    name or a ``tiktoken.Encoding``), and keyword-only ``timeout_ms`` (5), ``l1_bytes`` (64 MiB),
+    name or a ``tiktoken.Encoding``), and keyword-only ``timeout_ms`` (20), ``l1_bytes`` (64 MiB),
     ``namespace`` (a salt for the daemon's keys: clients with different namespaces share
-    nothing), ``breaker_failures`` (3), ``breaker_cooldown_ms`` (1000), ``breaker_max_cooldown_ms``
-    (30000), ``max_prefix_bytes`` (4 MiB), ``fill`` (True: ask the daemon to fill on a miss).
+    nothing), ``breaker_failures`` (3), ``breaker_cooldown_ms`` (250), ``breaker_max_cooldown_ms``
+    (5000), ``max_prefix_bytes`` (4 MiB), ``fill`` (True: ask the daemon to fill on a miss).
     """
 
     def __init__(
