@@ -106,4 +106,4 @@ def test_metadata(tmp_path: Path) -> None:
     assert meta["scripts"] == {"flashtoken-daemon": "flashtoken.daemon.__main__:main"}
     assert meta["py_typed"]
     core = [r for r in meta["requires"] if "extra ==" not in r]
-    assert sorted(r.split(">")[0] for r in core) == ["regex", "tiktoken"]
+    assert sorted(r.split(">")[0] for r in core) == ["regex", "tiktoken", "xxhash"]
