@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmark import config, correctness, multiworker, report, sidecar, sweeps, workloads
+from benchmark import config, correctness, http_e2e, multiworker, report, sidecar, sweeps, workloads
 
 DEFAULT_OUT = Path("benchmark") / "out"
 
@@ -103,6 +103,8 @@ def run(settings: config.Settings, out_dir: Path, use_daemon: bool, plots: bool)
             daemon_ctx.stop()
     section("multiworker", lambda: multiworker.run(settings, checker, progress, enc0, settings.workers,
                                                    daemon_skip), w)
+    if settings.mode == "full":  # real gunicorn servers and HTTP load: ~30 s, full runs only
+        section("http_e2e", lambda: http_e2e.run(settings, checker, progress, daemon_skip), w)
     s = results["sweeps"]
     section("prefix_length", lambda: sweeps.prefix_length(settings, checker, progress), s)
     section("suffix_length", lambda: sweeps.suffix_length(settings, checker, progress), s)

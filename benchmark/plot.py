@@ -166,13 +166,43 @@ def heatmap(results: dict[str, Any], out: Path) -> Path | None:
     return _save(fig, out / "fixed_prefix_heatmap.png")
 
 
+def http_e2e(results: dict[str, Any], out: Path) -> Path | None:
+    h = results.get("workloads", {}).get("http_e2e") or {}
+    runs = h.get("runs") or []
+    if not runs:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5))
+    labels = [f"{r['strategy_key']}\n({r['mode']})" for r in runs]
+    colors = ["tab:grey" if r["strategy_key"] == "tiktoken" else "tab:blue" for r in runs]
+    xs = range(len(runs))
+    left.bar(xs, [r["requests_per_s"] for r in runs], color=colors)
+    for x, r in zip(xs, runs):
+        ratio = r.get("throughput_ratio_vs_tiktoken")
+        if ratio:
+            left.text(x, r["requests_per_s"], f"{ratio:.1f}x", ha="center", va="bottom", fontsize=8)
+    left.set_xticks(list(xs), labels, fontsize=8)
+    left.set_ylabel("requests/s (all workers)")
+    left.set_title("Throughput")
+    width = 0.4
+    for i, (key, label) in enumerate((("median_us", "p50"), ("p99_us", "p99"))):
+        right.bar([x + (i - 0.5) * width for x in xs],
+                  [(r["latency"] or {}).get(key, 0) / 1000 for r in runs], width, label=label)
+    right.set_xticks(list(xs), labels, fontsize=8)
+    right.set_ylabel("request latency (ms)")
+    right.set_title("Latency")
+    right.legend()
+    fig.suptitle(f"HTTP end to end: gunicorn, {h['workers']} workers, {h['prefix_kib']} KiB system prompts, "
+                 f"{h['connections']} connections", fontsize=10)
+    return _save(fig, out / "http_e2e.png")
+
+
 def draw(results_path: Path, out: Path | None = None) -> list[Path]:
     """Every figure results.json has data for; returns the files written."""
     results = json.loads(Path(results_path).read_text())
     out = Path(results_path).parent if out is None else out
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for fn in (speedup_vs_prefix, chat_latency, throughput, latency_percentiles, memory, heatmap):
+    for fn in (speedup_vs_prefix, chat_latency, throughput, latency_percentiles, memory, heatmap, http_e2e):
         path = fn(results, out)
         if path is not None:
             written.append(path)

@@ -32,6 +32,10 @@ FIGURES = (
     ("memory_per_strategy.png",
      "Resident memory per worker process (median) and of the daemon, per strategy, at the largest "
      "worker count."),
+    ("http_e2e.png",
+     "End to end over HTTP: the gunicorn example app, 4 sync workers, 32 KiB system prompts: "
+     "requests/s and p50/p99 latency, plain tiktoken vs the FlashToken sidecar, returning the "
+     "token list or only the count."),
     ("fixed_prefix_heatmap.png",
      "Speed-up over tiktoken for every prefix size x suffix size of the fixed-system-prompt workload."),
 )
@@ -149,6 +153,7 @@ def summary(results: dict[str, Any]) -> str:
     lines += _chat_table(w.get("chat"))
     lines += _stats_table("RAG template", w.get("rag"), "median per request")
     lines += _multiworker_table(w.get("multiworker"))
+    lines += _http_e2e_table(w.get("http_e2e"))
     lines += _sweep_tables(results.get("sweeps", {}))
     if results.get("errors"):
         lines += ["", "## Errors", ""] + [f"- {e}" for e in results["errors"]]
@@ -215,6 +220,28 @@ def _multiworker_table(mw: dict[str, Any] | None) -> list[str]:
                      f"{_f(r['throughput_ratio_vs_tiktoken'])}x | {_f(r['cold_requests_per_s'], 0)} | "
                      f"{_f(lat['median_us'])} | {_f(lat['p90_us'])} | {_f(lat['p99_us'])} | "
                      f"{_f(r['rss_mib_median_worker'])} | {_f(d / 1024 if d else None)} |")
+    return lines
+
+
+def _http_e2e_table(h: dict[str, Any] | None) -> list[str]:
+    if not h:
+        return []
+    if h.get("skipped"):
+        return ["", f"HTTP end to end skipped: {h['skipped']}"]
+    lines = ["", f"## HTTP end to end (gunicorn example app, {h['workers']} {h['worker_class']} workers, "
+             f"{h['prefixes']} system prompts of {h['prefix_kib']} KiB, {h['encoding']})", "",
+             f"{h['connections']} closed-loop connections from {h['load_processes']} load processes on the same "
+             f"machine; {h['windows_s']['measure']:.0f} s measured after {h['windows_s']['warmup']:.1f} s of "
+             "warm-up. `tokens`: the reply holds the token list; `count`: only the count.", "",
+             "| strategy | reply | req/s | ratio vs tiktoken | p50 ms | p90 ms | p99 ms | non-200 | checked | mismatches |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in h["runs"]:
+        lat = r["latency"] or {}
+        ms = {k: (lat[k] / 1000 if k in lat else None) for k in ("median_us", "p90_us", "p99_us")}
+        lines.append(f"| {r['strategy']} | {r['mode']} | {_f(r['requests_per_s'], 0)} | "
+                     f"{_f(r.get('throughput_ratio_vs_tiktoken'))}x | {_f(ms['median_us'], 2)} | "
+                     f"{_f(ms['p90_us'], 2)} | {_f(ms['p99_us'], 2)} | {r['non_200']} | {r['checked']} | "
+                     f"{r['mismatches']} |")
     return lines
 
 

@@ -1,0 +1,519 @@
+"""gunicorn server hooks: the master runs ``flashtoken-daemon`` as a supervised child; every
+worker gets its own client after the fork.
+
+Two lines in ``gunicorn.conf.py``::
+
+    from flashtoken.client.gunicorn import hooks
+    on_starting, when_ready, post_fork, worker_exit, on_exit = hooks()
+
+and in the application, per request (a dict lookup)::
+
+    from flashtoken.client.gunicorn import get_client, get_async_client
+    tokens = get_client().encode_ordinary(question, prefix=SYSTEM_PROMPT)               # WSGI
+    tokens = await get_async_client().encode_ordinary(question, prefix=SYSTEM_PROMPT)   # ASGI
+
+What each hook does:
+
+- ``on_starting`` (master): picks the socket (``address``, or ``daemon.sock`` in a fresh 0700
+  directory of its own under ``$XDG_RUNTIME_DIR`` or the temp dir) and starts
+  ``python -m flashtoken.daemon serve --bind ... --exit-with-parent`` as a child process.
+- ``when_ready`` (master): waits (bounded by ``start_timeout_s``) until the daemon has bound its
+  socket, then starts the supervisor thread, which restarts the daemon whenever it exits
+  (backing off from 0.1 s to 10 s while it keeps dying).
+- ``post_fork`` (worker): makes the worker's client: an ``AsyncClient`` for asyncio workers
+  (uvicorn's ``UvicornWorker``, gunicorn's ``asgi``), a ``Client`` otherwise.
+- ``worker_exit`` (worker): closes the worker's clients (``max_requests`` recycling, shutdown).
+- ``on_exit`` (master): stops the supervisor, then the daemon (SIGTERM, SIGKILL after
+  ``stop_timeout_s``), and removes the directory it made.
+
+If the master dies without ``on_exit`` (SIGKILL, OOM), the daemon notices that its parent is
+gone (``--exit-with-parent``) and exits within about a second. The daemon is an optimisation:
+while it is down or restarting, every worker still returns tiktoken's exact tokens, encoding
+locally (see docs/INTEGRATION.md).
+
+``hooks(spawn=False, address=...)`` runs no daemon and only gives the workers their clients: for
+a daemon run by systemd or by hand.
+
+Works with and without ``--preload``: the clients are made per process, and a client made in
+the master (an application that calls ``get_client()`` at import) is fork-safe anyway. gunicorn
+re-executes the config file on SIGHUP; the hooks keep their state in this module, so the running
+daemon is kept (changed daemon settings take effect at the next restart of gunicorn).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
+
+from flashtoken.protocol import default_address, ipc_path
+
+__all__ = [
+    "ADDRESS_ENV",
+    "Hooks",
+    "SidecarSettings",
+    "Supervisor",
+    "address",
+    "close_clients",
+    "get_async_client",
+    "get_client",
+    "hooks",
+    "on_exit",
+    "on_starting",
+    "post_fork",
+    "when_ready",
+    "worker_exit",
+]
+
+# Set by the master for its children (and read by ``get_client`` where no hooks ran, e.g. under
+# ``uvicorn --workers`` with a daemon run by systemd).
+ADDRESS_ENV = "FLASHTOKEN_ADDRESS"
+_MAX_IPC_PATH_BYTES = 107  # sun_path, with its NUL
+
+
+@dataclass(frozen=True)
+class SidecarSettings:
+    """What ``hooks(...)`` takes; every field has the default shown.
+
+    ``address``: the daemon's ``ipc://`` address; None = a fresh private directory per server.
+    ``spawn``: run the daemon from the master (False: it runs elsewhere, e.g. under systemd).
+    ``encoding``: what ``get_client()`` encodes with when no encoding is named.
+    ``client``: ``"auto"`` (asyncio workers get an ``AsyncClient``), ``"sync"`` or ``"async"``:
+    which client ``post_fork`` makes ahead of the first request.
+    ``client_options``: keyword arguments for every ``Client`` / ``AsyncClient`` (``timeout_ms``,
+    ``l1_bytes``, ...). ``max_bytes`` (``"512MiB"`` or an int), ``encodings`` and
+    ``daemon_args`` (more CLI flags) go to ``flashtoken-daemon serve``; None = its defaults.
+    ``daemon_log``: a file for the daemon's log; None = the master's stderr.
+    ``start_timeout_s``: how long ``when_ready`` waits for the daemon's socket (workers start
+    anyway afterwards: they encode locally until it answers). ``stop_timeout_s``: SIGTERM to
+    SIGKILL. ``restart_delay_s`` / ``max_restart_delay_s``: the supervisor's back-off.
+    """
+
+    address: str | None = None
+    spawn: bool = True
+    encoding: str = "cl100k_base"
+    client: str = "auto"
+    client_options: dict = field(default_factory=dict)
+    max_bytes: str | int | None = None
+    encodings: Sequence[str] | None = None
+    daemon_args: Sequence[str] = ()
+    daemon_log: str | None = None
+    start_timeout_s: float = 10.0
+    stop_timeout_s: float = 5.0
+    restart_delay_s: float = 0.1
+    max_restart_delay_s: float = 10.0
+
+    def daemon_command(self, bind: str) -> list[str]:
+        cmd = [sys.executable, "-m", "flashtoken.daemon", "serve", "--bind", bind,
+               "--exit-with-parent"]
+        if self.max_bytes is not None:
+            cmd += ["--max-bytes", str(self.max_bytes)]
+        if self.encodings is not None:
+            cmd += ["--encodings", ",".join(self.encodings)]
+        return cmd + list(self.daemon_args)
+
+
+class Supervisor:
+    """The daemon as a child of this process, restarted whenever it exits, until ``stop()``.
+
+    A thread polls the child (``Popen.poll`` every 0.2 s) rather than waiting on SIGCHLD:
+    gunicorn's master owns SIGCHLD and reaps *every* child with ``waitpid(-1)``, ours included;
+    ``poll`` then sees ECHILD and reports the child gone (exit status unknown), which is all the
+    supervisor needs to know.
+    """
+
+    POLL_S = 0.2
+    HEALTHY_AFTER_S = 30.0  # a daemon that lived this long resets the back-off
+
+    def __init__(self, settings: SidecarSettings, bind: str, log: Any = None) -> None:
+        self.settings = settings
+        self.bind = bind
+        self.log = log
+        self.owner = os.getpid()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        cmd = self.settings.daemon_command(self.bind)
+        log_file = self.settings.daemon_log
+        out = open(log_file, "ab") if log_file else None  # noqa: SIM115 - handed to the child
+        try:
+            # Held against os.fork() in the master (see _SPAWN_LOCK), so that no worker forked at
+            # this moment inherits Popen's internal pipe and stalls it until that worker exits.
+            with _SPAWN_LOCK:
+                proc = subprocess.Popen(
+                    cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, close_fds=True,
+                    # Its own session: a Ctrl-C meant for gunicorn reaches the master, which stops
+                    # the daemon in on_exit; the terminal must not kill it behind the supervisor's
+                    # back. A dead master is noticed by the daemon itself (--exit-with-parent).
+                    start_new_session=True,
+                )
+        finally:
+            if out is not None:
+                out.close()
+        self.proc, self.started_at = proc, time.monotonic()
+        self._info("flashtoken-daemon started (pid %d) on %s", proc.pid, self.bind)
+        return proc
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Wait until the daemon has bound its socket; False if it did not within ``timeout_s``.
+
+        The socket file appears once the daemon has loaded its encodings, taken its lock and
+        bound. A file older than this daemon is a stale one that the daemon is about to remove.
+        No zmq here: a zmq context made in the master would be inherited by every worker.
+        """
+        path = ipc_path(self.bind)
+        if path is None:
+            return True  # tcp://: nothing to watch; the clients' breakers cover the start
+        since = time.time() - 1.0
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            proc = self.proc
+            if proc is None or proc.poll() is not None:
+                return False
+            try:
+                if os.stat(path).st_ctime >= since:
+                    return True
+            except FileNotFoundError:
+                pass
+            time.sleep(0.02)
+        return False
+
+    def start_watching(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="flashtoken-supervisor",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self) -> int | None:
+        """Stop watching, then the daemon: SIGTERM, SIGKILL after ``stop_timeout_s``."""
+        if os.getpid() != self.owner:
+            return None  # a forked worker holds a copy of this object: never act from there
+        self._stopping.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2.0)
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(self.settings.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                self._info("flashtoken-daemon (pid %d) ignored SIGTERM; killing it", proc.pid)
+                proc.kill()
+                proc.wait(self.settings.stop_timeout_s)
+        self._info("flashtoken-daemon (pid %d) stopped", proc.pid)
+        return proc.returncode
+
+    def _watch(self) -> None:
+        delay = self.settings.restart_delay_s
+        while not self._stopping.wait(self.POLL_S):
+            proc = self.proc
+            if proc is None or proc.poll() is None:
+                continue
+            lived = time.monotonic() - self.started_at
+            if lived > self.HEALTHY_AFTER_S:
+                delay = self.settings.restart_delay_s
+            self._warning("flashtoken-daemon (pid %d) exited (%s) after %.1f s; restarting in"
+                          " %.1f s (workers encode locally meanwhile)", proc.pid,
+                          _status(proc.returncode), lived, delay)
+            if self._stopping.wait(delay):
+                return
+            try:
+                self.spawn()
+                self.restarts += 1
+            except OSError as exc:
+                self._warning("cannot start flashtoken-daemon: %s", exc)
+            delay = min(delay * 2, self.settings.max_restart_delay_s)
+
+    def _info(self, msg: str, *args: Any) -> None:
+        if self.log is not None:
+            self.log.info(msg, *args)
+
+    def _warning(self, msg: str, *args: Any) -> None:
+        if self.log is not None:
+            self.log.warning(msg, *args)
+
+
+def _status(code: int | None) -> str:
+    if code is None:
+        return "running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    # 0 is also what Popen reports when gunicorn reaped the child first (ECHILD).
+    return f"status {code}" if code else "status 0 or reaped by gunicorn"
+
+
+# -- fork safety of the master's supervisor thread ----------------------------------------------
+#
+# gunicorn forks workers from the master's main thread while the supervisor thread may be inside
+# subprocess.Popen. A worker forked then inherits Popen's error pipe (CLOEXEC only helps at exec,
+# and workers never exec), and Popen in the master waits for that pipe's EOF, i.e. for the worker
+# to exit. An RLock held around Popen and taken before every os.fork() (register_at_fork) keeps
+# the two apart. Rejected: restarting from a gunicorn hook on the main thread (no hook runs
+# periodically in the master), and forking the daemon from the main thread only (it dies at any
+# time, not when a hook runs).
+
+_SPAWN_LOCK = threading.RLock()
+_fork_guard_installed = False
+
+
+def _install_fork_guard() -> None:
+    global _fork_guard_installed
+    if _fork_guard_installed:
+        return
+    _fork_guard_installed = True
+
+    def after_in_child() -> None:
+        global _SPAWN_LOCK, _CLIENTS_LOCK
+        _SPAWN_LOCK = threading.RLock()
+        _CLIENTS_LOCK = threading.Lock()
+
+    os.register_at_fork(before=lambda: _SPAWN_LOCK.acquire(),
+                        after_in_parent=lambda: _SPAWN_LOCK.release(),
+                        after_in_child=after_in_child)
+
+
+# -- module state (the master's, inherited by every worker through fork) ------------------------
+
+
+class _State:
+    def __init__(self) -> None:
+        self.settings = SidecarSettings()
+        self.configured = False  # hooks() was called in this process tree
+        self.address: str | None = None
+        self.made_dir: str | None = None  # the private directory this master created
+        self.supervisor: Supervisor | None = None
+        self.clients: dict[tuple[str, str], Any] = {}
+        self.clients_pid = os.getpid()
+        self.inherited: list[Any] = []  # clients made before a fork: kept, never closed here
+
+
+_state = _State()
+_CLIENTS_LOCK = threading.Lock()
+
+
+def address() -> str:
+    """The daemon's address in this server: the configured one, the master's private socket, or
+    ``$FLASHTOKEN_ADDRESS``, else the daemon's default address.
+
+    In the master the private directory is made on the first call (``--preload`` applications
+    may ask before ``on_starting`` runs); workers inherit the answer.
+    """
+    if _state.address is None:
+        settings = _state.settings
+        if settings.address is not None:
+            _state.address = settings.address
+        elif _state.configured and settings.spawn:
+            _state.made_dir = _private_dir()
+            _state.address = "ipc://" + os.path.join(_state.made_dir, "daemon.sock")
+        else:
+            _state.address = os.environ.get(ADDRESS_ENV) or default_address()
+    return _state.address
+
+
+def _private_dir() -> str:
+    """A fresh 0700 directory for this server's socket (mkdtemp), short enough for sun_path."""
+    bases = [os.environ.get("XDG_RUNTIME_DIR"), tempfile.gettempdir(), "/tmp"]
+    for base in bases:
+        if not base or not os.path.isdir(base) or not os.access(base, os.W_OK | os.X_OK):
+            continue
+        # mkdtemp's name is 8 random characters; the socket adds "/daemon.sock.lock".
+        if len(os.path.join(base, "flashtoken-gunicorn-xxxxxxxx", "daemon.sock").encode()) \
+                > _MAX_IPC_PATH_BYTES:
+            continue
+        return tempfile.mkdtemp(prefix="flashtoken-gunicorn-", dir=base)
+    raise RuntimeError("no writable directory with a path short enough for a unix socket;"
+                       " pass hooks(address='ipc:///run/yourapp/flashtoken.sock')")
+
+
+def _clients() -> dict[tuple[str, str], Any]:
+    """This process's clients; after a fork, a fresh dict (the parent's are kept, untouched)."""
+    pid = os.getpid()
+    if _state.clients_pid != pid:
+        _state.inherited.extend(_state.clients.values())
+        _state.clients = {}
+        _state.clients_pid = pid
+    return _state.clients
+
+
+def _client(kind: str, encoding: str | None) -> Any:
+    name = encoding or _state.settings.encoding
+    clients = _clients()
+    found = clients.get((kind, name))
+    if found is not None:
+        return found
+    with _CLIENTS_LOCK:
+        found = clients.get((kind, name))
+        if found is None:
+            if kind == "async":
+                from .aio import AsyncClient as cls
+            else:
+                from .sync import Client as cls  # type: ignore[assignment]
+            found = clients[(kind, name)] = cls(address(), encoding=name,
+                                                 **_state.settings.client_options)
+    return found
+
+
+def get_client(encoding: str | None = None) -> Any:
+    """This process's ``Client`` for ``encoding`` (default: the hooks' ``encoding``).
+
+    Made on first use, once per process and encoding; cheap to call on every request. Raises
+    what ``Client`` raises for an unknown encoding (ValueError).
+    """
+    return _client("sync", encoding)
+
+
+def get_async_client(encoding: str | None = None) -> Any:
+    """This process's ``AsyncClient`` for ``encoding``; like ``get_client``."""
+    return _client("async", encoding)
+
+
+def close_clients() -> None:
+    """Close this process's clients (LINGER=0). They still answer afterwards, locally."""
+    for client in list(_clients().values()):
+        try:
+            client.close()
+        except Exception:  # noqa: BLE001 - closing at exit must never raise
+            pass
+
+
+def _is_async_worker(worker: Any) -> bool:
+    setting = _state.settings.client
+    if setting in ("sync", "async"):
+        return setting == "async"
+    for cls in type(worker).__mro__:
+        module = cls.__module__ or ""
+        if module.startswith(("uvicorn", "uvicorn_worker")) or cls.__name__ in (
+                "UvicornWorker", "ASGIWorker") or module == "gunicorn.workers.gasgi":
+            return True
+    return False
+
+
+# -- the hooks ----------------------------------------------------------------------------------
+
+
+def on_starting(server: Any) -> None:
+    """Master, before anything else: start the daemon (unless ``spawn=False``)."""
+    _state.configured = True
+    bind = address()
+    os.environ[ADDRESS_ENV] = bind
+    _warm(server)
+    if not _state.settings.spawn:
+        server.log.info("flashtoken: workers use the daemon at %s (not started here)", bind)
+        return
+    if _state.supervisor is not None:
+        return  # already running (the config was re-read)
+    _install_fork_guard()
+    path = ipc_path(bind)
+    if path is not None and not os.path.isdir(os.path.dirname(path)):
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    supervisor = _state.supervisor = Supervisor(_state.settings, bind, server.log)
+    supervisor.spawn()
+    atexit.register(_stop_at_exit)
+
+
+def _warm(server: Any) -> None:
+    """Load the default encoding (and its id, FlashToken's tables) once, in the master.
+
+    Every worker then inherits them through fork, sharing the pages: a worker boots in
+    milliseconds instead of loading the BPE file itself (~0.5 s, during which gunicorn's
+    SIGTERM is not yet handled and a shutdown waits for ``graceful_timeout``).
+    """
+    try:
+        from flashtoken import FixedPrefixTokenCache
+        from flashtoken.encodings import encoding_id, get_encoding
+
+        enc = get_encoding(_state.settings.encoding)
+        encoding_id(enc)
+        FixedPrefixTokenCache(enc, "Warm-up: é 中文 👋 ").encode_ordinary(" ok")
+    except Exception as exc:  # noqa: BLE001 - the workers will report it on first use
+        server.log.warning("flashtoken: cannot load encoding %r: %s", _state.settings.encoding, exc)
+
+
+def when_ready(server: Any) -> None:
+    """Master, listeners bound, before the workers start: wait for the daemon, then supervise."""
+    supervisor = _state.supervisor
+    if supervisor is None:
+        return
+    if not supervisor.wait_ready(_state.settings.start_timeout_s):
+        server.log.warning("flashtoken-daemon is not serving %s after %.1f s; workers encode"
+                           " locally until it does", supervisor.bind,
+                           _state.settings.start_timeout_s)
+    supervisor.start_watching()
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """Worker, just forked: make its client (encodings load here, not on the first request)."""
+    _clients()
+    kind = "async" if _is_async_worker(worker) else "sync"
+    try:
+        _client(kind, None)
+    except Exception as exc:  # noqa: BLE001 - the application will meet the same error itself
+        server.log.warning("flashtoken: cannot make the worker's client: %s", exc)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """Worker, exiting: close its clients."""
+    close_clients()
+
+
+def on_exit(server: Any) -> None:
+    """Master, exiting: stop the daemon and remove the directory this master made."""
+    _stop_at_exit()
+
+
+def _stop_at_exit() -> None:
+    supervisor = _state.supervisor
+    if supervisor is None or supervisor.owner != os.getpid():
+        return
+    supervisor.stop()
+    _state.supervisor = None
+    if _state.made_dir is not None:
+        shutil.rmtree(_state.made_dir, ignore_errors=True)
+        _state.made_dir = None
+
+
+class Hooks(NamedTuple):
+    on_starting: Callable[[Any], None]
+    when_ready: Callable[[Any], None]
+    post_fork: Callable[[Any, Any], None]
+    worker_exit: Callable[[Any, Any], None]
+    on_exit: Callable[[Any], None]
+
+
+def hooks(**settings: Any) -> Hooks:
+    """Configure the sidecar; returns the five hooks to assign in ``gunicorn.conf.py``.
+
+    Takes the fields of ``SidecarSettings`` as keywords (``address``, ``spawn``, ``encoding``,
+    ``client``, ``client_options``, ``max_bytes``, ``encodings``, ``daemon_args``, ...). Calling
+    it again (gunicorn re-reads its config on SIGHUP) updates the settings for what starts
+    later; a running daemon keeps running. Raises TypeError for an unknown keyword and
+    ValueError for an unusable value.
+    """
+    new = replace(SidecarSettings(), **settings)
+    if new.client not in ("auto", "sync", "async"):
+        raise ValueError(f"client must be 'auto', 'sync' or 'async', not {new.client!r}")
+    if new.address is not None and not new.address.startswith(("ipc://", "tcp://")):
+        raise ValueError(f"address must be ipc://PATH or tcp://HOST:PORT, not {new.address!r}")
+    _state.settings = new
+    _state.configured = True
+    return Hooks(on_starting, when_ready, post_fork, worker_exit, on_exit)
