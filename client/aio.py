@@ -19,11 +19,22 @@ import tiktoken
 import zmq
 import zmq.asyncio
 
-from flashtoken.prefix import FixedPrefixTokenCache
+from flashtoken.prefix import ORDINARY, FixedPrefixTokenCache, _encode, _require_str
 from flashtoken.protocol import default_address
-from flashtoken.specials import SpecialArg
+from flashtoken.specials import SpecialArg, SpecialPolicy
 
-from .core import CLIENT_DEFAULTS, CONTEXT, DONE, LATE, ClientCore, Pending, _abandoned, configure_dealer, register
+from .core import (
+    CLIENT_DEFAULTS,
+    CONTEXT,
+    DONE,
+    LATE,
+    AutoPending,
+    ClientCore,
+    Pending,
+    _abandoned,
+    configure_dealer,
+    register,
+)
 from .sync import request_stats
 
 __all__ = ["AsyncClient"]
@@ -67,28 +78,37 @@ class AsyncClient:
     def encoding(self) -> tiktoken.Encoding:
         return self._core.enc
 
-    async def encode_ordinary(self, suffix: str, *, prefix: str) -> list[int]:
-        """``encoding.encode_ordinary(prefix + suffix)``."""
+    async def encode_ordinary(self, suffix: str, *, prefix: Optional[str] = None) -> list[int]:
+        """``encoding.encode_ordinary(prefix + suffix)``; with no ``prefix``, of ``suffix``
+        alone, reusing the longest cached prefix of it (automatic reuse, as ``Client``)."""
+        if prefix is None:
+            return await self._auto(suffix, ORDINARY)
         return (await self._cache(prefix, frozenset())).encode_ordinary(suffix)
 
-    async def encode_ordinary_array(self, suffix: str, *, prefix: str) -> array:
+    async def encode_ordinary_array(self, suffix: str, *, prefix: Optional[str] = None) -> array:
         """The same tokens as ``array('I')``."""
+        if prefix is None:
+            return array("I", await self._auto(suffix, ORDINARY))
         return (await self._cache(prefix, frozenset())).encode_ordinary_array(suffix)
 
-    async def count_ordinary(self, suffix: str, *, prefix: str) -> int:
+    async def count_ordinary(self, suffix: str, *, prefix: Optional[str] = None) -> int:
         """``len(await encode_ordinary(suffix, prefix=prefix))``, without building the list."""
+        if prefix is None:
+            return len(await self._auto(suffix, ORDINARY))
         return (await self._cache(prefix, frozenset())).count_ordinary(suffix)
 
     async def encode(
         self,
         suffix: str,
         *,
-        prefix: str,
+        prefix: Optional[str] = None,
         allowed_special: SpecialArg = frozenset(),
         disallowed_special: SpecialArg = "all",
     ) -> list[int]:
         """``encoding.encode(prefix + suffix, ...)``; tiktoken's ValueError for a disallowed
-        special token."""
+        special token. With no ``prefix``, automatic reuse."""
+        if prefix is None:
+            return await self._auto_encode(suffix, allowed_special, disallowed_special)
         allowed = ClientCore.allowed_of(self._core.enc, allowed_special)
         return (await self._cache(prefix, allowed)).encode(
             suffix, allowed_special=allowed_special, disallowed_special=disallowed_special)
@@ -97,11 +117,13 @@ class AsyncClient:
         self,
         suffix: str,
         *,
-        prefix: str,
+        prefix: Optional[str] = None,
         allowed_special: SpecialArg = frozenset(),
         disallowed_special: SpecialArg = "all",
     ) -> int:
         """``len(await encode(suffix, prefix=prefix, ...))``, without building the list."""
+        if prefix is None:
+            return len(await self._auto_encode(suffix, allowed_special, disallowed_special))
         allowed = ClientCore.allowed_of(self._core.enc, allowed_special)
         return (await self._cache(prefix, allowed)).count(
             suffix, allowed_special=allowed_special, disallowed_special=disallowed_special)
@@ -132,6 +154,60 @@ class AsyncClient:
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
 
+    # -- automatic reuse: the L1's chain, the daemon's, then local -------------------------------
+
+    async def _auto_encode(self, text: str, allowed_special: SpecialArg,
+                           disallowed_special: SpecialArg) -> list[int]:
+        _require_str(text, "text")
+        enc = self._core.enc
+        policy = SpecialPolicy.of(enc, allowed_special, disallowed_special)
+        if policy.finds_disallowed(text):  # tiktoken raises its own ValueError
+            return enc.encode(text, allowed_special=allowed_special,
+                              disallowed_special=disallowed_special)
+        return await self._auto(text, policy)
+
+    async def _auto(self, text: str, policy: SpecialPolicy) -> list[int]:
+        _require_str(text, "text")
+        core = self._core
+        plan = core.auto_plan(text, policy)
+        if plan is None:  # lone surrogates: not UTF-8, the daemon could not take them
+            return _encode(core.enc, text, policy)
+        found = None
+        if core.auto_needs_daemon(plan):
+            self._check_fork()
+            if not self._closed:
+                found = await self._ask_auto(text, plan, policy.allowed)
+        return core.auto_finish(text, policy, plan, found)
+
+    async def _ask_auto(self, text: str, plan: Any, allowed: frozenset) -> Any:
+        core = self._core
+        lock = self._loop_lock()
+        try:
+            await asyncio.wait_for(lock.acquire(), core.timeout)
+        except asyncio.TimeoutError:
+            core.busy()
+            return None
+        try:
+            pending = core.prepare_auto(text, plan, allowed)
+            if pending is None:
+                return None
+            return await self._round_trip(pending)
+        except zmq.ZMQError:
+            core.unavailable()
+            self._close_socket()
+            return None
+        finally:
+            lock.release()
+
+    def _check_fork(self) -> None:
+        core = self._core
+        if core.pid != os.getpid():
+            if self._sock is not None:
+                _abandoned.append(self._sock)
+            self._sock = self._ctx = None
+            self._lock = None
+            core.after_fork()
+
     # -- L1, then the daemon, then local ------------------------------------------------------
 
     async def _cache(self, prefix: str, allowed: frozenset) -> FixedPrefixTokenCache:
@@ -146,12 +222,7 @@ class AsyncClient:
 
     async def _fetch(self, prefix: str, allowed: frozenset, key: Any) -> FixedPrefixTokenCache:
         core = self._core
-        if core.pid != os.getpid():
-            if self._sock is not None:
-                _abandoned.append(self._sock)
-            self._sock = self._ctx = None
-            self._lock = None
-            core.after_fork()
+        self._check_fork()
         cache = None
         if not self._closed:
             cache = await self._ask(prefix, allowed, key)
@@ -192,13 +263,13 @@ class AsyncClient:
             self._lock, self._lock_loop = asyncio.Lock(), loop
         return self._lock
 
-    async def _round_trip(self, pending: Pending) -> Optional[FixedPrefixTokenCache]:
+    async def _round_trip(self, pending: Union[Pending, AutoPending]) -> Any:
         core = self._core
         deadline = time.monotonic() + core.timeout
         sock = self._socket()
         try:
             # zmq.asyncio reports EAGAIN through the returned future: await it.
-            await sock.send_multipart(pending.frames, zmq.NOBLOCK, copy=False)
+            await sock.send_multipart(pending.frames, zmq.NOBLOCK)
         except zmq.Again:
             # No completed connection yet (ZMQ_IMMEDIATE): wait for one within the budget.
             if not await sock.poll(_ms_left(deadline), zmq.POLLOUT):
@@ -206,7 +277,7 @@ class AsyncClient:
                 self._close_socket()
                 return None
             try:
-                await sock.send_multipart(pending.frames, zmq.NOBLOCK, copy=False)
+                await sock.send_multipart(pending.frames, zmq.NOBLOCK)
             except zmq.Again:
                 core.timed_out()
                 self._close_socket()

@@ -28,20 +28,23 @@ from typing import Any, Callable, Optional, Union
 import tiktoken
 import zmq
 
+from flashtoken.auto import DEFAULT_BLOCK_BYTES, AutoPrefixCache
 from flashtoken.encodings import encoding_id, resolve_encoding
 from flashtoken.errors import ProtocolError
-from flashtoken.prefix import FixedPrefixTokenCache, PrefixSplit, token_list
+from flashtoken.prefix import FixedPrefixTokenCache, PrefixSplit, _encode, token_list
 from flashtoken.protocol import (
     MAX_HEADER_BYTES,
     MAX_PREFIX_BYTES,
     SERVER_ERROR,
+    make_chain_seed,
     make_key,
+    pack_auto,
     pack_get,
     parse_reply,
 )
-from flashtoken.specials import SpecialArg
+from flashtoken.specials import SpecialArg, SpecialPolicy
 
-__all__ = ["CLIENT_DEFAULTS", "Breaker", "ClientCore", "Pending"]
+__all__ = ["CLIENT_DEFAULTS", "AutoPending", "Breaker", "ClientCore", "Pending"]
 
 MiB = 1024 * 1024
 
@@ -54,7 +57,9 @@ CLIENT_DEFAULTS: dict[str, Any] = {
     "breaker_failures": 3,  # consecutive failures that open the breaker
     "breaker_cooldown_ms": 250,  # ms: first open period; doubles per failed probe
     "breaker_max_cooldown_ms": 5_000,  # ms: longest open period (a restart is seen within it)
-    "max_prefix_bytes": MAX_PREFIX_BYTES,  # bytes: longer prefixes never go to the daemon
+    "max_prefix_bytes": MAX_PREFIX_BYTES,  # bytes: longer prefixes (or texts) stay local
+    "auto_l1_bytes": 64 * MiB,  # bytes: the in-process AutoPrefixCache (texts with no prefix)
+    "auto_block_bytes": DEFAULT_BLOCK_BYTES,  # bytes: its block size, also the daemon's chains'
 }
 
 _BYTES_PER_TOKEN = 12  # the head list (8, its ints shared) + tails and arrays made on demand
@@ -130,6 +135,17 @@ class Pending:
     frames: list
 
 
+@dataclass(frozen=True)
+class AutoPending:
+    """An AUTO request on its way: the L1's plan for the text, to check the reply against."""
+
+    id: int
+    text: str
+    plan: Any  # flashtoken.auto._Plan
+    allowed: frozenset
+    frames: list
+
+
 # What ``ClientCore.accept`` makes of a reply.
 LATE = "late"  # another request's reply: discard, keep waiting
 DONE = "done"  # the answer: a cache (hit) or None (miss: encode locally)
@@ -150,6 +166,8 @@ class ClientCore:
         breaker_cooldown_ms: float = CLIENT_DEFAULTS["breaker_cooldown_ms"],
         breaker_max_cooldown_ms: float = CLIENT_DEFAULTS["breaker_max_cooldown_ms"],
         max_prefix_bytes: int = CLIENT_DEFAULTS["max_prefix_bytes"],
+        auto_l1_bytes: int = CLIENT_DEFAULTS["auto_l1_bytes"],
+        auto_block_bytes: int = CLIENT_DEFAULTS["auto_block_bytes"],
         fill: bool = True,
     ) -> None:
         if not isinstance(namespace, bytes):
@@ -158,6 +176,8 @@ class ClientCore:
             raise ValueError("timeout_ms must be > 0")
         if l1_bytes < 0:
             raise ValueError("l1_bytes must be >= 0")
+        if auto_l1_bytes < 0:
+            raise ValueError("auto_l1_bytes must be >= 0")
         self.enc = resolve_encoding(encoding)
         self.namespace = namespace
         self.timeout = timeout_ms / 1000
@@ -175,6 +195,10 @@ class ClientCore:
         # a special token's first character (for OpenAI's encodings, "<"): a memchr tells.
         self._special_starts = tuple({s[0] for s in self.enc.special_tokens_set if s})
         self._forbidden_ids: dict[frozenset, frozenset] = {}
+        # Made now, not on first use: AutoPrefixCache checks block_bytes (a ValueError here).
+        self.auto = AutoPrefixCache(self.enc, max_bytes=auto_l1_bytes, block_bytes=auto_block_bytes)
+        self.block = auto_block_bytes
+        self._seeds: dict[frozenset, bytes] = {}
         self._next_id = 0
         self.pid = os.getpid()
         self.reset_counters()
@@ -182,7 +206,7 @@ class ClientCore:
     def reset_counters(self) -> None:
         self.counters = dict.fromkeys(
             ("l1_hits", "l2_hits", "misses", "fallbacks", "timeouts", "errors", "rejected_hits",
-             "late_replies"), 0)
+             "late_replies", "auto_calls", "auto_hit_bytes"), 0)
 
     def after_fork(self) -> None:
         """In a child process: the same L1 (plain data), a fresh breaker and lock.
@@ -192,6 +216,7 @@ class ClientCore:
         """
         self.pid = os.getpid()
         self._l1_lock = threading.Lock()
+        self.auto._lock = threading.Lock()  # a parent's thread may have held it at the fork
         self.breaker.reset()
 
     # -- L1 -----------------------------------------------------------------------------------
@@ -273,8 +298,84 @@ class ClientCore:
         frames = pack_get(self._next_id, key, self.enc.name, self._eid, ordered, self.fill, data)
         return Pending(self._next_id, prefix, allowed, frames)
 
-    def accept(self, pending: Pending, frames: list) -> tuple[str, Optional[FixedPrefixTokenCache]]:
-        """What a received reply means for ``pending``: ``(LATE | DONE | FAILED, cache)``."""
+    # -- automatic reuse (no declared prefix) ---------------------------------------------------
+
+    def auto_plan(self, text: str, policy: SpecialPolicy) -> Any:
+        """The L1's longest cached path for ``text`` (None: not UTF-8, encode locally)."""
+        self.counters["auto_calls"] += 1
+        return self.auto._plan(text, policy)
+
+    def auto_needs_daemon(self, plan: Any) -> bool:
+        """Whether the daemon may know full blocks of the text that the L1 does not."""
+        if len(plan.data) // self.block > len(plan.path):
+            return True
+        if plan.path:
+            self.counters["l1_hits"] += 1
+        return False
+
+    def prepare_auto(self, text: str, plan: Any, allowed: frozenset) -> Optional[AutoPending]:
+        """The AUTO request for ``text`` after the L1's ``plan``, or None (breaker open, too long)."""
+        if len(plan.data) > self.max_prefix_bytes or not self.breaker.allow():
+            self.counters["fallbacks"] += 1
+            return None
+        if self._eid is None:
+            self._eid = encoding_id(self.enc)
+        ordered = tuple(sorted(allowed))
+        seed = self._seeds.get(allowed)
+        if seed is None:
+            seed = self._seeds[allowed] = make_chain_seed(self.namespace, self._eid, ordered,
+                                                          self.block)
+        self._next_id = (self._next_id + 1) & 0xFFFF_FFFF_FFFF_FFFF or 1
+        frames = pack_auto(self._next_id, seed, self.enc.name, self._eid, ordered, self.fill,
+                           self.block, len(plan.path), plan.data)
+        return AutoPending(self._next_id, text, plan, allowed, frames)
+
+    def auto_finish(self, text: str, policy: SpecialPolicy, plan: Any,
+                    found: Optional[tuple[list[int], int]]) -> list[int]:
+        """The tokens of ``text``: the L1's, then the daemon's (``found``: checked tokens and the
+        cut they reach), then one local encode of the rest; records the new blocks in the L1."""
+        head = self.auto._head(plan)
+        if found is not None:
+            tail, cut = found
+            tail += _encode(self.enc, text[cut:], policy)
+        else:
+            tail = _encode(self.enc, text[plan.cut :], policy)
+        self.auto._finish(plan, policy, text, tail)
+        head += tail
+        return head
+
+    def _check_auto(self, pending: AutoPending, fields: dict, tokens: Any) -> Optional[tuple[list[int], int]]:
+        plan = pending.plan
+        start, cut_byte, blocks = fields["start"], fields["cut_byte"], fields["blocks"]
+        if (start != plan.cut_byte or cut_byte > len(plan.data)
+                or not len(plan.path) < blocks <= len(plan.data) // self.block):
+            return None
+        segment = plan.data[start:cut_byte]
+        try:
+            found = token_list(tokens)
+            if self.enc.decode_bytes(found) != segment:
+                return None  # a colliding, stale or corrupted chain: it spells another text
+            text = segment.decode("utf-8")  # strict: cut_byte must end a character
+        except Exception:
+            return None
+        if any(c in text for c in self._special_starts) and not self._forbidden(
+                pending.allowed).isdisjoint(found):
+            return None
+        self.counters["auto_hit_bytes"] += cut_byte - start
+        return found, plan.cut + len(text)
+
+    def _forbidden(self, allowed: frozenset) -> frozenset:
+        forbidden = self._forbidden_ids.get(allowed)
+        if forbidden is None:
+            forbidden = self._forbidden_ids[allowed] = frozenset(
+                i for s, i in self.enc._special_tokens.items() if s not in allowed)
+        return forbidden
+
+    def accept(self, pending: Union[Pending, AutoPending], frames: list) -> tuple[str, Any]:
+        """What a received reply means for ``pending``: ``(LATE | DONE | FAILED, result)``.
+
+        The result of a GET is a cache (hit) or None (miss); of an AUTO, ``(tokens, cut)``
+        (hit) or None."""
         try:
             reply = parse_reply(frames)
         except ProtocolError:
@@ -289,13 +390,16 @@ class ClientCore:
                 self.counters["misses"] += 1
                 return DONE, None
             return self._failed()  # CLIENT_ERROR: we and the daemon disagree; back off
-        if "hit" not in reply.fields:
-            return self._failed()  # not an answer to a GET
+        if "hit" not in reply.fields or ("blocks" in reply.fields) != isinstance(pending, AutoPending):
+            return self._failed()  # not an answer to this op
         if reply.tokens is None:
             self.breaker.success()
             self.counters["misses"] += 1
             return DONE, None
-        cache = self._check_hit(pending, reply.fields["cut"], reply.tokens)
+        if isinstance(pending, AutoPending):
+            cache: Any = self._check_auto(pending, reply.fields, reply.tokens)
+        else:
+            cache = self._check_hit(pending, reply.fields["cut"], reply.tokens)
         if cache is None:
             self.counters["rejected_hits"] += 1
             return self._failed()
@@ -317,11 +421,7 @@ class ClientCore:
         if spelled != text.encode("utf-8"):
             return None  # a colliding, stale or corrupted entry: it spells another text
         if any(c in text for c in self._special_starts):
-            forbidden = self._forbidden_ids.get(pending.allowed)
-            if forbidden is None:
-                forbidden = self._forbidden_ids[pending.allowed] = frozenset(
-                    i for s, i in self.enc._special_tokens.items() if s not in pending.allowed)
-            if not forbidden.isdisjoint(head):
+            if not self._forbidden(pending.allowed).isdisjoint(head):
                 return None
         return FixedPrefixTokenCache.from_split(self.enc, prefix, PrefixSplit(head, cut),
                                                 allowed_special=pending.allowed)
@@ -353,6 +453,9 @@ class ClientCore:
         out["l1_items"] = len(self.l1)
         out["l1_bytes"] = self.l1_bytes
         out["l1_limit"] = self.l1_limit
+        auto = self.auto.stats()
+        out["auto_l1_items"] = auto["curr_items"]
+        out["auto_l1_bytes"] = auto["bytes"]
         return out
 
 

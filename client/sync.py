@@ -16,11 +16,22 @@ import tiktoken
 import zmq
 
 from flashtoken.errors import DaemonError, DaemonTimeout, DaemonUnavailable, ProtocolError
-from flashtoken.prefix import FixedPrefixTokenCache
+from flashtoken.prefix import ORDINARY, FixedPrefixTokenCache, _encode, _require_str
 from flashtoken.protocol import default_address, pack_simple, parse_reply
-from flashtoken.specials import SpecialArg
+from flashtoken.specials import SpecialArg, SpecialPolicy
 
-from .core import CLIENT_DEFAULTS, CONTEXT, DONE, LATE, ClientCore, Pending, _abandoned, configure_dealer, register
+from .core import (
+    CLIENT_DEFAULTS,
+    CONTEXT,
+    DONE,
+    LATE,
+    AutoPending,
+    ClientCore,
+    Pending,
+    _abandoned,
+    configure_dealer,
+    register,
+)
 
 __all__ = ["Client", "request_stats"]
 
@@ -33,7 +44,16 @@ class Client:
     [2675, 527, 264, 11190, 18328, 13, 22559, 27851, 13]
     >>> client.close()
 
-    Each call looks ``prefix`` up in the in-process cache (L1). On a miss it asks the daemon
+    With no ``prefix``, the whole text's longest cached prefix is found automatically
+    (``flashtoken.AutoPrefixCache`` in this process first, then one round trip to learn the
+    longest chain of blocks the daemon holds, then one local encode of the rest; the daemon
+    records the new blocks from the text, on its own fill threads):
+
+    >>> with Client(encoding="cl100k_base") as client:
+    ...     client.encode_ordinary("You are a helpful assistant. Answer briefly.")
+    [2675, 527, 264, 11190, 18328, 13, 22559, 27851, 13]
+
+    With a ``prefix``, each call looks ``prefix`` up in the in-process cache (L1). On a miss it asks the daemon
     (L2, one round trip within ``timeout_ms``); on a daemon miss, or when the daemon is down,
     frozen, slow or answers nonsense, it encodes the prefix locally (one tiktoken call) and the
     daemon fills its store in the background for the other workers. Either way the prefix lands
@@ -74,31 +94,41 @@ class Client:
 
     # -- the encode API -----------------------------------------------------------------------
 
-    def encode_ordinary(self, suffix: str, *, prefix: str) -> list[int]:
-        """``encoding.encode_ordinary(prefix + suffix)``."""
+    def encode_ordinary(self, suffix: str, *, prefix: Optional[str] = None) -> list[int]:
+        """``encoding.encode_ordinary(prefix + suffix)``; with no ``prefix``, of ``suffix``
+        alone, reusing the longest cached prefix of it (automatic reuse)."""
+        if prefix is None:
+            return self._auto(suffix, ORDINARY)
         return self._cache(prefix, frozenset()).encode_ordinary(suffix)
 
-    def encode_ordinary_array(self, suffix: str, *, prefix: str) -> array:
+    def encode_ordinary_array(self, suffix: str, *, prefix: Optional[str] = None) -> array:
         """The same tokens as ``array('I')`` (``numpy.frombuffer(a, dtype=numpy.uint32)``)."""
+        if prefix is None:
+            return array("I", self._auto(suffix, ORDINARY))
         return self._cache(prefix, frozenset()).encode_ordinary_array(suffix)
 
-    def count_ordinary(self, suffix: str, *, prefix: str) -> int:
+    def count_ordinary(self, suffix: str, *, prefix: Optional[str] = None) -> int:
         """``len(encode_ordinary(suffix, prefix=prefix))``, without building the list."""
+        if prefix is None:
+            return len(self._auto(suffix, ORDINARY))
         return self._cache(prefix, frozenset()).count_ordinary(suffix)
 
     def encode(
         self,
         suffix: str,
         *,
-        prefix: str,
+        prefix: Optional[str] = None,
         allowed_special: SpecialArg = frozenset(),
         disallowed_special: SpecialArg = "all",
     ) -> list[int]:
-        """``encoding.encode(prefix + suffix, allowed_special=..., disallowed_special=...)``.
+        """``encoding.encode(prefix + suffix, allowed_special=..., disallowed_special=...)``;
+        with no ``prefix``, automatic reuse as in ``encode_ordinary``.
 
         Raises tiktoken's ``ValueError`` if the text holds a disallowed special token, also one
         that only forms across the join.
         """
+        if prefix is None:
+            return self._auto_encode(suffix, allowed_special, disallowed_special)
         allowed = ClientCore.allowed_of(self._core.enc, allowed_special)
         return self._cache(prefix, allowed).encode(
             suffix, allowed_special=allowed_special, disallowed_special=disallowed_special)
@@ -107,11 +137,13 @@ class Client:
         self,
         suffix: str,
         *,
-        prefix: str,
+        prefix: Optional[str] = None,
         allowed_special: SpecialArg = frozenset(),
         disallowed_special: SpecialArg = "all",
     ) -> int:
         """``len(encode(suffix, prefix=prefix, ...))``, without building the list."""
+        if prefix is None:
+            return len(self._auto_encode(suffix, allowed_special, disallowed_special))
         allowed = ClientCore.allowed_of(self._core.enc, allowed_special)
         return self._cache(prefix, allowed).count(
             suffix, allowed_special=allowed_special, disallowed_special=disallowed_special)
@@ -142,6 +174,34 @@ class Client:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    # -- automatic reuse: the L1's chain, the daemon's, then local -------------------------------
+
+    def _auto_encode(self, text: str, allowed_special: SpecialArg,
+                     disallowed_special: SpecialArg) -> list[int]:
+        _require_str(text, "text")
+        enc = self._core.enc
+        policy = SpecialPolicy.of(enc, allowed_special, disallowed_special)
+        if policy.finds_disallowed(text):  # tiktoken raises its own ValueError
+            return enc.encode(text, allowed_special=allowed_special,
+                              disallowed_special=disallowed_special)
+        return self._auto(text, policy)
+
+    def _auto(self, text: str, policy: SpecialPolicy) -> list[int]:
+        _require_str(text, "text")
+        core = self._core
+        plan = core.auto_plan(text, policy)
+        if plan is None:  # lone surrogates: not UTF-8, the daemon could not take them
+            return _encode(core.enc, text, policy)
+        found = None
+        if core.auto_needs_daemon(plan):
+            if core.pid != os.getpid():
+                self._after_fork()
+            if not self._closed:
+                pending = core.prepare_auto(text, plan, policy.allowed)
+                if pending is not None:
+                    found = self._ask(pending)
+        return core.auto_finish(text, policy, plan, found)
 
     # -- L1, then the daemon, then local ------------------------------------------------------
 
@@ -178,7 +238,7 @@ class Client:
         self._lock = threading.Lock()
         self._core.after_fork()
 
-    def _ask(self, pending: Pending) -> Optional[FixedPrefixTokenCache]:
+    def _ask(self, pending: Union[Pending, AutoPending]) -> Any:
         core = self._core
         if not self._lock.acquire(timeout=core.timeout):
             core.busy()
@@ -192,7 +252,7 @@ class Client:
         finally:
             self._lock.release()
 
-    def _round_trip(self, pending: Pending) -> Optional[FixedPrefixTokenCache]:
+    def _round_trip(self, pending: Union[Pending, AutoPending]) -> Any:
         core = self._core
         deadline = time.monotonic() + core.timeout
         sock = self._socket()
@@ -235,9 +295,15 @@ def _ms_left(deadline: float) -> int:
 
 
 def _send(sock: zmq.Socket, frames: list, deadline: float) -> bool:
-    """Send without blocking past ``deadline``; False if the socket never became writable."""
+    """Send without blocking past ``deadline``; False if the socket never became writable.
+
+    Copied, not ``copy=False``: a request frame (a prefix, or a whole text for AUTO) is sent
+    once, and pyzmq's zero-copy path for frames over 64 KiB hands every buffer to a
+    garbage-collector thread that must take the GIL: measured at ~300 us a send against ~15 us
+    for copying a 140 KB text.
+    """
     try:
-        sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        sock.send_multipart(frames, zmq.NOBLOCK)
         return True
     except zmq.Again:
         # No completed connection yet (ZMQ_IMMEDIATE): a fresh socket still connecting, or no
@@ -246,7 +312,7 @@ def _send(sock: zmq.Socket, frames: list, deadline: float) -> bool:
         if remaining <= 0 or not sock.poll(remaining, zmq.POLLOUT):
             return False
         try:
-            sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            sock.send_multipart(frames, zmq.NOBLOCK)
             return True
         except zmq.Again:
             return False

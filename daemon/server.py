@@ -25,6 +25,7 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from array import array
@@ -36,16 +37,22 @@ from typing import Any, Optional
 import tiktoken
 import zmq
 
+import xxhash
+
 import flashtoken
+from flashtoken.auto import block_cuts, token_byte_lengths
+from flashtoken.boundary import CutRule, cut_rule
 from flashtoken.encodings import encoding_id, get_encoding
-from flashtoken.prefix import split_prefix
+from flashtoken.prefix import _encode, split_prefix
 from flashtoken.protocol import (
     CLIENT_ERROR,
     MAX_HEADER_BYTES,
     SERVER_ERROR,
+    AutoRequest,
     GetRequest,
     Request,
     ipc_path,
+    pack_auto_reply,
     pack_error,
     pack_hit,
     pack_miss,
@@ -55,6 +62,7 @@ from flashtoken.protocol import (
     tokens_to_frame,
 )
 from flashtoken.errors import ProtocolError
+from flashtoken.specials import SpecialPolicy
 
 from .settings import Config
 from .store import Entry, Store
@@ -79,13 +87,26 @@ class _Loaded:
     enc: tiktoken.Encoding
     eid: bytes
     specials: frozenset
+    rule: CutRule  # stable cuts, as flashtoken.AutoPrefixCache finds them
+    lengths: list  # token_byte_lengths(enc)
+
+
+@dataclass(frozen=True)
+class _Chain:
+    """A chain fill's result: new blocks after ``path``, their digests, the state after them."""
+
+    path: list
+    entries: list
+    digests: list
+    state: Any
 
 
 @dataclass(frozen=True)
 class _FillResult:
-    key: bytes
-    request: GetRequest
+    key: Any
+    request: Request
     entry: Optional[Entry] = None
+    chain: Optional[_Chain] = None
     loaded: Optional[_Loaded] = None
     error: Optional[str] = None
 
@@ -95,9 +116,12 @@ class Server:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.store = Store(config.max_bytes)
+        self.store = Store(config.max_bytes, debug_key_bytes=config.debug_key_bytes)
         self._encodings: dict[str, _Loaded] = {}
-        self._filling: set[bytes] = set()
+        self._filling: set[Any] = set()
+        # Chain fills that failed (o200k's panic on ~1M spaces), so that they are not retried
+        # on every request: keyed by (seed, blocks found, the first new block's bytes).
+        self._failed_auto: OrderedDict[Any, str] = OrderedDict()
         self._failed: OrderedDict[bytes, tuple[str, tuple[str, ...], bytes, str]] = OrderedDict()
         self._results: queue.SimpleQueue[_FillResult] = queue.SimpleQueue()
         self._pool: Optional[ThreadPoolExecutor] = None
@@ -110,8 +134,8 @@ class Server:
         self._router: Optional[zmq.Socket] = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
-        self.counters = {"fills": 0, "fill_errors": 0, "protocol_errors": 0, "tokens_served": 0,
-                         "server_errors": 0}
+        self.counters = {"fills": 0, "auto_fills": 0, "fill_errors": 0, "protocol_errors": 0,
+                         "tokens_served": 0, "server_errors": 0}
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -196,6 +220,10 @@ class Server:
         """Start (if not started) and run the loop until stopped; always cleans up."""
         if self._router is None:
             self.start()
+        # Fills run Python between their tiktoken calls (cuts, frames), holding the GIL; with
+        # the default 5 ms switch interval a request could wait that long behind one. The loop
+        # thread wants the GIL back within a fraction of a round trip.
+        sys.setswitchinterval(0.0002)
         if install_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda signum, frame: self.stop())
@@ -259,6 +287,7 @@ class Server:
             except queue.Empty:
                 break
             self._on_fill_done(result)
+        self.store.compact()
         if self.config.exit_with_parent and os.getppid() != self._parent:
             log.info("parent process %d exited; stopping", self._parent)
             self._stopping = True
@@ -331,24 +360,99 @@ class Server:
             filling = True
         return pack_miss(request.id, filling)
 
+    def on_auto(self, request: Request) -> list[Any]:
+        """The longest confirmed chain of blocks that starts the text; its tokens after the
+        client's ``skip`` blocks; a fill of the blocks after it (on the pool) if asked."""
+        assert isinstance(request, AutoRequest)
+        loaded = self._encodings.get(request.enc)
+        if loaded is None:
+            if request.enc not in tiktoken.list_encoding_names():
+                raise ProtocolError(f"unknown encoding {request.enc!r}")
+        else:
+            _check_encoding(loaded, request)
+        data, block, skip = request.text, request.block, request.skip
+        path, _ = self.store.walk(request.seed, data, block, request.enc, request.allowed)
+        blocks = len(path)
+        filling = False
+        if request.fill and blocks < len(data) // block:
+            key = (request.seed, blocks, data[blocks * block : (blocks + 1) * block])
+            filling = key in self._filling
+            if (not filling and key not in self._failed_auto
+                    and len(self._filling) < self.config.max_pending_fills):
+                self._submit(key, self._fill_chain, key, request, path)
+                filling = True
+        start = path[skip - 1].cut_byte if 0 < skip <= blocks else 0
+        if blocks > skip and path[-1].cut_byte > start:
+            frame = b"".join([entry.tokens for entry in path[skip:]])
+            self.store.count_auto(blocks - skip, path[-1].cut_byte - start)
+            self.counters["tokens_served"] += len(frame) // 4
+            return pack_auto_reply(request.id, blocks, filling, start, path[-1].cut_byte, frame)
+        self.store.count_auto(0, 0)
+        return pack_auto_reply(request.id, blocks, filling)
+
     # -- fills --------------------------------------------------------------------------------
 
     def _submit_fill(self, key: bytes, request: GetRequest) -> None:
+        self._submit(key, self._fill, key, request)
+
+    def _submit(self, key: Any, fn: Any, *args: Any) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.config.fill_threads, "flashtoken-fill")
         self._filling.add(key)
-        self._pool.submit(self._fill, key, request)
+        self._pool.submit(fn, *args)
 
     def _fill(self, key: bytes, request: GetRequest) -> None:
         """On a pool thread: encode the prefix, hand the result to the loop. Never raises."""
         try:
             loaded = self._encodings.get(request.enc) or _load(request.enc)
             _check_encoding(loaded, request)
-            split = split_prefix(loaded.enc, request.prefix.decode("utf-8"),
-                                 allowed_special=frozenset(request.allowed))
+            prefix = request.prefix.decode("utf-8")
+            split = split_prefix(loaded.enc, prefix, allowed_special=frozenset(request.allowed))
+            # cut_byte too: a declared prefix is a root block, usable as a chain's first block.
             entry = Entry(request.prefix, request.enc, request.allowed,
-                          tokens_to_frame(array("I", split.head)), split.cut)
+                          tokens_to_frame(array("I", split.head)), split.cut,
+                          cut_byte=len(prefix[: split.cut].encode("utf-8")))
             result = _FillResult(key, request, entry=entry, loaded=loaded)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:  # noqa: B036 - pyo3's PanicException is a BaseException
+            result = _FillResult(key, request, error=f"{type(exc).__name__}: {exc}"[:300])
+        self._results.put(result)
+        self._wake()
+
+    def _fill_chain(self, key: Any, request: AutoRequest, path: list[Entry]) -> None:
+        """On a pool thread: encode the text after the chain's cut and cut the new blocks, as
+        ``flashtoken.AutoPrefixCache`` does; hand them to the loop. Never raises.
+
+        Only the text after the last known block's cut is encoded: the tokens before it are in
+        the store already. Reads of ``path`` are safe here: a block's cut never changes.
+        """
+        try:
+            loaded = self._encodings.get(request.enc) or _load(request.enc)
+            _check_encoding(loaded, request)
+            data, block = request.text, request.block
+            text = data.decode("utf-8")
+            policy = SpecialPolicy(frozenset(request.allowed), frozenset())
+            parent = path[-1] if path else None
+            start, start_byte = (parent.cut, parent.cut_byte) if parent else (0, 0)
+            tail = _encode(loaded.enc, text[start:], policy)
+            cuts = block_cuts(loaded.rule, policy, loaded.lengths, text, data, block, len(path),
+                              len(data) // block, start, start_byte, tail)
+            state = xxhash.xxh3_128()
+            state.update(memoryview(data)[: len(path) * block])
+            entries: list[Entry] = []
+            digests: list[bytes] = []
+            taken = 0
+            for i, (cut, cut_byte, n) in enumerate(cuts, len(path)):
+                chunk = data[i * block : (i + 1) * block]
+                state.update(chunk)
+                digests.append(state.digest())
+                entries.append(Entry(chunk, request.enc, request.allowed,
+                                     tokens_to_frame(array("I", tail[taken:n])), cut,
+                                     entries[-1] if entries else parent, cut_byte))
+                taken = n
+            result = _FillResult(key, request, chain=_Chain(path, entries, digests, state),
+                                 loaded=loaded)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:  # noqa: B036 - pyo3's PanicException is a BaseException
@@ -359,6 +463,10 @@ class Server:
     def _on_fill_done(self, result: _FillResult) -> None:
         self._filling.discard(result.key)
         request = result.request
+        if isinstance(request, AutoRequest):
+            self._on_chain_done(result, request)
+            return
+        assert isinstance(request, GetRequest)
         if result.error is not None:
             self.counters["fill_errors"] += 1
             log.warning("fill of a %d-byte %s prefix failed: %s", len(request.prefix), request.enc,
@@ -373,6 +481,25 @@ class Server:
         self.counters["fills"] += 1
         if not self.store.put(result.key, result.entry):
             log.debug("fill of a %d-byte prefix not stored", len(request.prefix))
+
+    def _on_chain_done(self, result: _FillResult, request: AutoRequest) -> None:
+        if result.error is not None:
+            self.counters["fill_errors"] += 1
+            log.warning("fill of a %d-byte %s text failed: %s", len(request.text), request.enc,
+                        result.error)
+            self._failed_auto[result.key] = result.error
+            while len(self._failed_auto) > _FAILED_FILLS_KEPT:
+                self._failed_auto.popitem(last=False)
+            return
+        chain = result.chain
+        assert chain is not None and result.loaded is not None
+        self._encodings.setdefault(request.enc, result.loaded)
+        self.counters["auto_fills"] += 1
+        stored = self.store.put_chain(request.seed, chain.digests, chain.entries)
+        if stored and len(stored) == len(chain.entries):
+            # The next request of a growing text starts its walk here.
+            self.store.remember(request.seed, memoryview(request.text), chain.path + stored,
+                                chain.state)
 
     # -- stats --------------------------------------------------------------------------------
 
@@ -393,10 +520,11 @@ class Server:
 
 def _load(name: str) -> _Loaded:
     enc = get_encoding(name)
-    return _Loaded(enc, encoding_id(enc), frozenset(enc.special_tokens_set))
+    return _Loaded(enc, encoding_id(enc), frozenset(enc.special_tokens_set),
+                   cut_rule(enc._pat_str), token_byte_lengths(enc))
 
 
-def _check_encoding(loaded: _Loaded, request: GetRequest) -> None:
+def _check_encoding(loaded: _Loaded, request: Any) -> None:
     if request.eid != loaded.eid:
         raise ProtocolError(
             f"the daemon's {request.enc} is not the client's (another tiktoken version or a custom"

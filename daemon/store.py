@@ -1,4 +1,12 @@
-"""The daemon's store: a byte-budgeted LRU of confirmed prefix splits.
+"""The daemon's store: one byte budget of confirmed blocks, declared prefixes and chains alike.
+
+A declared prefix (GET) is a chain of one block: a root ``Entry`` whose bytes are the whole
+prefix. Automatic reuse (AUTO) stores chains of fixed-size blocks: block ``i`` of a text is an
+``Entry`` whose parent is block ``i - 1`` and which holds only the tokens between its parent's
+stable cut and its own, so memory grows with the distinct text, not with the texts sharing it
+(flashtoken/auto.py is the same design, in one process). Both kinds live in one dict, count
+against one ``max_bytes`` and leave in one least-recently-used order, leaves first: a block is
+never evicted while blocks extending it remain (they could no longer be reached).
 
 Touched only from the daemon's loop thread (fills hand their results back to it), so it has no
 lock: a lock would cost every GET and protect nothing the loop does not already serialise.
@@ -6,42 +14,78 @@ lock: a lock would cost every GET and protect nothing the loop does not already 
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import heapq
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, NamedTuple, Optional
+
+import xxhash
 
 from .settings import ENTRY_OVERHEAD
 
+# Recent chains remembered, to walk a growing text in O(new blocks): working memory outside
+# ``bytes`` (a memo holds a view of the text it was found for), so bounded on its own.
+_MEMOS = 16
+_MEMO_BYTES = 32 * 1024 * 1024
 
-@dataclass(frozen=True)
+
+@dataclass(eq=False)
 class Entry:
-    """One prefix, split: ``tokens`` (little-endian uint32 bytes) are its tokens before ``cut``.
+    """One block: ``tokens`` (little-endian uint32 bytes) are its tokens before ``cut``.
 
-    ``prefix``, ``enc`` and ``allowed`` are kept to confirm a hit: the key only locates.
+    ``prefix`` (the block's bytes), ``enc``, ``allowed`` and ``parent`` are kept to confirm a
+    hit: a key only locates. For a root (a declared prefix, or the first block of a chain)
+    ``cut`` is an offset into ``prefix`` in code points; for a chain block ``cut`` / ``cut_byte``
+    are offsets into the whole text and ``tokens`` start at the parent's cut.
     """
+
+    __slots__ = ("prefix", "enc", "allowed", "tokens", "cut", "parent", "cut_byte", "children",
+                 "used", "alive", "key", "chain")
 
     prefix: bytes
     enc: str
     allowed: tuple[str, ...]
     tokens: bytes
     cut: int
+    parent: Optional[Entry]
+    cut_byte: int
+    children: int
+    used: int
+    alive: bool
+    key: bytes
+    chain: bool
+
+    def __init__(self, prefix: bytes, enc: str, allowed: tuple[str, ...], tokens: bytes, cut: int,
+                 parent: Optional[Entry] = None, cut_byte: int = -1) -> None:
+        self.prefix, self.enc, self.allowed, self.tokens, self.cut = prefix, enc, allowed, tokens, cut
+        self.parent, self.cut_byte = parent, cut_byte
+        self.children, self.used, self.alive, self.key, self.chain = 0, 0, False, b"", False
 
     @property
     def size(self) -> int:
         return len(self.tokens) + len(self.prefix) + ENTRY_OVERHEAD
 
     def matches(self, prefix: bytes, enc: str, allowed: tuple[str, ...]) -> bool:
+        """A declared prefix's confirmation: a root holding exactly these bytes and policy."""
         # enc and allowed first: cheap; the prefix comparison is a memcmp.
-        return self.enc == enc and self.allowed == allowed and self.prefix == prefix
+        return (self.parent is None and self.enc == enc and self.allowed == allowed
+                and self.prefix == prefix)
+
+
+class _Memo(NamedTuple):
+    seed: bytes
+    size: int  # bytes of the whole text the view keeps alive
+    prefix: memoryview  # the bytes the path covers (a view of the text it was found for)
+    path: list[Entry]
+    state: Any  # the xxh3 state after the path's last block
 
 
 class Store:
-    """``key -> Entry``, least recently used first; ``bytes`` never exceeds ``max_bytes``.
+    """``key -> Entry``; ``bytes`` never exceeds ``max_bytes``.
 
-    A lookup whose key is present but whose entry holds another prefix (a hash collision, or a
+    A lookup whose key is present but whose entry holds other bytes (a hash collision, or a
     crafted one) is a miss counted in ``collisions_detected``. The entry already there is kept:
     replacing it would let anyone who can craft collisions evict another tenant's hot prefix at
-    will. The colliding prefix is simply not cached until LRU retires the other one.
+    will. The colliding text is simply not cached until LRU retires the other one.
 
     >>> store = Store(max_bytes=4096)
     >>> store.put(b"k" * 16, Entry(b"hello", "cl100k_base", (), b"\\x01\\x00\\x00\\x00", 5))
@@ -52,19 +96,25 @@ class Store:
     (True, 1)
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, *, debug_key_bytes: Optional[int] = None) -> None:
         if max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[bytes, Entry] = OrderedDict()
+        # Test-only (the daemon's hidden --debug-key-bytes): chain keys become the first N bytes
+        # of the digest alone, so that blocks of every text, encoding and policy collide.
+        self._key_bytes = debug_key_bytes
+        self._entries: dict[bytes, Entry] = {}
+        # Eviction candidates: (used, key) of leaves, in a heap invalidated lazily (an entry
+        # used again, given a child, or gone leaves a stale pair behind).
+        self._leaves: list[tuple[int, bytes]] = []
+        self._tick = 0
+        self._memos: list[_Memo] = []  # most recent first
         self.bytes = 0
-        self.cmd_get = 0
-        self.get_hits = 0
-        self.get_misses = 0
-        self.collisions_detected = 0
-        self.evictions = 0
-        self.total_items = 0
-        self.items_too_large = 0
+        self.blocks = 0  # entries that belong to a chain (AUTO), as opposed to declared prefixes
+        self.cmd_get = self.get_hits = self.get_misses = 0
+        self.collisions_detected = self.evictions = self.total_items = self.items_too_large = 0
+        self.auto_lookups = self.auto_hits = self.auto_misses = self.auto_hit_bytes = 0
+        self.total_blocks = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -74,11 +124,13 @@ class Store:
 
     def keys(self) -> list[bytes]:
         """Keys, least recently used first."""
-        return list(self._entries)
+        return sorted(self._entries, key=lambda k: self._entries[k].used)
 
     def peek(self, key: bytes) -> Optional[Entry]:
         """The entry under ``key`` without counting a get or touching the LRU order."""
         return self._entries.get(key)
+
+    # -- declared prefixes (GET) ------------------------------------------------------------------
 
     def get(self, key: bytes, prefix: bytes, enc: str, allowed: tuple[str, ...]) -> Optional[Entry]:
         """The confirmed entry for this prefix, or None; counts a get and a hit or a miss."""
@@ -86,7 +138,7 @@ class Store:
         entry = self._entries.get(key)
         if entry is not None:
             if entry.matches(prefix, enc, allowed):
-                self._entries.move_to_end(key)
+                self._use(entry)
                 self.get_hits += 1
                 return entry
             self.collisions_detected += 1
@@ -99,40 +151,187 @@ class Store:
         self.get_misses += 1
 
     def put(self, key: bytes, entry: Entry) -> bool:
-        """Store ``entry``, evicting the least recently used; False if it was not stored.
+        """Store a declared prefix's ``entry``, evicting the least recently used; False if not.
 
         Not stored: an entry larger than the whole budget, or one whose key holds another
-        prefix's entry (see the class docstring).
+        prefix's entry (see the class docstring), or a block other blocks extend.
         """
-        size = entry.size
-        if size > self.max_bytes:
+        if entry.size > self.max_bytes:
             self.items_too_large += 1
             return False
         old = self._entries.get(key)
         if old is not None:
-            if not old.matches(entry.prefix, entry.enc, entry.allowed):
+            if not old.matches(entry.prefix, entry.enc, entry.allowed) or old.children:
                 return False
-            self._remove(key)
+            self._remove(old)
+        return self._insert(key, entry)
+
+    # -- chains (AUTO) --------------------------------------------------------------------------
+
+    def walk(self, seed: bytes, data: bytes, block: int, enc: str,
+             allowed: tuple[str, ...]) -> tuple[list[Entry], Any]:
+        """The confirmed chain of blocks that starts ``data``, and the xxh3 state after it.
+
+        Block ``i`` is found under ``seed + xxh3_128(data[:(i+1)*block])`` and confirmed by its
+        bytes, its parent (so every earlier block matched) and its encoding and policy. Starts
+        from the longest remembered chain that ``data`` extends, so a growing text pays a memcmp
+        for its old blocks and a hash and a lookup for each new one.
+        """
+        path: list[Entry] = []
+        state = None
+        for memo in self._memos:
+            if (memo.seed == seed and len(memo.path) > len(path) and memo.path[-1].alive
+                    and data.startswith(memo.prefix)):
+                path, state = memo.path, memo.state
+        path = list(path)
+        state = xxhash.xxh3_128() if state is None else state.copy()
+        known = len(path)
+        view = memoryview(data)
+        for end in range((len(path) + 1) * block, len(data) + 1, block):
+            before = state.copy()
+            state.update(view[end - block : end])
+            node = self._entries.get(self._key(seed, state.digest()))
+            if node is not None:
+                parent = path[-1] if path else None
+                if (node.parent is parent and node.prefix == view[end - block : end]
+                        and node.enc == enc and node.allowed == allowed):
+                    path.append(node)
+                    continue
+                self.collisions_detected += 1
+            state = before
+            break
+        if path:
+            self._use(path[-1])
+            if len(path) > known:
+                self.remember(seed, view, path, state)
+        return path, state
+
+    def remember(self, seed: bytes, view: memoryview, path: list[Entry], state: Any) -> None:
+        """Remember ``path`` (found or recorded for ``view``) as a start for the next walk;
+        ``state`` is the xxh3 state after its last block."""
+        block = len(path[0].prefix)
+        self._memos.insert(0, _Memo(seed, view.nbytes, view[: len(path) * block], path, state.copy()))
+        del self._memos[_MEMOS:]
+        total = 0
+        for i, memo in enumerate(self._memos):
+            total += memo.size
+            if total > _MEMO_BYTES:
+                del self._memos[i:]
+                break
+
+    def count_auto(self, served: int, hit_bytes: int) -> None:
+        self.auto_lookups += 1
+        if served:
+            self.auto_hits += 1
+            self.auto_hit_bytes += hit_bytes
+        else:
+            self.auto_misses += 1
+
+    def put_chain(self, seed: bytes, digests: list[bytes], entries: list[Entry]) -> list[Entry]:
+        """Store the new blocks ``entries`` (each the parent of the next) under ``seed + digest``.
+
+        Stops at the first block that cannot be stored: its key holds another block (a twin
+        recorded meanwhile is followed instead), its parent has been evicted, or it does not fit.
+        Returns the blocks now in the store along the chain, twins included.
+        """
+        stored: list[Entry] = []
+        for digest, entry in zip(digests, entries):
+            key = self._key(seed, digest)
+            parent = stored[-1] if stored else entry.parent
+            entry.parent = parent
+            if parent is not None and not parent.alive:
+                break
+            old = self._entries.get(key)
+            if old is not None:
+                if (old.parent is parent and old.prefix == entry.prefix and old.enc == entry.enc
+                        and old.allowed == entry.allowed):
+                    stored.append(old)  # recorded meanwhile by another fill: the same block
+                    continue
+                break
+            if entry.size > self.max_bytes:
+                self.items_too_large += 1
+                break
+            entry.chain = True
+            if parent is not None:
+                parent.children += 1  # reserved first: eviction to make room must spare it
+            if not self._insert(key, entry):
+                if parent is not None:
+                    self._release(parent)
+                break
+            self.blocks += 1
+            self.total_blocks += 1
+            stored.append(entry)
+        return stored
+
+    def _key(self, seed: bytes, digest: bytes) -> bytes:
+        return seed + digest if self._key_bytes is None else digest[: self._key_bytes]
+
+    # -- LRU and budget -------------------------------------------------------------------------
+
+    def _use(self, entry: Entry) -> None:
+        self._tick += 1
+        entry.used = self._tick
+        if not entry.children:
+            heapq.heappush(self._leaves, (entry.used, entry.key))
+
+    def _insert(self, key: bytes, entry: Entry) -> bool:
+        size = entry.size
         while self.bytes + size > self.max_bytes:
-            self._remove(next(iter(self._entries)))
-            self.evictions += 1
+            if not self._evict_one():
+                return False
+        entry.key, entry.alive = key, True
         self._entries[key] = entry
         self.bytes += size
         self.total_items += 1
+        self._use(entry)
         return True
 
-    def _remove(self, key: bytes) -> None:
-        self.bytes -= self._entries.pop(key).size
+    def _evict_one(self) -> bool:
+        while self._leaves:
+            used, key = heapq.heappop(self._leaves)
+            entry = self._entries.get(key)
+            if entry is None or entry.used != used or entry.children:
+                continue  # a stale pair
+            self._remove(entry)
+            self.evictions += 1
+            return True
+        return False
+
+    def _remove(self, entry: Entry) -> None:
+        del self._entries[entry.key]
+        entry.alive = False
+        self.bytes -= entry.size
+        if entry.chain:
+            self.blocks -= 1
+        if entry.parent is not None:
+            self._release(entry.parent)
+
+    def _release(self, parent: Entry) -> None:
+        parent.children -= 1
+        if not parent.children and parent.alive:
+            heapq.heappush(self._leaves, (parent.used, parent.key))
+
+    def compact(self) -> None:
+        """Drop stale heap pairs when they outnumber the entries (housekeeping)."""
+        if len(self._leaves) > 4 * len(self._entries) + 64:
+            self._leaves = [(e.used, k) for k, e in self._entries.items() if not e.children]
+            heapq.heapify(self._leaves)
 
     def stats(self) -> dict[str, int]:
         return {
             "cmd_get": self.cmd_get,
             "get_hits": self.get_hits,
             "get_misses": self.get_misses,
+            "auto_lookups": self.auto_lookups,
+            "auto_hits": self.auto_hits,
+            "auto_misses": self.auto_misses,
+            "auto_hit_bytes": self.auto_hit_bytes,
             "collisions_detected": self.collisions_detected,
             "evictions": self.evictions,
             "curr_items": len(self._entries),
             "total_items": self.total_items,
+            "blocks": self.blocks,
+            "total_blocks": self.total_blocks,
             "items_too_large": self.items_too_large,
             "bytes": self.bytes,
             "limit_maxbytes": self.max_bytes,

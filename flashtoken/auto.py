@@ -20,11 +20,12 @@ import heapq
 import itertools
 import threading
 import weakref
+from collections.abc import Sequence
 from typing import NamedTuple, Optional
 
 import tiktoken
 
-from flashtoken.boundary import cut_rule, stable_offset
+from flashtoken.boundary import CutRule, cut_rule, stable_offset
 from flashtoken.encodings import resolve_encoding
 from flashtoken.prefix import EncodingLike, _encode, _require_str
 from flashtoken.specials import SpecialArg, SpecialPolicy
@@ -57,6 +58,66 @@ class _Memo(NamedTuple):
     path: list[_Node]
     state: object  # the xxh3 state after the path's last block
     evictions: int  # the eviction count then: unchanged means every node of path is still in
+
+
+class _Plan(NamedTuple):
+    """What a lookup found: the path of cached blocks that start ``data`` and its cut."""
+
+    data: bytes  # the text's UTF-8
+    path: list[_Node]
+    digests: list[int]  # of every full block of data
+    state: object  # the xxh3 state after the last full block
+    cut: int  # path[-1].cut (characters), 0 for an empty path
+    cut_byte: int  # the same in bytes
+
+
+def block_cuts(
+    rule: CutRule,
+    policy: SpecialPolicy,
+    lengths: list[int],
+    text: str,
+    data: bytes,
+    block: int,
+    first: int,
+    stop: int,
+    start: int,
+    start_byte: int,
+    tail: Sequence[int],
+) -> list[tuple[int, int, int]]:
+    """The stable cuts of blocks ``first .. stop-1`` of ``data`` (``text`` as UTF-8).
+
+    ``start`` / ``start_byte`` is the cut of block ``first - 1`` (0 for the first block) and
+    ``tail`` the tokens tiktoken gives ``text[start:]`` within the whole text. Returns one
+    ``(cut, cut_byte, n)`` per block, ``n`` the number of ``tail`` tokens before its cut; it
+    stops early at a cut that is no token boundary of ``tail`` (only a wrong split could make
+    one) and at the first token whose byte length is ambiguous. A block's cut is computed as if
+    the text ended at the block's end, so it depends only on ``text[start:block end]``: the
+    in-process cache and the daemon (daemon/server.py) share this function and so agree.
+    """
+    base = start_byte
+    # Where each token of ``tail`` ends, in bytes from ``base``, up to the first token whose
+    # length is ambiguous (no block is recorded past it).
+    lens = list(map(lengths.__getitem__, tail))
+    if AMBIGUOUS in lens:
+        del lens[lens.index(AMBIGUOUS) :]
+    ends = list(itertools.accumulate(lens))
+    chars, mark = start, start_byte  # complete characters in data[:mark]
+    out: list[tuple[int, int, int]] = []
+    for i in range(first, stop):
+        block_end = (i + 1) * block
+        aligned = block_end
+        while aligned < len(data) and aligned > mark and data[aligned] & 0xC0 == 0x80:
+            aligned -= 1  # a block may end inside a character; the cut stays before it
+        chars += len(data[mark:aligned].decode("utf-8"))
+        mark = aligned
+        cut = stable_offset(rule, policy, text, start, chars)
+        cut_byte = start_byte + len(text[start:cut].encode("utf-8"))
+        n = bisect.bisect_left(ends, cut_byte - base) + 1 if cut_byte > base else 0
+        if n and (n > len(ends) or ends[n - 1] != cut_byte - base):
+            break  # not a token boundary: only a wrong split could do that; record no more
+        out.append((cut, cut_byte, n))
+        start, start_byte = cut, cut_byte
+    return out
 
 
 class AutoPrefixCache:
@@ -149,25 +210,46 @@ class AutoPrefixCache:
             }
 
     def _encode(self, text: str, policy: SpecialPolicy) -> list[int]:
-        try:
-            data = text.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates: rare; tiktoken repairs them, we step aside
+        plan = self._plan(text, policy)
+        if plan is None:  # lone surrogates: rare; tiktoken repairs them, we step aside
             return _encode(self._enc, text, policy)
-        with self._lock:
-            path, digests, state = self._longest_path(policy.allowed, data)
-            last = path[-1] if path else None
-            if last is not None:
-                self._use(last)
-        head: list[int] = []
-        for node in path:
-            head += node.tokens
-        cut, cut_byte = (last.cut, last.cut_byte) if last else (0, 0)
-        tail = _encode(self._enc, text[cut:], policy)
-        self._record(policy, text, data, digests, path, tail, state)
-        with self._lock:
-            self._counts.update(lookups=1, reused_bytes=cut_byte, encoded_bytes=len(data) - cut_byte)
+        head = self._head(plan)
+        tail = _encode(self._enc, text[plan.cut :], policy)
+        self._finish(plan, policy, text, tail)
         head += tail  # not head + tail: one copy of the prefix's tokens, not two
         return head
+
+    # The three steps of a lookup, apart, so that the daemon's client can ask the shared store
+    # for the blocks after ``plan.path`` between them (flashtoken.client).
+
+    def _plan(self, text: str, policy: SpecialPolicy) -> Optional[_Plan]:
+        """The longest cached path for ``text``; None if ``text`` is not UTF-8 (surrogates)."""
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:
+            return None
+        with self._lock:
+            path, digests, state = self._longest_path(policy.allowed, data)
+            if path:
+                self._use(path[-1])
+        last = path[-1] if path else None
+        cut, cut_byte = (last.cut, last.cut_byte) if last else (0, 0)
+        return _Plan(data, path, digests, state, cut, cut_byte)
+
+    @staticmethod
+    def _head(plan: _Plan) -> list[int]:
+        """A new list of the tokens along ``plan.path`` (those of ``text[:plan.cut]``)."""
+        head: list[int] = []
+        for node in plan.path:
+            head += node.tokens
+        return head
+
+    def _finish(self, plan: _Plan, policy: SpecialPolicy, text: str, tail: list[int]) -> None:
+        """Record the blocks after ``plan.path``; ``tail`` are the tokens of ``text[plan.cut:]``."""
+        self._record(policy, text, plan.data, plan.digests, plan.path, tail, plan.state)
+        with self._lock:
+            self._counts.update(lookups=1, reused_bytes=plan.cut_byte,
+                                encoded_bytes=len(plan.data) - plan.cut_byte)
 
     def _longest_path(
         self, allowed: frozenset[str], data: bytes
@@ -183,7 +265,7 @@ class AutoPrefixCache:
         if (
             memo is not None
             and memo.evictions == self._counts["evictions"]
-            and data[: len(memo.path) * size] == memo.data[: len(memo.path) * size]
+            and data.startswith(memoryview(memo.data)[: len(memo.path) * size])
         ):
             path = list(memo.path)
             state = memo.state.copy()  # type: ignore[attr-defined]
@@ -229,33 +311,15 @@ class AutoPrefixCache:
         """
         parent = path[-1] if path else None
         start, start_byte = (parent.cut, parent.cut_byte) if parent else (0, 0)
-        base = start_byte
-        # Where each token of ``tail`` ends, in bytes from ``base``, up to the first token whose
-        # length is ambiguous (no block is recorded past it).
-        lengths = list(map(self._lengths.__getitem__, tail))
-        if AMBIGUOUS in lengths:
-            del lengths[lengths.index(AMBIGUOUS) :]
-        ends = list(itertools.accumulate(lengths))
-        taken = 0  # tokens of ``tail`` already given to a block
-        chars, mark = start, start_byte  # complete characters in data[:mark]
+        cuts = block_cuts(self._rule, policy, self._lengths, text, data, self._block,
+                          len(path), len(digests), start, start_byte, tail)
         added: list[_Node] = []
-        for i in range(len(path), len(digests)):
-            block_end = (i + 1) * self._block
-            aligned = block_end
-            while aligned < len(data) and aligned > mark and data[aligned] & 0xC0 == 0x80:
-                aligned -= 1  # a block may end inside a character; the cut stays before it
-            chars += len(data[mark:aligned].decode("utf-8"))
-            mark = aligned
-            cut = stable_offset(self._rule, policy, text, start, chars)
-            cut_byte = start_byte + len(text[start:cut].encode("utf-8"))
-            n = bisect.bisect_left(ends, cut_byte - base) + 1 if cut_byte > base else 0
-            if n and (n > len(ends) or ends[n - 1] != cut_byte - base):
-                break  # not a token boundary: only a wrong split could do that; record no more
-            key = (policy.allowed, digests[i])
-            block = data[i * self._block : block_end]
-            node = _Node(key, parent, block, cut, cut_byte, tail[taken:n], 0)
+        taken = 0  # tokens of ``tail`` already given to a block
+        for i, (cut, cut_byte, n) in enumerate(cuts, len(path)):
+            block = data[i * self._block : (i + 1) * self._block]
+            node = _Node((policy.allowed, digests[i]), parent, block, cut, cut_byte, tail[taken:n], 0)
             added.append(node)
-            parent, start, start_byte, taken = node, cut, cut_byte, n
+            parent, taken = node, n
         with self._lock:
             stored = 0
             for node in added:

@@ -8,11 +8,17 @@ Request ``[header, *frames]``; header ``{"m": b"FT", "v": 1, "op": str, "id": ui
 - ``GET``  fields ``key`` (16 bytes), ``enc`` (encoding name), ``eid`` (32 bytes,
   ``encoding_id``), ``allowed`` (sorted list of allowed special tokens, ``[]`` for ordinary),
   ``fill`` (bool); frame 1: the prefix as UTF-8.
+- ``AUTO``  fields ``seed`` (16 bytes, ``make_chain_seed``), ``enc``, ``eid``, ``allowed``,
+  ``fill``, ``block`` (block size in bytes), ``skip`` (full blocks the client already holds);
+  frame 1: the whole text as UTF-8. Asks for the longest chain of cached blocks that starts the
+  text (automatic prefix reuse, flashtoken.AutoPrefixCache shared by processes).
 - ``STATS``, ``PING``: no fields, no frames.
 
 Reply ``[header, *frames]``; header ``{"m", "v", "id", "ok": bool, ...}``. A GET hit carries
 ``{"hit": true, "cut": int, "n": int}`` and one frame of ``n`` little-endian uint32 tokens; a miss
-``{"hit": false, "filling": bool}``. Errors are ``{"ok": false, "error": "CLIENT_ERROR" |
+``{"hit": false, "filling": bool}``. An AUTO reply carries ``{"blocks": int, "filling": bool,
+"hit": bool}``; when ``hit``, also ``{"start": int, "cut_byte": int, "n": int}`` and one frame of
+``n`` tokens: those of the text's bytes ``start .. cut_byte`` (blocks ``skip .. blocks-1``). Errors are ``{"ok": false, "error": "CLIENT_ERROR" |
 "SERVER_ERROR", "message": str}``, as memcached names them.
 
 Everything that crosses the socket is checked here, type and range, before anyone uses it: a
@@ -41,12 +47,16 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "MAX_PREFIX_BYTES",
     "VERSION",
+    "AutoRequest",
     "GetRequest",
     "Reply",
     "Request",
     "default_address",
     "ipc_path",
+    "make_chain_seed",
     "make_key",
+    "pack_auto",
+    "pack_auto_reply",
     "pack_error",
     "pack_get",
     "pack_hit",
@@ -77,8 +87,11 @@ MAX_NAME_CHARS = 64
 MAX_SPECIALS = 256
 MAX_SPECIAL_CHARS = 256
 MAX_ERROR_MESSAGE_CHARS = 1024
+MIN_BLOCK_BYTES = 16
+MAX_BLOCK_BYTES = 1024 * 1024
+"""Block sizes an AUTO request may use (``flashtoken.AutoPrefixCache(block_bytes=...)``)."""
 
-OPS = ("GET", "STATS", "PING")
+OPS = ("GET", "AUTO", "STATS", "PING")
 CLIENT_ERROR = "CLIENT_ERROR"
 SERVER_ERROR = "SERVER_ERROR"
 
@@ -172,6 +185,29 @@ def make_key(namespace: bytes, encoding_ident: bytes, allowed: tuple[str, ...], 
     policy = b"".join(len(s).to_bytes(8, "little") + s for s in (a.encode("utf-8") for a in allowed))
     for field in (b"flashtoken-key/1", namespace, encoding_ident, policy, prefix):
         # Length-prefixed, so that no two field sequences hash the same bytes.
+        h.update(len(field).to_bytes(8, "little"))
+        h.update(field)
+    return h.digest()
+
+
+def make_chain_seed(
+    namespace: bytes, encoding_ident: bytes, allowed: tuple[str, ...], block_bytes: int
+) -> bytes:
+    """The 16-byte seed of an AUTO request: where its chain of block keys starts.
+
+    The daemon keys block ``i`` of a text by ``seed + xxh3_128(text[:(i + 1) * block_bytes])``,
+    so the namespace (a salt), the encoding, the policy and the block size all separate chains,
+    and the namespace itself never crosses the socket. Like every key, a seed locates; the
+    daemon confirms each block by its bytes, its parent block and (at the root) its encoding
+    and policy.
+
+    >>> len(make_chain_seed(b"", bytes(32), (), 512))
+    16
+    """
+    h = xxhash.xxh3_128()
+    policy = b"".join(len(s).to_bytes(8, "little") + s for s in (a.encode("utf-8") for a in allowed))
+    fields = (b"flashtoken-chain/1", namespace, encoding_ident, policy, block_bytes.to_bytes(8, "little"))
+    for field in fields:
         h.update(len(field).to_bytes(8, "little"))
         h.update(field)
     return h.digest()
@@ -297,6 +333,27 @@ def pack_get(
     return [_pack(header), prefix]
 
 
+@dataclass(frozen=True)
+class AutoRequest(Request):
+    seed: bytes
+    enc: str
+    eid: bytes
+    allowed: tuple[str, ...]
+    fill: bool
+    block: int
+    skip: int
+    text: bytes
+
+
+def pack_auto(
+    request_id: int, seed: bytes, enc: str, eid: bytes, allowed: tuple[str, ...], fill: bool,
+    block: int, skip: int, text: bytes,
+) -> list[bytes]:
+    header = {"m": MAGIC, "v": VERSION, "op": "AUTO", "id": request_id, "seed": seed, "enc": enc,
+              "eid": eid, "allowed": list(allowed), "fill": fill, "block": block, "skip": skip}
+    return [_pack(header), text]
+
+
 def pack_simple(op: str, request_id: int) -> list[bytes]:
     """A request with no fields: STATS or PING."""
     return [_pack({"m": MAGIC, "v": VERSION, "op": op, "id": request_id})]
@@ -315,12 +372,34 @@ def parse_request(frames: list[bytes], *, max_prefix_bytes: int = MAX_PREFIX_BYT
     if op not in OPS or type(op) is not str:
         raise ProtocolError(f"unknown op; expected one of {', '.join(OPS)}")
     request_id = _int(header, "id", 0, MAX_REQUEST_ID)
-    if op != "GET":
+    if op not in ("GET", "AUTO"):
         if len(frames) != 1:
             raise ProtocolError(f"{op} takes no frames after the header")
         return Request(op, request_id)
     if len(frames) != 2:
-        raise ProtocolError("GET takes exactly one frame after the header: the prefix")
+        raise ProtocolError(f"{op} takes exactly one frame after the header: the text")
+    allowed = _allowed(header)
+    text = frames[1]
+    if len(text) > max_prefix_bytes:
+        raise ProtocolError(f"text of {len(text)} bytes exceeds the limit of {max_prefix_bytes}")
+    text = bytes(text)
+    try:
+        text.decode("utf-8")  # strict: lone surrogates and overlong forms are refused too
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"text is not valid UTF-8 at byte {exc.start}") from exc
+    enc = _str(header, "enc", MAX_NAME_CHARS)
+    eid = _bytes(header, "eid", ENCODING_ID_BYTES)
+    fill = _bool(header, "fill")
+    if op == "GET":
+        return GetRequest(op, request_id, key=_bytes(header, "key", KEY_BYTES), enc=enc, eid=eid,
+                          allowed=allowed, fill=fill, prefix=text)
+    block = _int(header, "block", MIN_BLOCK_BYTES, MAX_BLOCK_BYTES)
+    skip = _int(header, "skip", 0, len(text) // block)
+    return AutoRequest(op, request_id, seed=_bytes(header, "seed", KEY_BYTES), enc=enc, eid=eid,
+                       allowed=allowed, fill=fill, block=block, skip=skip, text=text)
+
+
+def _allowed(header: dict[str, Any]) -> tuple[str, ...]:
     allowed = header.get("allowed")
     if type(allowed) is not list or len(allowed) > MAX_SPECIALS:
         raise ProtocolError(f"field 'allowed' must be a list of at most {MAX_SPECIALS} str")
@@ -330,23 +409,7 @@ def parse_request(frames: list[bytes], *, max_prefix_bytes: int = MAX_PREFIX_BYT
     if any(a >= b for a, b in zip(allowed, allowed[1:])):
         # One canonical form, so that equal policies compare equal in the store.
         raise ProtocolError("field 'allowed' must be sorted and without duplicates")
-    prefix = frames[1]
-    if len(prefix) > max_prefix_bytes:
-        raise ProtocolError(f"prefix of {len(prefix)} bytes exceeds the limit of {max_prefix_bytes}")
-    prefix = bytes(prefix)
-    try:
-        prefix.decode("utf-8")  # strict: lone surrogates and overlong forms are refused too
-    except UnicodeDecodeError as exc:
-        raise ProtocolError(f"prefix is not valid UTF-8 at byte {exc.start}") from exc
-    return GetRequest(
-        op, request_id,
-        key=_bytes(header, "key", KEY_BYTES),
-        enc=_str(header, "enc", MAX_NAME_CHARS),
-        eid=_bytes(header, "eid", ENCODING_ID_BYTES),
-        allowed=tuple(allowed),
-        fill=_bool(header, "fill"),
-        prefix=prefix,
-    )
+    return tuple(allowed)
 
 
 # -- replies ---------------------------------------------------------------------------------
@@ -358,6 +421,18 @@ def _reply(request_id: int, ok: bool, **fields: Any) -> bytes:
 
 def pack_hit(request_id: int, cut: int, tokens_frame: bytes) -> list[Any]:
     return [_reply(request_id, True, hit=True, cut=cut, n=len(tokens_frame) // 4), tokens_frame]
+
+
+def pack_auto_reply(
+    request_id: int, blocks: int, filling: bool, start: int = 0, cut_byte: int = 0,
+    tokens_frame: Optional[bytes] = None,
+) -> list[Any]:
+    """An AUTO reply: a hit when ``tokens_frame`` is given (the tokens of bytes start..cut_byte)."""
+    if tokens_frame is None:
+        return [_reply(request_id, True, hit=False, blocks=blocks, filling=filling)]
+    head = _reply(request_id, True, hit=True, blocks=blocks, filling=filling, start=start,
+                  cut_byte=cut_byte, n=len(tokens_frame) // 4)
+    return [head, tokens_frame]
 
 
 def pack_miss(request_id: int, filling: bool) -> list[Any]:
@@ -389,8 +464,8 @@ class Reply:
 def parse_reply(frames: list[bytes]) -> Reply:
     """Validate a reply's frames. Raises ProtocolError for anything malformed.
 
-    A GET hit's tokens come back as ``array('I')`` whose length has been checked against ``n``;
-    whether they are right for the prefix is the client's to check (client/core.py).
+    A GET or AUTO hit's tokens come back as ``array('I')`` whose length has been checked
+    against ``n``; whether they are right for the text is the client's to check (client/core.py).
     """
     if not 1 <= len(frames) <= 2:
         raise ProtocolError(f"a reply has 1 or 2 frames, not {len(frames)}")
@@ -410,8 +485,18 @@ def parse_reply(frames: list[bytes]) -> Reply:
     tokens = None
     if "hit" in header and type(header["hit"]) is not bool:
         raise ProtocolError("field 'hit' must be a bool")
+    if "blocks" in header:  # an AUTO reply
+        _int(header, "blocks", 0, MAX_PREFIX_BYTES)
+        _bool(header, "filling")
+        if header.get("hit") is not True and header.get("hit") is not False:
+            raise ProtocolError("AUTO reply without a bool 'hit'")
     if header.get("hit") is True:
-        _int(header, "cut", 0, MAX_PREFIX_BYTES * 64)
+        if "blocks" in header:
+            start = _int(header, "start", 0, MAX_PREFIX_BYTES * 64)
+            if _int(header, "cut_byte", 0, MAX_PREFIX_BYTES * 64) <= start:
+                raise ProtocolError("AUTO hit whose cut_byte is not after its start")
+        else:
+            _int(header, "cut", 0, MAX_PREFIX_BYTES * 64)
         n = _int(header, "n", 0, MAX_PREFIX_BYTES * 64)
         if len(frames) != 2 or len(frames[1]) != 4 * n:
             raise ProtocolError("hit reply whose token frame does not hold n tokens")
