@@ -14,7 +14,9 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmark import config, correctness, http_e2e, multiworker, report, sidecar, sweeps, workloads
+from benchmark import (
+    auto_chat, config, correctness, http_e2e, multiworker, report, sidecar, sweeps, workloads,
+)
 
 DEFAULT_OUT = Path("benchmark") / "out"
 
@@ -103,6 +105,7 @@ def run(settings: config.Settings, out_dir: Path, use_daemon: bool, plots: bool)
             daemon_ctx.stop()
     section("multiworker", lambda: multiworker.run(settings, checker, progress, enc0, settings.workers,
                                                    daemon_skip), w)
+    section("auto_chat", lambda: auto_chat.run(settings, checker, progress, enc0, daemon_skip), w)
     if settings.mode == "full":  # real gunicorn servers and HTTP load: ~30 s, full runs only
         section("http_e2e", lambda: http_e2e.run(settings, checker, progress, daemon_skip), w)
     s = results["sweeps"]

@@ -196,13 +196,30 @@ def http_e2e(results: dict[str, Any], out: Path) -> Path | None:
     return _save(fig, out / "http_e2e.png")
 
 
+def auto_chat_latency(results: dict[str, Any], out: Path) -> Path | None:
+    ac = results.get("workloads", {}).get("auto_chat")
+    if not ac or "per_turn_median_us" not in ac:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, us in ac["per_turn_median_us"].items():
+        ax.plot(ac["history_tokens"][: len(us)], us, label=name, lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("history length (tokens)")
+    ax.set_ylabel("latency per turn (µs, log)")
+    ax.set_title("Automatic reuse: chat over 4 workers, per-turn cost vs history")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    return _save(fig, out / "auto_chat_per_turn_latency.png")
+
+
 def draw(results_path: Path, out: Path | None = None) -> list[Path]:
     """Every figure results.json has data for; returns the files written."""
     results = json.loads(Path(results_path).read_text())
     out = Path(results_path).parent if out is None else out
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for fn in (speedup_vs_prefix, chat_latency, throughput, latency_percentiles, memory, heatmap, http_e2e):
+    for fn in (speedup_vs_prefix, chat_latency, throughput, latency_percentiles, memory, heatmap,
+               http_e2e, auto_chat_latency):
         path = fn(results, out)
         if path is not None:
             written.append(path)

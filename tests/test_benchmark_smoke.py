@@ -42,7 +42,7 @@ def test_benchmark_tiny_run(tmp_path: Path) -> None:
     assert correctness["mismatches"] == 0
     assert correctness["control_mismatches"] > 0
     assert results["errors"] == []
-    assert set(results["workloads"]) == {"fixed_prefix", "chat", "rag", "multiworker"}
+    assert set(results["workloads"]) == {"fixed_prefix", "chat", "rag", "multiworker", "auto_chat"}
     assert {"prefix_length", "suffix_length", "backtrack_pieces", "l1_size"} <= set(results["sweeps"])
     assert results["machine"]["versions"]["tiktoken"]
     assert (out / "summary.md").read_text().startswith("# FlashToken benchmark")
