@@ -193,7 +193,7 @@ class ClientCore:
         # A special token's id decodes to its text, so a hit could spell the prefix with a
         # special id where the policy does not allow one. It can only do so where the text holds
         # a special token's first character (for OpenAI's encodings, "<"): a memchr tells.
-        self._special_starts = tuple({s[0] for s in self.enc.special_tokens_set if s})
+        self._forbidden_text: dict[frozenset, Any] = {}
         self._forbidden_ids: dict[frozenset, frozenset] = {}
         # Made now, not on first use: AutoPrefixCache checks block_bytes (a ValueError here).
         self.auto = AutoPrefixCache(self.enc, max_bytes=auto_l1_bytes, block_bytes=auto_block_bytes)
@@ -358,11 +358,22 @@ class ClientCore:
             text = segment.decode("utf-8")  # strict: cut_byte must end a character
         except Exception:
             return None
-        if any(c in text for c in self._special_starts) and not self._forbidden(
+        if self._may_hold_forbidden(pending.allowed, text) and not self._forbidden(
                 pending.allowed).isdisjoint(found):
             return None
         self.counters["auto_hit_bytes"] += cut_byte - start
         return found, plan.cut + len(text)
+
+    def _may_hold_forbidden(self, allowed: frozenset, text: str) -> bool:
+        """Whether ``text`` holds the text of a special token not allowed: only then could a
+        reply that spells ``text`` carry that token's id (a regex search, ~10x cheaper than
+        looking for the ids in a long head)."""
+        search = self._forbidden_text.get(allowed)
+        if search is None:
+            search = self._forbidden_text[allowed] = SpecialPolicy(
+                frozenset(), frozenset(self.enc.special_tokens_set - allowed)
+            ).finds_disallowed
+        return search(text)
 
     def _forbidden(self, allowed: frozenset) -> frozenset:
         forbidden = self._forbidden_ids.get(allowed)
@@ -420,7 +431,7 @@ class ClientCore:
         text = prefix[:cut]
         if spelled != text.encode("utf-8"):
             return None  # a colliding, stale or corrupted entry: it spells another text
-        if any(c in text for c in self._special_starts):
+        if self._may_hold_forbidden(pending.allowed, text):
             if not self._forbidden(pending.allowed).isdisjoint(head):
                 return None
         return FixedPrefixTokenCache.from_split(self.enc, prefix, PrefixSplit(head, cut),
