@@ -1,4 +1,4 @@
-"""FlashToken's benchmark: correctness against tiktoken, then speed, sweeps and multi-worker throughput.
+"""FlashToken's benchmark: correctness against tiktoken, speed, sweeps, multi-worker throughput.
 
 Run it from the repository root::
 

@@ -11,11 +11,20 @@ import dataclasses
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from benchmark import (
-    auto_chat, config, correctness, http_e2e, multiworker, report, sidecar, sweeps, workloads,
+    auto_chat,
+    config,
+    correctness,
+    http_e2e,
+    multiworker,
+    report,
+    sidecar,
+    sweeps,
+    workloads,
 )
 
 DEFAULT_OUT = Path("benchmark") / "out"
@@ -25,15 +34,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmark",
         description="FlashToken benchmark: exactness against tiktoken, speed against tiktoken, "
-                    "multi-worker throughput with the daemon. Writes results.json, summary.md and PNGs.",
+        "multi-worker throughput with the daemon. Writes results.json, summary.md and PNGs.",
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="smaller grid, ~1 minute")
-    mode.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test suite's smoke run
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=config.FULL.seed, help="seed for all corpora (default: %(default)s)")
+    mode.add_argument(
+        "--tiny", action="store_true", help=argparse.SUPPRESS
+    )  # the test suite's smoke run
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=config.FULL.seed,
+        help="seed for all corpora (default: %(default)s)",
+    )
     parser.add_argument("--no-daemon", action="store_true", help="skip the daemon strategies")
-    parser.add_argument("--no-plots", action="store_true", help="write results.json and summary.md only")
+    parser.add_argument(
+        "--no-plots", action="store_true", help="write results.json and summary.md only"
+    )
     return parser.parse_args(argv)
 
 
@@ -62,8 +82,14 @@ def _warm_up_process(encodings: tuple[str, ...]) -> None:
 
 def run(settings: config.Settings, out_dir: Path, use_daemon: bool, plots: bool) -> int:
     progress = Progress()
-    results: dict[str, Any] = {"settings": settings.as_dict(), "seeds": {"corpus": settings.seed},
-                               "machine": report.machine(), "workloads": {}, "sweeps": {}, "errors": []}
+    results: dict[str, Any] = {
+        "settings": settings.as_dict(),
+        "seeds": {"corpus": settings.seed},
+        "machine": report.machine(),
+        "workloads": {},
+        "sweeps": {},
+        "errors": [],
+    }
     daemon_skip = sidecar.unavailable_reason() if use_daemon else "disabled with --no-daemon"
     results["daemon_skipped"] = daemon_skip
     if daemon_skip:
@@ -76,13 +102,24 @@ def run(settings: config.Settings, out_dir: Path, use_daemon: bool, plots: bool)
         try:
             store[name] = fn()
         except Exception:  # noqa: BLE001 - one broken section must not hide the others' results
-            results["errors"].append(f"{name}: {traceback.format_exc(limit=3).strip().splitlines()[-1]}")
+            results["errors"].append(
+                f"{name}: {traceback.format_exc(limit=3).strip().splitlines()[-1]}"
+            )
             progress(f"{name} FAILED:\n{traceback.format_exc()}")
 
     _warm_up_process(settings.encodings)
-    section("correctness", lambda: correctness.run(
-        checker, settings.encodings, settings.seed, settings.random_splits, settings.boundary_context, progress),
-        {})
+    section(
+        "correctness",
+        lambda: correctness.run(
+            checker,
+            settings.encodings,
+            settings.seed,
+            settings.random_splits,
+            settings.boundary_context,
+            progress,
+        ),
+        {},
+    )
     w = results["workloads"]
     daemon_ctx = None
     if not daemon_skip:
@@ -94,17 +131,34 @@ def run(settings: config.Settings, out_dir: Path, use_daemon: bool, plots: bool)
             progress(daemon_skip)
     address = daemon_ctx.address if daemon_ctx else None
     try:
-        section("fixed_prefix", lambda: workloads.fixed_prefix(
-            settings, checker, progress, address, enc0, settings.prefix_kib, settings.suffix_chars), w)
+        section(
+            "fixed_prefix",
+            lambda: workloads.fixed_prefix(
+                settings,
+                checker,
+                progress,
+                address,
+                enc0,
+                settings.prefix_kib,
+                settings.suffix_chars,
+            ),
+            w,
+        )
         section("chat", lambda: workloads.chat(settings, checker, progress, enc0), w)
         section("rag", lambda: workloads.rag(settings, checker, progress, address, enc0), w)
         if daemon_ctx is not None:
-            results["daemon_single_process"] = {"rss_kib": daemon_ctx.rss_kib(), "stats": daemon_ctx.stats()}
+            results["daemon_single_process"] = {
+                "rss_kib": daemon_ctx.rss_kib(),
+                "stats": daemon_ctx.stats(),
+            }
     finally:
         if daemon_ctx is not None:
             daemon_ctx.stop()
-    section("multiworker", lambda: multiworker.run(settings, checker, progress, enc0, settings.workers,
-                                                   daemon_skip), w)
+    section(
+        "multiworker",
+        lambda: multiworker.run(settings, checker, progress, enc0, settings.workers, daemon_skip),
+        w,
+    )
     section("auto_chat", lambda: auto_chat.run(settings, checker, progress, enc0, daemon_skip), w)
     if settings.mode == "full":  # real gunicorn servers and HTTP load: ~30 s, full runs only
         section("http_e2e", lambda: http_e2e.run(settings, checker, progress, daemon_skip), w)
@@ -125,23 +179,34 @@ def run(settings: config.Settings, out_dir: Path, use_daemon: bool, plots: bool)
             for png in plot.draw(path):
                 progress(f"wrote {png}")
         except ImportError as exc:
-            progress(f"no figures: {exc} (install the 'bench' extra, then python -m benchmark.plot {path})")
+            progress(
+                f"no figures: {exc} (install the 'bench' extra, then python -m benchmark.plot {path})"
+            )
     return _verdict(results, progress)
 
 
 def _verdict(results: dict[str, Any], progress: Progress) -> int:
     c = results["correctness"]
     for name, h in results["headlines"].items():
-        progress(f"headline {h['what']}: {h['value']:.1f}x (target {h['target']:.0f}x)"
-                 if h["value"] is not None else f"headline {name}: not measured")
-    progress(f"correctness: {c['mismatches']} mismatches in {c['cases']} FlashToken cases; "
-             f"control: {c['control_mismatches']} mismatches in {c['control_cases']} cases")
+        progress(
+            f"headline {h['what']}: {h['value']:.1f}x (target {h['target']:.0f}x)"
+            if h["value"] is not None
+            else f"headline {name}: not measured"
+        )
+    progress(
+        f"correctness: {c['mismatches']} mismatches in {c['cases']} FlashToken cases; "
+        f"control: {c['control_mismatches']} mismatches in {c['control_cases']} cases"
+    )
     if c["mismatches"]:
-        bad = [n for n, e in c["by_strategy"].items() if e["kind"] == "flashtoken" and e["mismatches"]]
+        bad = [
+            n for n, e in c["by_strategy"].items() if e["kind"] == "flashtoken" and e["mismatches"]
+        ]
         progress(f"FAIL: FlashToken strategies differ from tiktoken: {bad}")
         return 1
     if not c["control_mismatches"]:
-        progress("FAIL: the naive control never mismatched: the boundary corpus no longer reaches the joins")
+        progress(
+            "FAIL: the naive control never mismatched: the boundary corpus no longer reaches the joins"
+        )
         return 1
     if results["errors"]:
         progress(f"FAIL: {len(results['errors'])} section(s) crashed: {results['errors']}")

@@ -45,7 +45,12 @@ AUTO = "automatic (Client, no prefix)"
 STRATEGIES = (TIKTOKEN, DECLARED, AUTO)
 BASE_DECLARED = "tiktoken (declared pass)"  # the baseline timed alongside the declared API
 COLUMNS = (TIKTOKEN, AUTO, BASE_DECLARED, DECLARED)
-BASELINE_OF = {TIKTOKEN: TIKTOKEN, AUTO: TIKTOKEN, BASE_DECLARED: BASE_DECLARED, DECLARED: BASE_DECLARED}
+BASELINE_OF = {
+    TIKTOKEN: TIKTOKEN,
+    AUTO: TIKTOKEN,
+    BASE_DECLARED: BASE_DECLARED,
+    DECLARED: BASE_DECLARED,
+}
 WORKERS = 4
 PROMPT = "<|im_start|>assistant\n<think>\n"  # the generation prompt, rewritten by the next turn
 _REPLY_TIMEOUT_S = 120.0
@@ -82,7 +87,9 @@ def _worker(args: dict[str, Any], inbox: Any, outbox: Any) -> None:
     while True:
         message = inbox.get()
         if message[0] == "stop":
-            outbox.put(("stats", args["worker"], {"declared": declared.stats(), "auto": auto.stats()}))
+            outbox.put(
+                ("stats", args["worker"], {"declared": declared.stats(), "auto": auto.stats()})
+            )
             declared.close()
             auto.close()
             return
@@ -102,24 +109,57 @@ def _worker(args: dict[str, Any], inbox: Any, outbox: Any) -> None:
             got[name] = calls[name]()
             ns[name] = time.perf_counter_ns() - start
         want = got[TIKTOKEN]
-        outbox.put(("turn", seed, turn, ns, {name: got[name] == want for name in strategies},
-                    len(text), len(want)))
+        outbox.put(
+            (
+                "turn",
+                seed,
+                turn,
+                ns,
+                {name: got[name] == want for name in strategies},
+                len(text),
+                len(want),
+            )
+        )
 
 
-def run(settings: Any, checker: Any, progress: Callable[[str], None], encoding: str,
-        daemon_skip: str | None = None) -> dict[str, Any]:
+def run(
+    settings: Any,
+    checker: Any,
+    progress: Callable[[str], None],
+    encoding: str,
+    daemon_skip: str | None = None,
+) -> dict[str, Any]:
     """The workload; a dict for ``results.json["workloads"]["auto_chat"]``."""
     if daemon_skip:
         return {"skipped": daemon_skip}
     turns, sequences = settings.chat_turns, max(1, settings.chat_sequences)
     seeds = [settings.seed + 600 + s for s in range(sequences)]
     ctx = mp.get_context("spawn")
-    with sidecar.Daemon(encodings=(encoding,)) as d_declared, sidecar.Daemon(encodings=(encoding,)) as d_auto:
+    with (
+        sidecar.Daemon(encodings=(encoding,)) as d_declared,
+        sidecar.Daemon(encodings=(encoding,)) as d_auto,
+    ):
         outbox = ctx.Queue()
         inboxes = [ctx.Queue() for _ in range(WORKERS)]
-        procs = [ctx.Process(target=_worker, daemon=True, args=(dict(
-            encoding=encoding, turns=turns, seeds=seeds, worker=w, declared_address=d_declared.address,
-            auto_address=d_auto.address), inboxes[w], outbox)) for w in range(WORKERS)]
+        procs = [
+            ctx.Process(
+                target=_worker,
+                daemon=True,
+                args=(
+                    dict(
+                        encoding=encoding,
+                        turns=turns,
+                        seeds=seeds,
+                        worker=w,
+                        declared_address=d_declared.address,
+                        auto_address=d_auto.address,
+                    ),
+                    inboxes[w],
+                    outbox,
+                ),
+            )
+            for w in range(WORKERS)
+        ]
         for p in procs:
             p.start()
         try:
@@ -133,7 +173,10 @@ def run(settings: Any, checker: Any, progress: Callable[[str], None], encoding: 
             distinct = 0
             rng = random.Random(settings.seed + 601)
             for seq, seed in enumerate(seeds):
-                for strategies, base in (((TIKTOKEN, AUTO), TIKTOKEN), ((TIKTOKEN, DECLARED), BASE_DECLARED)):
+                for strategies, base in (
+                    ((TIKTOKEN, AUTO), TIKTOKEN),
+                    ((TIKTOKEN, DECLARED), BASE_DECLARED),
+                ):
                     rows: dict[str, list[int]] = {name: [] for name in strategies}
                     for turn in range(turns):
                         inboxes[rng.randrange(WORKERS)].put(("turn", seed, turn, strategies))
@@ -141,8 +184,12 @@ def run(settings: Any, checker: Any, progress: Callable[[str], None], encoding: 
                         for name in strategies:
                             rows[name].append(ns[name])
                             if name != TIKTOKEN:
-                                checker.check(f"auto_chat: {name}", ok[name], True,
-                                              f"{encoding} seq {seq} turn {turn}")
+                                checker.check(
+                                    f"auto_chat: {name}",
+                                    ok[name],
+                                    True,
+                                    f"{encoding} seq {seq} turn {turn}",
+                                )
                                 mismatches[name] += not ok[name]
                         if seq == 0 and base == TIKTOKEN:
                             chars.append(n_chars)
@@ -152,8 +199,10 @@ def run(settings: Any, checker: Any, progress: Callable[[str], None], encoding: 
                     other = strategies[1]
                     per_seq[base].append(rows[TIKTOKEN])
                     per_seq[other].append(rows[other])
-                    progress(f"auto_chat: sequence {seq + 1}/{sequences}: {other}: "
-                             f"{sum(rows[TIKTOKEN]) / max(1, sum(rows[other])):.1f}x tiktoken")
+                    progress(
+                        f"auto_chat: sequence {seq + 1}/{sequences}: {other}: "
+                        f"{sum(rows[TIKTOKEN]) / max(1, sum(rows[other])):.1f}x tiktoken"
+                    )
             for inbox in inboxes:
                 inbox.put(("stop",))
             clients = [_get(outbox, procs)[2] for _ in procs]
@@ -165,24 +214,36 @@ def run(settings: Any, checker: Any, progress: Callable[[str], None], encoding: 
             for p in procs:
                 if p.is_alive():
                     p.kill()
-    per_turn_us = {name: [timing.percentile(sorted(col), 50) / 1e3 for col in zip(*rows)]
-                   for name, rows in per_seq.items()}
-    totals_ms = {name: timing.percentile(sorted(sum(r) for r in rows), 50) / 1e6
-                 for name, rows in per_seq.items()}
+    per_turn_us = {
+        name: [timing.percentile(sorted(col), 50) / 1e3 for col in zip(*rows, strict=False)]
+        for name, rows in per_seq.items()
+    }
+    totals_ms = {
+        name: timing.percentile(sorted(sum(r) for r in rows), 50) / 1e6
+        for name, rows in per_seq.items()
+    }
     k = max(1, min(20, turns // 4))
     auto_bytes = daemon_auto["bytes"] - warm_bytes
     return {
-        "encoding": encoding, "turns": turns, "sequences": sequences, "workers": WORKERS,
+        "encoding": encoding,
+        "turns": turns,
+        "sequences": sequences,
+        "workers": WORKERS,
         "generation_prompt": PROMPT,
-        "history_chars": chars, "history_tokens": tokens,
+        "history_chars": chars,
+        "history_tokens": tokens,
         "per_turn_median_us": per_turn_us,
-        "per_turn_stats": {name: timing.summarize([x for row in rows for x in row])
-                           for name, rows in per_seq.items()},
+        "per_turn_stats": {
+            name: timing.summarize([x for row in rows for x in row])
+            for name, rows in per_seq.items()
+        },
         "total_ms": totals_ms,
-        "total_ratio_vs_tiktoken": {name: totals_ms[BASELINE_OF[name]] / t
-                                    for name, t in totals_ms.items()},
-        "flatness_last_over_first": {name: _mean(us[-k:]) / _mean(us[1 : k + 1])
-                                     for name, us in per_turn_us.items()},
+        "total_ratio_vs_tiktoken": {
+            name: totals_ms[BASELINE_OF[name]] / t for name, t in totals_ms.items()
+        },
+        "flatness_last_over_first": {
+            name: _mean(us[-k:]) / _mean(us[1 : k + 1]) for name, us in per_turn_us.items()
+        },
         "flatness_window_turns": k,
         "first_window_mean_us": {name: _mean(us[1 : k + 1]) for name, us in per_turn_us.items()},
         "last_window_mean_us": {name: _mean(us[-k:]) for name, us in per_turn_us.items()},
@@ -197,8 +258,10 @@ def run(settings: Any, checker: Any, progress: Callable[[str], None], encoding: 
             "declared_daemon_bytes": daemon_declared["bytes"],
         },
         "daemon_stats": {"automatic": daemon_auto, "declared": daemon_declared},
-        "client_stats": {name: _sum_stats([c[key] for c in clients])
-                         for name, key in ((AUTO, "auto"), (DECLARED, "declared"))},
+        "client_stats": {
+            name: _sum_stats([c[key] for c in clients])
+            for name, key in ((AUTO, "auto"), (DECLARED, "declared"))
+        },
     }
 
 
@@ -210,7 +273,9 @@ def _get(outbox: Any, procs: list[Any]) -> Any:
         except Exception:  # noqa: BLE001 - queue.Empty: check the workers are alive
             dead = [p.exitcode for p in procs if not p.is_alive()]
             if dead or time.monotonic() > deadline:
-                raise RuntimeError(f"auto_chat workers stopped answering (exit codes {dead})") from None
+                raise RuntimeError(
+                    f"auto_chat workers stopped answering (exit codes {dead})"
+                ) from None
 
 
 def _sum_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
@@ -225,19 +290,35 @@ def _mean(xs: list[float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     from benchmark import config, correctness
 
-    parser = argparse.ArgumentParser(prog="python -m benchmark.auto_chat", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmark.auto_chat", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--turns", type=int, default=config.FULL.chat_turns)
     parser.add_argument("--sequences", type=int, default=1)
     parser.add_argument("--encoding", default=config.FULL.encodings[0])
     parser.add_argument("--seed", type=int, default=config.FULL.seed)
     args = parser.parse_args(argv)
-    settings = config.FULL.__class__(mode="auto_chat", seed=args.seed, chat_turns=args.turns,
-                                     chat_sequences=args.sequences)
+    settings = config.FULL.__class__(
+        mode="auto_chat", seed=args.seed, chat_turns=args.turns, chat_sequences=args.sequences
+    )
     checker = correctness.Checker()
-    out = run(settings, checker, lambda m: print(m, file=sys.stderr, flush=True), args.encoding,
-              sidecar.unavailable_reason())
-    print(json.dumps({k: v for k, v in out.items() if k not in ("per_turn_median_us", "history_chars",
-                                                               "history_tokens")}, indent=1))
+    out = run(
+        settings,
+        checker,
+        lambda m: print(m, file=sys.stderr, flush=True),
+        args.encoding,
+        sidecar.unavailable_reason(),
+    )
+    print(
+        json.dumps(
+            {
+                k: v
+                for k, v in out.items()
+                if k not in ("per_turn_median_us", "history_chars", "history_tokens")
+            },
+            indent=1,
+        )
+    )
     return 1 if checker.totals()["mismatches"] else 0
 
 

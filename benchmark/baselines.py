@@ -1,4 +1,4 @@
-"""Other exact tokenizers, for "caching" against "switching tokenizers". Optional, labelled honestly.
+"""Other exact tokenizers: caching against switching tokenizers. Optional, labelled honestly.
 
 Each baseline encodes the *whole* text (prefix + suffix) every time, like tiktoken; none caches.
 They are imported only if installed (``pip install 'flashtoken[bench]'``) and are checked token
@@ -7,7 +7,7 @@ by token against tiktoken like every other strategy: a baseline that disagrees i
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 Encoder = Callable[[str], list[int]]
 

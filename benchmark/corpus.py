@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 SYSTEM_PROMPT = """\
 You are Atlas, the customer-support assistant of Northwind Outfitters. Follow these rules.
@@ -75,7 +75,7 @@ MULTILINGUAL = (
 _SOURCE_MODULES = ("json.decoder", "textwrap", "argparse", "heapq", "fractions", "statistics")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def documentation() -> str:
     """The language reference topics, concatenated in sorted order."""
     from pydoc_data.topics import topics
@@ -83,7 +83,7 @@ def documentation() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sources() -> str:
     """A few stdlib modules' source code."""
     import importlib
@@ -91,7 +91,7 @@ def sources() -> str:
     return "\n\n".join(inspect.getsource(importlib.import_module(m)) for m in _SOURCE_MODULES)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mixed() -> str:
     """Documentation, code and multilingual text interleaved, ~600 KB, always the same."""
     rng = random.Random(7)

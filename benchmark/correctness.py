@@ -8,7 +8,8 @@ control that is known to be wrong; its mismatches show the corpus reaches the ha
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import flashtoken
 from benchmark import baselines, corpus
@@ -21,12 +22,34 @@ _MAX_EXAMPLES = 5
 # "中Z"+"a"), digit runs, whitespace runs before a word, CRLF, combining marks, emoji sequences,
 # special-token text split in the middle, and code points whose Unicode class changed recently.
 TRICKY = (
-    "a's", "He'LL've they'RE", "Total: 12345678901", "  \n\n  x", "foo \r\n\r\n bar", "\t\t\tdef f():",
-    "中Za中Zab", "日本語のテキストZa", "e\u0301e\u0301\u0301 n\u0303o", "👩‍💻🚀✨🇩🇪👍🏽",
-    "x <|endoftext|> y", "<|endof" + "text|><|fim_prefix|>", "'''\"\"\"''s", "3.14159e-10f",
-    "hello     world", "   ", "\n\n\n", "a\u0295b\u0295 \u0295", "\U0001fae8\U0001fae9 \u1c89x",
-    "ÄÖÜß straße", "http://example.com/a?b=c&d=e", "    return x  # 'tis", "!!!???...",
-    "A1B2 c3'd4", "x\u00a0y\u2009z", "Мама мыла раму", "ᐃᓄᒃᑎᑐᑦ", "\u200d\u200dzwj",
+    "a's",
+    "He'LL've they'RE",
+    "Total: 12345678901",
+    "  \n\n  x",
+    "foo \r\n\r\n bar",
+    "\t\t\tdef f():",
+    "中Za中Zab",
+    "日本語のテキストZa",
+    "e\u0301e\u0301\u0301 n\u0303o",
+    "👩‍💻🚀✨🇩🇪👍🏽",
+    "x <|endoftext|> y",
+    "<|endof" + "text|><|fim_prefix|>",
+    "'''\"\"\"''s",
+    "3.14159e-10f",
+    "hello     world",
+    "   ",
+    "\n\n\n",
+    "a\u0295b\u0295 \u0295",
+    "\U0001fae8\U0001fae9 \u1c89x",
+    "ÄÖÜß straße",
+    "http://example.com/a?b=c&d=e",
+    "    return x  # 'tis",
+    "!!!???...",
+    "A1B2 c3'd4",
+    "x\u00a0y\u2009z",
+    "Мама мыла раму",
+    "ᐃᓄᒃᑎᑐᑦ",
+    "\u200d\u200dzwj",
 )
 
 
@@ -36,7 +59,9 @@ class Checker:
     def __init__(self) -> None:
         self.by_strategy: dict[str, dict[str, Any]] = {}
 
-    def check(self, strategy: str, got: object, want: object, where: str, kind: str = FLASHTOKEN) -> bool:
+    def check(
+        self, strategy: str, got: object, want: object, where: str, kind: str = FLASHTOKEN
+    ) -> bool:
         entry = self.by_strategy.setdefault(
             strategy, {"kind": kind, "cases": 0, "mismatches": 0, "examples": []}
         )
@@ -64,23 +89,30 @@ class Checker:
 
 
 def outcome(fn: Callable[[], object]) -> object:
-    """The result of ``fn()``, or the type of the ValueError it raised (tiktoken's special-token error)."""
+    """The result of ``fn()``, or the type of the ValueError it raised (a special-token error)."""
     try:
         return fn()
     except ValueError as exc:
         return ("ValueError", type(exc).__name__)
 
 
-def check_split(checker: Checker, enc: Any, prefix: str, suffix: str, where: str, min_backtrack: int) -> None:
+def check_split(
+    checker: Checker, enc: Any, prefix: str, suffix: str, where: str, min_backtrack: int
+) -> None:
     """Every FlashToken encode path on one split, against tiktoken on the joined text."""
     text = prefix + suffix
     want = enc.encode_ordinary(text)
     tag = f"{enc.name} {where} prefix={prefix[-40:]!r} suffix={suffix[:40]!r}"
     cache = flashtoken.FixedPrefixTokenCache(enc, prefix)
     checker.check("FixedPrefixTokenCache.encode_ordinary", cache.encode_ordinary(suffix), want, tag)
-    checker.check("FixedPrefixTokenCache.count_ordinary", cache.count_ordinary(suffix), len(want), tag)
     checker.check(
-        "FixedPrefixTokenCache.encode_ordinary_array", cache.encode_ordinary_array(suffix).tolist(), want, tag
+        "FixedPrefixTokenCache.count_ordinary", cache.count_ordinary(suffix), len(want), tag
+    )
+    checker.check(
+        "FixedPrefixTokenCache.encode_ordinary_array",
+        cache.encode_ordinary_array(suffix).tolist(),
+        want,
+        tag,
     )
     held = list(cache.prefix_tokens)
     delta = cache.encode_ordinary_delta(suffix)
@@ -100,7 +132,10 @@ def check_split(checker: Checker, enc: Any, prefix: str, suffix: str, where: str
     )
     tight = flashtoken.FixedPrefixTokenCache(enc, prefix, backtrack_pieces=min_backtrack)
     checker.check(
-        "FixedPrefixTokenCache(backtrack_pieces=minimum).encode_ordinary", tight.encode_ordinary(suffix), want, tag
+        "FixedPrefixTokenCache(backtrack_pieces=minimum).encode_ordinary",
+        tight.encode_ordinary(suffix),
+        want,
+        tag,
     )
     chat = flashtoken.AppendOnlyPieceTokenCache(enc, prefix)
     held = list(chat.tokens)
@@ -115,7 +150,9 @@ def check_split(checker: Checker, enc: Any, prefix: str, suffix: str, where: str
     delta = rewrite.set_text(text)
     applied = held[: len(held) - delta.rollback_tokens] + delta.tokens_to_append
     checker.check("AppendOnlyPieceTokenCache.set_text (delta)", applied, want, tag)
-    checker.check(NAIVE, enc.encode_ordinary(prefix) + enc.encode_ordinary(suffix), want, tag, CONTROL)
+    checker.check(
+        NAIVE, enc.encode_ordinary(prefix) + enc.encode_ordinary(suffix), want, tag, CONTROL
+    )
 
 
 def splits(seed: int, n_random: int, contexts: Iterable[int]) -> Iterable[tuple[str, str, str]]:
@@ -125,15 +162,25 @@ def splits(seed: int, n_random: int, contexts: Iterable[int]) -> Iterable[tuple[
         lead = corpus.slice_of(rng, context) if context else ""
         for s in TRICKY:
             for i in range(len(s) + 1):
-                yield lead + s[:i], s[i:] + (" next" if context else ""), f"boundary ctx={context} pos={i}"
+                yield (
+                    lead + s[:i],
+                    s[i:] + (" next" if context else ""),
+                    f"boundary ctx={context} pos={i}",
+                )
     for k in range(n_random):
         text = corpus.slice_of(rng, rng.randint(20, 3000))
         cut = rng.randint(0, len(text))
         yield text[:cut], text[cut:], f"random #{k}"
 
 
-def run(checker: Checker, encodings: Iterable[str], seed: int, n_random: int, contexts: Iterable[int],
-        progress: Callable[[str], None]) -> None:
+def run(
+    checker: Checker,
+    encodings: Iterable[str],
+    seed: int,
+    n_random: int,
+    contexts: Iterable[int],
+    progress: Callable[[str], None],
+) -> None:
     """The boundary corpus and random splits, on each encoding, for every strategy."""
     contexts = tuple(contexts)
     for name in encodings:
@@ -145,6 +192,8 @@ def run(checker: Checker, encodings: Iterable[str], seed: int, n_random: int, co
             check_split(checker, enc, prefix, suffix, label, minimum)
             want = enc.encode_ordinary(prefix + suffix)
             for base_name, encode in others.items():
-                checker.check(base_name, list(encode(prefix + suffix)), want, f"{name} {label}", BASELINE)
+                checker.check(
+                    base_name, list(encode(prefix + suffix)), want, f"{name} {label}", BASELINE
+                )
             count += 1
         progress(f"correctness: {name}: {count} splits checked")

@@ -86,8 +86,19 @@ class Server:
             self.port = s.getsockname()[1]
         self.dir = tempfile.mkdtemp(prefix="flashtoken-http-")
         self.log_path = os.path.join(self.dir, "gunicorn.log")
-        args = [sys.executable, "-m", "gunicorn", "-c", str(CONF), "-b", f"127.0.0.1:{self.port}",
-                "-w", str(WORKERS), "--graceful-timeout", "5"]
+        args = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            str(CONF),
+            "-b",
+            f"127.0.0.1:{self.port}",
+            "-w",
+            str(WORKERS),
+            "--graceful-timeout",
+            "5",
+        ]
         try:
             if tuple(int(x) for x in metadata.version("gunicorn").split(".")[:2]) >= (25, 1):
                 args.append("--no-control-socket")
@@ -96,17 +107,24 @@ class Server:
         env = {**os.environ, "FLASHTOKEN_EXAMPLE_STRATEGY": strategy}
         env.pop("FLASHTOKEN_ADDRESS", None)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env, cwd=self.dir,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=self.dir,
+                start_new_session=True,
+            )
         self.daemon_pid: int | None = None
 
     def wait_ready(self, strategy: str) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:"
-                                   f" {self.log_tail()}")
+                raise RuntimeError(
+                    f"gunicorn exited with {self.proc.returncode}: {self.log_tail()}"
+                )
             try:
                 stats = self.stats()
                 if strategy != "sidecar" or stats.get("daemon"):
@@ -161,8 +179,9 @@ def _load(args: dict[str, Any], barrier: Any, out: Any) -> None:
     """One load process: THREADS closed-loop connections; warm-up, then the measured window."""
     try:
         prefixes, suffixes = _inputs(args["seed"])
-        bodies = [json.dumps({"prefix": p, "suffix": s}).encode()
-                  for p in prefixes for s in suffixes]
+        bodies = [
+            json.dumps({"prefix": p, "suffix": s}).encode() for p in prefixes for s in suffixes
+        ]
         path = "/tokenize?return=count" if args["mode"] == "count" else "/tokenize"
         lat: list[array] = [array("q") for _ in range(THREADS)]
         kept: list[tuple[int, Any, str]] = []
@@ -179,8 +198,12 @@ def _load(args: dict[str, Any], barrier: Any, out: Any) -> None:
                     i = rng.randrange(len(bodies))
                     t0 = time.perf_counter_ns()
                     try:
-                        conn.request("POST", path, body=bodies[i],
-                                     headers={"Content-Type": "application/json"})
+                        conn.request(
+                            "POST",
+                            path,
+                            body=bodies[i],
+                            headers={"Content-Type": "application/json"},
+                        )
                         response = conn.getresponse()
                         data = response.read()
                         status = response.status
@@ -222,9 +245,17 @@ def _load(args: dict[str, Any], barrier: Any, out: Any) -> None:
             got = reply["count"] if args["mode"] == "count" else reply["tokens"]
             mismatches += got != (len(want) if args["mode"] == "count" else want)
             sources[reply["source"]] += 1
-        out.put({"ok": True, "lat": b"".join(a.tobytes() for a in lat), "statuses": dict(statuses),
-                 "errors": errors, "checked": len(kept), "mismatches": mismatches,
-                 "sources": dict(sources)})
+        out.put(
+            {
+                "ok": True,
+                "lat": b"".join(a.tobytes() for a in lat),
+                "statuses": dict(statuses),
+                "errors": errors,
+                "checked": len(kept),
+                "mismatches": mismatches,
+                "sources": dict(sources),
+            }
+        )
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, never a hang
         out.put({"ok": False, "error": repr(exc)})
 
@@ -233,9 +264,14 @@ def run_load(port: int, mode: str, seed: int) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(LOAD_PROCESSES)
     out = ctx.Queue()
-    procs = [ctx.Process(target=_load, args=({"port": port, "mode": mode, "seed": seed,
-                                               "process": k}, barrier, out), daemon=True)
-             for k in range(LOAD_PROCESSES)]
+    procs = [
+        ctx.Process(
+            target=_load,
+            args=({"port": port, "mode": mode, "seed": seed, "process": k}, barrier, out),
+            daemon=True,
+        )
+        for k in range(LOAD_PROCESSES)
+    ]
     for p in procs:
         p.start()
     results = []
@@ -262,7 +298,8 @@ def run_load(port: int, mode: str, seed: int) -> dict[str, Any]:
         statuses.update({int(k): v for k, v in r["statuses"].items()})
         sources.update(r["sources"])
     return {
-        "requests": len(lat), "requests_per_s": len(lat) / MEASURE_S,
+        "requests": len(lat),
+        "requests_per_s": len(lat) / MEASURE_S,
         "latency": timing.summarize(lat) if lat else None,
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
         "non_200": sum(v for k, v in statuses.items() if k != 200),
@@ -273,8 +310,12 @@ def run_load(port: int, mode: str, seed: int) -> dict[str, Any]:
     }
 
 
-def run(settings: Settings, checker: Any, progress: Callable[[str], None],
-        daemon_skip: str | None = None) -> dict[str, Any]:
+def run(
+    settings: Settings,
+    checker: Any,
+    progress: Callable[[str], None],
+    daemon_skip: str | None = None,
+) -> dict[str, Any]:
     """Both strategies, both response modes; a fresh server (and daemon) per strategy."""
     skip = daemon_skip or unavailable_reason()
     if skip:
@@ -292,32 +333,48 @@ def run(settings: Settings, checker: Any, progress: Callable[[str], None],
                 kind = "flashtoken" if strategy == "sidecar" else "baseline"
                 entry = checker.by_strategy.setdefault(
                     f"http_e2e: {LABELS[strategy]}",
-                    {"kind": kind, "cases": 0, "mismatches": 0, "examples": []})
+                    {"kind": kind, "cases": 0, "mismatches": 0, "examples": []},
+                )
                 entry["cases"] += result["checked"]
                 entry["mismatches"] += result["mismatches"]
                 if result["mismatches"]:
                     entry["examples"].append(
-                        f"{mode}: {result['mismatches']} sampled responses differ")
+                        f"{mode}: {result['mismatches']} sampled responses differ"
+                    )
                 lat = result["latency"] or {}
-                progress(f"http_e2e: {strategy} ({mode}): {result['requests_per_s']:.0f} req/s, "
-                         f"p50 {lat.get('median_us', 0) / 1000:.2f} ms, "
-                         f"p99 {lat.get('p99_us', 0) / 1000:.2f} ms, non-200 {result['non_200']}")
+                progress(
+                    f"http_e2e: {strategy} ({mode}): {result['requests_per_s']:.0f} req/s, "
+                    f"p50 {lat.get('median_us', 0) / 1000:.2f} ms, "
+                    f"p99 {lat.get('p99_us', 0) / 1000:.2f} ms, non-200 {result['non_200']}"
+                )
             if strategy == "sidecar":
                 final = server.stats()
                 runs[-1]["daemon_stats"] = (final.get("daemon") or {}).get("stats")
         finally:
             server.stop()
     for mode in MODES:
-        base = next((r["requests_per_s"] for r in runs
-                     if r["mode"] == mode and r["strategy_key"] == "tiktoken"), None)
+        base = next(
+            (
+                r["requests_per_s"]
+                for r in runs
+                if r["mode"] == mode and r["strategy_key"] == "tiktoken"
+            ),
+            None,
+        )
         for r in runs:
             if r["mode"] == mode:
                 r["throughput_ratio_vs_tiktoken"] = r["requests_per_s"] / base if base else None
     return {
-        "encoding": "cl100k_base", "workers": WORKERS, "worker_class": "sync",
-        "prefixes": PREFIXES, "prefix_kib": PREFIX_KIB, "suffix_chars": [40, 200],
-        "load_processes": LOAD_PROCESSES, "connections": LOAD_PROCESSES * THREADS,
-        "windows_s": {"warmup": WARMUP_S, "measure": MEASURE_S}, "modes": list(MODES),
+        "encoding": "cl100k_base",
+        "workers": WORKERS,
+        "worker_class": "sync",
+        "prefixes": PREFIXES,
+        "prefix_kib": PREFIX_KIB,
+        "suffix_chars": [40, 200],
+        "load_processes": LOAD_PROCESSES,
+        "connections": LOAD_PROCESSES * THREADS,
+        "windows_s": {"warmup": WARMUP_S, "measure": MEASURE_S},
+        "modes": list(MODES),
         "runs": runs,
     }
 

@@ -23,7 +23,8 @@ import random
 import time
 from array import array
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from benchmark import corpus, sidecar, timing
 from benchmark.config import KiB, Settings
@@ -38,8 +39,10 @@ _CHECK_MAX = 40
 def _inputs(args: dict[str, Any]) -> tuple[list[str], list[str], list[int]]:
     rng = random.Random(args["seed"])
     lo, hi = args["prefix_kib"]
-    prefixes = [corpus.system_prompt(rng.randint(lo * KiB, hi * KiB), rng, tenant=i + 1)
-                for i in range(args["prefixes"])]
+    prefixes = [
+        corpus.system_prompt(rng.randint(lo * KiB, hi * KiB), rng, tenant=i + 1)
+        for i in range(args["prefixes"])
+    ]
     suffixes = [corpus.suffix(rng.randint(40, 200), rng) for _ in range(64)]
     order = list(range(args["prefixes"]))
     rng.shuffle(order)  # popularity rank independent of prefix size
@@ -48,7 +51,9 @@ def _inputs(args: dict[str, Any]) -> tuple[list[str], list[str], list[int]]:
     return prefixes, suffixes, picks
 
 
-def _strategy(args: dict[str, Any], enc: Any) -> tuple[Callable[[str, str], list[int]], Callable[[], dict]]:
+def _strategy(
+    args: dict[str, Any], enc: Any
+) -> tuple[Callable[[str, str], list[int]], Callable[[], dict]]:
     import flashtoken
 
     if args["strategy"] == TIKTOKEN:
@@ -75,8 +80,15 @@ def _strategy(args: dict[str, Any], enc: Any) -> tuple[Callable[[str, str], list
     return (lambda p, s: client.encode_ordinary(s, prefix=p)), lambda: sidecar.client_stats(client)
 
 
-def _window(encode: Callable[[str, str], list[int]], prefixes: list[str], suffixes: list[str],
-            picks: list[int], first: int, seconds: float, kept: list[Any] | None) -> array:
+def _window(
+    encode: Callable[[str, str], list[int]],
+    prefixes: list[str],
+    suffixes: list[str],
+    picks: list[int],
+    first: int,
+    seconds: float,
+    kept: list[Any] | None,
+) -> array:
     """Requests back to back for ``seconds``; the latencies (ns) of those that finished in time."""
     lat = array("q")
     end = time.perf_counter_ns() + int(seconds * 1e9)
@@ -111,42 +123,68 @@ def _worker(args: dict[str, Any], barrier: Any, out: Any) -> None:
         _window(encode, prefixes, suffixes, picks, len(cold), args["warmup_s"], None)
         kept: list[tuple[int, int, list[int]]] = []
         measure = _window(encode, prefixes, suffixes, picks, 2 * len(cold), args["measure_s"], kept)
-        mismatches = sum(enc.encode_ordinary(prefixes[p] + suffixes[s]) != list(t) for p, s, t in kept)
-        out.put({
-            "worker": args["worker"], "ok": True,
-            "cold_ns": cold.tobytes(), "measure_ns": measure.tobytes(),
-            "checked": len(kept), "mismatches": mismatches,
-            "rss_kib": sidecar.rss_kib(), "strategy_stats": stats(),
-        })
+        mismatches = sum(
+            enc.encode_ordinary(prefixes[p] + suffixes[s]) != list(t) for p, s, t in kept
+        )
+        out.put(
+            {
+                "worker": args["worker"],
+                "ok": True,
+                "cold_ns": cold.tobytes(),
+                "measure_ns": measure.tobytes(),
+                "checked": len(kept),
+                "mismatches": mismatches,
+                "rss_kib": sidecar.rss_kib(),
+                "strategy_stats": stats(),
+            }
+        )
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, never a hang
         out.put({"worker": args.get("worker"), "ok": False, "error": repr(exc)})
 
 
-def run_one(settings: Settings, strategy: str, workers: int, encoding: str,
-            address: str | None) -> dict[str, Any]:
+def run_one(
+    settings: Settings, strategy: str, workers: int, encoding: str, address: str | None
+) -> dict[str, Any]:
     """``workers`` processes of one strategy; aggregate throughput, latency and memory."""
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(workers)
     out = ctx.Queue()
     base = {
-        "strategy": strategy, "encoding": encoding, "address": address, "seed": settings.seed,
-        "prefixes": settings.mw_prefixes, "prefix_kib": settings.mw_prefix_kib,
-        "zipf_s": settings.mw_zipf_s, "local_entries": settings.mw_local_entries,
-        "cold_s": settings.mw_cold_s, "warmup_s": settings.mw_warmup_s,
-        "measure_s": settings.mw_measure_s, "timeout_s": settings.mw_timeout_s,
+        "strategy": strategy,
+        "encoding": encoding,
+        "address": address,
+        "seed": settings.seed,
+        "prefixes": settings.mw_prefixes,
+        "prefix_kib": settings.mw_prefix_kib,
+        "zipf_s": settings.mw_zipf_s,
+        "local_entries": settings.mw_local_entries,
+        "cold_s": settings.mw_cold_s,
+        "warmup_s": settings.mw_warmup_s,
+        "measure_s": settings.mw_measure_s,
+        "timeout_s": settings.mw_timeout_s,
     }
-    procs = [ctx.Process(target=_worker, args=(dict(base, worker=w), barrier, out), daemon=True)
-             for w in range(workers)]
+    procs = [
+        ctx.Process(target=_worker, args=(dict(base, worker=w), barrier, out), daemon=True)
+        for w in range(workers)
+    ]
     for proc in procs:
         proc.start()
     results = []
     try:
-        deadline = time.monotonic() + settings.mw_timeout_s + base["cold_s"] + base["warmup_s"] + base["measure_s"]
+        deadline = (
+            time.monotonic()
+            + settings.mw_timeout_s
+            + base["cold_s"]
+            + base["warmup_s"]
+            + base["measure_s"]
+        )
         while len(results) < workers:
             try:
                 results.append(out.get(timeout=max(0.1, deadline - time.monotonic())))
             except queue_mod.Empty:
-                raise RuntimeError(f"{strategy}: {workers} workers: no result within the timeout") from None
+                raise RuntimeError(
+                    f"{strategy}: {workers} workers: no result within the timeout"
+                ) from None
     finally:
         for proc in procs:
             proc.join(timeout=10)
@@ -160,7 +198,8 @@ def run_one(settings: Settings, strategy: str, workers: int, encoding: str,
     cold = [x for r in results for x in array("q", r["cold_ns"])]
     rss = [r["rss_kib"] for r in results if r["rss_kib"] is not None]
     return {
-        "strategy": strategy, "workers": workers,
+        "strategy": strategy,
+        "workers": workers,
         "requests_per_s": len(measure) / settings.mw_measure_s,
         "cold_requests_per_s": len(cold) / settings.mw_cold_s,
         "latency": timing.summarize(measure),
@@ -173,8 +212,14 @@ def run_one(settings: Settings, strategy: str, workers: int, encoding: str,
     }
 
 
-def run(settings: Settings, checker: Any, progress: Callable[[str], None], encoding: str,
-        workers: tuple[int, ...], daemon_skip: str | None) -> dict[str, Any]:
+def run(
+    settings: Settings,
+    checker: Any,
+    progress: Callable[[str], None],
+    encoding: str,
+    workers: tuple[int, ...],
+    daemon_skip: str | None,
+) -> dict[str, Any]:
     """Every strategy at every worker count; the daemon strategy gets a fresh daemon each time."""
     strategies = [TIKTOKEN, LOCAL] + ([] if daemon_skip else [DAEMON])
     runs = []
@@ -193,22 +238,38 @@ def run(settings: Settings, checker: Any, progress: Callable[[str], None], encod
             runs.append(result)
             kind = "flashtoken" if strategy != TIKTOKEN else "baseline"
             entry = checker.by_strategy.setdefault(
-                f"multiworker: {strategy}", {"kind": kind, "cases": 0, "mismatches": 0, "examples": []})
+                f"multiworker: {strategy}",
+                {"kind": kind, "cases": 0, "mismatches": 0, "examples": []},
+            )
             entry["cases"] += result["checked"]
             entry["mismatches"] += result["mismatches"]
             if result["mismatches"]:
-                entry["examples"].append(f"{n} workers: {result['mismatches']} sampled responses differ")
-            progress(f"multiworker: {strategy}: {n} workers: {result['requests_per_s']:.0f} req/s "
-                     f"(cold {result['cold_requests_per_s']:.0f} req/s), "
-                     f"p99 {result['latency']['p99_us']:.0f} us")
+                entry["examples"].append(
+                    f"{n} workers: {result['mismatches']} sampled responses differ"
+                )
+            progress(
+                f"multiworker: {strategy}: {n} workers: {result['requests_per_s']:.0f} req/s "
+                f"(cold {result['cold_requests_per_s']:.0f} req/s), "
+                f"p99 {result['latency']['p99_us']:.0f} us"
+            )
     base = {r["workers"]: r["requests_per_s"] for r in runs if r["strategy"] == TIKTOKEN}
     for r in runs:
-        r["throughput_ratio_vs_tiktoken"] = r["requests_per_s"] / base[r["workers"]] if base.get(r["workers"]) else None
+        r["throughput_ratio_vs_tiktoken"] = (
+            r["requests_per_s"] / base[r["workers"]] if base.get(r["workers"]) else None
+        )
     return {
-        "encoding": encoding, "strategies": strategies, "workers": list(workers),
-        "prefixes": settings.mw_prefixes, "prefix_kib": list(settings.mw_prefix_kib),
-        "zipf_s": settings.mw_zipf_s, "local_entries": settings.mw_local_entries,
-        "windows_s": {"cold": settings.mw_cold_s, "warmup": settings.mw_warmup_s,
-                      "measure": settings.mw_measure_s},
-        "daemon_skipped": daemon_skip, "runs": runs,
+        "encoding": encoding,
+        "strategies": strategies,
+        "workers": list(workers),
+        "prefixes": settings.mw_prefixes,
+        "prefix_kib": list(settings.mw_prefix_kib),
+        "zipf_s": settings.mw_zipf_s,
+        "local_entries": settings.mw_local_entries,
+        "windows_s": {
+            "cold": settings.mw_cold_s,
+            "warmup": settings.mw_warmup_s,
+            "measure": settings.mw_measure_s,
+        },
+        "daemon_skipped": daemon_skip,
+        "runs": runs,
     }

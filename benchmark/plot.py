@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmark import multiworker, workloads  # noqa: E402
+from benchmark import workloads  # noqa: E402
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -36,10 +36,20 @@ def speedup_vs_prefix(results: dict[str, Any], out: Path) -> Path | None:
     for enc, fp in sweep.items():
         xs = [c["prefix_kib"] for c in fp["cells"]]
         for name, style in ((workloads.FT_ENCODE, "-o"), (workloads.FT_COUNT, "--s")):
-            ax.plot(xs, [c["ratio_vs_tiktoken"][name] for c in fp["cells"]], style, label=f"{name} ({enc})")
+            ax.plot(
+                xs,
+                [c["ratio_vs_tiktoken"][name] for c in fp["cells"]],
+                style,
+                label=f"{name} ({enc})",
+            )
         for name in fp["cells"][0]["stats"]:
             if "whole text" in name:
-                ax.plot(xs, [c["ratio_vs_tiktoken"][name] for c in fp["cells"]], ":^", label=f"{name} ({enc})")
+                ax.plot(
+                    xs,
+                    [c["ratio_vs_tiktoken"][name] for c in fp["cells"]],
+                    ":^",
+                    label=f"{name} ({enc})",
+                )
     ax.axhline(1, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -63,8 +73,10 @@ def chat_latency(results: dict[str, Any], out: Path) -> Path | None:
     ax.set_yscale("log")
     ax.set_xlabel("turn")
     ax.set_ylabel("latency per turn (µs, median of sequences, log)")
-    ax.set_title(f"{chat['turns']}-turn chat ({chat['encoding']}): per-turn cost vs history "
-                 f"(ends at {chat['history_tokens'][-1]:,} tokens)")
+    ax.set_title(
+        f"{chat['turns']}-turn chat ({chat['encoding']}): per-turn cost vs history "
+        f"(ends at {chat['history_tokens'][-1]:,} tokens)"
+    )
     ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
     return _save(fig, out / "chat_per_turn_latency.png")
@@ -82,8 +94,13 @@ def throughput(results: dict[str, Any], out: Path) -> Path | None:
     for strategy in dict.fromkeys(r["strategy"] for r in runs):
         rs = [r for r in runs if r["strategy"] == strategy]
         ax.plot([r["workers"] for r in rs], [r["requests_per_s"] for r in rs], "-o", label=strategy)
-        ax.plot([r["workers"] for r in rs], [r["cold_requests_per_s"] for r in rs], ":x", alpha=0.6,
-                label=f"{strategy}, cold start")
+        ax.plot(
+            [r["workers"] for r in rs],
+            [r["cold_requests_per_s"] for r in rs],
+            ":x",
+            alpha=0.6,
+            label=f"{strategy}, cold start",
+        )
     ax.set_yscale("log")
     ax.set_xscale("log", base=2)
     ticks = sorted({r["workers"] for r in runs})
@@ -110,9 +127,15 @@ def latency_percentiles(results: dict[str, Any], out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     width = 0.25
     for i, (key, label) in enumerate((("median_us", "p50"), ("p90_us", "p90"), ("p99_us", "p99"))):
-        ax.bar([j + (i - 1) * width for j in range(len(chosen))], [r["latency"][key] for r in chosen],
-               width, label=label)
-    ax.set_xticks(range(len(chosen)), [r["strategy"].replace(" (", "\n(") for r in chosen], fontsize=7)
+        ax.bar(
+            [j + (i - 1) * width for j in range(len(chosen))],
+            [r["latency"][key] for r in chosen],
+            width,
+            label=label,
+        )
+    ax.set_xticks(
+        range(len(chosen)), [r["strategy"].replace(" (", "\n(") for r in chosen], fontsize=7
+    )
     ax.set_yscale("log")
     ax.set_ylabel("request latency (µs, log)")
     ax.set_title(f"Latency percentiles, {chosen[0]['workers']} workers")
@@ -125,7 +148,9 @@ def memory(results: dict[str, Any], out: Path) -> Path | None:
     runs = _runs(results)
     if not runs:
         return None
-    chosen = _reference_runs([r for r in runs if r["workers"] == max(x["workers"] for x in runs)] or runs)
+    chosen = _reference_runs(
+        [r for r in runs if r["workers"] == max(x["workers"] for x in runs)] or runs
+    )
     labels, worker_mib, daemon_mib = [], [], []
     for r in chosen:
         labels.append(r["strategy"].replace(" (", "\n("))
@@ -151,7 +176,9 @@ def heatmap(results: dict[str, Any], out: Path) -> Path | None:
     sks = sorted({c["suffix_chars"] for c in fp["cells"]})
     grid = [[float("nan")] * len(sks) for _ in pks]
     for c in fp["cells"]:
-        grid[pks.index(c["prefix_kib"])][sks.index(c["suffix_chars"])] = c["ratio_vs_tiktoken"][workloads.FT_ENCODE]
+        grid[pks.index(c["prefix_kib"])][sks.index(c["suffix_chars"])] = c["ratio_vs_tiktoken"][
+            workloads.FT_ENCODE
+        ]
     fig, ax = plt.subplots(figsize=(6, 4.5))
     im = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
     for i in range(len(pks)):
@@ -176,7 +203,7 @@ def http_e2e(results: dict[str, Any], out: Path) -> Path | None:
     colors = ["tab:grey" if r["strategy_key"] == "tiktoken" else "tab:blue" for r in runs]
     xs = range(len(runs))
     left.bar(xs, [r["requests_per_s"] for r in runs], color=colors)
-    for x, r in zip(xs, runs):
+    for x, r in zip(xs, runs, strict=False):
         ratio = r.get("throughput_ratio_vs_tiktoken")
         if ratio:
             left.text(x, r["requests_per_s"], f"{ratio:.1f}x", ha="center", va="bottom", fontsize=8)
@@ -185,14 +212,21 @@ def http_e2e(results: dict[str, Any], out: Path) -> Path | None:
     left.set_title("Throughput")
     width = 0.4
     for i, (key, label) in enumerate((("median_us", "p50"), ("p99_us", "p99"))):
-        right.bar([x + (i - 0.5) * width for x in xs],
-                  [(r["latency"] or {}).get(key, 0) / 1000 for r in runs], width, label=label)
+        right.bar(
+            [x + (i - 0.5) * width for x in xs],
+            [(r["latency"] or {}).get(key, 0) / 1000 for r in runs],
+            width,
+            label=label,
+        )
     right.set_xticks(list(xs), labels, fontsize=8)
     right.set_ylabel("request latency (ms)")
     right.set_title("Latency")
     right.legend()
-    fig.suptitle(f"HTTP end to end: gunicorn, {h['workers']} workers, {h['prefix_kib']} KiB system prompts, "
-                 f"{h['connections']} connections", fontsize=10)
+    fig.suptitle(
+        f"HTTP end to end: gunicorn, {h['workers']} workers, {h['prefix_kib']} KiB system prompts, "
+        f"{h['connections']} connections",
+        fontsize=10,
+    )
     return _save(fig, out / "http_e2e.png")
 
 
@@ -218,8 +252,16 @@ def draw(results_path: Path, out: Path | None = None) -> list[Path]:
     out = Path(results_path).parent if out is None else out
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for fn in (speedup_vs_prefix, chat_latency, throughput, latency_percentiles, memory, heatmap,
-               http_e2e, auto_chat_latency):
+    for fn in (
+        speedup_vs_prefix,
+        chat_latency,
+        throughput,
+        latency_percentiles,
+        memory,
+        heatmap,
+        http_e2e,
+        auto_chat_latency,
+    ):
         path = fn(results, out)
         if path is not None:
             written.append(path)
@@ -227,9 +269,13 @@ def draw(results_path: Path, out: Path | None = None) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmark.plot", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmark.plot", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("results", type=Path, help="results.json written by python -m benchmark")
-    parser.add_argument("--out", type=Path, default=None, help="directory for the PNGs (default: next to results)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="directory for the PNGs (default: next to results)"
+    )
     args = parser.parse_args(argv)
     for path in draw(args.results, args.out):
         print(path)

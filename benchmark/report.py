@@ -13,39 +13,68 @@ from typing import Any
 
 from benchmark import auto_chat, multiworker, workloads
 
-_PACKAGES = ("tiktoken", "flashtoken", "regex", "pyzmq", "msgpack", "xxhash", "numpy", "matplotlib",
-             "bpe-openai", "toktok-rs")
+_PACKAGES = (
+    "tiktoken",
+    "flashtoken",
+    "regex",
+    "pyzmq",
+    "msgpack",
+    "xxhash",
+    "numpy",
+    "matplotlib",
+    "bpe-openai",
+    "toktok-rs",
+)
 
 # The figures plot.py draws from results.json, each with the one line summary.md prints for it.
 FIGURES = (
-    ("speedup_vs_prefix_length.png",
-     "Speed-up of FixedPrefixTokenCache.encode_ordinary over tiktoken on the whole text, against prefix "
-     "length (suffix ~100 characters), per encoding: the saving grows with the prefix."),
-    ("chat_per_turn_latency.png",
-     "Per-turn latency over a 200-turn chat: tiktoken re-encoding the history grows with it; the "
-     "append-only cache should stay flat."),
-    ("multiworker_throughput.png",
-     "Aggregate requests/s against the number of worker processes, per strategy (2 cores: beyond 2 "
-     "workers there is no more CPU)."),
-    ("latency_percentiles.png",
-     "p50/p90/p99 request latency per strategy in the 4-worker (or largest) multi-worker run, log scale."),
-    ("memory_per_strategy.png",
-     "Resident memory per worker process (median) and of the daemon, per strategy, at the largest "
-     "worker count."),
-    ("http_e2e.png",
-     "End to end over HTTP: the gunicorn example app, 4 sync workers, 32 KiB system prompts: "
-     "requests/s and p50/p99 latency, plain tiktoken vs the FlashToken sidecar, returning the "
-     "token list or only the count."),
-    ("auto_chat_per_turn_latency.png",
-     "Automatic reuse: per-turn latency against history length for a 200-turn chat routed at random "
-     "over 4 worker processes, each request the whole conversation with a rewritten generation "
-     "prompt: tiktoken, the declared-prefix API and the automatic API."),
-    ("fixed_prefix_heatmap.png",
-     "Speed-up over tiktoken for every prefix size x suffix size of the fixed-system-prompt workload."),
+    (
+        "speedup_vs_prefix_length.png",
+        "Speed-up of FixedPrefixTokenCache.encode_ordinary over tiktoken on the whole text, against prefix "
+        "length (suffix ~100 characters), per encoding: the saving grows with the prefix.",
+    ),
+    (
+        "chat_per_turn_latency.png",
+        "Per-turn latency over a 200-turn chat: tiktoken re-encoding the history grows with it; the "
+        "append-only cache should stay flat.",
+    ),
+    (
+        "multiworker_throughput.png",
+        "Aggregate requests/s against the number of worker processes, per strategy (2 cores: beyond 2 "
+        "workers there is no more CPU).",
+    ),
+    (
+        "latency_percentiles.png",
+        "p50/p90/p99 request latency per strategy in the 4-worker (or largest) multi-worker run, log scale.",
+    ),
+    (
+        "memory_per_strategy.png",
+        "Resident memory per worker process (median) and of the daemon, per strategy, at the largest "
+        "worker count.",
+    ),
+    (
+        "http_e2e.png",
+        "End to end over HTTP: the gunicorn example app, 4 sync workers, 32 KiB system prompts: "
+        "requests/s and p50/p99 latency, plain tiktoken vs the FlashToken sidecar, returning the "
+        "token list or only the count.",
+    ),
+    (
+        "auto_chat_per_turn_latency.png",
+        "Automatic reuse: per-turn latency against history length for a 200-turn chat routed at random "
+        "over 4 worker processes, each request the whole conversation with a rewritten generation "
+        "prompt: tiktoken, the declared-prefix API and the automatic API.",
+    ),
+    (
+        "fixed_prefix_heatmap.png",
+        "Speed-up over tiktoken for every prefix size x suffix size of the fixed-system-prompt workload.",
+    ),
 )
 
 TARGETS = {
-    "fixed_prefix_32k_100": 100.0, "multiworker_4_daemon": 20.0, "chat_total": 50.0, "auto_chat": 50.0,
+    "fixed_prefix_32k_100": 100.0,
+    "multiworker_4_daemon": 20.0,
+    "chat_total": 50.0,
+    "auto_chat": 50.0,
 }
 
 
@@ -66,9 +95,13 @@ def machine() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(),
-        "python": sys.version.split()[0], "implementation": platform.python_implementation(),
-        "versions": versions, "loadavg_start": _loadavg(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "os": platform.platform(),
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "versions": versions,
+        "loadavg_start": _loadavg(),
     }
 
 
@@ -85,13 +118,17 @@ def headlines(results: dict[str, Any]) -> dict[str, Any]:
     fp = results["workloads"].get("fixed_prefix", {})
     for cell in fp.get("cells", []):
         if cell["prefix_kib"] == 32 and cell["suffix_chars"] == 100:
-            out["fixed_prefix_32k_100"] = {"value": cell["ratio_vs_tiktoken"][workloads.FT_ENCODE],
-                                           "what": "FixedPrefixTokenCache.encode_ordinary, 32 KiB prefix + 100 chars"}
+            out["fixed_prefix_32k_100"] = {
+                "value": cell["ratio_vs_tiktoken"][workloads.FT_ENCODE],
+                "what": "FixedPrefixTokenCache.encode_ordinary, 32 KiB prefix + 100 chars",
+            }
     mw = results["workloads"].get("multiworker", {})
     for run in mw.get("runs", []):
         if run["strategy"] == multiworker.DAEMON and run["workers"] == 4:
-            out["multiworker_4_daemon"] = {"value": run["throughput_ratio_vs_tiktoken"],
-                                           "what": "4 workers, shared daemon via Client, aggregate req/s"}
+            out["multiworker_4_daemon"] = {
+                "value": run["throughput_ratio_vs_tiktoken"],
+                "what": "4 workers, shared daemon via Client, aggregate req/s",
+            }
     chat = results["workloads"].get("chat", {})
     if chat:
         out["chat_total"] = {
@@ -138,28 +175,50 @@ def _f(x: float | None, digits: int = 1) -> str:
 def summary(results: dict[str, Any]) -> str:
     m, c, w = results["machine"], results["correctness"], results["workloads"]
     lines = [
-        "# FlashToken benchmark", "",
+        "# FlashToken benchmark",
+        "",
         f"Mode `{results['settings']['mode']}`, seed {results['settings']['seed']}, "
         f"{results['duration_s']:.0f} s. {m['cpu']}, {m['cores']} cores, {m['os']}, Python {m['python']}; "
-        + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + ".",
+        + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+        + ".",
         f"Load average at start {m['loadavg_start']}, at end {m.get('loadavg_end')}: on a shared machine "
-        "absolute times are noisy; ratios measured in the same run are what to compare.", "",
-        "## Correctness", "",
+        "absolute times are noisy; ratios measured in the same run are what to compare.",
+        "",
+        "## Correctness",
+        "",
         f"**{c['mismatches']} mismatches in {c['cases']:,} FlashToken cases** (every strategy on every "
         "workload and on the boundary corpus, token by token against tiktoken on the whole text). "
         f"Control `naive encode(p)+encode(s)`: {c['control_mismatches']:,} mismatches in "
         f"{c['control_cases']:,} cases (expected > 0). Other tokenizers (baselines): "
-        f"{c['baseline_mismatches']} mismatches in {c['baseline_cases']:,} cases.", "",
-        "| strategy | kind | cases | mismatches |", "|---|---|---:|---:|",
+        f"{c['baseline_mismatches']} mismatches in {c['baseline_cases']:,} cases.",
+        "",
+        "| strategy | kind | cases | mismatches |",
+        "|---|---|---:|---:|",
     ]
     for name, e in sorted(c["by_strategy"].items()):
         lines.append(f"| {name} | {e['kind']} | {e['cases']:,} | {e['mismatches']:,} |")
-    lines += ["", "## Headline figures", "", "| figure | measured | target | met |", "|---|---:|---:|---|"]
+    lines += [
+        "",
+        "## Headline figures",
+        "",
+        "| figure | measured | target | met |",
+        "|---|---:|---:|---|",
+    ]
     for key, h in results["headlines"].items():
-        extra = f" (last/first per-turn cost {h['flatness_last_over_first']:.2f})" if "flatness_last_over_first" in h else ""
-        lines.append(f"| {h['what']}{extra} | {_f(h['value'])}x | {h['target']:.0f}x | {'yes' if h['met'] else 'NO'} |")
+        extra = (
+            f" (last/first per-turn cost {h['flatness_last_over_first']:.2f})"
+            if "flatness_last_over_first" in h
+            else ""
+        )
+        lines.append(
+            f"| {h['what']}{extra} | {_f(h['value'])}x | {h['target']:.0f}x | {'yes' if h['met'] else 'NO'} |"
+        )
     for name in ("fixed_prefix", "multiworker"):
-        skipped = (w.get(name) or {}).get("daemon_skipped") if name == "multiworker" else results.get("daemon_skipped")
+        skipped = (
+            (w.get(name) or {}).get("daemon_skipped")
+            if name == "multiworker"
+            else results.get("daemon_skipped")
+        )
         if skipped:
             lines.append(f"\nDaemon strategies skipped: {skipped}")
             break
@@ -172,22 +231,39 @@ def summary(results: dict[str, Any]) -> str:
     if results.get("errors"):
         lines += ["", "## Errors", ""] + [f"- {e}" for e in results["errors"]]
     lines += ["", "## Figures", ""] + [f"- `{name}`: {what}" for name, what in FIGURES]
-    lines += ["", "See docs/METHODOLOGY.md for how these were measured and what they do not show.", ""]
+    lines += [
+        "",
+        "See docs/METHODOLOGY.md for how these were measured and what they do not show.",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def _fixed_prefix_tables(fp: dict[str, Any] | None, title: str = "Fixed system prompt") -> list[str]:
+def _fixed_prefix_tables(
+    fp: dict[str, Any] | None, title: str = "Fixed system prompt"
+) -> list[str]:
     if not fp or not fp.get("cells"):
         return []
-    lines = ["", f"## {title} ({fp['encoding']})", "",
-             "Median / p90 / p99 in microseconds per call; ratio = tiktoken median / strategy median.", ""]
+    lines = [
+        "",
+        f"## {title} ({fp['encoding']})",
+        "",
+        "Median / p90 / p99 in microseconds per call; ratio = tiktoken median / strategy median.",
+        "",
+    ]
     for cell in fp["cells"]:
-        lines += [f"**prefix {cell['prefix_kib']} KiB ({cell['prefix_tokens']:,} tokens) + suffix "
-                  f"{cell['suffix_chars']} chars**", "",
-                  "| strategy | median µs | p90 µs | p99 µs | ratio vs tiktoken |", "|---|---:|---:|---:|---:|"]
+        lines += [
+            f"**prefix {cell['prefix_kib']} KiB ({cell['prefix_tokens']:,} tokens) + suffix "
+            f"{cell['suffix_chars']} chars**",
+            "",
+            "| strategy | median µs | p90 µs | p99 µs | ratio vs tiktoken |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for name, s in cell["stats"].items():
-            lines.append(f"| {name} | {_f(s['median_us'])} | {_f(s['p90_us'])} | {_f(s['p99_us'])} | "
-                         f"{_f(cell['ratio_vs_tiktoken'][name])}x |")
+            lines.append(
+                f"| {name} | {_f(s['median_us'])} | {_f(s['p90_us'])} | {_f(s['p99_us'])} | "
+                f"{_f(cell['ratio_vs_tiktoken'][name])}x |"
+            )
         lines.append("")
     return lines
 
@@ -195,45 +271,66 @@ def _fixed_prefix_tables(fp: dict[str, Any] | None, title: str = "Fixed system p
 def _chat_table(chat: dict[str, Any] | None) -> list[str]:
     if not chat:
         return []
-    lines = ["", f"## Append-only chat ({chat['encoding']}, {chat['turns']} turns, "
-             f"{chat['history_chars'][-1]:,} chars / {chat['history_tokens'][-1]:,} tokens at the end)", "",
-             "| strategy | total ms | ratio vs tiktoken | per-turn median µs | p90 µs | p99 µs | last/first turns |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "",
+        f"## Append-only chat ({chat['encoding']}, {chat['turns']} turns, "
+        f"{chat['history_chars'][-1]:,} chars / {chat['history_tokens'][-1]:,} tokens at the end)",
+        "",
+        "| strategy | total ms | ratio vs tiktoken | per-turn median µs | p90 µs | p99 µs | last/first turns |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, total in chat["total_ms"].items():
         s = chat["per_turn_stats"][name]
-        lines.append(f"| {name} | {_f(total)} | {_f(chat['total_ratio_vs_tiktoken'][name])}x | {_f(s['median_us'])} "
-                     f"| {_f(s['p90_us'])} | {_f(s['p99_us'])} | {_f(chat['flatness_last_over_first'][name], 2)} |")
-    lines.append(f"\n`last/first turns`: mean per-turn cost of the last {chat['flatness_window_turns']} turns over "
-                 "the first (after turn 0); ~1 means flat.")
+        lines.append(
+            f"| {name} | {_f(total)} | {_f(chat['total_ratio_vs_tiktoken'][name])}x | {_f(s['median_us'])} "
+            f"| {_f(s['p90_us'])} | {_f(s['p99_us'])} | {_f(chat['flatness_last_over_first'][name], 2)} |"
+        )
+    lines.append(
+        f"\n`last/first turns`: mean per-turn cost of the last {chat['flatness_window_turns']} turns over "
+        "the first (after turn 0); ~1 means flat."
+    )
     return lines
 
 
 def _stats_table(title: str, data: dict[str, Any] | None, what: str) -> list[str]:
     if not data:
         return []
-    lines = ["", f"## {title} ({data['encoding']}, {data['requests']} requests, {data['documents']} documents)", "",
-             f"| strategy | {what} µs | p90 µs | p99 µs | total ms | ratio vs tiktoken (total) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "",
+        f"## {title} ({data['encoding']}, {data['requests']} requests, {data['documents']} documents)",
+        "",
+        f"| strategy | {what} µs | p90 µs | p99 µs | total ms | ratio vs tiktoken (total) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name, s in data["stats"].items():
-        lines.append(f"| {name} | {_f(s['median_us'])} | {_f(s['p90_us'])} | {_f(s['p99_us'])} | "
-                     f"{_f(data['total_ms'][name])} | {_f(data['total_ratio_vs_tiktoken'][name])}x |")
+        lines.append(
+            f"| {name} | {_f(s['median_us'])} | {_f(s['p90_us'])} | {_f(s['p99_us'])} | "
+            f"{_f(data['total_ms'][name])} | {_f(data['total_ratio_vs_tiktoken'][name])}x |"
+        )
     return lines
 
 
 def _multiworker_table(mw: dict[str, Any] | None) -> list[str]:
     if not mw:
         return []
-    lines = ["", f"## Multi-worker ({mw['encoding']}, {mw['prefixes']} prefixes of {mw['prefix_kib'][0]}-"
-             f"{mw['prefix_kib'][1]} KiB, Zipf s={mw['zipf_s']}, one process per worker)", "",
-             "| strategy | workers | req/s | ratio vs tiktoken | cold req/s | p50 µs | p90 µs | p99 µs | "
-             "RSS/worker MiB | daemon RSS MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "",
+        f"## Multi-worker ({mw['encoding']}, {mw['prefixes']} prefixes of {mw['prefix_kib'][0]}-"
+        f"{mw['prefix_kib'][1]} KiB, Zipf s={mw['zipf_s']}, one process per worker)",
+        "",
+        "| strategy | workers | req/s | ratio vs tiktoken | cold req/s | p50 µs | p90 µs | p99 µs | "
+        "RSS/worker MiB | daemon RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in mw["runs"]:
         d = r.get("daemon_rss_kib")
         lat = r["latency"]
-        lines.append(f"| {r['strategy']} | {r['workers']} | {_f(r['requests_per_s'], 0)} | "
-                     f"{_f(r['throughput_ratio_vs_tiktoken'])}x | {_f(r['cold_requests_per_s'], 0)} | "
-                     f"{_f(lat['median_us'])} | {_f(lat['p90_us'])} | {_f(lat['p99_us'])} | "
-                     f"{_f(r['rss_mib_median_worker'])} | {_f(d / 1024 if d else None)} |")
+        lines.append(
+            f"| {r['strategy']} | {r['workers']} | {_f(r['requests_per_s'], 0)} | "
+            f"{_f(r['throughput_ratio_vs_tiktoken'])}x | {_f(r['cold_requests_per_s'], 0)} | "
+            f"{_f(lat['median_us'])} | {_f(lat['p90_us'])} | {_f(lat['p99_us'])} | "
+            f"{_f(r['rss_mib_median_worker'])} | {_f(d / 1024 if d else None)} |"
+        )
     return lines
 
 
@@ -242,20 +339,27 @@ def _http_e2e_table(h: dict[str, Any] | None) -> list[str]:
         return []
     if h.get("skipped"):
         return ["", f"HTTP end to end skipped: {h['skipped']}"]
-    lines = ["", f"## HTTP end to end (gunicorn example app, {h['workers']} {h['worker_class']} workers, "
-             f"{h['prefixes']} system prompts of {h['prefix_kib']} KiB, {h['encoding']})", "",
-             f"{h['connections']} closed-loop connections from {h['load_processes']} load processes on the same "
-             f"machine; {h['windows_s']['measure']:.0f} s measured after {h['windows_s']['warmup']:.1f} s of "
-             "warm-up. `tokens`: the reply holds the token list; `count`: only the count.", "",
-             "| strategy | reply | req/s | ratio vs tiktoken | p50 ms | p90 ms | p99 ms | non-200 | checked | mismatches |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "",
+        f"## HTTP end to end (gunicorn example app, {h['workers']} {h['worker_class']} workers, "
+        f"{h['prefixes']} system prompts of {h['prefix_kib']} KiB, {h['encoding']})",
+        "",
+        f"{h['connections']} closed-loop connections from {h['load_processes']} load processes on the same "
+        f"machine; {h['windows_s']['measure']:.0f} s measured after {h['windows_s']['warmup']:.1f} s of "
+        "warm-up. `tokens`: the reply holds the token list; `count`: only the count.",
+        "",
+        "| strategy | reply | req/s | ratio vs tiktoken | p50 ms | p90 ms | p99 ms | non-200 | checked | mismatches |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in h["runs"]:
         lat = r["latency"] or {}
         ms = {k: (lat[k] / 1000 if k in lat else None) for k in ("median_us", "p90_us", "p99_us")}
-        lines.append(f"| {r['strategy']} | {r['mode']} | {_f(r['requests_per_s'], 0)} | "
-                     f"{_f(r.get('throughput_ratio_vs_tiktoken'))}x | {_f(ms['median_us'], 2)} | "
-                     f"{_f(ms['p90_us'], 2)} | {_f(ms['p99_us'], 2)} | {r['non_200']} | {r['checked']} | "
-                     f"{r['mismatches']} |")
+        lines.append(
+            f"| {r['strategy']} | {r['mode']} | {_f(r['requests_per_s'], 0)} | "
+            f"{_f(r.get('throughput_ratio_vs_tiktoken'))}x | {_f(ms['median_us'], 2)} | "
+            f"{_f(ms['p90_us'], 2)} | {_f(ms['p99_us'], 2)} | {r['non_200']} | {r['checked']} | "
+            f"{r['mismatches']} |"
+        )
     return lines
 
 
@@ -263,28 +367,45 @@ def _sweep_tables(sweeps: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     for fp in (sweeps.get("prefix_length") or {}).values():
         lines += _fixed_prefix_tables(fp, "Sweep: prefix length, suffix 100 chars")
-    lines += _fixed_prefix_tables(sweeps.get("suffix_length"), "Sweep: suffix length, 32 KiB prefix")
+    lines += _fixed_prefix_tables(
+        sweeps.get("suffix_length"), "Sweep: suffix length, 32 KiB prefix"
+    )
     bt = sweeps.get("backtrack_pieces") or {}
     if bt:
-        lines += ["", "## Sweep: backtrack pieces (32 KiB prefix + 100 chars)", "",
-                  "| encoding | pieces | cut (chars from end) | median µs | ratio vs tiktoken | boundary mismatches |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "## Sweep: backtrack pieces (32 KiB prefix + 100 chars)",
+            "",
+            "| encoding | pieces | cut (chars from end) | median µs | ratio vs tiktoken | boundary mismatches |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for enc, rows in bt.items():
             for r in rows:
                 if "rejected" in r:
-                    lines.append(f"| {enc} | {r['backtrack_pieces']} | rejected: {r['rejected'][:60]} | | | |")
+                    lines.append(
+                        f"| {enc} | {r['backtrack_pieces']} | rejected: {r['rejected'][:60]} | | | |"
+                    )
                 else:
-                    lines.append(f"| {enc} | {r['backtrack_pieces']} | {r['cut_offset_from_end']} | "
-                                 f"{_f(r['stats'][workloads.FT_ENCODE]['median_us'])} | "
-                                 f"{_f(r['ratio_vs_tiktoken'][workloads.FT_ENCODE])}x | {r['boundary_mismatches']} |")
+                    lines.append(
+                        f"| {enc} | {r['backtrack_pieces']} | {r['cut_offset_from_end']} | "
+                        f"{_f(r['stats'][workloads.FT_ENCODE]['median_us'])} | "
+                        f"{_f(r['ratio_vs_tiktoken'][workloads.FT_ENCODE])}x | {r['boundary_mismatches']} |"
+                    )
     l1 = sweeps.get("l1_size") or {}
     if l1.get("rows"):
-        lines += ["", f"## Sweep: client L1 size (one process, {l1['requests']} requests, daemon holds every prefix)",
-                  "", "| l1_bytes | L1 hit rate | median µs | p90 µs | p99 µs |", "|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"## Sweep: client L1 size (one process, {l1['requests']} requests, daemon holds every prefix)",
+            "",
+            "| l1_bytes | L1 hit rate | median µs | p90 µs | p99 µs |",
+            "|---:|---:|---:|---:|---:|",
+        ]
         for r in l1["rows"]:
             s = r["latency"]
-            lines.append(f"| {r['l1_bytes']:,} | {r['l1_hit_rate']:.2f} | {_f(s['median_us'])} | "
-                         f"{_f(s['p90_us'])} | {_f(s['p99_us'])} |")
+            lines.append(
+                f"| {r['l1_bytes']:,} | {r['l1_hit_rate']:.2f} | {_f(s['median_us'])} | "
+                f"{_f(s['p90_us'])} | {_f(s['p99_us'])} |"
+            )
     elif l1.get("skipped"):
         lines += ["", f"Sweep L1 size skipped: {l1['skipped']}"]
     return lines

@@ -26,7 +26,10 @@ def unavailable_reason() -> str | None:
         import flashtoken.client as client_pkg
         import flashtoken.daemon  # noqa: F401
     except ImportError as exc:
-        return f"flashtoken.daemon / flashtoken.client not importable ({exc}); install the 'daemon' extra"
+        return (
+            f"flashtoken.daemon / flashtoken.client not importable ({exc}); "
+            "install the 'daemon' extra"
+        )
     if not hasattr(client_pkg, "Client"):
         return "flashtoken.client has no Client yet (the client package is not finished)"
     try:
@@ -39,8 +42,9 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def make_client(address: str, encoding: str, *, l1_bytes: int | None = None,
-                timeout_ms: int | None = None) -> Any:
+def make_client(
+    address: str, encoding: str, *, l1_bytes: int | None = None, timeout_ms: int | None = None
+) -> Any:
     """A ``flashtoken.client.Client`` with the client's own defaults unless told otherwise.
 
     The option names are checked against what the installed client accepts, so a renamed option
@@ -48,7 +52,9 @@ def make_client(address: str, encoding: str, *, l1_bytes: int | None = None,
     """
     from flashtoken.client import Client
 
-    accepted = {n for n, p in inspect.signature(Client).parameters.items() if p.kind is not p.VAR_KEYWORD}
+    accepted = {
+        n for n, p in inspect.signature(Client).parameters.items() if p.kind is not p.VAR_KEYWORD
+    }
     try:
         from flashtoken.client.core import CLIENT_DEFAULTS
 
@@ -103,22 +109,36 @@ def rss_kib(pid: int | str = "self") -> int | None:
 class Daemon:
     """A daemon of our own on a temporary ``ipc://`` socket; use as a context manager."""
 
-    def __init__(self, encodings: tuple[str, ...] = ("cl100k_base",), max_bytes: str = DEFAULT_MAX_BYTES,
-                 fill_threads: int = 2) -> None:
+    def __init__(
+        self,
+        encodings: tuple[str, ...] = ("cl100k_base",),
+        max_bytes: str = DEFAULT_MAX_BYTES,
+        fill_threads: int = 2,
+    ) -> None:
         self._dir = tempfile.mkdtemp(prefix="flashtoken-bench-")
         os.chmod(self._dir, 0o700)
         self.address = f"ipc://{self._dir}/daemon.sock"
         self._log = open(os.path.join(self._dir, "daemon.log"), "w+b")
         self._args = [
-            sys.executable, "-m", "flashtoken.daemon", "serve", "--bind", self.address,
-            "--max-bytes", max_bytes, "--encodings", ",".join(encodings),
-            "--fill-threads", str(fill_threads),
+            sys.executable,
+            "-m",
+            "flashtoken.daemon",
+            "serve",
+            "--bind",
+            self.address,
+            "--max-bytes",
+            max_bytes,
+            "--encodings",
+            ",".join(encodings),
+            "--fill-threads",
+            str(fill_threads),
         ]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Daemon:
-        self.proc = subprocess.Popen(self._args, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            self._args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
         try:
             self._wait_ready()
         except BaseException:
@@ -132,8 +152,10 @@ class Daemon:
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the daemon exited with {self.proc.returncode}: {self.log_tail()}")
-            if os.path.exists(self.address[len("ipc://"):]):
+                raise RuntimeError(
+                    f"the daemon exited with {self.proc.returncode}: {self.log_tail()}"
+                )
+            if os.path.exists(self.address[len("ipc://") :]):
                 try:
                     client = make_client(self.address, "cl100k_base")
                     try:
@@ -144,7 +166,9 @@ class Daemon:
                 except Exception as exc:  # noqa: BLE001 - not ready yet
                     last = exc
             time.sleep(0.05)
-        raise RuntimeError(f"the daemon did not answer within {timeout_s} s ({last!r}): {self.log_tail()}")
+        raise RuntimeError(
+            f"the daemon did not answer within {timeout_s} s ({last!r}): {self.log_tail()}"
+        )
 
     def log_tail(self, n: int = 2000) -> str:
         self._log.flush()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 Timer = Callable[[], object]
 
@@ -77,4 +77,6 @@ def interleaved(
 def ratios(stats: Mapping[str, Mapping[str, float]], baseline: str) -> dict[str, float]:
     """Each strategy's speed-up over ``baseline``: baseline median / strategy median."""
     base = stats[baseline]["median_us"]
-    return {name: base / s["median_us"] if s["median_us"] > 0 else math.inf for name, s in stats.items()}
+    return {
+        name: base / s["median_us"] if s["median_us"] > 0 else math.inf for name, s in stats.items()
+    }

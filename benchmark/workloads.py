@@ -9,7 +9,8 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flashtoken
 from benchmark import baselines, corpus, sidecar, timing
@@ -38,9 +39,16 @@ def _stats(samples: dict[str, list[int]]) -> dict[str, dict[str, float]]:
     return {name: timing.summarize(xs) for name, xs in samples.items()}
 
 
-def fixed_prefix(settings: Settings, checker: Checker, progress: Progress, daemon: str | None,
-                 encoding: str, prefix_kib: tuple[int, ...], suffix_chars: tuple[int, ...],
-                 scope: str = "fixed_prefix") -> dict[str, Any]:
+def fixed_prefix(
+    settings: Settings,
+    checker: Checker,
+    progress: Progress,
+    daemon: str | None,
+    encoding: str,
+    prefix_kib: tuple[int, ...],
+    suffix_chars: tuple[int, ...],
+    scope: str = "fixed_prefix",
+) -> dict[str, Any]:
     """Prefix sizes x suffix sizes: each strategy's latency and its speed-up over tiktoken."""
     enc = flashtoken.get_encoding(encoding)
     rng = random.Random(settings.seed)
@@ -63,25 +71,42 @@ def fixed_prefix(settings: Settings, checker: Checker, progress: Progress, daemo
                 for label, base in others.items():
                     encoders[label] = lambda s, base=base: base(prefix + s)
                 for label, client in clients.items():
-                    encoders[label] = lambda s, client=client: client.encode_ordinary(s, prefix=prefix)
+                    encoders[label] = lambda s, client=client: client.encode_ordinary(
+                        s, prefix=prefix
+                    )
                 for name, encode in encoders.items():
                     _check_outputs(checker, scope, name, encode, enc, prefix, suffixes, others)
                     nxt = _cycler(suffixes)
                     fns[name] = lambda encode=encode, nxt=nxt: encode(nxt())
-                samples = timing.interleaved(fns, warmup=settings.warmup, min_reps=settings.min_reps,
-                                             max_reps=settings.max_reps, budget_s=settings.cell_budget_s)
+                samples = timing.interleaved(
+                    fns,
+                    warmup=settings.warmup,
+                    min_reps=settings.min_reps,
+                    max_reps=settings.max_reps,
+                    budget_s=settings.cell_budget_s,
+                )
                 stats = _stats(samples)
-                cells.append({
-                    "prefix_kib": kib, "suffix_chars": n,
-                    "prefix_tokens": len(cache.prefix_tokens),
-                    "stats": stats, "ratio_vs_tiktoken": timing.ratios(stats, TIKTOKEN),
-                })
-                progress(f"{scope}: {encoding} prefix {kib} KiB + suffix {n} chars: "
-                         f"{cells[-1]['ratio_vs_tiktoken'][FT_ENCODE]:.0f}x tiktoken")
+                cells.append(
+                    {
+                        "prefix_kib": kib,
+                        "suffix_chars": n,
+                        "prefix_tokens": len(cache.prefix_tokens),
+                        "stats": stats,
+                        "ratio_vs_tiktoken": timing.ratios(stats, TIKTOKEN),
+                    }
+                )
+                progress(
+                    f"{scope}: {encoding} prefix {kib} KiB + suffix {n} chars: "
+                    f"{cells[-1]['ratio_vs_tiktoken'][FT_ENCODE]:.0f}x tiktoken"
+                )
         finally:
             for client in clients.values():
                 client.close()
-    return {"encoding": encoding, "cells": cells, "strategies": sorted(cells[0]["stats"]) if cells else []}
+    return {
+        "encoding": encoding,
+        "cells": cells,
+        "strategies": sorted(cells[0]["stats"]) if cells else [],
+    }
 
 
 def _clients(daemon: str | None, encoding: str, prefix: str) -> dict[str, Any]:
@@ -95,8 +120,16 @@ def _clients(daemon: str | None, encoding: str, prefix: str) -> dict[str, Any]:
     return {CLIENT_L1: l1, CLIENT_L2: l2}
 
 
-def _check_outputs(checker: Checker, scope: str, name: str, encode: Callable[[str], object],
-                   enc: Any, prefix: str, suffixes: list[str], others: dict[str, Any]) -> None:
+def _check_outputs(
+    checker: Checker,
+    scope: str,
+    name: str,
+    encode: Callable[[str], object],
+    enc: Any,
+    prefix: str,
+    suffixes: list[str],
+    others: dict[str, Any],
+) -> None:
     kind = BASELINE if name in others else "flashtoken"
     if name == TIKTOKEN:
         return
@@ -108,7 +141,9 @@ def _check_outputs(checker: Checker, scope: str, name: str, encode: Callable[[st
         else:
             want_value = want
             got = got.tolist() if hasattr(got, "tolist") else list(got)  # type: ignore[union-attr]
-        checker.check(f"{scope}: {name}", got, want_value, f"{enc.name} {scope} suffix={s[:30]!r}", kind)
+        checker.check(
+            f"{scope}: {name}", got, want_value, f"{enc.name} {scope} suffix={s[:30]!r}", kind
+        )
 
 
 def chat(settings: Settings, checker: Checker, progress: Progress, encoding: str) -> dict[str, Any]:
@@ -164,20 +199,31 @@ def chat(settings: Settings, checker: Checker, progress: Progress, encoding: str
         for name in names:
             per_seq[name].append(run(name))
         total = {name: sum(rows[-1]) for name, rows in per_seq.items()}
-        progress(f"chat: {encoding} sequence {seq + 1}/{settings.chat_sequences}: "
-                 f"{total[TIKTOKEN] / max(1, total[CHAT_APPEND]):.0f}x tiktoken over {len(turns)} turns")
-    per_turn_us = {name: [timing.percentile(sorted(col), 50) / 1e3 for col in zip(*rows)]
-                   for name, rows in per_seq.items()}
-    totals_ms = {name: timing.percentile(sorted(sum(r) for r in rows), 50) / 1e6
-                 for name, rows in per_seq.items()}
+        progress(
+            f"chat: {encoding} sequence {seq + 1}/{settings.chat_sequences}: "
+            f"{total[TIKTOKEN] / max(1, total[CHAT_APPEND]):.0f}x tiktoken over {len(turns)} turns"
+        )
+    per_turn_us = {
+        name: [timing.percentile(sorted(col), 50) / 1e3 for col in zip(*rows, strict=False)]
+        for name, rows in per_seq.items()
+    }
+    totals_ms = {
+        name: timing.percentile(sorted(sum(r) for r in rows), 50) / 1e6
+        for name, rows in per_seq.items()
+    }
     k = max(1, min(20, len(turns) // 4))
     flatness = {name: _mean(us[-k:]) / _mean(us[1 : k + 1]) for name, us in per_turn_us.items()}
     return {
-        "encoding": encoding, "turns": len(turns), "sequences": settings.chat_sequences,
-        "history_chars": history_chars, "history_tokens": history_tokens,
+        "encoding": encoding,
+        "turns": len(turns),
+        "sequences": settings.chat_sequences,
+        "history_chars": history_chars,
+        "history_tokens": history_tokens,
         "per_turn_median_us": per_turn_us,
-        "per_turn_stats": {name: timing.summarize([x for row in rows for x in row])
-                           for name, rows in per_seq.items()},
+        "per_turn_stats": {
+            name: timing.summarize([x for row in rows for x in row])
+            for name, rows in per_seq.items()
+        },
         "total_ms": totals_ms,
         "total_ratio_vs_tiktoken": {name: totals_ms[TIKTOKEN] / t for name, t in totals_ms.items()},
         "flatness_last_over_first": flatness,
@@ -185,14 +231,20 @@ def chat(settings: Settings, checker: Checker, progress: Progress, encoding: str
     }
 
 
-def _check_chat(enc: Any, turns: list[str], histories: list[str], others: dict[str, Any],
-                checker: Checker, encoding: str) -> None:
+def _check_chat(
+    enc: Any,
+    turns: list[str],
+    histories: list[str],
+    others: dict[str, Any],
+    checker: Checker,
+    encoding: str,
+) -> None:
     """Every turn's delta, applied, against tiktoken on the whole history (untimed)."""
     append = flashtoken.AppendOnlyPieceTokenCache(enc)
     rewrite = flashtoken.AppendOnlyPieceTokenCache(enc)
     held_a: list[int] = []
     held_r: list[int] = []
-    for i, (turn, history) in enumerate(zip(turns, histories)):
+    for i, (turn, history) in enumerate(zip(turns, histories, strict=False)):
         want = enc.encode_ordinary(history)
         delta = append.append_ordinary(turn)
         delta_r = rewrite.set_text(history + GENERATION_PROMPT)
@@ -200,8 +252,12 @@ def _check_chat(enc: Any, turns: list[str], histories: list[str], others: dict[s
         held_r[len(held_r) - delta_r.rollback_tokens :] = delta_r.tokens_to_append
         where = f"{encoding} chat turn {i}"
         checker.check(f"chat: {CHAT_APPEND} (delta applied)", held_a, want, where)
-        checker.check(f"chat: {CHAT_SET_TEXT} (delta applied)", held_r,
-                      enc.encode_ordinary(history + GENERATION_PROMPT), where)
+        checker.check(
+            f"chat: {CHAT_SET_TEXT} (delta applied)",
+            held_r,
+            enc.encode_ordinary(history + GENERATION_PROMPT),
+            where,
+        )
         for label, base in others.items():
             checker.check(f"chat: {label}", list(base(history)), want, where, BASELINE)
 
@@ -210,12 +266,17 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def rag(settings: Settings, checker: Checker, progress: Progress, daemon: str | None,
-        encoding: str) -> dict[str, Any]:
+def rag(
+    settings: Settings, checker: Checker, progress: Progress, daemon: str | None, encoding: str
+) -> dict[str, Any]:
     """Shared instruction + one of many documents (zipf) + a question."""
     enc = flashtoken.get_encoding(encoding)
     rng = random.Random(settings.seed + 3)
-    instruction = corpus.RAG_INSTRUCTION + "\n# Examples\n" + corpus.slice_of(rng, 4 * KiB, corpus.documentation())
+    instruction = (
+        corpus.RAG_INSTRUCTION
+        + "\n# Examples\n"
+        + corpus.slice_of(rng, 4 * KiB, corpus.documentation())
+    )
     docs = corpus.documents(settings.rag_documents, rng)
     picks = corpus.zipf_indices(rng, len(docs), settings.rag_requests, 1.1)
     questions = [rng.choice(corpus.QUESTIONS) for _ in picks]
@@ -235,18 +296,20 @@ def rag(settings: Settings, checker: Checker, progress: Progress, daemon: str | 
 
     strategies: dict[str, Callable[[int, str], object]] = {
         TIKTOKEN: lambda d, q: enc.encode_ordinary(instruction + doc_part(d) + q),
-        "FixedPrefixTokenCache(instruction); document re-encoded": lambda d, q: shared.encode_ordinary(
-            doc_part(d) + q),
+        "FixedPrefixTokenCache(instruction); document re-encoded": lambda d, q: (
+            shared.encode_ordinary(doc_part(d) + q)
+        ),
         "FixedPrefixTokenCache per instruction+document (dict, misses included)": per_doc_cache,
     }
     if client is not None:
-        strategies["Client(prefix=instruction+document), cold start included"] = (
-            lambda d, q: client.encode_ordinary(q, prefix=instruction + doc_part(d)))
+        strategies["Client(prefix=instruction+document), cold start included"] = lambda d, q: (
+            client.encode_ordinary(q, prefix=instruction + doc_part(d))
+        )
     for label, base in others.items():
         strategies[label] = lambda d, q, base=base: base(instruction + doc_part(d) + q)
     samples: dict[str, list[int]] = {name: [] for name in strategies}
     try:
-        for i, (d, question) in enumerate(zip(picks, questions)):
+        for i, (d, question) in enumerate(zip(picks, questions, strict=False)):
             q = f"Question: {question}\nAnswer:"
             want = None
             for name, fn in strategies.items():
@@ -257,7 +320,9 @@ def rag(settings: Settings, checker: Checker, progress: Progress, daemon: str | 
                     want = got
                 else:
                     kind = BASELINE if name in others else "flashtoken"
-                    checker.check(f"rag: {name}", list(got), want, f"{encoding} rag request {i}", kind)  # type: ignore[arg-type]
+                    checker.check(
+                        f"rag: {name}", list(got), want, f"{encoding} rag request {i}", kind
+                    )  # type: ignore[arg-type]
     finally:
         if client is not None:
             client.close()
@@ -265,9 +330,13 @@ def rag(settings: Settings, checker: Checker, progress: Progress, daemon: str | 
     totals = {name: sum(xs) / 1e6 for name, xs in samples.items()}
     progress(f"rag: {encoding} {len(picks)} requests over {len(docs)} documents")
     return {
-        "encoding": encoding, "requests": len(picks), "documents": len(docs),
-        "instruction_chars": len(instruction), "document_chars": [len(d) for d in docs],
-        "stats": stats, "ratio_vs_tiktoken": timing.ratios(stats, TIKTOKEN),
+        "encoding": encoding,
+        "requests": len(picks),
+        "documents": len(docs),
+        "instruction_chars": len(instruction),
+        "document_chars": [len(d) for d in docs],
+        "stats": stats,
+        "ratio_vs_tiktoken": timing.ratios(stats, TIKTOKEN),
         "total_ms": totals,
         "total_ratio_vs_tiktoken": {n: totals[TIKTOKEN] / t for n, t in totals.items()},
     }

@@ -13,7 +13,7 @@ import asyncio
 import os
 import time
 from array import array
-from typing import Any, Optional, Union
+from typing import Any
 
 import tiktoken
 import zmq
@@ -58,8 +58,8 @@ class AsyncClient:
 
     def __init__(
         self,
-        address: Optional[str] = None,
-        encoding: Union[str, tiktoken.Encoding] = "cl100k_base",
+        address: str | None = None,
+        encoding: str | tiktoken.Encoding = "cl100k_base",
         **options: Any,
     ) -> None:
         unknown = set(options) - set(CLIENT_DEFAULTS) - {"namespace", "fill"}
@@ -67,9 +67,9 @@ class AsyncClient:
             raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
         self._core = ClientCore(encoding, **options)
         self.address = address or default_address()
-        self._sock: Optional[zmq.asyncio.Socket] = None
-        self._ctx: Optional[zmq.asyncio.Context] = None
-        self._lock: Optional[asyncio.Lock] = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._ctx: zmq.asyncio.Context | None = None
+        self._lock: asyncio.Lock | None = None
         self._lock_loop: Any = None
         self._closed = False
         register(self)
@@ -78,20 +78,20 @@ class AsyncClient:
     def encoding(self) -> tiktoken.Encoding:
         return self._core.enc
 
-    async def encode_ordinary(self, suffix: str, *, prefix: Optional[str] = None) -> list[int]:
+    async def encode_ordinary(self, suffix: str, *, prefix: str | None = None) -> list[int]:
         """``encoding.encode_ordinary(prefix + suffix)``; with no ``prefix``, of ``suffix``
         alone, reusing the longest cached prefix of it (automatic reuse, as ``Client``)."""
         if prefix is None:
             return await self._auto(suffix, ORDINARY)
         return (await self._cache(prefix, frozenset())).encode_ordinary(suffix)
 
-    async def encode_ordinary_array(self, suffix: str, *, prefix: Optional[str] = None) -> array:
+    async def encode_ordinary_array(self, suffix: str, *, prefix: str | None = None) -> array:
         """The same tokens as ``array('I')``."""
         if prefix is None:
             return array("I", await self._auto(suffix, ORDINARY))
         return (await self._cache(prefix, frozenset())).encode_ordinary_array(suffix)
 
-    async def count_ordinary(self, suffix: str, *, prefix: Optional[str] = None) -> int:
+    async def count_ordinary(self, suffix: str, *, prefix: str | None = None) -> int:
         """``len(await encode_ordinary(suffix, prefix=prefix))``, without building the list."""
         if prefix is None:
             return len(await self._auto(suffix, ORDINARY))
@@ -101,7 +101,7 @@ class AsyncClient:
         self,
         suffix: str,
         *,
-        prefix: Optional[str] = None,
+        prefix: str | None = None,
         allowed_special: SpecialArg = frozenset(),
         disallowed_special: SpecialArg = "all",
     ) -> list[int]:
@@ -111,13 +111,14 @@ class AsyncClient:
             return await self._auto_encode(suffix, allowed_special, disallowed_special)
         allowed = ClientCore.allowed_of(self._core.enc, allowed_special)
         return (await self._cache(prefix, allowed)).encode(
-            suffix, allowed_special=allowed_special, disallowed_special=disallowed_special)
+            suffix, allowed_special=allowed_special, disallowed_special=disallowed_special
+        )
 
     async def count(
         self,
         suffix: str,
         *,
-        prefix: Optional[str] = None,
+        prefix: str | None = None,
         allowed_special: SpecialArg = frozenset(),
         disallowed_special: SpecialArg = "all",
     ) -> int:
@@ -126,7 +127,8 @@ class AsyncClient:
             return len(await self._auto_encode(suffix, allowed_special, disallowed_special))
         allowed = ClientCore.allowed_of(self._core.enc, allowed_special)
         return (await self._cache(prefix, allowed)).count(
-            suffix, allowed_special=allowed_special, disallowed_special=disallowed_special)
+            suffix, allowed_special=allowed_special, disallowed_special=disallowed_special
+        )
 
     def stats(self) -> dict[str, Any]:
         """The same counters as ``Client.stats()``."""
@@ -141,7 +143,8 @@ class AsyncClient:
         """
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            None, lambda: request_stats(self.address, timeout_ms=timeout_ms))
+            None, lambda: request_stats(self.address, timeout_ms=timeout_ms)
+        )
 
     def close(self) -> None:
         """Close the socket (LINGER=0); later calls encode locally."""
@@ -156,14 +159,16 @@ class AsyncClient:
 
     # -- automatic reuse: the L1's chain, the daemon's, then local -------------------------------
 
-    async def _auto_encode(self, text: str, allowed_special: SpecialArg,
-                           disallowed_special: SpecialArg) -> list[int]:
+    async def _auto_encode(
+        self, text: str, allowed_special: SpecialArg, disallowed_special: SpecialArg
+    ) -> list[int]:
         _require_str(text, "text")
         enc = self._core.enc
         policy = SpecialPolicy.of(enc, allowed_special, disallowed_special)
         if policy.finds_disallowed(text):  # tiktoken raises its own ValueError
-            return enc.encode(text, allowed_special=allowed_special,
-                              disallowed_special=disallowed_special)
+            return enc.encode(
+                text, allowed_special=allowed_special, disallowed_special=disallowed_special
+            )
         return await self._auto(text, policy)
 
     async def _auto(self, text: str, policy: SpecialPolicy) -> list[int]:
@@ -233,7 +238,7 @@ class AsyncClient:
         core.l1_put(key, cache)
         return cache
 
-    async def _ask(self, prefix: str, allowed: frozenset, key: Any) -> Optional[FixedPrefixTokenCache]:
+    async def _ask(self, prefix: str, allowed: frozenset, key: Any) -> FixedPrefixTokenCache | None:
         core = self._core
         lock = self._loop_lock()
         try:
@@ -263,7 +268,7 @@ class AsyncClient:
             self._lock, self._lock_loop = asyncio.Lock(), loop
         return self._lock
 
-    async def _round_trip(self, pending: Union[Pending, AutoPending]) -> Any:
+    async def _round_trip(self, pending: Pending | AutoPending) -> Any:
         core = self._core
         deadline = time.monotonic() + core.timeout
         sock = self._socket()

@@ -7,8 +7,8 @@ decision that could change a token id is made here, and made the same way for bo
 A reply is used only after these checks (``ClientCore.accept``): it parses as our protocol, its
 id is the one we are waiting for (else it is a late reply and is discarded), a hit's token frame
 holds exactly ``n`` tokens, ``0 <= cut <= len(prefix)``, no id is out of the vocabulary, the
-tokens decode to exactly ``prefix[:cut]``, and none is a special token the policy does not allow. The
-last check is what makes a colliding or corrupted entry harmless: its tokens spell another text.
+tokens decode to exactly ``prefix[:cut]``, and none is a special token the policy does not allow.
+The last check is what makes a colliding or corrupted entry harmless: its tokens spell another text.
 The daemon is trusted on one thing only: that for the text they spell, its tokens and its cut
 are what ``flashtoken.split_prefix`` computes (it runs that code; it is reachable only by the
 socket owner).
@@ -22,8 +22,9 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Union
 
 import tiktoken
 import zmq
@@ -78,8 +79,13 @@ class Breaker:
     not one per call.
     """
 
-    def __init__(self, failures: int, cooldown: float, max_cooldown: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        failures: int,
+        cooldown: float,
+        max_cooldown: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.threshold = failures
         self.base_cooldown = cooldown
         self.max_cooldown = max_cooldown
@@ -157,7 +163,7 @@ class ClientCore:
 
     def __init__(
         self,
-        encoding: Union[str, tiktoken.Encoding],
+        encoding: str | tiktoken.Encoding,
         *,
         namespace: bytes = b"",
         l1_bytes: int = CLIENT_DEFAULTS["l1_bytes"],
@@ -184,12 +190,13 @@ class ClientCore:
         self.l1_limit = l1_bytes
         self.max_prefix_bytes = min(max_prefix_bytes, MAX_PREFIX_BYTES)
         self.fill = fill
-        self.breaker = Breaker(breaker_failures, breaker_cooldown_ms / 1000,
-                               breaker_max_cooldown_ms / 1000)
+        self.breaker = Breaker(
+            breaker_failures, breaker_cooldown_ms / 1000, breaker_max_cooldown_ms / 1000
+        )
         self.l1: OrderedDict[L1Key, tuple[FixedPrefixTokenCache, int]] = OrderedDict()
         self.l1_bytes = 0
         self._l1_lock = threading.Lock()
-        self._eid: Optional[bytes] = None
+        self._eid: bytes | None = None
         # A special token's id decodes to its text, so a hit could spell the prefix with a
         # special id where the policy does not allow one. It can only do so where the text holds
         # a special token's first character (for OpenAI's encodings, "<"): a memchr tells.
@@ -205,8 +212,20 @@ class ClientCore:
 
     def reset_counters(self) -> None:
         self.counters = dict.fromkeys(
-            ("l1_hits", "l2_hits", "misses", "fallbacks", "timeouts", "errors", "rejected_hits",
-             "late_replies", "auto_calls", "auto_hit_bytes"), 0)
+            (
+                "l1_hits",
+                "l2_hits",
+                "misses",
+                "fallbacks",
+                "timeouts",
+                "errors",
+                "rejected_hits",
+                "late_replies",
+                "auto_calls",
+                "auto_hit_bytes",
+            ),
+            0,
+        )
 
     def after_fork(self) -> None:
         """In a child process: the same L1 (plain data), a fresh breaker and lock.
@@ -229,7 +248,9 @@ class ClientCore:
         if not allowed_special and not isinstance(allowed_special, str):
             return frozenset()
         try:
-            if not isinstance(allowed_special, str) and all(isinstance(s, str) for s in allowed_special):
+            if not isinstance(allowed_special, str) and all(
+                isinstance(s, str) for s in allowed_special
+            ):
                 return frozenset(allowed_special) & enc.special_tokens_set
         except TypeError:
             pass
@@ -242,7 +263,7 @@ class ClientCore:
         # a caller passing the same object gets an identity comparison, not a memcmp.
         return (prefix, allowed) if allowed else prefix
 
-    def l1_get(self, key: L1Key) -> Optional[FixedPrefixTokenCache]:
+    def l1_get(self, key: L1Key) -> FixedPrefixTokenCache | None:
         found = self.l1.get(key)
         if found is None:
             return None
@@ -277,14 +298,14 @@ class ClientCore:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def prepare(self, prefix: str, allowed: frozenset) -> Optional[Pending]:
+    def prepare(self, prefix: str, allowed: frozenset) -> Pending | None:
         """The GET to send for ``prefix``, or None when the daemon must not be asked.
 
         None: the breaker is open, the prefix has lone surrogates (not UTF-8: the daemon could
         not even receive it; tiktoken replaces them, locally), or it is over the size limit.
         """
         try:
-            data: Optional[bytes] = prefix.encode("utf-8")
+            data: bytes | None = prefix.encode("utf-8")
         except UnicodeEncodeError:
             data = None
         if data is None or len(data) > self.max_prefix_bytes or not self.breaker.allow():
@@ -313,8 +334,8 @@ class ClientCore:
             self.counters["l1_hits"] += 1
         return False
 
-    def prepare_auto(self, text: str, plan: Any, allowed: frozenset) -> Optional[AutoPending]:
-        """The AUTO request for ``text`` after the L1's ``plan``, or None (breaker open, too long)."""
+    def prepare_auto(self, text: str, plan: Any, allowed: frozenset) -> AutoPending | None:
+        """The AUTO request for ``text`` after the L1's ``plan``; None: breaker open, too long."""
         if len(plan.data) > self.max_prefix_bytes or not self.breaker.allow():
             self.counters["fallbacks"] += 1
             return None
@@ -323,15 +344,26 @@ class ClientCore:
         ordered = tuple(sorted(allowed))
         seed = self._seeds.get(allowed)
         if seed is None:
-            seed = self._seeds[allowed] = make_chain_seed(self.namespace, self._eid, ordered,
-                                                          self.block)
+            seed = self._seeds[allowed] = make_chain_seed(
+                self.namespace, self._eid, ordered, self.block
+            )
         self._next_id = (self._next_id + 1) & 0xFFFF_FFFF_FFFF_FFFF or 1
-        frames = pack_auto(self._next_id, seed, self.enc.name, self._eid, ordered, self.fill,
-                           self.block, len(plan.path), plan.data)
+        frames = pack_auto(
+            self._next_id,
+            seed,
+            self.enc.name,
+            self._eid,
+            ordered,
+            self.fill,
+            self.block,
+            len(plan.path),
+            plan.data,
+        )
         return AutoPending(self._next_id, text, plan, allowed, frames)
 
-    def auto_finish(self, text: str, policy: SpecialPolicy, plan: Any,
-                    found: Optional[tuple[list[int], int]]) -> list[int]:
+    def auto_finish(
+        self, text: str, policy: SpecialPolicy, plan: Any, found: tuple[list[int], int] | None
+    ) -> list[int]:
         """The tokens of ``text``: the L1's, then the daemon's (``found``: checked tokens and the
         cut they reach), then one local encode of the rest; records the new blocks in the L1."""
         head = self.auto._head(plan)
@@ -344,11 +376,16 @@ class ClientCore:
         head += tail
         return head
 
-    def _check_auto(self, pending: AutoPending, fields: dict, tokens: Any) -> Optional[tuple[list[int], int]]:
+    def _check_auto(
+        self, pending: AutoPending, fields: dict, tokens: Any
+    ) -> tuple[list[int], int] | None:
         plan = pending.plan
         start, cut_byte, blocks = fields["start"], fields["cut_byte"], fields["blocks"]
-        if (start != plan.cut_byte or cut_byte > len(plan.data)
-                or not len(plan.path) < blocks <= len(plan.data) // self.block):
+        if (
+            start != plan.cut_byte
+            or cut_byte > len(plan.data)
+            or not len(plan.path) < blocks <= len(plan.data) // self.block
+        ):
             return None
         segment = plan.data[start:cut_byte]
         try:
@@ -359,7 +396,8 @@ class ClientCore:
         except Exception:
             return None
         if self._may_hold_forbidden(pending.allowed, text) and not self._forbidden(
-                pending.allowed).isdisjoint(found):
+            pending.allowed
+        ).isdisjoint(found):
             return None
         self.counters["auto_hit_bytes"] += cut_byte - start
         return found, plan.cut + len(text)
@@ -379,10 +417,11 @@ class ClientCore:
         forbidden = self._forbidden_ids.get(allowed)
         if forbidden is None:
             forbidden = self._forbidden_ids[allowed] = frozenset(
-                i for s, i in self.enc._special_tokens.items() if s not in allowed)
+                i for s, i in self.enc._special_tokens.items() if s not in allowed
+            )
         return forbidden
 
-    def accept(self, pending: Union[Pending, AutoPending], frames: list) -> tuple[str, Any]:
+    def accept(self, pending: Pending | AutoPending, frames: list) -> tuple[str, Any]:
         """What a received reply means for ``pending``: ``(LATE | DONE | FAILED, result)``.
 
         The result of a GET is a cache (hit) or None (miss); of an AUTO, ``(tokens, cut)``
@@ -401,7 +440,9 @@ class ClientCore:
                 self.counters["misses"] += 1
                 return DONE, None
             return self._failed()  # CLIENT_ERROR: we and the daemon disagree; back off
-        if "hit" not in reply.fields or ("blocks" in reply.fields) != isinstance(pending, AutoPending):
+        if "hit" not in reply.fields or ("blocks" in reply.fields) != isinstance(
+            pending, AutoPending
+        ):
             return self._failed()  # not an answer to this op
         if reply.tokens is None:
             self.breaker.success()
@@ -418,7 +459,7 @@ class ClientCore:
         self.counters["l2_hits"] += 1
         return DONE, cache
 
-    def _check_hit(self, pending: Pending, cut: int, tokens: Any) -> Optional[FixedPrefixTokenCache]:
+    def _check_hit(self, pending: Pending, cut: int, tokens: Any) -> FixedPrefixTokenCache | None:
         prefix = pending.prefix
         if cut > len(prefix):
             return None
@@ -434,8 +475,9 @@ class ClientCore:
         if self._may_hold_forbidden(pending.allowed, text):
             if not self._forbidden(pending.allowed).isdisjoint(head):
                 return None
-        return FixedPrefixTokenCache.from_split(self.enc, prefix, PrefixSplit(head, cut),
-                                                allowed_special=pending.allowed)
+        return FixedPrefixTokenCache.from_split(
+            self.enc, prefix, PrefixSplit(head, cut), allowed_special=pending.allowed
+        )
 
     def _failed(self) -> tuple[str, None]:
         self.counters["errors"] += 1
@@ -502,7 +544,7 @@ class _ContextHolder:
 
     def __init__(self) -> None:
         self.pid = -1
-        self.ctx: Optional[zmq.Context] = None
+        self.ctx: zmq.Context | None = None
         self.lock = threading.Lock()
 
     def get(self) -> zmq.Context:
@@ -519,7 +561,7 @@ class _ContextHolder:
 
 
 CONTEXT = _ContextHolder()
-_clients: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_clients: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def register(client: Any) -> None:

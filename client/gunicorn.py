@@ -113,8 +113,15 @@ class SidecarSettings:
     max_restart_delay_s: float = 10.0
 
     def daemon_command(self, bind: str) -> list[str]:
-        cmd = [sys.executable, "-m", "flashtoken.daemon", "serve", "--bind", bind,
-               "--exit-with-parent"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "flashtoken.daemon",
+            "serve",
+            "--bind",
+            bind,
+            "--exit-with-parent",
+        ]
         if self.max_bytes is not None:
             cmd += ["--max-bytes", str(self.max_bytes)]
         if self.encodings is not None:
@@ -156,7 +163,11 @@ class Supervisor:
             # this moment inherits Popen's internal pipe and stalls it until that worker exits.
             with _SPAWN_LOCK:
                 proc = subprocess.Popen(
-                    cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, close_fds=True,
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=out,
+                    close_fds=True,
                     # Its own session: a Ctrl-C meant for gunicorn reaches the master, which stops
                     # the daemon in on_exit; the terminal must not kill it behind the supervisor's
                     # back. A dead master is noticed by the daemon itself (--exit-with-parent).
@@ -195,8 +206,9 @@ class Supervisor:
 
     def start_watching(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._watch, name="flashtoken-supervisor",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self._watch, name="flashtoken-supervisor", daemon=True
+            )
             self._thread.start()
 
     def stop(self) -> int | None:
@@ -229,9 +241,14 @@ class Supervisor:
             lived = time.monotonic() - self.started_at
             if lived > self.HEALTHY_AFTER_S:
                 delay = self.settings.restart_delay_s
-            self._warning("flashtoken-daemon (pid %d) exited (%s) after %.1f s; restarting in"
-                          " %.1f s (workers encode locally meanwhile)", proc.pid,
-                          _status(proc.returncode), lived, delay)
+            self._warning(
+                "flashtoken-daemon (pid %d) exited (%s) after %.1f s; restarting in"
+                " %.1f s (workers encode locally meanwhile)",
+                proc.pid,
+                _status(proc.returncode),
+                lived,
+                delay,
+            )
             if self._stopping.wait(delay):
                 return
             try:
@@ -287,9 +304,11 @@ def _install_fork_guard() -> None:
         _SPAWN_LOCK = threading.RLock()
         _CLIENTS_LOCK = threading.Lock()
 
-    os.register_at_fork(before=lambda: _SPAWN_LOCK.acquire(),
-                        after_in_parent=lambda: _SPAWN_LOCK.release(),
-                        after_in_child=after_in_child)
+    os.register_at_fork(
+        before=lambda: _SPAWN_LOCK.acquire(),
+        after_in_parent=lambda: _SPAWN_LOCK.release(),
+        after_in_child=after_in_child,
+    )
 
 
 # -- module state (the master's, inherited by every worker through fork) ------------------------
@@ -337,12 +356,16 @@ def _private_dir() -> str:
         if not base or not os.path.isdir(base) or not os.access(base, os.W_OK | os.X_OK):
             continue
         # mkdtemp's name is 8 random characters; the socket adds "/daemon.sock.lock".
-        if len(os.path.join(base, "flashtoken-gunicorn-xxxxxxxx", "daemon.sock").encode()) \
-                > _MAX_IPC_PATH_BYTES:
+        if (
+            len(os.path.join(base, "flashtoken-gunicorn-xxxxxxxx", "daemon.sock").encode())
+            > _MAX_IPC_PATH_BYTES
+        ):
             continue
         return tempfile.mkdtemp(prefix="flashtoken-gunicorn-", dir=base)
-    raise RuntimeError("no writable directory with a path short enough for a unix socket;"
-                       " pass hooks(address='ipc:///run/yourapp/flashtoken.sock')")
+    raise RuntimeError(
+        "no writable directory with a path short enough for a unix socket;"
+        " pass hooks(address='ipc:///run/yourapp/flashtoken.sock')"
+    )
 
 
 def _clients() -> dict[tuple[str, str], Any]:
@@ -368,8 +391,9 @@ def _client(kind: str, encoding: str | None) -> Any:
                 from .aio import AsyncClient as cls
             else:
                 from .sync import Client as cls  # type: ignore[assignment]
-            found = clients[(kind, name)] = cls(address(), encoding=name,
-                                                 **_state.settings.client_options)
+            found = clients[(kind, name)] = cls(
+                address(), encoding=name, **_state.settings.client_options
+            )
     return found
 
 
@@ -402,8 +426,11 @@ def _is_async_worker(worker: Any) -> bool:
         return setting == "async"
     for cls in type(worker).__mro__:
         module = cls.__module__ or ""
-        if module.startswith(("uvicorn", "uvicorn_worker")) or cls.__name__ in (
-                "UvicornWorker", "ASGIWorker") or module == "gunicorn.workers.gasgi":
+        if (
+            module.startswith(("uvicorn", "uvicorn_worker"))
+            or cls.__name__ in ("UvicornWorker", "ASGIWorker")
+            or module == "gunicorn.workers.gasgi"
+        ):
             return True
     return False
 
@@ -455,9 +482,12 @@ def when_ready(server: Any) -> None:
     if supervisor is None:
         return
     if not supervisor.wait_ready(_state.settings.start_timeout_s):
-        server.log.warning("flashtoken-daemon is not serving %s after %.1f s; workers encode"
-                           " locally until it does", supervisor.bind,
-                           _state.settings.start_timeout_s)
+        server.log.warning(
+            "flashtoken-daemon is not serving %s after %.1f s; workers encode"
+            " locally until it does",
+            supervisor.bind,
+            _state.settings.start_timeout_s,
+        )
     supervisor.start_watching()
 
 

@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from array import array
-from typing import Any, Optional, Union
+from typing import Any
 
 import tiktoken
 import zmq
@@ -53,9 +53,9 @@ class Client:
     ...     client.encode_ordinary("You are a helpful assistant. Answer briefly.")
     [2675, 527, 264, 11190, 18328, 13, 22559, 27851, 13]
 
-    With a ``prefix``, each call looks ``prefix`` up in the in-process cache (L1). On a miss it asks the daemon
-    (L2, one round trip within ``timeout_ms``); on a daemon miss, or when the daemon is down,
-    frozen, slow or answers nonsense, it encodes the prefix locally (one tiktoken call) and the
+    With a ``prefix``, each call looks ``prefix`` up in the in-process cache (L1). On a miss it
+    asks the daemon (L2, one round trip within ``timeout_ms``); on a daemon miss, or when the
+    daemon is down, frozen, slow or answers nonsense, it encodes the prefix locally (one tiktoken call) and the
     daemon fills its store in the background for the other workers. Either way the prefix lands
     in L1 and the next call with it costs about a list copy plus encoding the suffix.
 
@@ -74,8 +74,8 @@ class Client:
 
     def __init__(
         self,
-        address: Optional[str] = None,
-        encoding: Union[str, tiktoken.Encoding] = "cl100k_base",
+        address: str | None = None,
+        encoding: str | tiktoken.Encoding = "cl100k_base",
         **options: Any,
     ) -> None:
         unknown = set(options) - set(CLIENT_DEFAULTS) - {"namespace", "fill"}
@@ -83,7 +83,7 @@ class Client:
             raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
         self._core = ClientCore(encoding, **options)
         self.address = address or default_address()
-        self._sock: Optional[zmq.Socket] = None
+        self._sock: zmq.Socket | None = None
         self._lock = threading.Lock()
         self._closed = False
         register(self)
@@ -94,20 +94,20 @@ class Client:
 
     # -- the encode API -----------------------------------------------------------------------
 
-    def encode_ordinary(self, suffix: str, *, prefix: Optional[str] = None) -> list[int]:
+    def encode_ordinary(self, suffix: str, *, prefix: str | None = None) -> list[int]:
         """``encoding.encode_ordinary(prefix + suffix)``; with no ``prefix``, of ``suffix``
         alone, reusing the longest cached prefix of it (automatic reuse)."""
         if prefix is None:
             return self._auto(suffix, ORDINARY)
         return self._cache(prefix, frozenset()).encode_ordinary(suffix)
 
-    def encode_ordinary_array(self, suffix: str, *, prefix: Optional[str] = None) -> array:
+    def encode_ordinary_array(self, suffix: str, *, prefix: str | None = None) -> array:
         """The same tokens as ``array('I')`` (``numpy.frombuffer(a, dtype=numpy.uint32)``)."""
         if prefix is None:
             return array("I", self._auto(suffix, ORDINARY))
         return self._cache(prefix, frozenset()).encode_ordinary_array(suffix)
 
-    def count_ordinary(self, suffix: str, *, prefix: Optional[str] = None) -> int:
+    def count_ordinary(self, suffix: str, *, prefix: str | None = None) -> int:
         """``len(encode_ordinary(suffix, prefix=prefix))``, without building the list."""
         if prefix is None:
             return len(self._auto(suffix, ORDINARY))
@@ -117,7 +117,7 @@ class Client:
         self,
         suffix: str,
         *,
-        prefix: Optional[str] = None,
+        prefix: str | None = None,
         allowed_special: SpecialArg = frozenset(),
         disallowed_special: SpecialArg = "all",
     ) -> list[int]:
@@ -131,13 +131,14 @@ class Client:
             return self._auto_encode(suffix, allowed_special, disallowed_special)
         allowed = ClientCore.allowed_of(self._core.enc, allowed_special)
         return self._cache(prefix, allowed).encode(
-            suffix, allowed_special=allowed_special, disallowed_special=disallowed_special)
+            suffix, allowed_special=allowed_special, disallowed_special=disallowed_special
+        )
 
     def count(
         self,
         suffix: str,
         *,
-        prefix: Optional[str] = None,
+        prefix: str | None = None,
         allowed_special: SpecialArg = frozenset(),
         disallowed_special: SpecialArg = "all",
     ) -> int:
@@ -146,7 +147,8 @@ class Client:
             return len(self._auto_encode(suffix, allowed_special, disallowed_special))
         allowed = ClientCore.allowed_of(self._core.enc, allowed_special)
         return self._cache(prefix, allowed).count(
-            suffix, allowed_special=allowed_special, disallowed_special=disallowed_special)
+            suffix, allowed_special=allowed_special, disallowed_special=disallowed_special
+        )
 
     def stats(self) -> dict[str, Any]:
         """This process's counters: ``l1_hits``, ``l2_hits`` (daemon hits), ``misses`` (daemon
@@ -177,14 +179,16 @@ class Client:
 
     # -- automatic reuse: the L1's chain, the daemon's, then local -------------------------------
 
-    def _auto_encode(self, text: str, allowed_special: SpecialArg,
-                     disallowed_special: SpecialArg) -> list[int]:
+    def _auto_encode(
+        self, text: str, allowed_special: SpecialArg, disallowed_special: SpecialArg
+    ) -> list[int]:
         _require_str(text, "text")
         enc = self._core.enc
         policy = SpecialPolicy.of(enc, allowed_special, disallowed_special)
         if policy.finds_disallowed(text):  # tiktoken raises its own ValueError
-            return enc.encode(text, allowed_special=allowed_special,
-                              disallowed_special=disallowed_special)
+            return enc.encode(
+                text, allowed_special=allowed_special, disallowed_special=disallowed_special
+            )
         return self._auto(text, policy)
 
     def _auto(self, text: str, policy: SpecialPolicy) -> list[int]:
@@ -238,7 +242,7 @@ class Client:
         self._lock = threading.Lock()
         self._core.after_fork()
 
-    def _ask(self, pending: Union[Pending, AutoPending]) -> Any:
+    def _ask(self, pending: Pending | AutoPending) -> Any:
         core = self._core
         if not self._lock.acquire(timeout=core.timeout):
             core.busy()
@@ -252,7 +256,7 @@ class Client:
         finally:
             self._lock.release()
 
-    def _round_trip(self, pending: Union[Pending, AutoPending]) -> Any:
+    def _round_trip(self, pending: Pending | AutoPending) -> Any:
         core = self._core
         deadline = time.monotonic() + core.timeout
         sock = self._socket()
@@ -333,13 +337,17 @@ def request_stats(address: str, *, timeout_ms: int = 1000) -> dict[str, Any]:
         configure_dealer(sock, address)
         deadline = time.monotonic() + timeout_ms / 1000
         if not _send(sock, pack_simple("STATS", request_id), deadline):
-            raise DaemonTimeout(f"no flashtoken-daemon is accepting connections at {address}"
-                                f" (waited {timeout_ms} ms); start one with `flashtoken-daemon`")
+            raise DaemonTimeout(
+                f"no flashtoken-daemon is accepting connections at {address}"
+                f" (waited {timeout_ms} ms); start one with `flashtoken-daemon`"
+            )
         while True:
             remaining = _ms_left(deadline)
             if remaining <= 0 or not sock.poll(remaining, zmq.POLLIN):
-                raise DaemonTimeout(f"no reply from a flashtoken-daemon at {address} within"
-                                    f" {timeout_ms} ms; is it running (or stopped)?")
+                raise DaemonTimeout(
+                    f"no reply from a flashtoken-daemon at {address} within"
+                    f" {timeout_ms} ms; is it running (or stopped)?"
+                )
             try:
                 reply = parse_reply(sock.recv_multipart(zmq.NOBLOCK))
             except ProtocolError as exc:

@@ -9,4 +9,13 @@ from .server import Server, StartupError
 from .settings import DEFAULTS, SETTINGS, Config, parse_size
 from .store import Entry, Store
 
-__all__ = ["DEFAULTS", "SETTINGS", "Config", "Entry", "Server", "StartupError", "Store", "parse_size"]
+__all__ = [
+    "DEFAULTS",
+    "SETTINGS",
+    "Config",
+    "Entry",
+    "Server",
+    "StartupError",
+    "Store",
+    "parse_size",
+]

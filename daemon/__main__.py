@@ -16,7 +16,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, Optional
+from typing import Any
 
 from flashtoken.protocol import default_address
 
@@ -50,39 +50,84 @@ def _parser() -> argparse.ArgumentParser:
         " process on this host. `serve` is the default command.",
     )
     commands = parser.add_subparsers(dest="command", metavar="{serve,stats}")
-    serve = commands.add_parser("serve", help="run the daemon (the default)",
-                                description="Run the daemon in the foreground until SIGTERM or SIGINT.")
+    serve = commands.add_parser(
+        "serve",
+        help="run the daemon (the default)",
+        description="Run the daemon in the foreground until SIGTERM or SIGINT.",
+    )
     serve.add_argument("--bind", metavar="ADDRESS", help=_HELP["bind"])
-    serve.add_argument("--max-bytes", type=_size, default=DEFAULTS["max_bytes"], metavar="SIZE",
-                       help=_HELP["max_bytes"] + "; e.g. 512MiB, 1GiB, 1048576")
-    serve.add_argument("--encodings", type=_names, default=DEFAULTS["encodings"], metavar="NAMES",
-                       help="comma-separated " + _HELP["encodings"] + "; '' for none")
-    serve.add_argument("--fill-threads", type=_positive, default=DEFAULTS["fill_threads"],
-                       metavar="N", help=_HELP["fill_threads"])
-    serve.add_argument("--max-prefix-bytes", type=_size, default=DEFAULTS["max_prefix_bytes"],
-                       metavar="SIZE", help=_HELP["max_prefix_bytes"])
-    serve.add_argument("--max-pending-fills", type=_positive, default=DEFAULTS["max_pending_fills"],
-                       metavar="N", help=_HELP["max_pending_fills"])
-    serve.add_argument("--hwm", type=_positive, default=DEFAULTS["hwm"], metavar="N",
-                       help=_HELP["hwm"])
-    serve.add_argument("--log-level", default=DEFAULTS["log_level"], metavar="LEVEL",
-                       type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                       help=_HELP["log_level"])
+    serve.add_argument(
+        "--max-bytes",
+        type=_size,
+        default=DEFAULTS["max_bytes"],
+        metavar="SIZE",
+        help=_HELP["max_bytes"] + "; e.g. 512MiB, 1GiB, 1048576",
+    )
+    serve.add_argument(
+        "--encodings",
+        type=_names,
+        default=DEFAULTS["encodings"],
+        metavar="NAMES",
+        help="comma-separated " + _HELP["encodings"] + "; '' for none",
+    )
+    serve.add_argument(
+        "--fill-threads",
+        type=_positive,
+        default=DEFAULTS["fill_threads"],
+        metavar="N",
+        help=_HELP["fill_threads"],
+    )
+    serve.add_argument(
+        "--max-prefix-bytes",
+        type=_size,
+        default=DEFAULTS["max_prefix_bytes"],
+        metavar="SIZE",
+        help=_HELP["max_prefix_bytes"],
+    )
+    serve.add_argument(
+        "--max-pending-fills",
+        type=_positive,
+        default=DEFAULTS["max_pending_fills"],
+        metavar="N",
+        help=_HELP["max_pending_fills"],
+    )
+    serve.add_argument(
+        "--hwm", type=_positive, default=DEFAULTS["hwm"], metavar="N", help=_HELP["hwm"]
+    )
+    serve.add_argument(
+        "--log-level",
+        default=DEFAULTS["log_level"],
+        metavar="LEVEL",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help=_HELP["log_level"],
+    )
     serve.add_argument("--exit-with-parent", action="store_true", help=_HELP["exit_with_parent"])
     # Test-only: truncate keys to N bytes so that tests can force collisions.
     serve.add_argument("--debug-key-bytes", type=_positive, default=None, help=argparse.SUPPRESS)
 
-    stats = commands.add_parser("stats", help="print a running daemon's counters and settings",
-                                description="Print a running daemon's counters and settings.")
-    stats.add_argument("--bind", metavar="ADDRESS",
-                       help="address of the daemon (default: the daemon's default address)")
+    stats = commands.add_parser(
+        "stats",
+        help="print a running daemon's counters and settings",
+        description="Print a running daemon's counters and settings.",
+    )
+    stats.add_argument(
+        "--bind",
+        metavar="ADDRESS",
+        help="address of the daemon (default: the daemon's default address)",
+    )
     stats.add_argument("--json", action="store_true", help="print one JSON object")
-    stats.add_argument("--timeout-ms", type=_positive, default=2000, metavar="MS",
-                       help="how long to wait for the reply (default: 2000)")
+    stats.add_argument(
+        "--timeout-ms",
+        type=_positive,
+        default=2000,
+        metavar="MS",
+        help="how long to wait for the reply (default: 2000)",
+    )
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in ("serve", "stats") and argv[0] not in ("-h", "--help")):
         argv.insert(0, "serve")
@@ -99,8 +144,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .server import Server, StartupError
 
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s flashtoken-daemon %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s flashtoken-daemon %(levelname)s %(message)s",
+    )
     config = Config(
         bind=args.bind or default_address(),
         max_bytes=args.max_bytes,
@@ -125,6 +173,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     from flashtoken.client.sync import request_stats
+
     from flashtoken.errors import DaemonError
 
     address = args.bind or default_address()

@@ -32,17 +32,17 @@ from array import array
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import tiktoken
-import zmq
-
 import xxhash
+import zmq
 
 import flashtoken
 from flashtoken.auto import block_cuts, token_byte_lengths
 from flashtoken.boundary import CutRule, cut_rule
 from flashtoken.encodings import encoding_id, get_encoding
+from flashtoken.errors import ProtocolError
 from flashtoken.prefix import _encode, split_prefix
 from flashtoken.protocol import (
     CLIENT_ERROR,
@@ -61,7 +61,6 @@ from flashtoken.protocol import (
     request_id_of,
     tokens_to_frame,
 )
-from flashtoken.errors import ProtocolError
 from flashtoken.specials import SpecialPolicy
 
 from .settings import Config
@@ -105,10 +104,10 @@ class _Chain:
 class _FillResult:
     key: Any
     request: Request
-    entry: Optional[Entry] = None
-    chain: Optional[_Chain] = None
-    loaded: Optional[_Loaded] = None
-    error: Optional[str] = None
+    entry: Entry | None = None
+    chain: _Chain | None = None
+    loaded: _Loaded | None = None
+    error: str | None = None
 
 
 class Server:
@@ -124,18 +123,24 @@ class Server:
         self._failed_auto: OrderedDict[Any, str] = OrderedDict()
         self._failed: OrderedDict[bytes, tuple[str, tuple[str, ...], bytes, str]] = OrderedDict()
         self._results: queue.SimpleQueue[_FillResult] = queue.SimpleQueue()
-        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pool: ThreadPoolExecutor | None = None
         self._stopping = False
         self._started = time.monotonic()
         self._parent = os.getppid()
-        self._lock_fd: Optional[int] = None
-        self._socket_path: Optional[str] = None
-        self._ctx: Optional[zmq.Context] = None
-        self._router: Optional[zmq.Socket] = None
+        self._lock_fd: int | None = None
+        self._socket_path: str | None = None
+        self._ctx: zmq.Context | None = None
+        self._router: zmq.Socket | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
-        self.counters = {"fills": 0, "auto_fills": 0, "fill_errors": 0, "protocol_errors": 0,
-                         "tokens_served": 0, "server_errors": 0}
+        self.counters = {
+            "fills": 0,
+            "auto_fills": 0,
+            "fill_errors": 0,
+            "protocol_errors": 0,
+            "tokens_served": 0,
+            "server_errors": 0,
+        }
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -173,17 +178,25 @@ class Server:
             else:
                 router.bind(address)
                 if address.startswith("tcp://"):
-                    log.warning("listening on %s: TCP has no authentication; any local or remote"
-                                " peer that can connect can use this daemon", address)
+                    log.warning(
+                        "listening on %s: TCP has no authentication; any local or remote"
+                        " peer that can connect can use this daemon",
+                        address,
+                    )
         except zmq.ZMQError as exc:
             self._close()
             raise StartupError(f"cannot bind {address}: {exc}") from exc
         self._poller = zmq.Poller()
         self._poller.register(router, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
-        log.info("flashtoken-daemon %s (pid %d) serving %s, max_bytes=%d, encodings=%s",
-                 flashtoken.__version__, os.getpid(), address, self.config.max_bytes,
-                 ",".join(self._encodings) or "-")
+        log.info(
+            "flashtoken-daemon %s (pid %d) serving %s, max_bytes=%d, encodings=%s",
+            flashtoken.__version__,
+            os.getpid(),
+            address,
+            self.config.max_bytes,
+            ",".join(self._encodings) or "-",
+        )
 
     def _take_lock(self, path: str, address: str) -> None:
         """One daemon per socket path: an exclusive flock on ``{path}.lock``, held for life.
@@ -193,8 +206,10 @@ class Server:
         stale (its owner is gone) and is removed.
         """
         if len(path.encode()) > _MAX_IPC_PATH_BYTES:
-            raise StartupError(f"socket path {path!r} is longer than {_MAX_IPC_PATH_BYTES} bytes;"
-                               " choose a shorter --bind ipc:// path")
+            raise StartupError(
+                f"socket path {path!r} is longer than {_MAX_IPC_PATH_BYTES} bytes;"
+                " choose a shorter --bind ipc:// path"
+            )
         directory = os.path.dirname(path) or "."
         if not os.path.isdir(directory):
             raise StartupError(f"directory {directory} of {address} does not exist")
@@ -207,8 +222,10 @@ class Server:
                 raise
             owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
             os.close(fd)
-            raise StartupError(f"another flashtoken-daemon (pid {owner}) is serving {address};"
-                               " stop it first, or pass another --bind") from None
+            raise StartupError(
+                f"another flashtoken-daemon (pid {owner}) is serving {address};"
+                " stop it first, or pass another --bind"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
@@ -345,16 +362,26 @@ class Server:
         if self.config.debug_key_bytes is not None:
             key = key[: self.config.debug_key_bytes]  # test-only: force collisions
         failed = self._failed.get(key)
-        if failed is not None and failed[:3] == (request.enc, request.allowed, _digest(request.prefix)):
+        if failed is not None and failed[:3] == (
+            request.enc,
+            request.allowed,
+            _digest(request.prefix),
+        ):
             self.store.count_miss()
-            return pack_error(request.id, SERVER_ERROR, f"this prefix cannot be encoded: {failed[3]}")
+            return pack_error(
+                request.id, SERVER_ERROR, f"this prefix cannot be encoded: {failed[3]}"
+            )
         entry = self.store.get(key, request.prefix, request.enc, request.allowed)
         if entry is not None:
             self.counters["tokens_served"] += len(entry.tokens) // 4
             return pack_hit(request.id, entry.cut, entry.tokens)
         filling = key in self._filling
-        if (request.fill and not filling and self.store.peek(key) is None
-                and len(self._filling) < self.config.max_pending_fills):
+        if (
+            request.fill
+            and not filling
+            and self.store.peek(key) is None
+            and len(self._filling) < self.config.max_pending_fills
+        ):
             # peek: a key held by another prefix (a collision) is not refilled; see Store.
             self._submit_fill(key, request)
             filling = True
@@ -377,8 +404,11 @@ class Server:
         if request.fill and blocks < len(data) // block:
             key = (request.seed, blocks, data[blocks * block : (blocks + 1) * block])
             filling = key in self._filling
-            if (not filling and key not in self._failed_auto
-                    and len(self._filling) < self.config.max_pending_fills):
+            if (
+                not filling
+                and key not in self._failed_auto
+                and len(self._filling) < self.config.max_pending_fills
+            ):
                 self._submit(key, self._fill_chain, key, request, path)
                 filling = True
         start = path[skip - 1].cut_byte if 0 < skip <= blocks else 0
@@ -409,9 +439,14 @@ class Server:
             prefix = request.prefix.decode("utf-8")
             split = split_prefix(loaded.enc, prefix, allowed_special=frozenset(request.allowed))
             # cut_byte too: a declared prefix is a root block, usable as a chain's first block.
-            entry = Entry(request.prefix, request.enc, request.allowed,
-                          tokens_to_frame(array("I", split.head)), split.cut,
-                          cut_byte=len(prefix[: split.cut].encode("utf-8")))
+            entry = Entry(
+                request.prefix,
+                request.enc,
+                request.allowed,
+                tokens_to_frame(array("I", split.head)),
+                split.cut,
+                cut_byte=len(prefix[: split.cut].encode("utf-8")),
+            )
             result = _FillResult(key, request, entry=entry, loaded=loaded)
         except (SystemExit, KeyboardInterrupt):
             raise
@@ -436,8 +471,19 @@ class Server:
             parent = path[-1] if path else None
             start, start_byte = (parent.cut, parent.cut_byte) if parent else (0, 0)
             tail = _encode(loaded.enc, text[start:], policy)
-            cuts = block_cuts(loaded.rule, policy, loaded.lengths, text, data, block, len(path),
-                              len(data) // block, start, start_byte, tail)
+            cuts = block_cuts(
+                loaded.rule,
+                policy,
+                loaded.lengths,
+                text,
+                data,
+                block,
+                len(path),
+                len(data) // block,
+                start,
+                start_byte,
+                tail,
+            )
             state = xxhash.xxh3_128()
             state.update(memoryview(data)[: len(path) * block])
             entries: list[Entry] = []
@@ -447,12 +493,21 @@ class Server:
                 chunk = data[i * block : (i + 1) * block]
                 state.update(chunk)
                 digests.append(state.digest())
-                entries.append(Entry(chunk, request.enc, request.allowed,
-                                     tokens_to_frame(array("I", tail[taken:n])), cut,
-                                     entries[-1] if entries else parent, cut_byte))
+                entries.append(
+                    Entry(
+                        chunk,
+                        request.enc,
+                        request.allowed,
+                        tokens_to_frame(array("I", tail[taken:n])),
+                        cut,
+                        entries[-1] if entries else parent,
+                        cut_byte,
+                    )
+                )
                 taken = n
-            result = _FillResult(key, request, chain=_Chain(path, entries, digests, state),
-                                 loaded=loaded)
+            result = _FillResult(
+                key, request, chain=_Chain(path, entries, digests, state), loaded=loaded
+            )
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:  # noqa: B036 - pyo3's PanicException is a BaseException
@@ -469,10 +524,18 @@ class Server:
         assert isinstance(request, GetRequest)
         if result.error is not None:
             self.counters["fill_errors"] += 1
-            log.warning("fill of a %d-byte %s prefix failed: %s", len(request.prefix), request.enc,
-                        result.error)
-            self._failed[result.key] = (request.enc, request.allowed, _digest(request.prefix),
-                                        result.error)
+            log.warning(
+                "fill of a %d-byte %s prefix failed: %s",
+                len(request.prefix),
+                request.enc,
+                result.error,
+            )
+            self._failed[result.key] = (
+                request.enc,
+                request.allowed,
+                _digest(request.prefix),
+                result.error,
+            )
             while len(self._failed) > _FAILED_FILLS_KEPT:
                 self._failed.popitem(last=False)
             return
@@ -485,8 +548,9 @@ class Server:
     def _on_chain_done(self, result: _FillResult, request: AutoRequest) -> None:
         if result.error is not None:
             self.counters["fill_errors"] += 1
-            log.warning("fill of a %d-byte %s text failed: %s", len(request.text), request.enc,
-                        result.error)
+            log.warning(
+                "fill of a %d-byte %s text failed: %s", len(request.text), request.enc, result.error
+            )
             self._failed_auto[result.key] = result.error
             while len(self._failed_auto) > _FAILED_FILLS_KEPT:
                 self._failed_auto.popitem(last=False)
@@ -498,8 +562,9 @@ class Server:
         stored = self.store.put_chain(request.seed, chain.digests, chain.entries)
         if stored and len(stored) == len(chain.entries):
             # The next request of a growing text starts its walk here.
-            self.store.remember(request.seed, memoryview(request.text), chain.path + stored,
-                                chain.state)
+            self.store.remember(
+                request.seed, memoryview(request.text), chain.path + stored, chain.state
+            )
 
     # -- stats --------------------------------------------------------------------------------
 
@@ -520,8 +585,13 @@ class Server:
 
 def _load(name: str) -> _Loaded:
     enc = get_encoding(name)
-    return _Loaded(enc, encoding_id(enc), frozenset(enc.special_tokens_set),
-                   cut_rule(enc._pat_str), token_byte_lengths(enc))
+    return _Loaded(
+        enc,
+        encoding_id(enc),
+        frozenset(enc.special_tokens_set),
+        cut_rule(enc._pat_str),
+        token_byte_lengths(enc),
+    )
 
 
 def _check_encoding(loaded: _Loaded, request: Any) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any
 
 from flashtoken.protocol import MAX_PREFIX_BYTES
 
@@ -26,23 +26,43 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("bind", None, "address",
-            "address to bind; default ipc://$XDG_RUNTIME_DIR/flashtoken/daemon.sock (or"
-            " {tempdir}/flashtoken-{uid}/daemon.sock). tcp:// only when given: TCP has no"
-            " authentication"),
-    Setting("max_bytes", 512 * MiB, "bytes",
-            "budget of the store: token bytes + prefix bytes + a fixed overhead per entry;"
-            " never exceeded (LRU eviction)"),
-    Setting("encodings", ("cl100k_base", "o200k_base"), "names",
-            "encodings to load at start (others load on their first fill)"),
+    Setting(
+        "bind",
+        None,
+        "address",
+        "address to bind; default ipc://$XDG_RUNTIME_DIR/flashtoken/daemon.sock (or"
+        " {tempdir}/flashtoken-{uid}/daemon.sock). tcp:// only when given: TCP has no"
+        " authentication",
+    ),
+    Setting(
+        "max_bytes",
+        512 * MiB,
+        "bytes",
+        "budget of the store: token bytes + prefix bytes + a fixed overhead per entry;"
+        " never exceeded (LRU eviction)",
+    ),
+    Setting(
+        "encodings",
+        ("cl100k_base", "o200k_base"),
+        "names",
+        "encodings to load at start (others load on their first fill)",
+    ),
     Setting("fill_threads", 2, "threads", "threads encoding prefixes for fills"),
     Setting("max_prefix_bytes", MAX_PREFIX_BYTES, "bytes", "largest prefix a GET may carry"),
-    Setting("max_pending_fills", 64, "fills",
-            "fills queued or running at once; a miss beyond that is answered without a fill"),
+    Setting(
+        "max_pending_fills",
+        64,
+        "fills",
+        "fills queued or running at once; a miss beyond that is answered without a fill",
+    ),
     Setting("hwm", 1000, "messages", "ZeroMQ send and receive high-water marks"),
     Setting("log_level", "INFO", "level", "logging level (DEBUG, INFO, WARNING, ERROR)"),
-    Setting("exit_with_parent", False, "flag",
-            "exit when the process that started the daemon exits (gunicorn on_starting hooks)"),
+    Setting(
+        "exit_with_parent",
+        False,
+        "flag",
+        "exit when the process that started the daemon exits (gunicorn on_starting hooks)",
+    ),
 )
 
 DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}
@@ -66,7 +86,7 @@ class Config:
     log_level: str = DEFAULTS["log_level"]
     exit_with_parent: bool = DEFAULTS["exit_with_parent"]
     # Test-only (hidden flag --debug-key-bytes): truncate keys to force collisions.
-    debug_key_bytes: Optional[int] = field(default=None)
+    debug_key_bytes: int | None = field(default=None)
 
     def report(self) -> dict[str, Any]:
         """The settings as a STATS reply carries them."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import xxhash
 
@@ -38,15 +38,27 @@ class Entry:
     are offsets into the whole text and ``tokens`` start at the parent's cut.
     """
 
-    __slots__ = ("prefix", "enc", "allowed", "tokens", "cut", "parent", "cut_byte", "children",
-                 "used", "alive", "key", "chain")
+    __slots__ = (
+        "prefix",
+        "enc",
+        "allowed",
+        "tokens",
+        "cut",
+        "parent",
+        "cut_byte",
+        "children",
+        "used",
+        "alive",
+        "key",
+        "chain",
+    )
 
     prefix: bytes
     enc: str
     allowed: tuple[str, ...]
     tokens: bytes
     cut: int
-    parent: Optional[Entry]
+    parent: Entry | None
     cut_byte: int
     children: int
     used: int
@@ -54,9 +66,23 @@ class Entry:
     key: bytes
     chain: bool
 
-    def __init__(self, prefix: bytes, enc: str, allowed: tuple[str, ...], tokens: bytes, cut: int,
-                 parent: Optional[Entry] = None, cut_byte: int = -1) -> None:
-        self.prefix, self.enc, self.allowed, self.tokens, self.cut = prefix, enc, allowed, tokens, cut
+    def __init__(
+        self,
+        prefix: bytes,
+        enc: str,
+        allowed: tuple[str, ...],
+        tokens: bytes,
+        cut: int,
+        parent: Entry | None = None,
+        cut_byte: int = -1,
+    ) -> None:
+        self.prefix, self.enc, self.allowed, self.tokens, self.cut = (
+            prefix,
+            enc,
+            allowed,
+            tokens,
+            cut,
+        )
         self.parent, self.cut_byte = parent, cut_byte
         self.children, self.used, self.alive, self.key, self.chain = 0, 0, False, b"", False
 
@@ -67,8 +93,12 @@ class Entry:
     def matches(self, prefix: bytes, enc: str, allowed: tuple[str, ...]) -> bool:
         """A declared prefix's confirmation: a root holding exactly these bytes and policy."""
         # enc and allowed first: cheap; the prefix comparison is a memcmp.
-        return (self.parent is None and self.enc == enc and self.allowed == allowed
-                and self.prefix == prefix)
+        return (
+            self.parent is None
+            and self.enc == enc
+            and self.allowed == allowed
+            and self.prefix == prefix
+        )
 
 
 class _Memo(NamedTuple):
@@ -96,7 +126,7 @@ class Store:
     (True, 1)
     """
 
-    def __init__(self, max_bytes: int, *, debug_key_bytes: Optional[int] = None) -> None:
+    def __init__(self, max_bytes: int, *, debug_key_bytes: int | None = None) -> None:
         if max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")
         self.max_bytes = max_bytes
@@ -126,13 +156,13 @@ class Store:
         """Keys, least recently used first."""
         return sorted(self._entries, key=lambda k: self._entries[k].used)
 
-    def peek(self, key: bytes) -> Optional[Entry]:
+    def peek(self, key: bytes) -> Entry | None:
         """The entry under ``key`` without counting a get or touching the LRU order."""
         return self._entries.get(key)
 
     # -- declared prefixes (GET) ------------------------------------------------------------------
 
-    def get(self, key: bytes, prefix: bytes, enc: str, allowed: tuple[str, ...]) -> Optional[Entry]:
+    def get(self, key: bytes, prefix: bytes, enc: str, allowed: tuple[str, ...]) -> Entry | None:
         """The confirmed entry for this prefix, or None; counts a get and a hit or a miss."""
         self.cmd_get += 1
         entry = self._entries.get(key)
@@ -168,8 +198,9 @@ class Store:
 
     # -- chains (AUTO) --------------------------------------------------------------------------
 
-    def walk(self, seed: bytes, data: bytes, block: int, enc: str,
-             allowed: tuple[str, ...]) -> tuple[list[Entry], Any]:
+    def walk(
+        self, seed: bytes, data: bytes, block: int, enc: str, allowed: tuple[str, ...]
+    ) -> tuple[list[Entry], Any]:
         """The confirmed chain of blocks that starts ``data``, and the xxh3 state after it.
 
         Block ``i`` is found under ``seed + xxh3_128(data[:(i+1)*block])`` and confirmed by its
@@ -180,8 +211,12 @@ class Store:
         path: list[Entry] = []
         state = None
         for memo in self._memos:
-            if (memo.seed == seed and len(memo.path) > len(path) and memo.path[-1].alive
-                    and data.startswith(memo.prefix)):
+            if (
+                memo.seed == seed
+                and len(memo.path) > len(path)
+                and memo.path[-1].alive
+                and data.startswith(memo.prefix)
+            ):
                 path, state = memo.path, memo.state
         path = list(path)
         state = xxhash.xxh3_128() if state is None else state.copy()
@@ -193,8 +228,12 @@ class Store:
             node = self._entries.get(self._key(seed, state.digest()))
             if node is not None:
                 parent = path[-1] if path else None
-                if (node.parent is parent and node.prefix == view[end - block : end]
-                        and node.enc == enc and node.allowed == allowed):
+                if (
+                    node.parent is parent
+                    and node.prefix == view[end - block : end]
+                    and node.enc == enc
+                    and node.allowed == allowed
+                ):
                     path.append(node)
                     continue
                 self.collisions_detected += 1
@@ -210,7 +249,9 @@ class Store:
         """Remember ``path`` (found or recorded for ``view``) as a start for the next walk;
         ``state`` is the xxh3 state after its last block."""
         block = len(path[0].prefix)
-        self._memos.insert(0, _Memo(seed, view.nbytes, view[: len(path) * block], path, state.copy()))
+        self._memos.insert(
+            0, _Memo(seed, view.nbytes, view[: len(path) * block], path, state.copy())
+        )
         del self._memos[_MEMOS:]
         total = 0
         for i, memo in enumerate(self._memos):
@@ -235,7 +276,7 @@ class Store:
         Returns the blocks now in the store along the chain, twins included.
         """
         stored: list[Entry] = []
-        for digest, entry in zip(digests, entries):
+        for digest, entry in zip(digests, entries, strict=False):
             key = self._key(seed, digest)
             parent = stored[-1] if stored else entry.parent
             entry.parent = parent
@@ -243,8 +284,12 @@ class Store:
                 break
             old = self._entries.get(key)
             if old is not None:
-                if (old.parent is parent and old.prefix == entry.prefix and old.enc == entry.enc
-                        and old.allowed == entry.allowed):
+                if (
+                    old.parent is parent
+                    and old.prefix == entry.prefix
+                    and old.enc == entry.enc
+                    and old.allowed == entry.allowed
+                ):
                     stored.append(old)  # recorded meanwhile by another fill: the same block
                     continue
                 break

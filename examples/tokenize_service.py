@@ -20,8 +20,13 @@ from typing import Any
 MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_ENCODING = "cl100k_base"
 # Only these: a request naming another encoding must not make the server download or build one.
-ENCODINGS = tuple(e.strip() for e in os.environ.get(
-    "FLASHTOKEN_EXAMPLE_ENCODINGS", "cl100k_base,o200k_base,o200k_harmony").split(",") if e.strip())
+ENCODINGS = tuple(
+    e.strip()
+    for e in os.environ.get(
+        "FLASHTOKEN_EXAMPLE_ENCODINGS", "cl100k_base,o200k_base,o200k_harmony"
+    ).split(",")
+    if e.strip()
+)
 # "sidecar": FlashToken's client (in-process L1, the shared daemon, local fallback).
 # "tiktoken": the same app encoding prefix + suffix with tiktoken on every request (the baseline).
 STRATEGY = os.environ.get("FLASHTOKEN_EXAMPLE_STRATEGY", "sidecar")
@@ -56,8 +61,9 @@ def parse(body: bytes) -> TokenizeRequest:
     if not isinstance(encoding, str):
         raise BadRequest("'encoding' must be a string")
     if encoding not in ENCODINGS:
-        raise BadRequest(f"unknown encoding {encoding!r};"
-                         f" this server serves: {', '.join(ENCODINGS)}")
+        raise BadRequest(
+            f"unknown encoding {encoding!r}; this server serves: {', '.join(ENCODINGS)}"
+        )
     for name in ("prefix", "suffix"):
         if not isinstance(data.get(name), str):
             raise BadRequest(f"'{name}' must be a string (it is required)")
@@ -96,6 +102,11 @@ def source_of(before: dict, after: dict) -> str:
     return "local"
 
 
-STATUS_TEXT = {200: "200 OK", 400: "400 Bad Request", 404: "404 Not Found",
-               405: "405 Method Not Allowed", 413: "413 Payload Too Large",
-               500: "500 Internal Server Error"}
+STATUS_TEXT = {
+    200: "200 OK",
+    400: "400 Bad Request",
+    404: "404 Not Found",
+    405: "405 Method Not Allowed",
+    413: "413 Payload Too Large",
+    500: "500 Internal Server Error",
+}

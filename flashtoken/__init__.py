@@ -1,4 +1,4 @@
-"""FlashToken: tiktoken's exact token ids for long, repeated prompt prefixes, without re-encoding them.
+"""FlashToken: tiktoken's exact token ids for long, repeated prompt prefixes, encoded once.
 
 This is the public API of the core library. The ZeroMQ sidecar and its client live in
 ``flashtoken.daemon`` and ``flashtoken.client`` and are imported only when asked for.

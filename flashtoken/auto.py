@@ -21,7 +21,7 @@ import itertools
 import threading
 import weakref
 from collections.abc import Sequence
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import tiktoken
 
@@ -222,7 +222,7 @@ class AutoPrefixCache:
     # The three steps of a lookup, apart, so that the daemon's client can ask the shared store
     # for the blocks after ``plan.path`` between them (flashtoken.client).
 
-    def _plan(self, text: str, policy: SpecialPolicy) -> Optional[_Plan]:
+    def _plan(self, text: str, policy: SpecialPolicy) -> _Plan | None:
         """The longest cached path for ``text``; None if ``text`` is not UTF-8 (surrogates)."""
         try:
             data = text.encode("utf-8")
@@ -248,8 +248,9 @@ class AutoPrefixCache:
         """Record the blocks after ``plan.path``; ``tail`` are the tokens of ``text[plan.cut:]``."""
         self._record(policy, text, plan.data, plan.digests, plan.path, tail, plan.state)
         with self._lock:
-            self._counts.update(lookups=1, reused_bytes=plan.cut_byte,
-                                encoded_bytes=len(plan.data) - plan.cut_byte)
+            self._counts.update(
+                lookups=1, reused_bytes=plan.cut_byte, encoded_bytes=len(plan.data) - plan.cut_byte
+            )
 
     def _longest_path(
         self, allowed: frozenset[str], data: bytes
@@ -282,7 +283,11 @@ class AutoPrefixCache:
                 node = self._nodes.get((allowed, digest))
                 # Confirm: the same parent (so every earlier block matched) and the same bytes.
                 parent = path[-1] if path else None
-                if node is None or node.parent is not parent or node.block != view[end - size : end]:
+                if (
+                    node is None
+                    or node.parent is not parent
+                    or node.block != view[end - size : end]
+                ):
                     matching = False
                     continue
                 path.append(node)
@@ -311,13 +316,26 @@ class AutoPrefixCache:
         """
         parent = path[-1] if path else None
         start, start_byte = (parent.cut, parent.cut_byte) if parent else (0, 0)
-        cuts = block_cuts(self._rule, policy, self._lengths, text, data, self._block,
-                          len(path), len(digests), start, start_byte, tail)
+        cuts = block_cuts(
+            self._rule,
+            policy,
+            self._lengths,
+            text,
+            data,
+            self._block,
+            len(path),
+            len(digests),
+            start,
+            start_byte,
+            tail,
+        )
         added: list[_Node] = []
         taken = 0  # tokens of ``tail`` already given to a block
         for i, (cut, cut_byte, n) in enumerate(cuts, len(path)):
             block = data[i * self._block : (i + 1) * self._block]
-            node = _Node((policy.allowed, digests[i]), parent, block, cut, cut_byte, tail[taken:n], 0)
+            node = _Node(
+                (policy.allowed, digests[i]), parent, block, cut, cut_byte, tail[taken:n], 0
+            )
             added.append(node)
             parent, taken = node, n
         with self._lock:

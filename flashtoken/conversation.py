@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import tiktoken
 
@@ -12,7 +12,7 @@ from flashtoken.encodings import resolve_encoding
 from flashtoken.prefix import ORDINARY, TokenDelta, _encode, _require_str
 from flashtoken.specials import SpecialArg, SpecialPolicy
 
-EncodingLike = Union[str, tiktoken.Encoding]
+EncodingLike = str | tiktoken.Encoding
 
 
 class _Checkpoint(NamedTuple):
@@ -202,7 +202,9 @@ class AppendOnlyPieceTokenCache:
         """Raise tiktoken's own error if ``text`` holds a disallowed special token."""
         if self._policy.finds_disallowed(text):
             self._enc.encode(
-                text, allowed_special=self._policy.allowed, disallowed_special=self._policy.disallowed
+                text,
+                allowed_special=self._policy.allowed,
+                disallowed_special=self._policy.disallowed,
             )
 
     def _last_chars(self, n: int) -> str:
@@ -214,7 +216,8 @@ class AppendOnlyPieceTokenCache:
 
     def __repr__(self) -> str:
         return (
-            f"<AppendOnlyPieceTokenCache {self._enc.name} {self._fixed_len + len(self._tail)} chars "
+            f"<AppendOnlyPieceTokenCache {self._enc.name} "
+            f"{self._fixed_len + len(self._tail)} chars "
             f"{self.token_count} tokens>"
         )
 

@@ -19,9 +19,10 @@ import importlib.util
 import threading
 import weakref
 from array import array
+from collections.abc import Callable
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import tiktoken
 

@@ -10,7 +10,7 @@ A shallow tree, so callers can catch as broadly or as narrowly as they need::
             └── DaemonTimeout(DaemonUnavailable, TimeoutError)  ... or did not answer in time
 
 Invalid arguments raise the built-in ``TypeError`` / ``ValueError``, and a disallowed special
-token raises tiktoken's own ``ValueError``, unchanged: FlashToken never gives an error a new meaning.
+token raises tiktoken's own ``ValueError``, unchanged: FlashToken gives no error a new meaning.
 The encode paths of the client never raise the daemon errors: they fall back to local encoding.
 """
 

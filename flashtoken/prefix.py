@@ -1,10 +1,10 @@
-"""FixedPrefixTokenCache: encode ``prefix + suffix`` for one fixed prefix, paying only for the suffix."""
+"""FixedPrefixTokenCache: encode ``prefix + suffix`` for a fixed prefix, paying for the suffix."""
 
 from __future__ import annotations
 
 from array import array
 from collections.abc import Iterable
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import tiktoken
 
@@ -12,13 +12,28 @@ from flashtoken.boundary import CutRule, cut_rule, find_cut
 from flashtoken.encodings import resolve_encoding
 from flashtoken.specials import SpecialArg, SpecialPolicy
 
-EncodingLike = Union[str, tiktoken.Encoding]
+EncodingLike = str | tiktoken.Encoding
 
 ORDINARY = SpecialPolicy(frozenset(), frozenset())
 """The policy of ``encode_ordinary``: every special token's text is ordinary text."""
 
 # Continuations tried on every cut of a pattern no proof covers (docs/ALGORITHM.md).
-_SELF_CHECK_PROBES = ("", " ", "  x", "a", "A", "1", "'s", "\n", "\r\n", ".", "/", "中", "é", "\u0301")
+_SELF_CHECK_PROBES = (
+    "",
+    " ",
+    "  x",
+    "a",
+    "A",
+    "1",
+    "'s",
+    "\n",
+    "\r\n",
+    ".",
+    "/",
+    "中",
+    "é",
+    "\u0301",
+)
 
 
 class PrefixSplit(NamedTuple):
@@ -56,7 +71,9 @@ def split_prefix(
     return _split(enc, cut_rule(enc._pat_str, backtrack_pieces), policy, prefix)
 
 
-def _split(enc: tiktoken.Encoding, rule: CutRule, policy: SpecialPolicy, prefix: str) -> PrefixSplit:
+def _split(
+    enc: tiktoken.Encoding, rule: CutRule, policy: SpecialPolicy, prefix: str
+) -> PrefixSplit:
     tokens = _encode(enc, prefix, policy)
     cut, kept = find_cut(enc, rule, policy, prefix, 0, tokens)
     split = PrefixSplit(token_list(tokens[:kept]), cut)
@@ -65,7 +82,9 @@ def _split(enc: tiktoken.Encoding, rule: CutRule, policy: SpecialPolicy, prefix:
     return split
 
 
-def _self_check(enc: tiktoken.Encoding, policy: SpecialPolicy, prefix: str, split: PrefixSplit) -> bool:
+def _self_check(
+    enc: tiktoken.Encoding, policy: SpecialPolicy, prefix: str, split: PrefixSplit
+) -> bool:
     """Whether the split is exact on a few continuations: a net under unproven patterns."""
     tail = prefix[split.cut :]
     return all(
@@ -216,7 +235,7 @@ class FixedPrefixTokenCache:
         needed: the prefix's tokens after the cut often start the same way as ``tail``."""
         held = self._held_tail(policy)
         same = 0
-        for mine, theirs in zip(held, tail):
+        for mine, theirs in zip(held, tail, strict=False):
             if mine != theirs:
                 break
             same += 1
@@ -330,7 +349,9 @@ class FixedPrefixTokenCache:
     def _split_for(self, policy: SpecialPolicy) -> PrefixSplit:
         split = self._splits.get(policy.allowed)
         if split is None:
-            split = self._splits[policy.allowed] = _split(self._enc, self._rule, policy, self._prefix)
+            split = self._splits[policy.allowed] = _split(
+                self._enc, self._rule, policy, self._prefix
+            )
         return split
 
     def __repr__(self) -> str:
@@ -346,4 +367,3 @@ def _hashable(arg: object) -> object:
         return frozenset(arg)  # type: ignore[call-overload]
     except TypeError:
         return None
-

@@ -18,8 +18,9 @@ Reply ``[header, *frames]``; header ``{"m", "v", "id", "ok": bool, ...}``. A GET
 ``{"hit": true, "cut": int, "n": int}`` and one frame of ``n`` little-endian uint32 tokens; a miss
 ``{"hit": false, "filling": bool}``. An AUTO reply carries ``{"blocks": int, "filling": bool,
 "hit": bool}``; when ``hit``, also ``{"start": int, "cut_byte": int, "n": int}`` and one frame of
-``n`` tokens: those of the text's bytes ``start .. cut_byte`` (blocks ``skip .. blocks-1``). Errors are ``{"ok": false, "error": "CLIENT_ERROR" |
-"SERVER_ERROR", "message": str}``, as memcached names them.
+``n`` tokens: those of the text's bytes ``start .. cut_byte`` (blocks ``skip .. blocks-1``).
+Errors are ``{"ok": false, "error": "CLIENT_ERROR" | "SERVER_ERROR", "message": str}``, as
+memcached names them.
 
 Everything that crosses the socket is checked here, type and range, before anyone uses it: a
 peer is never trusted to be well formed. Nothing is ever unpickled.
@@ -33,7 +34,7 @@ import sys
 import tempfile
 from array import array
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import msgpack
 import xxhash
@@ -138,7 +139,7 @@ def runtime_dir(*, create: bool = True) -> str:
 
 
 def check_private_dir(path: str) -> None:
-    """Raise ``PermissionError`` unless ``path`` is a real directory, ours, mode ``0o700`` or less."""
+    """Raise ``PermissionError`` unless ``path`` is a real directory of ours, mode 0o700 or less."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -162,7 +163,7 @@ def default_address() -> str:
     return "ipc://" + os.path.join(runtime_dir(), "daemon.sock")
 
 
-def ipc_path(address: str) -> Optional[str]:
+def ipc_path(address: str) -> str | None:
     """The filesystem path of an ``ipc://`` address, else None."""
     return address[len("ipc://") :] if address.startswith("ipc://") else None
 
@@ -170,7 +171,9 @@ def ipc_path(address: str) -> Optional[str]:
 # -- keys ------------------------------------------------------------------------------------
 
 
-def make_key(namespace: bytes, encoding_ident: bytes, allowed: tuple[str, ...], prefix: bytes) -> bytes:
+def make_key(
+    namespace: bytes, encoding_ident: bytes, allowed: tuple[str, ...], prefix: bytes
+) -> bytes:
     """The 16-byte cache key: xxh3_128 over the length-prefixed fields.
 
     A key locates an entry; it proves nothing (xxh3 has no collision resistance against crafted
@@ -182,7 +185,9 @@ def make_key(namespace: bytes, encoding_ident: bytes, allowed: tuple[str, ...], 
     16
     """
     h = xxhash.xxh3_128()
-    policy = b"".join(len(s).to_bytes(8, "little") + s for s in (a.encode("utf-8") for a in allowed))
+    policy = b"".join(
+        len(s).to_bytes(8, "little") + s for s in (a.encode("utf-8") for a in allowed)
+    )
     for field in (b"flashtoken-key/1", namespace, encoding_ident, policy, prefix):
         # Length-prefixed, so that no two field sequences hash the same bytes.
         h.update(len(field).to_bytes(8, "little"))
@@ -205,8 +210,16 @@ def make_chain_seed(
     16
     """
     h = xxhash.xxh3_128()
-    policy = b"".join(len(s).to_bytes(8, "little") + s for s in (a.encode("utf-8") for a in allowed))
-    fields = (b"flashtoken-chain/1", namespace, encoding_ident, policy, block_bytes.to_bytes(8, "little"))
+    policy = b"".join(
+        len(s).to_bytes(8, "little") + s for s in (a.encode("utf-8") for a in allowed)
+    )
+    fields = (
+        b"flashtoken-chain/1",
+        namespace,
+        encoding_ident,
+        policy,
+        block_bytes.to_bytes(8, "little"),
+    )
     for field in fields:
         h.update(len(field).to_bytes(8, "little"))
         h.update(field)
@@ -262,7 +275,9 @@ def unpack_header(frame: bytes) -> dict[str, Any]:
     if header.get("m") != MAGIC:
         raise ProtocolError("bad magic: not a FlashToken message")
     if header.get("v") != VERSION:
-        raise ProtocolError(f"unsupported protocol version {header.get('v')!r}; this side speaks {VERSION}")
+        raise ProtocolError(
+            f"unsupported protocol version {header.get('v')!r}; this side speaks {VERSION}"
+        )
     return header
 
 
@@ -325,11 +340,25 @@ class GetRequest(Request):
 
 
 def pack_get(
-    request_id: int, key: bytes, enc: str, eid: bytes, allowed: tuple[str, ...], fill: bool,
+    request_id: int,
+    key: bytes,
+    enc: str,
+    eid: bytes,
+    allowed: tuple[str, ...],
+    fill: bool,
     prefix: bytes,
 ) -> list[bytes]:
-    header = {"m": MAGIC, "v": VERSION, "op": "GET", "id": request_id, "key": key, "enc": enc,
-              "eid": eid, "allowed": list(allowed), "fill": fill}
+    header = {
+        "m": MAGIC,
+        "v": VERSION,
+        "op": "GET",
+        "id": request_id,
+        "key": key,
+        "enc": enc,
+        "eid": eid,
+        "allowed": list(allowed),
+        "fill": fill,
+    }
     return [_pack(header), prefix]
 
 
@@ -346,11 +375,29 @@ class AutoRequest(Request):
 
 
 def pack_auto(
-    request_id: int, seed: bytes, enc: str, eid: bytes, allowed: tuple[str, ...], fill: bool,
-    block: int, skip: int, text: bytes,
+    request_id: int,
+    seed: bytes,
+    enc: str,
+    eid: bytes,
+    allowed: tuple[str, ...],
+    fill: bool,
+    block: int,
+    skip: int,
+    text: bytes,
 ) -> list[bytes]:
-    header = {"m": MAGIC, "v": VERSION, "op": "AUTO", "id": request_id, "seed": seed, "enc": enc,
-              "eid": eid, "allowed": list(allowed), "fill": fill, "block": block, "skip": skip}
+    header = {
+        "m": MAGIC,
+        "v": VERSION,
+        "op": "AUTO",
+        "id": request_id,
+        "seed": seed,
+        "enc": enc,
+        "eid": eid,
+        "allowed": list(allowed),
+        "fill": fill,
+        "block": block,
+        "skip": skip,
+    }
     return [_pack(header), text]
 
 
@@ -391,12 +438,30 @@ def parse_request(frames: list[bytes], *, max_prefix_bytes: int = MAX_PREFIX_BYT
     eid = _bytes(header, "eid", ENCODING_ID_BYTES)
     fill = _bool(header, "fill")
     if op == "GET":
-        return GetRequest(op, request_id, key=_bytes(header, "key", KEY_BYTES), enc=enc, eid=eid,
-                          allowed=allowed, fill=fill, prefix=text)
+        return GetRequest(
+            op,
+            request_id,
+            key=_bytes(header, "key", KEY_BYTES),
+            enc=enc,
+            eid=eid,
+            allowed=allowed,
+            fill=fill,
+            prefix=text,
+        )
     block = _int(header, "block", MIN_BLOCK_BYTES, MAX_BLOCK_BYTES)
     skip = _int(header, "skip", 0, len(text) // block)
-    return AutoRequest(op, request_id, seed=_bytes(header, "seed", KEY_BYTES), enc=enc, eid=eid,
-                       allowed=allowed, fill=fill, block=block, skip=skip, text=text)
+    return AutoRequest(
+        op,
+        request_id,
+        seed=_bytes(header, "seed", KEY_BYTES),
+        enc=enc,
+        eid=eid,
+        allowed=allowed,
+        fill=fill,
+        block=block,
+        skip=skip,
+        text=text,
+    )
 
 
 def _allowed(header: dict[str, Any]) -> tuple[str, ...]:
@@ -406,7 +471,7 @@ def _allowed(header: dict[str, Any]) -> tuple[str, ...]:
     for item in allowed:
         if type(item) is not str or not 0 < len(item) <= MAX_SPECIAL_CHARS:
             raise ProtocolError("field 'allowed' must hold special-token strings")
-    if any(a >= b for a, b in zip(allowed, allowed[1:])):
+    if any(a >= b for a, b in zip(allowed, allowed[1:], strict=False)):
         # One canonical form, so that equal policies compare equal in the store.
         raise ProtocolError("field 'allowed' must be sorted and without duplicates")
     return tuple(allowed)
@@ -424,14 +489,26 @@ def pack_hit(request_id: int, cut: int, tokens_frame: bytes) -> list[Any]:
 
 
 def pack_auto_reply(
-    request_id: int, blocks: int, filling: bool, start: int = 0, cut_byte: int = 0,
-    tokens_frame: Optional[bytes] = None,
+    request_id: int,
+    blocks: int,
+    filling: bool,
+    start: int = 0,
+    cut_byte: int = 0,
+    tokens_frame: bytes | None = None,
 ) -> list[Any]:
     """An AUTO reply: a hit when ``tokens_frame`` is given (the tokens of bytes start..cut_byte)."""
     if tokens_frame is None:
         return [_reply(request_id, True, hit=False, blocks=blocks, filling=filling)]
-    head = _reply(request_id, True, hit=True, blocks=blocks, filling=filling, start=start,
-                  cut_byte=cut_byte, n=len(tokens_frame) // 4)
+    head = _reply(
+        request_id,
+        True,
+        hit=True,
+        blocks=blocks,
+        filling=filling,
+        start=start,
+        cut_byte=cut_byte,
+        n=len(tokens_frame) // 4,
+    )
     return [head, tokens_frame]
 
 
@@ -454,10 +531,10 @@ class Reply:
     id: int
     ok: bool
     fields: dict[str, Any]
-    tokens: Optional[array] = None
+    tokens: array | None = None
 
     @property
-    def error(self) -> Optional[str]:
+    def error(self) -> str | None:
         return None if self.ok else self.fields["error"]
 
 
@@ -504,4 +581,3 @@ def parse_reply(frames: list[bytes]) -> Reply:
     elif len(frames) != 1:
         raise ProtocolError("unexpected frame in a reply")
     return Reply(request_id, True, header, tokens)
-

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Collection
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import AbstractSet, Literal, Union
+from typing import Literal
 
 import regex
 import tiktoken
 
-SpecialArg = Union[Literal["all"], AbstractSet[str], Collection[str]]
+SpecialArg = Literal["all"] | AbstractSet[str] | Collection[str]
 
 
 @dataclass(frozen=True)

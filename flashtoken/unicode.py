@@ -27,7 +27,7 @@ _CATEGORIES = (
     "Lu Ll Lt Lm Lo Mn Mc Me Nd Nl No Pc Pd Ps Pe Pi Pf Po Sm Sc Sk So Zs Zl Zp Cc Cf Cs Co".split()
 )
 # One group per category: match.lastindex names the category ``regex`` gives a character.
-_REGEX_CATEGORY = regex.compile("|".join(r"(\p{gc=%s})" % c for c in _CATEGORIES))
+_REGEX_CATEGORY = regex.compile("|".join(rf"(\p{{gc={c}}})" for c in _CATEGORIES))
 
 # What has been decided, per character, grown as text is seen: the characters checked so far and,
 # of those, the uncertain ones (strict, and grouped). Only ever added to: thread-safe under the

@@ -26,7 +26,8 @@ CORPUS = [
     "aBcDeF", "helloWORLD", "ÀÉÎõü", "straße STRASSE",
     # combining marks, ZWJ emoji, CJK
     "e\u0301te\u0301", "a\u0301\u0302\u0303b", "👩\u200d💻 and 👨\u200d👩\u200d👧", "🇫🇷🇩🇪",
-    "日本語のテキスト、句読点。", "中文，标点符号！", "한국어 텍스트", "ʕ•ᴥ•ʔ", "\U0001fae8 new emoji",
+    "日本語のテキスト、句読点。", "中文，标点符号！", "한국어 텍스트", "ʕ•ᴥ•ʔ",
+    "\U0001fae8 new emoji",
     # punctuation with newlines, slashes
     "Hello!!!\n\nWorld...\n", "a/b/c//d", "path/to/file.py\n", "--->\n", "?!?!\n\r\n", "(x)\n(y)",
     "http://example.com/a?b=c&d=e", "...\n...\n",

@@ -13,9 +13,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import msgpack
 import pytest
@@ -30,24 +30,37 @@ STOP_TIMEOUT = 5.0
 class DaemonProcess:
     """One daemon subprocess on ``ipc://{directory}/d.sock``."""
 
-    def __init__(self, directory: Path, *args: str, encodings: str = "cl100k_base",
-                 env: Optional[dict[str, str]] = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *args: str,
+        encodings: str = "cl100k_base",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.directory = directory
         self.path = directory / "d.sock"
         self.address = f"ipc://{self.path}"
         self.args = ["--encodings", encodings, *args]
         self.env = env
         self.log = directory / "daemon.log"
-        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "flashtoken.daemon", "serve", "--bind", self.address,
-                *self.args]
+        return [
+            sys.executable,
+            "-m",
+            "flashtoken.daemon",
+            "serve",
+            "--bind",
+            self.address,
+            *self.args,
+        ]
 
     def start(self) -> DaemonProcess:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         env=self.env)
+            self.proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.env
+            )
         wait_until(self.answers, START_TIMEOUT, f"daemon never answered; log:\n{self.log_text()}")
         return self
 
@@ -84,7 +97,7 @@ class DaemonProcess:
         assert self.proc is not None
         self.proc.wait(STOP_TIMEOUT)
 
-    def stop(self) -> Optional[int]:
+    def stop(self) -> int | None:
         """SIGTERM, then SIGKILL after STOP_TIMEOUT; returns the exit status."""
         proc = self.proc
         if proc is None:

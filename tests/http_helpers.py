@@ -33,8 +33,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, message: str,
-               interval: float = 0.05) -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, message: str, interval: float = 0.05
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -69,16 +70,26 @@ def _gunicorn_version() -> tuple[int, ...]:
 
 
 class GunicornProcess:
-    def __init__(self, conf: Path, directory: Path, *args: str,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, conf: Path, directory: Path, *args: str, env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.directory = directory
         self.log = directory / "gunicorn.log"
         extra = []
         if _gunicorn_version() >= (25, 1):
             extra.append("--no-control-socket")  # else it binds one under $HOME
-        self.cmd = [sys.executable, "-m", "gunicorn", "-c", str(conf),
-                    "-b", f"127.0.0.1:{self.port}", *extra, *args]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            str(conf),
+            "-b",
+            f"127.0.0.1:{self.port}",
+            *extra,
+            *args,
+        ]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.env.pop("FLASHTOKEN_ADDRESS", None)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -87,12 +98,22 @@ class GunicornProcess:
     def start(self, ready: Callable[[], bool] | None = None) -> GunicornProcess:
         """Start; wait until ``ready()`` (default: GET /stats shows the daemon)."""
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=self.env, cwd=self.directory,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.directory,
+                start_new_session=True,
+            )
         try:
-            wait_until(lambda: self._alive() and (ready or self._ready)(), START_TIMEOUT,
-                       "gunicorn never answered", interval=0.1)
+            wait_until(
+                lambda: self._alive() and (ready or self._ready)(),
+                START_TIMEOUT,
+                "gunicorn never answered",
+                interval=0.1,
+            )
         except AssertionError as exc:
             raise AssertionError(f"{exc}; log:\n{self.log_text()}") from None
         return self
@@ -119,12 +140,16 @@ class GunicornProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def request(self, method: str, path: str, payload: Any = None,
-                timeout: float = 10.0) -> tuple[int, Any]:
+    def request(
+        self, method: str, path: str, payload: Any = None, timeout: float = 10.0
+    ) -> tuple[int, Any]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
-            body = None if payload is None else (
-                payload if isinstance(payload, bytes) else json.dumps(payload).encode())
+            body = (
+                None
+                if payload is None
+                else (payload if isinstance(payload, bytes) else json.dumps(payload).encode())
+            )
             conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
             response = conn.getresponse()
             data = response.read()

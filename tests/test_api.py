@@ -45,7 +45,8 @@ def test_errors_inherit_the_matching_builtins():
 
 
 @pytest.mark.parametrize(
-    "module", ["flashtoken.prefix", "flashtoken.conversation", "flashtoken.encodings", "flashtoken.auto"]
+    "module",
+    ["flashtoken.prefix", "flashtoken.conversation", "flashtoken.encodings", "flashtoken.auto"],
 )
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)

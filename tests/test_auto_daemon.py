@@ -100,8 +100,9 @@ def test_texts_sharing_prefixes_through_the_daemon(shared_daemon: DaemonProcess,
 def _adversarial_texts(rng: random.Random) -> list[str]:
     """Long shared histories whose continuations diverge inside a block, a few bytes in, or
     rewrite their tail; every corpus trap placed at and around block boundaries."""
-    history = "".join(f"<|im_start|>user\nQuestion {i}: {rng.choice(CORPUS)}<|im_end|>\n"
-                      for i in range(12))
+    history = "".join(
+        f"<|im_start|>user\nQuestion {i}: {rng.choice(CORPUS)}<|im_end|>\n" for i in range(12)
+    )
     out = []
     for trap in CORPUS[::3]:
         for shift in (-3, -1, 0, 1, 2, 5):
@@ -147,8 +148,9 @@ def test_chat_across_four_workers_with_a_rewritten_prompt(shared_daemon: DaemonP
     enc = get_encoding("cl100k_base")
     rng = random.Random(3)
     # A real L1 this time (small, to see evictions): the production path.
-    workers = [client(shared_daemon, auto_l1_bytes=16 * 1024, auto_block_bytes=64)
-               for _ in range(4)]
+    workers = [
+        client(shared_daemon, auto_l1_bytes=16 * 1024, auto_block_bytes=64) for _ in range(4)
+    ]
     try:
         for i, text in enumerate(_chat(40, 5)):
             worker = rng.choice(workers)
@@ -167,14 +169,18 @@ def test_chat_across_four_workers_with_a_rewritten_prompt(shared_daemon: DaemonP
 
 
 def test_forced_collisions_never_hand_out_another_texts_tokens(
-        start_daemon: Callable[..., DaemonProcess]) -> None:
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
     daemon = start_daemon("--debug-key-bytes", "1", encodings="cl100k_base,o200k_base")
     rng = random.Random(7)
     words = ["alpha", "beta", "gamma", " ", "\n", "1", "'s"]
-    texts_ = [f"tenant {i % 5}: " + "".join(rng.choice(words) for _ in range(rng.randint(20, 90)))
-              for i in range(150)]
-    clients = {(name, ns): client(daemon, name, namespace=ns)
-               for name in ENCODINGS for ns in (b"a", b"b")}
+    texts_ = [
+        f"tenant {i % 5}: " + "".join(rng.choice(words) for _ in range(rng.randint(20, 90)))
+        for i in range(150)
+    ]
+    clients = {
+        (name, ns): client(daemon, name, namespace=ns) for name in ENCODINGS for ns in (b"a", b"b")
+    }
     try:
         for _ in range(2):
             for i, text in enumerate(texts_):
@@ -193,7 +199,8 @@ def test_forced_collisions_never_hand_out_another_texts_tokens(
 
 
 def test_daemon_killed_mid_run_stays_exact_then_recovers(
-        start_daemon: Callable[..., DaemonProcess]) -> None:
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
     daemon = start_daemon()
     enc = get_encoding("cl100k_base")
     chat = _chat(45, 9)
@@ -217,7 +224,8 @@ def test_daemon_killed_mid_run_stays_exact_then_recovers(
 
 
 def test_declared_prefixes_and_chains_share_one_budget(
-        start_daemon: Callable[..., DaemonProcess]) -> None:
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
     daemon = start_daemon("--max-bytes", "48KiB")
     enc = get_encoding("cl100k_base")
     with client(daemon) as c:
@@ -235,18 +243,36 @@ def test_declared_prefixes_and_chains_share_one_budget(
 def _auto_frames(text: bytes, **overrides: Any) -> list[bytes]:
     enc = get_encoding("cl100k_base")
     eid = encoding_id(enc)
-    fields = dict(op="AUTO", id=5, seed=make_chain_seed(b"", eid, (), 64), enc="cl100k_base",
-                  eid=eid, allowed=[], fill=False, block=64, skip=0)
+    fields = dict(
+        op="AUTO",
+        id=5,
+        seed=make_chain_seed(b"", eid, (), 64),
+        enc="cl100k_base",
+        eid=eid,
+        allowed=[],
+        fill=False,
+        block=64,
+        skip=0,
+    )
     fields.update(overrides)
     return [header(**{k: v for k, v in fields.items() if v is not None}), text]
 
 
 def test_invalid_auto_requests_get_client_errors(shared_daemon: DaemonProcess) -> None:
     text = ("hello world " * 40).encode()
-    bad = [dict(block=8), dict(block=True), dict(skip=len(text) // 64 + 1), dict(skip=-1),
-           dict(seed=b"short"), dict(seed=None), dict(eid=bytes(32)), dict(enc="nope"),
-           dict(allowed=["<|endoftext|>", "<|endoftext|>"]), dict(allowed=["not special"]),
-           dict(fill=1)]
+    bad = [
+        dict(block=8),
+        dict(block=True),
+        dict(skip=len(text) // 64 + 1),
+        dict(skip=-1),
+        dict(seed=b"short"),
+        dict(seed=None),
+        dict(eid=bytes(32)),
+        dict(enc="nope"),
+        dict(allowed=["<|endoftext|>", "<|endoftext|>"]),
+        dict(allowed=["not special"]),
+        dict(fill=1),
+    ]
     for fields in bad:
         reply = parse_reply(request(shared_daemon.address, _auto_frames(text, **fields)))
         assert (reply.ok, reply.error) == (False, "CLIENT_ERROR"), fields
@@ -289,8 +315,18 @@ class LyingDaemon:
         ]
         start, cut_byte, tokens = lies[self.n % len(lies)]
         self.n += 1
-        head = {"m": MAGIC, "v": 1, "id": req.id, "ok": True, "hit": True, "blocks": 1 + req.skip,
-                "filling": False, "start": start, "cut_byte": cut_byte, "n": len(tokens)}
+        head = {
+            "m": MAGIC,
+            "v": 1,
+            "id": req.id,
+            "ok": True,
+            "hit": True,
+            "blocks": 1 + req.skip,
+            "filling": False,
+            "start": start,
+            "cut_byte": cut_byte,
+            "n": len(tokens),
+        }
         if self.n % 7 == 0:
             return [b"garbage"]
         return [msgpack.packb(head, use_bin_type=True), tokens_to_frame(array("I", tokens))]
@@ -312,8 +348,13 @@ def test_a_lying_daemon_never_changes_a_token(daemon_dir: Any) -> None:
     liar = LyingDaemon(f"ipc://{daemon_dir}/liar.sock")
     enc = get_encoding("cl100k_base")
     try:
-        with Client(f"ipc://{daemon_dir}/liar.sock", timeout_ms=TIMEOUT_MS, auto_l1_bytes=0,
-                    auto_block_bytes=BLOCK, breaker_failures=1000) as c:
+        with Client(
+            f"ipc://{daemon_dir}/liar.sock",
+            timeout_ms=TIMEOUT_MS,
+            auto_l1_bytes=0,
+            auto_block_bytes=BLOCK,
+            breaker_failures=1000,
+        ) as c:
             for text in _chat(30, 4):
                 check(c, enc, text)
             stats = c.stats()
@@ -327,12 +368,18 @@ def test_async_client_automatic_reuse(shared_daemon: DaemonProcess) -> None:
     chat = _chat(20, 8)
 
     async def main() -> dict[str, Any]:
-        async with AsyncClient(shared_daemon.address, "o200k_base", timeout_ms=TIMEOUT_MS,
-                               auto_l1_bytes=0, auto_block_bytes=BLOCK) as c:
+        async with AsyncClient(
+            shared_daemon.address,
+            "o200k_base",
+            timeout_ms=TIMEOUT_MS,
+            auto_l1_bytes=0,
+            auto_block_bytes=BLOCK,
+        ) as c:
             for text in chat:
                 assert await c.encode_ordinary(text) == enc.encode_ordinary(text)
                 assert await c.count(text, allowed_special="all") == len(
-                    enc.encode(text, allowed_special="all"))
+                    enc.encode(text, allowed_special="all")
+                )
             with pytest.raises(ValueError, match="disallowed special token"):
                 await c.encode("x <|endoftext|>")
             return c.stats()

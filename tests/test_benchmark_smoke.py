@@ -20,8 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _daemon_importable() -> bool:
     try:
-        return (importlib.util.find_spec("flashtoken.daemon.__main__") is not None
-                and importlib.util.find_spec("flashtoken.client") is not None)
+        return (
+            importlib.util.find_spec("flashtoken.daemon.__main__") is not None
+            and importlib.util.find_spec("flashtoken.client") is not None
+        )
     except ImportError:
         return False
 
@@ -32,7 +34,10 @@ def test_benchmark_tiny_run(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmark", "--tiny", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=110,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
@@ -43,7 +48,9 @@ def test_benchmark_tiny_run(tmp_path: Path) -> None:
     assert correctness["control_mismatches"] > 0
     assert results["errors"] == []
     assert set(results["workloads"]) == {"fixed_prefix", "chat", "rag", "multiworker", "auto_chat"}
-    assert {"prefix_length", "suffix_length", "backtrack_pieces", "l1_size"} <= set(results["sweeps"])
+    assert {"prefix_length", "suffix_length", "backtrack_pieces", "l1_size"} <= set(
+        results["sweeps"]
+    )
     assert results["machine"]["versions"]["tiktoken"]
     assert (out / "summary.md").read_text().startswith("# FlashToken benchmark")
     assert list(out.glob("*.png"))
@@ -59,7 +66,12 @@ def test_benchmark_tiny_run(tmp_path: Path) -> None:
 
 
 def test_help() -> None:
-    proc = subprocess.run([sys.executable, "-m", "benchmark", "--help"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmark", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0
     assert "--quick" in proc.stdout and "--out" in proc.stdout and "--seed" in proc.stdout

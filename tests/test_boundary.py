@@ -58,9 +58,9 @@ def test_surrogate_repair_is_local_and_offsets_never_split_a_pair():
     repaired = uni.repair_surrogates(raw)
     assert repaired == "a\U0001f600b\ufffdc"
     assert [uni.raw_offset(raw, i) for i in range(len(repaired) + 1)] == [0, 1, 3, 4, 5, 6]
-    assert uni.repair_surrogates("x\ud83d") + uni.repair_surrogates("\ude00") != uni.repair_surrogates(
-        "x\ud83d\ude00"
-    )
+    assert uni.repair_surrogates("x\ud83d") + uni.repair_surrogates(
+        "\ude00"
+    ) != uni.repair_surrogates("x\ud83d\ude00")
 
 
 def test_a_pair_split_across_the_join_is_joined_as_tiktoken_does(enc):

@@ -1,4 +1,4 @@
-"""flashtoken.client.Client against a real daemon: exact on every split, whatever the daemon does."""
+"""flashtoken.client.Client against a real daemon: exact on every split, whatever it does."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import msgpack
 import pytest
 import zmq
+from flashtoken.client import Client
 from hypothesis import given
 from hypothesis import strategies as st
 
 from flashtoken import get_encoding, split_prefix
-from flashtoken.client import Client
 from flashtoken.errors import DaemonTimeout
 from flashtoken.protocol import MAGIC, parse_request, tokens_to_frame
 from tests.corpus import CORPUS, splits
@@ -50,10 +50,14 @@ def test_exact_on_every_corpus_split(shared_daemon: DaemonProcess, name: str) ->
     enc = get_encoding(name)
     pairs = [pair for text in CORPUS for pair in splits(text)]
     pairs += [(p + "\n" + p, s) for p, s in pairs[::7]]  # longer prefixes, same joins
-    with Client(shared_daemon.address, name, timeout_ms=TIMEOUT_MS) as cold, \
-            Client(shared_daemon.address, name, timeout_ms=TIMEOUT_MS) as warm:
+    with (
+        Client(shared_daemon.address, name, timeout_ms=TIMEOUT_MS) as cold,
+        Client(shared_daemon.address, name, timeout_ms=TIMEOUT_MS) as warm,
+    ):
         for prefix, suffix in pairs:  # misses: local encodes, fills requested
-            assert cold.encode_ordinary(suffix, prefix=prefix) == enc.encode_ordinary(prefix + suffix)
+            assert cold.encode_ordinary(suffix, prefix=prefix) == enc.encode_ordinary(
+                prefix + suffix
+            )
         _wait_for_fills(shared_daemon)
         for prefix, suffix in pairs:  # a cold L1: daemon hits
             expected = enc.encode_ordinary(prefix + suffix)
@@ -69,8 +73,12 @@ def test_exact_on_every_corpus_split(shared_daemon: DaemonProcess, name: str) ->
 def test_exact_with_special_tokens(shared_daemon: DaemonProcess, name: str) -> None:
     enc = get_encoding(name)
     cases = [pair for text in CORPUS if "<|" in text or "|>" in text for pair in splits(text)]
-    policies = [dict(allowed_special="all"), dict(allowed_special={"<|endoftext|>"}),
-                dict(disallowed_special=()), {}]
+    policies = [
+        dict(allowed_special="all"),
+        dict(allowed_special={"<|endoftext|>"}),
+        dict(disallowed_special=()),
+        {},
+    ]
     with Client(shared_daemon.address, name, timeout_ms=TIMEOUT_MS) as client:
         for _ in range(2):  # the second pass reads what the first filled
             for prefix, suffix in cases:
@@ -94,14 +102,16 @@ _random_client: dict[str, Client] = {}
 @pytest.mark.parametrize("name", ENCODINGS)
 def test_exact_on_random_splits(shared_daemon: DaemonProcess, name: str) -> None:
     enc = get_encoding(name)
-    clients = [Client(shared_daemon.address, name, timeout_ms=TIMEOUT_MS, l1_bytes=0)
-               for _ in range(2)]
+    clients = [
+        Client(shared_daemon.address, name, timeout_ms=TIMEOUT_MS, l1_bytes=0) for _ in range(2)
+    ]
 
     @given(texts, texts, st.integers(0, 1))
     def check(prefix: str, suffix: str, which: int) -> None:
         # l1_bytes=0: every call goes to the daemon (or falls back), the paths under test.
-        assert clients[which].encode_ordinary(suffix, prefix=prefix) == \
-            enc.encode_ordinary(prefix + suffix)
+        assert clients[which].encode_ordinary(suffix, prefix=prefix) == enc.encode_ordinary(
+            prefix + suffix
+        )
 
     try:
         check()
@@ -121,7 +131,12 @@ def test_miss_then_l1_then_daemon_hit(shared_daemon: DaemonProcess) -> None:
     with Client(shared_daemon.address, timeout_ms=TIMEOUT_MS) as second:
         assert second.encode_ordinary("!", prefix=prefix) == enc.encode_ordinary(prefix + "!")
         stats = second.stats()
-    assert (stats["l2_hits"], stats["misses"], stats["fallbacks"], stats["breaker"]) == (1, 0, 0, "closed")
+    assert (stats["l2_hits"], stats["misses"], stats["fallbacks"], stats["breaker"]) == (
+        1,
+        0,
+        0,
+        "closed",
+    )
 
 
 def test_namespaces_share_nothing(shared_daemon: DaemonProcess) -> None:
@@ -152,23 +167,29 @@ def test_prefixes_the_daemon_cannot_take_stay_local(shared_daemon: DaemonProcess
     before = shared_daemon.stats()["cmd_get"]
     with Client(shared_daemon.address, timeout_ms=TIMEOUT_MS, max_prefix_bytes=1000) as client:
         for prefix in ["lone \ud83d surrogate", "x\udc00", "y" * 1001]:
-            assert client.encode_ordinary("\ude00z", prefix=prefix) == \
-                enc.encode_ordinary(prefix + "\ude00z")
+            assert client.encode_ordinary("\ude00z", prefix=prefix) == enc.encode_ordinary(
+                prefix + "\ude00z"
+            )
         assert client.stats()["fallbacks"] == 3
     assert shared_daemon.stats()["cmd_get"] == before
 
 
-def test_forced_collisions_never_return_another_prefix(start_daemon: Callable[..., DaemonProcess]) -> None:
+def test_forced_collisions_never_return_another_prefix(
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
     daemon = start_daemon("--debug-key-bytes", "1")  # 256 keys: collisions galore
     enc = get_encoding("cl100k_base")
     rng = random.Random(7)
-    prefixes = [f"{i} " + " ".join(rng.choice(["alpha", "beta", "gamma"]) for _ in range(30))
-                for i in range(600)]
+    prefixes = [
+        f"{i} " + " ".join(rng.choice(["alpha", "beta", "gamma"]) for _ in range(30))
+        for i in range(600)
+    ]
     with Client(daemon.address, timeout_ms=TIMEOUT_MS, l1_bytes=0) as client:
         for _ in range(3):
             for prefix in prefixes:
-                assert client.encode_ordinary(" end", prefix=prefix) == \
-                    enc.encode_ordinary(prefix + " end")
+                assert client.encode_ordinary(" end", prefix=prefix) == enc.encode_ordinary(
+                    prefix + " end"
+                )
             _wait_for_fills(daemon)
         stats = client.stats()
     assert stats["l2_hits"] > 0 and stats["rejected_hits"] == 0
@@ -197,8 +218,15 @@ class FakeDaemon:
         other = tokens_to_frame(__import__("array").array("I", enc.encode_ordinary("another text")))
 
         def hit(id_: int, cut: int, frame: bytes, n: int | None = None) -> list[bytes]:
-            head = {"m": MAGIC, "v": 1, "id": id_, "ok": True, "hit": True, "cut": cut,
-                    "n": len(frame) // 4 if n is None else n}
+            head = {
+                "m": MAGIC,
+                "v": 1,
+                "id": id_,
+                "ok": True,
+                "hit": True,
+                "cut": cut,
+                "n": len(frame) // 4 if n is None else n,
+            }
             return [msgpack.packb(head), frame]
 
         rid = request.id
@@ -213,8 +241,18 @@ class FakeDaemon:
             hit(rid, split.cut, good[:-2]),  # truncated
             hit(rid + 1, split.cut, good),  # someone else's id
             [msgpack.packb({"m": MAGIC, "v": 1, "id": rid, "ok": True, "hit": "yes"})],
-            [msgpack.packb({"m": MAGIC, "v": 1, "id": rid, "ok": False, "error": "CLIENT_ERROR",
-                            "message": 5})],
+            [
+                msgpack.packb(
+                    {
+                        "m": MAGIC,
+                        "v": 1,
+                        "id": rid,
+                        "ok": False,
+                        "error": "CLIENT_ERROR",
+                        "message": 5,
+                    }
+                )
+            ],
             hit(rid, split.cut, good),  # right, at last
         ]
 
@@ -240,11 +278,14 @@ def test_a_daemon_answering_garbage_changes_no_token(daemon_dir: Path) -> None:
     enc = get_encoding("cl100k_base")
     fake = FakeDaemon(f"ipc://{daemon_dir}/fake.sock")
     try:
-        with Client(fake.address, timeout_ms=TIMEOUT_MS, l1_bytes=0, breaker_failures=10**6) as client:
+        with Client(
+            fake.address, timeout_ms=TIMEOUT_MS, l1_bytes=0, breaker_failures=10**6
+        ) as client:
             for i in range(120):
                 prefix = f"Garbage in, {i} exact tokens out. " * 20
-                assert client.encode_ordinary(" ok", prefix=prefix) == \
-                    enc.encode_ordinary(prefix + " ok")
+                assert client.encode_ordinary(" ok", prefix=prefix) == enc.encode_ordinary(
+                    prefix + " ok"
+                )
             stats = client.stats()
     finally:
         fake.close()
@@ -271,7 +312,11 @@ def test_client_made_before_fork_works_in_the_child(shared_daemon: DaemonProcess
             ok &= client.encode_ordinary("z", prefix=other) == enc.encode_ordinary(other + "z")
             stats = client.stats()
             counted = {k: stats[k] - before[k] for k in ("l1_hits", "misses", "errors", "timeouts")}
-            code = 0 if ok and counted == {"l1_hits": 1, "misses": 1, "errors": 0, "timeouts": 0} else 2
+            code = (
+                0
+                if ok and counted == {"l1_hits": 1, "misses": 1, "errors": 0, "timeouts": 0}
+                else 2
+            )
         finally:
             os._exit(code)
     try:
@@ -296,7 +341,9 @@ def test_threads_share_a_client(shared_daemon: DaemonProcess) -> None:
             for _ in range(100):
                 prefix = rng.choice(prefixes)
                 suffix = rng.choice(["", " a", "1", "\n\n", "'s"])
-                assert client.encode_ordinary(suffix, prefix=prefix) == enc.encode_ordinary(prefix + suffix)
+                assert client.encode_ordinary(suffix, prefix=prefix) == enc.encode_ordinary(
+                    prefix + suffix
+                )
         except BaseException as exc:  # reported below
             errors.append(exc)
 
@@ -313,11 +360,15 @@ def test_closed_client_still_answers(shared_daemon: DaemonProcess) -> None:
     enc = get_encoding("cl100k_base")
     client = Client(shared_daemon.address, timeout_ms=TIMEOUT_MS)
     client.close()
-    assert client.encode_ordinary("b", prefix="a closed client ") == enc.encode_ordinary("a closed client b")
+    assert client.encode_ordinary("b", prefix="a closed client ") == enc.encode_ordinary(
+        "a closed client b"
+    )
     assert client.stats()["fallbacks"] == 0 and client.stats()["misses"] == 0
 
 
-def test_interpreter_exit_never_hangs(daemon_dir: Path, start_daemon: Callable[..., DaemonProcess]) -> None:
+def test_interpreter_exit_never_hangs(
+    daemon_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
     daemon = start_daemon()
     daemon.signal(__import__("signal").SIGSTOP)  # a frozen daemon: requests queue, no replies
     try:
@@ -330,7 +381,9 @@ def test_interpreter_exit_never_hangs(daemon_dir: Path, start_daemon: Callable[.
             "print('done')\n"  # and exit without close()
         )
         start = time.monotonic()
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
+        )
         assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr
         assert time.monotonic() - start < 15
     finally:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
+from flashtoken.client import AsyncClient
 
 from flashtoken import get_encoding
-from flashtoken.client import AsyncClient
 from flashtoken.errors import DaemonTimeout
 from tests.corpus import CORPUS, splits
 from tests.daemon_fixtures import DaemonProcess, wait_until
@@ -28,15 +28,18 @@ def test_exact_on_corpus_splits(shared_daemon: DaemonProcess, name: str) -> None
     async def run() -> dict:
         async with AsyncClient(shared_daemon.address, name, timeout_ms=TIMEOUT_MS) as cold:
             for prefix, suffix in pairs:
-                assert await cold.encode_ordinary(suffix, prefix=prefix) == \
-                    enc.encode_ordinary(prefix + suffix)
+                assert await cold.encode_ordinary(suffix, prefix=prefix) == enc.encode_ordinary(
+                    prefix + suffix
+                )
         wait_until(lambda: shared_daemon.stats()["fills_pending"] == 0, 30, "fills pending")
         async with AsyncClient(shared_daemon.address, name, timeout_ms=TIMEOUT_MS) as warm:
             for prefix, suffix in pairs:
                 expected = enc.encode_ordinary(prefix + suffix)
                 assert await warm.encode_ordinary(suffix, prefix=prefix) == expected
                 assert await warm.count_ordinary(suffix, prefix=prefix) == len(expected)
-                assert (await warm.encode_ordinary_array(suffix, prefix=prefix)).tolist() == expected
+                assert (
+                    await warm.encode_ordinary_array(suffix, prefix=prefix)
+                ).tolist() == expected
                 try:
                     want = enc.encode(prefix + suffix, allowed_special="all")
                 except ValueError:
@@ -71,8 +74,9 @@ def test_concurrent_tasks(shared_daemon: DaemonProcess) -> None:
         rng = random.Random(seed)
         for _ in range(30):
             prefix, suffix = rng.choice(prefixes), rng.choice(["", " a", "'s", "\n"])
-            assert await client.encode_ordinary(suffix, prefix=prefix) == \
-                enc.encode_ordinary(prefix + suffix)
+            assert await client.encode_ordinary(suffix, prefix=prefix) == enc.encode_ordinary(
+                prefix + suffix
+            )
 
     async def run() -> None:
         async with AsyncClient(shared_daemon.address, timeout_ms=TIMEOUT_MS, l1_bytes=0) as client:
@@ -88,7 +92,9 @@ def test_no_daemon(daemon_dir: Path) -> None:
         async with AsyncClient(f"ipc://{daemon_dir}/absent.sock", "o200k_base", timeout_ms=5) as c:
             for i in range(10):
                 prefix = f"nobody home {i} " * 30
-                assert await c.encode_ordinary("?", prefix=prefix) == enc.encode_ordinary(prefix + "?")
+                assert await c.encode_ordinary("?", prefix=prefix) == enc.encode_ordinary(
+                    prefix + "?"
+                )
             with pytest.raises(DaemonTimeout):
                 await c.daemon_stats(timeout_ms=50)
             return c.stats()
@@ -103,7 +109,9 @@ def test_usable_across_event_loops(start_daemon: Callable[..., DaemonProcess]) -
     client = AsyncClient(daemon.address, timeout_ms=TIMEOUT_MS, l1_bytes=0)
     try:
         for _ in range(3):  # asyncio.run makes a new loop each time
-            assert asyncio.run(client.encode_ordinary("b", prefix="loop a")) == enc.encode_ordinary("loop ab")
+            assert asyncio.run(client.encode_ordinary("b", prefix="loop a")) == enc.encode_ordinary(
+                "loop ab"
+            )
             wait_until(lambda: daemon.stats()["curr_items"] == 1, 20, "no fill")
         assert client.stats()["errors"] == 0 and client.stats()["l2_hits"] >= 1
         assert asyncio.run(client.daemon_stats())["stats"]["cmd_get"] == 3

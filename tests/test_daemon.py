@@ -8,8 +8,8 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import zmq
@@ -25,8 +25,15 @@ pytestmark = pytest.mark.timeout(60)
 CLI = [sys.executable, "-m", "flashtoken.daemon"]
 
 
-def get(daemon: DaemonProcess, prefix: str, enc: str = "cl100k_base", *, fill: bool = True,
-        allowed: tuple[str, ...] = (), request_id: int = 1):
+def get(
+    daemon: DaemonProcess,
+    prefix: str,
+    enc: str = "cl100k_base",
+    *,
+    fill: bool = True,
+    allowed: tuple[str, ...] = (),
+    request_id: int = 1,
+):
     encoding = get_encoding(enc)
     data = prefix.encode("utf-8")
     eid = encoding_id(encoding)
@@ -86,7 +93,9 @@ def test_invalid_gets_get_client_errors(daemon: DaemonProcess) -> None:
     assert stats["protocol_errors"] == 3 and stats["cmd_get"] == 0
 
 
-def test_hostile_frames_leave_the_daemon_serving(start_daemon: Callable[..., DaemonProcess]) -> None:
+def test_hostile_frames_leave_the_daemon_serving(
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
     daemon = start_daemon("--max-prefix-bytes", "64KiB")
     ctx = zmq.Context.instance()
     hostile = ctx.socket(zmq.DEALER)
@@ -130,7 +139,9 @@ def test_a_panicking_fill_is_an_error_not_a_crash(daemon: DaemonProcess) -> None
     assert stats["fill_errors"] == 1 and stats["get_hits"] + stats["get_misses"] == stats["cmd_get"]
 
 
-def test_byte_cap_and_lru_under_oversubscription(start_daemon: Callable[..., DaemonProcess]) -> None:
+def test_byte_cap_and_lru_under_oversubscription(
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
     daemon = start_daemon("--max-bytes", "24KiB")
     limit = 24 * 1024
     prefixes = [f"prefix {i}: " + "lorem ipsum dolor sit amet " * 150 for i in range(40)]
@@ -153,14 +164,22 @@ def test_byte_cap_and_lru_under_oversubscription(start_daemon: Callable[..., Dae
 
 
 def test_second_daemon_refuses(daemon: DaemonProcess) -> None:
-    proc = subprocess.run([*CLI, "--bind", daemon.address, "--encodings", ""],
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [*CLI, "--bind", daemon.address, "--encodings", ""],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 1
-    assert f"another flashtoken-daemon (pid {daemon.pid}) is serving {daemon.address}" in proc.stderr
+    assert (
+        f"another flashtoken-daemon (pid {daemon.pid}) is serving {daemon.address}" in proc.stderr
+    )
     assert daemon.alive() and daemon.answers()
 
 
-def test_stale_socket_is_replaced_and_sigterm_cleans_up(start_daemon: Callable[..., DaemonProcess]) -> None:
+def test_stale_socket_is_replaced_and_sigterm_cleans_up(
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
     first = start_daemon()
     first.kill9()
     assert first.path.exists()  # left behind by the dead daemon
@@ -180,8 +199,9 @@ def test_default_address_is_private(daemon_dir: Path) -> None:
         wait_until(sock.exists, 20, "no socket at the default address")
         assert stat.S_IMODE(os.stat(sock.parent).st_mode) == 0o700
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
-        out = subprocess.run([*CLI, "stats", "--json"], env=env, capture_output=True, text=True,
-                             timeout=30)
+        out = subprocess.run(
+            [*CLI, "stats", "--json"], env=env, capture_output=True, text=True, timeout=30
+        )
         assert out.returncode == 0, out.stderr
     finally:
         proc.terminate()
@@ -194,19 +214,25 @@ def test_refuses_a_directory_others_can_write(daemon_dir: Path) -> None:
     (runtime / "flashtoken").mkdir(parents=True)
     (runtime / "flashtoken").chmod(0o777)
     env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
-    proc = subprocess.run([*CLI, "--encodings", ""], env=env, capture_output=True, text=True,
-                          timeout=30)
+    proc = subprocess.run(
+        [*CLI, "--encodings", ""], env=env, capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 1 and "chmod 700" in proc.stderr
 
 
 def test_stats_cli(daemon: DaemonProcess) -> None:
     get(daemon, "counted")
-    text = subprocess.run([*CLI, "stats", "--bind", daemon.address], capture_output=True,
-                          text=True, timeout=30)
+    text = subprocess.run(
+        [*CLI, "stats", "--bind", daemon.address], capture_output=True, text=True, timeout=30
+    )
     assert text.returncode == 0
     assert "STAT cmd_get 1" in text.stdout and "SETTING max_bytes 536870912" in text.stdout
-    as_json = subprocess.run([*CLI, "stats", "--bind", daemon.address, "--json"],
-                             capture_output=True, text=True, timeout=30)
+    as_json = subprocess.run(
+        [*CLI, "stats", "--bind", daemon.address, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     import json
 
     assert json.loads(as_json.stdout)["stats"]["pid"] == daemon.pid
@@ -214,8 +240,12 @@ def test_stats_cli(daemon: DaemonProcess) -> None:
 
 def test_stats_cli_without_a_daemon(daemon_dir: Path) -> None:
     address = f"ipc://{daemon_dir}/nobody.sock"
-    proc = subprocess.run([*CLI, "stats", "--bind", address, "--timeout-ms", "300"],
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [*CLI, "stats", "--bind", address, "--timeout-ms", "300"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 1 and address in proc.stderr
 
 
@@ -223,8 +253,15 @@ def test_help_is_true_to_the_code() -> None:
     top = subprocess.run([*CLI, "--help"], capture_output=True, text=True, timeout=30)
     assert top.returncode == 0 and "serve" in top.stdout and "stats" in top.stdout
     serve = subprocess.run([*CLI, "serve", "--help"], capture_output=True, text=True, timeout=30)
-    for flag in ("--bind", "--max-bytes", "--encodings", "--fill-threads", "--log-level",
-                 "--max-prefix-bytes", "--exit-with-parent"):
+    for flag in (
+        "--bind",
+        "--max-bytes",
+        "--encodings",
+        "--fill-threads",
+        "--log-level",
+        "--max-prefix-bytes",
+        "--exit-with-parent",
+    ):
         assert flag in serve.stdout
     assert "--debug-key-bytes" not in serve.stdout
 
@@ -238,10 +275,22 @@ def test_sigint_is_a_clean_shutdown(start_daemon: Callable[..., DaemonProcess]) 
 
 def test_token_frame_is_little_endian(daemon: DaemonProcess) -> None:
     hit = get_until_hit(daemon, "hello world, hello world, hello world")
-    raw = request(daemon.address, pack_get(
-        5, make_key(b"", encoding_id(get_encoding("cl100k_base")), (),
-                    b"hello world, hello world, hello world"),
-        "cl100k_base", encoding_id(get_encoding("cl100k_base")), (), False,
-        b"hello world, hello world, hello world"))
+    raw = request(
+        daemon.address,
+        pack_get(
+            5,
+            make_key(
+                b"",
+                encoding_id(get_encoding("cl100k_base")),
+                (),
+                b"hello world, hello world, hello world",
+            ),
+            "cl100k_base",
+            encoding_id(get_encoding("cl100k_base")),
+            (),
+            False,
+            b"hello world, hello world, hello world",
+        ),
+    )
     assert list(tokens_from_frame(raw[1])) == list(hit.tokens)
     assert int.from_bytes(raw[1][:4], "little") == hit.tokens[0]

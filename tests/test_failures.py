@@ -9,13 +9,13 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
+from flashtoken.client import Client
 
 from flashtoken import get_encoding
-from flashtoken.client import Client
 from tests.daemon_fixtures import DaemonProcess, wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -61,8 +61,12 @@ def test_kill9_and_restart_under_multiprocess_load(
     control = daemon_dir / "control"
     control.mkdir()
     workers = [
-        subprocess.Popen([sys.executable, "-c", WORKER, daemon.address, name, str(control), str(i)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, daemon.address, name, str(control), str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(4)
     ]
     try:
@@ -72,12 +76,15 @@ def test_kill9_and_restart_under_multiprocess_load(
         start_daemon(encodings=name)  # the same socket path: the clients are not told
         (control / "restarted").touch()
         # Each worker's breaker closes at its next probe (cool-downs of 0.25 s, 0.5 s, ...).
-        wait_until(lambda: len(list(control.glob("resumed-*"))) == len(workers), 30,
-                   "hits never resumed in some worker")
+        wait_until(
+            lambda: len(list(control.glob("resumed-*"))) == len(workers),
+            30,
+            "hits never resumed in some worker",
+        )
     finally:
         (control / "stop").touch()
         outputs = [worker.communicate(timeout=30) for worker in workers]
-    for (out, err), worker in zip(outputs, workers):
+    for (out, err), worker in zip(outputs, workers, strict=False):
         assert worker.returncode == 0, err
         report = json.loads(out)
         assert report["mismatches"] == 0 and report["exceptions"] == 0
@@ -133,12 +140,14 @@ def test_sigstop_costs_each_call_at_most_local_time_plus_budget(
     assert statistics.median(times) < bound
 
 
-def test_daemon_down_from_the_start_then_up(start_daemon: Callable[..., DaemonProcess],
-                                            daemon_dir: Path) -> None:
+def test_daemon_down_from_the_start_then_up(
+    start_daemon: Callable[..., DaemonProcess], daemon_dir: Path
+) -> None:
     enc = get_encoding("cl100k_base")
     address = f"ipc://{daemon_dir}/d.sock"
-    with Client(address, timeout_ms=20, l1_bytes=0, breaker_cooldown_ms=100,
-                breaker_max_cooldown_ms=400) as client:
+    with Client(
+        address, timeout_ms=20, l1_bytes=0, breaker_cooldown_ms=100, breaker_max_cooldown_ms=400
+    ) as client:
         for i in range(30):
             prefix = f"early {i} " * 20
             assert client.encode_ordinary("!", prefix=prefix) == enc.encode_ordinary(prefix + "!")
@@ -147,7 +156,8 @@ def test_daemon_down_from_the_start_then_up(start_daemon: Callable[..., DaemonPr
         assert daemon.address == address
         deadline = time.monotonic() + 20
         while client.stats()["l2_hits"] == 0 and time.monotonic() < deadline:
-            assert client.encode_ordinary("!", prefix="early 0 " * 20) == \
-                enc.encode_ordinary("early 0 " * 20 + "!")
+            assert client.encode_ordinary("!", prefix="early 0 " * 20) == enc.encode_ordinary(
+                "early 0 " * 20 + "!"
+            )
             time.sleep(0.02)
         assert client.stats()["l2_hits"] > 0

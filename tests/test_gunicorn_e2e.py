@@ -31,8 +31,10 @@ pytestmark = pytest.mark.timeout(120)
 
 WSGI_CONF = EXAMPLES / "gunicorn" / "gunicorn.conf.py"
 ASGI_CONF = EXAMPLES / "asgi" / "gunicorn.conf.py"
-SYSTEM = ("You are Atlas, a careful assistant. Answer in full sentences; cite sources. "
-          "Règles: soyez précis. 规则：准确。 Rules 1-12 apply.\n") * 24  # ~2.6 KiB
+SYSTEM = (
+    "You are Atlas, a careful assistant. Answer in full sentences; cite sources. "
+    "Règles: soyez précis. 规则：准确。 Rules 1-12 apply.\n"
+) * 24  # ~2.6 KiB
 
 
 @pytest.fixture
@@ -65,14 +67,16 @@ def server() -> Iterator[GunicornProcess]:
 def expected(encoding: str, prefix: str, suffix: str, allowed: Any) -> tuple[int, Any]:
     enc = get_encoding(encoding)
     try:
-        return 200, enc.encode(prefix + suffix,
-                               allowed_special=allowed if allowed == "all" else set(allowed))
+        return 200, enc.encode(
+            prefix + suffix, allowed_special=allowed if allowed == "all" else set(allowed)
+        )
     except ValueError as exc:
         return 400, str(exc)
 
 
-def check(server: GunicornProcess, encoding: str, prefix: str, suffix: str,
-          allowed: Any = None) -> str:
+def check(
+    server: GunicornProcess, encoding: str, prefix: str, suffix: str, allowed: Any = None
+) -> str:
     fields: dict[str, Any] = {"encoding": encoding, "prefix": prefix, "suffix": suffix}
     if allowed is not None:
         fields["allowed_special"] = allowed
@@ -102,8 +106,14 @@ def requests_for(seed: int, n_random: int) -> list[tuple[str, str, str, Any]]:
         head = rng.choice([SYSTEM, SYSTEM[:1000], ""])
         if rng.random() < 0.5:  # the usual case: the shared prompt is the whole prefix
             i = 0
-        out.append((rng.choice(["cl100k_base", "o200k_base"]), head + text[:i], text[i:],
-                    rng.choice([None, None, "all"])))
+        out.append(
+            (
+                rng.choice(["cl100k_base", "o200k_base"]),
+                head + text[:i],
+                text[i:],
+                rng.choice([None, None, "all"]),
+            )
+        )
     return out
 
 
@@ -162,8 +172,9 @@ def test_bad_requests_get_a_400_with_a_message(server: GunicornProcess) -> None:
         assert status == 400 and message in body["error"], (payload, body)
     assert server.request("GET", "/tokenize")[0] == 405
     assert server.request("GET", "/nowhere")[0] == 404
-    status, body = server.request("POST", "/tokenize?return=count",
-                                  {"prefix": SYSTEM, "suffix": " How many?"})
+    status, body = server.request(
+        "POST", "/tokenize?return=count", {"prefix": SYSTEM, "suffix": " How many?"}
+    )
     assert status == 200
     assert body["count"] == len(get_encoding("cl100k_base").encode(SYSTEM + " How many?"))
 
@@ -176,7 +187,7 @@ def test_stats_show_the_workers_client_and_the_daemon(server: GunicornProcess) -
     assert daemon["settings"]["exit_with_parent"] is True
     address = daemon["settings"]["bind"]
     assert address == body["client"]["address"] and address.startswith("ipc://")
-    directory = os.path.dirname(address[len("ipc://"):])
+    directory = os.path.dirname(address[len("ipc://") :])
     assert os.stat(directory).st_mode & 0o777 == 0o700
 
 
@@ -212,9 +223,12 @@ def test_daemon_killed_during_load(server: GunicornProcess) -> None:
         old = server.daemon_stats()
         assert old is not None
         os.kill(old["pid"], signal.SIGKILL)
-        new = wait_until(lambda: (lambda d: d if d and d["pid"] != old["pid"] else None)(
-            server.daemon_stats()), 20, f"the daemon was not restarted:\n{server.log_text()}",
-            interval=0.2)
+        new = wait_until(
+            lambda: (lambda d: d if d and d["pid"] != old["pid"] else None)(server.daemon_stats()),
+            20,
+            f"the daemon was not restarted:\n{server.log_text()}",
+            interval=0.2,
+        )
         time.sleep(1.0)  # load against the restarted daemon too
     finally:
         stop.set()
@@ -268,7 +282,7 @@ def test_max_requests_recycling_leaks_nothing(tmpdir_short: Path) -> None:
         proc.stop()
 
 
-PRELOAD_APP = '''
+PRELOAD_APP = """
 from flashtoken.client.gunicorn import get_client
 
 # Made in the master (--preload), used once there, then inherited by every worker: fork-safe.
@@ -283,18 +297,28 @@ def app(environ, start_response):
                        "stats": CLIENT.stats()}).encode()
     start_response("200 OK", [("Content-Type", "application/json")])
     return [body]
-'''
+"""
 
 
 def test_preload_then_shutdown_stops_the_daemon(tmpdir_short: Path) -> None:
     (tmpdir_short / "preloaded.py").write_text(PRELOAD_APP)
-    proc = GunicornProcess(WSGI_CONF, tmpdir_short, "-w", "4", "--preload", "--graceful-timeout",
-                           "3", "--chdir", str(tmpdir_short), "preloaded:app")
+    proc = GunicornProcess(
+        WSGI_CONF,
+        tmpdir_short,
+        "-w",
+        "4",
+        "--preload",
+        "--graceful-timeout",
+        "3",
+        "--chdir",
+        str(tmpdir_short),
+        "preloaded:app",
+    )
     try:
         proc.start(ready=lambda: _answers(proc))  # this app has no /stats
         enc = get_encoding("cl100k_base")
         for i in range(40):
-            prefix = ("Preloaded prompt." if i % 2 else f"Prompt {i % 5}. " + SYSTEM)
+            prefix = "Preloaded prompt." if i % 2 else f"Prompt {i % 5}. " + SYSTEM
             status, body = proc.tokenize(prefix=prefix, suffix=f" turn {i}")
             assert status == 200 and body["tokens"] == enc.encode_ordinary(prefix + f" turn {i}")
             if i % 2:  # in the L1 the master built before the fork: a hit in every worker

@@ -36,8 +36,17 @@ EID = bytes(32)
 
 
 def _get_header(**override: object) -> dict:
-    fields = {"m": MAGIC, "v": VERSION, "op": "GET", "id": 1, "key": KEY, "enc": "cl100k_base",
-              "eid": EID, "allowed": [], "fill": True}
+    fields = {
+        "m": MAGIC,
+        "v": VERSION,
+        "op": "GET",
+        "id": 1,
+        "key": KEY,
+        "enc": "cl100k_base",
+        "eid": EID,
+        "allowed": [],
+        "fill": True,
+    }
     fields.update(override)
     return {k: v for k, v in fields.items() if v is not _DROP}
 
@@ -52,9 +61,16 @@ def _pack(h: dict) -> bytes:
 def test_get_round_trip() -> None:
     frames = pack_get(42, KEY, "o200k_base", EID, ("<|endoftext|>",), False, "héllo".encode())
     request = parse_request(frames)
-    assert request == GetRequest("GET", 42, key=KEY, enc="o200k_base", eid=EID,
-                                 allowed=("<|endoftext|>",), fill=False,
-                                 prefix="héllo".encode())
+    assert request == GetRequest(
+        "GET",
+        42,
+        key=KEY,
+        enc="o200k_base",
+        eid=EID,
+        allowed=("<|endoftext|>",),
+        fill=False,
+        prefix="héllo".encode(),
+    )
 
 
 @pytest.mark.parametrize("op", ["STATS", "PING"])
@@ -169,19 +185,29 @@ def test_reply_round_trips() -> None:
 
 
 BAD_REPLIES = {
-    "n larger than the frame": [_pack({"m": MAGIC, "v": 1, "id": 1, "ok": True, "hit": True,
-                                       "cut": 0, "n": 3}), b"\x00" * 8],
-    "n smaller than the frame": [_pack({"m": MAGIC, "v": 1, "id": 1, "ok": True, "hit": True,
-                                        "cut": 0, "n": 1}), b"\x00" * 8],
-    "hit without frame": [_pack({"m": MAGIC, "v": 1, "id": 1, "ok": True, "hit": True,
-                                 "cut": 0, "n": 0})],
-    "negative cut": [_pack({"m": MAGIC, "v": 1, "id": 1, "ok": True, "hit": True, "cut": -1,
-                            "n": 0}), b""],
-    "cut as str": [_pack({"m": MAGIC, "v": 1, "id": 1, "ok": True, "hit": True, "cut": "0",
-                          "n": 0}), b""],
+    "n larger than the frame": [
+        _pack({"m": MAGIC, "v": 1, "id": 1, "ok": True, "hit": True, "cut": 0, "n": 3}),
+        b"\x00" * 8,
+    ],
+    "n smaller than the frame": [
+        _pack({"m": MAGIC, "v": 1, "id": 1, "ok": True, "hit": True, "cut": 0, "n": 1}),
+        b"\x00" * 8,
+    ],
+    "hit without frame": [
+        _pack({"m": MAGIC, "v": 1, "id": 1, "ok": True, "hit": True, "cut": 0, "n": 0})
+    ],
+    "negative cut": [
+        _pack({"m": MAGIC, "v": 1, "id": 1, "ok": True, "hit": True, "cut": -1, "n": 0}),
+        b"",
+    ],
+    "cut as str": [
+        _pack({"m": MAGIC, "v": 1, "id": 1, "ok": True, "hit": True, "cut": "0", "n": 0}),
+        b"",
+    ],
     "ok missing": [_pack({"m": MAGIC, "v": 1, "id": 1})],
-    "unknown error type": [_pack({"m": MAGIC, "v": 1, "id": 1, "ok": False, "error": "OOPS",
-                                  "message": ""})],
+    "unknown error type": [
+        _pack({"m": MAGIC, "v": 1, "id": 1, "ok": False, "error": "OOPS", "message": ""})
+    ],
     "miss with a frame": [_pack({"m": MAGIC, "v": 1, "id": 1, "ok": True, "hit": False}), b"x"],
     "wrong magic": [_pack({"m": b"ZZ", "v": 1, "id": 1, "ok": True})],
     "three frames": [b"a", b"b", b"c"],
@@ -218,7 +244,9 @@ def test_runtime_dir_is_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert default_address() == f"ipc://{tmp_path}/flashtoken/daemon.sock"
 
 
-def test_runtime_dir_refuses_an_open_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_runtime_dir_refuses_an_open_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     (tmp_path / "flashtoken").mkdir(mode=0o700)
     (tmp_path / "flashtoken").chmod(0o777)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from flashtoken.daemon.settings import ENTRY_OVERHEAD, parse_size
 from flashtoken.daemon.store import Entry, Store
 
@@ -68,7 +67,7 @@ def test_budget_never_exceeded_under_10x_oversubscription(seed: int) -> None:
         assert store.bytes <= store.max_bytes
         assert store.bytes == sum(store.peek(k).size for k in store.keys())
         # What survives is exactly the most recently used suffix of the model order.
-        order = order[len(order) - len(store):]
+        order = order[len(order) - len(store) :]
         assert store.keys() == order
     assert written > 10 * store.max_bytes
     stats = store.stats()

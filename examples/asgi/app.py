@@ -46,11 +46,13 @@ async def tokenize(body: bytes, count_only: bool) -> tuple[int, bytes]:
             client = get_async_client(req.encoding)
             before = client.stats()
             if count_only:
-                n = await client.count(req.suffix, prefix=req.prefix,
-                                       allowed_special=req.allowed_special)
+                n = await client.count(
+                    req.suffix, prefix=req.prefix, allowed_special=req.allowed_special
+                )
             else:
-                tokens = await client.encode(req.suffix, prefix=req.prefix,
-                                             allowed_special=req.allowed_special)
+                tokens = await client.encode(
+                    req.suffix, prefix=req.prefix, allowed_special=req.allowed_special
+                )
             source = source_of(before, client.stats())  # a hint: other tasks run during await
     except ValueError as exc:  # tiktoken's: a special token's text that is not allowed
         return error(400, str(exc))
@@ -118,7 +120,14 @@ async def app(scope, receive, send) -> None:
         status, body = await stats() if method == "GET" else error(405, "use GET")
     else:
         status, body = error(404, "not found: POST /tokenize or GET /stats")
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -27,4 +27,5 @@ else:
 from flashtoken.client.gunicorn import hooks  # noqa: E402
 
 on_starting, when_ready, post_fork, worker_exit, on_exit = hooks(
-    max_bytes=os.environ.get("FLASHTOKEN_MAX_BYTES", "256MiB"))
+    max_bytes=os.environ.get("FLASHTOKEN_MAX_BYTES", "256MiB")
+)

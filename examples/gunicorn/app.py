@@ -50,8 +50,9 @@ def tokenize(body: bytes, count_only: bool) -> tuple[int, bytes]:
             if count_only:
                 n = client.count(req.suffix, prefix=req.prefix, allowed_special=req.allowed_special)
             else:
-                tokens = client.encode(req.suffix, prefix=req.prefix,
-                                       allowed_special=req.allowed_special)
+                tokens = client.encode(
+                    req.suffix, prefix=req.prefix, allowed_special=req.allowed_special
+                )
             source = source_of(before, client.stats())
     except ValueError as exc:  # tiktoken's: a special token's text that is not allowed
         return error(400, str(exc))
@@ -86,12 +87,15 @@ def app(environ: dict, start_response) -> list[bytes]:
             if length < 0 or length > MAX_BODY_BYTES:
                 status, body = error(413, f"body must be 0..{MAX_BODY_BYTES} bytes")
             else:
-                status, body = tokenize(environ["wsgi.input"].read(length),
-                                        wants_count(environ.get("QUERY_STRING", "")))
+                status, body = tokenize(
+                    environ["wsgi.input"].read(length), wants_count(environ.get("QUERY_STRING", ""))
+                )
     elif path == "/stats":
         status, body = stats() if method == "GET" else error(405, "use GET")
     else:
         status, body = error(404, "not found: POST /tokenize or GET /stats")
-    start_response(STATUS_TEXT[status], [("Content-Type", "application/json"),
-                                         ("Content-Length", str(len(body)))])
+    start_response(
+        STATUS_TEXT[status],
+        [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+    )
     return [body]
