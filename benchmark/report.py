@@ -204,7 +204,7 @@ def summary(results: dict[str, Any]) -> str:
         "| figure | measured | target | met |",
         "|---|---:|---:|---|",
     ]
-    for key, h in results["headlines"].items():
+    for h in results["headlines"].values():
         extra = (
             f" (last/first per-turn cost {h['flatness_last_over_first']:.2f})"
             if "flatness_last_over_first" in h

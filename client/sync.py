@@ -55,9 +55,9 @@ class Client:
 
     With a ``prefix``, each call looks ``prefix`` up in the in-process cache (L1). On a miss it
     asks the daemon (L2, one round trip within ``timeout_ms``); on a daemon miss, or when the
-    daemon is down, frozen, slow or answers nonsense, it encodes the prefix locally (one tiktoken call) and the
-    daemon fills its store in the background for the other workers. Either way the prefix lands
-    in L1 and the next call with it costs about a list copy plus encoding the suffix.
+    daemon is down, frozen, slow or answers nonsense, it encodes the prefix locally (one tiktoken
+    call) and the daemon fills its store in the background for the other workers. Either way the
+    prefix lands in L1 and the next call with it costs about a list copy plus encoding the suffix.
 
     The encode methods never raise the daemon's errors: every answer is tiktoken's, whatever
     the daemon does. ``encode`` raises tiktoken's ``ValueError`` for a disallowed special token,
