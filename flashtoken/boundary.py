@@ -97,25 +97,26 @@ class CutRule:
             before = origin - 1
 
 
-def _last_anchor(text: str, start: int, end: int) -> int:
-    """The last offset ``p`` in ``(start, end)`` with ``text[p-1] == "\n"`` and ``text[p]`` an
-    ASCII letter, or ``start``.
+# Offsets where every proven pattern has a piece boundary that the text before them decides:
+# after a newline that a letter follows, and at a space between two letters. Searched from the
+# end ((?r)): the last one is usually a few characters back.
+_ANCHOR = regex.compile(r"(?r)(?<=\n)(?=[A-Za-z])|(?<=[A-Za-z])(?= [A-Za-z])")
 
-    Every proven pattern has a piece boundary at such a ``p``, and decides its pieces before
-    ``p`` from ``text[:p+1]`` alone: none of their alternatives can hold a newline followed by
-    a letter, and every run they read stops at one or the other (docs/ALGORITHM.md, "Anchors").
-    So a scan may start at ``p`` as if the text started there, whatever comes before it, even a
-    code point of uncertain class.
+
+def _last_anchor(text: str, start: int, end: int) -> int:
+    """The last *anchor* ``p`` in ``(start, end)``, or ``start``.
+
+    An anchor is an offset where ``text[p-1]`` is a newline and ``text[p]`` an ASCII letter, or
+    ``text[p]`` is a space between two ASCII letters. Every proven pattern has a piece boundary
+    there and decides its pieces before ``p`` from ``text[:p+1]`` alone: no alternative holds a
+    newline followed by a letter, or a letter followed by a space, and every run they read stops
+    at such a place (docs/ALGORITHM.md, "Anchors"). So a scan may start at ``p`` as if the text
+    started there, whatever comes before it, even a code point of uncertain class.
     """
     if end - 1 <= start:
         return start
-    newline = text.rfind("\n", start, end - 1)
-    while newline >= start:
-        after = text[newline + 1]
-        if after.isascii() and after.isalpha():
-            return newline + 1
-        newline = text.rfind("\n", start, newline)
-    return start
+    found = _ANCHOR.search(text, start + 1, end)
+    return found.start() if found else start
 
 
 def cut_rule(pat_str: str, backtrack_pieces: int | None = None) -> CutRule:

@@ -75,3 +75,10 @@ def test_help() -> None:
     )
     assert proc.returncode == 0
     assert "--quick" in proc.stdout and "--out" in proc.stdout and "--seed" in proc.stdout
+
+
+def test_stress_run_finds_no_mismatch():
+    from benchmark import stress
+
+    assert stress.run("o200k_base", 300, seed=7, backtrack_pieces=None) == (0, 0)
+    assert stress.run("cl100k_base", 300, seed=8, backtrack_pieces=1) == (0, 0)

@@ -31,10 +31,13 @@ def test_uncertain_code_points_stop_the_scan():
     assert uni.first_uncertain("abc\u0295x", 0, 5, grouped=True) == 3
     assert uni.first_uncertain("plain ascii", 0, 11) == 11
     assert uni.first_uncertain("中文 and é", 0, 8, grouped=True) == 8
-    prefix = "An old letter \u0295 then a long tail of ordinary words " * 3
-    cache = FixedPrefixTokenCache("o200k_base", prefix)
-    assert cache.cut <= prefix.index("\u0295")
-    assert cache.encode_ordinary("more") == cache.encoding.encode_ordinary(prefix + "more")
+    early = "An old letter \u0295 then a long tail of ordinary words " * 3
+    late = "Ordinary words, then at the very end an old letter:\u0295\u0295."
+    for prefix, before in ((early, False), (late, True)):
+        cache = FixedPrefixTokenCache("o200k_base", prefix)
+        # Near the end, the scan stops before it; earlier on, an anchor after it starts afresh.
+        assert (cache.cut <= prefix.index("\u0295")) is before
+        assert cache.encode_ordinary("more") == cache.encoding.encode_ordinary(prefix + "more")
 
 
 def test_new_symbols_are_certain_for_proven_patterns():
@@ -74,3 +77,29 @@ def test_proven_patterns_tile_the_text(enc, text):
     pattern = cut_rule(enc._pat_str).pattern
     text = uni.repair_surrogates(text)
     assert "".join(pattern.findall(text)) == text
+
+
+@given(text=texts, other=texts)
+def test_anchors_are_boundaries_decided_by_the_text_before_them(enc, text, other):
+    """At an anchor every proven pattern has a piece boundary, whatever follows the character
+    after it: the pieces before it are those of any text that shares ``text[:p+1]``."""
+    from flashtoken.boundary import _ANCHOR
+
+    pattern = cut_rule(enc._pat_str).pattern
+    text = uni.repair_surrogates("Lead in\n" + text + " word next\nline " + text)
+    other = uni.repair_surrogates(other)
+
+    def starts(s):
+        offsets, at = [], 0
+        for piece in pattern.findall(s):
+            offsets.append(at)
+            at += len(piece)
+        return offsets
+
+    full = starts(text)
+    anchors = {m.start() for m in _ANCHOR.finditer(text)}
+    assert anchors  # the text is built to have some
+    for anchor in anchors:
+        assert anchor in full
+        mixed = text[: anchor + 1] + other
+        assert [o for o in starts(mixed) if o <= anchor] == [o for o in full if o <= anchor]
