@@ -385,6 +385,11 @@ def _sweep_tables(sweeps: dict[str, Any]) -> list[str]:
                     lines.append(
                         f"| {enc} | {r['backtrack_pieces']} | rejected: {r['rejected'][:60]} | | | |"
                     )
+                elif "raised_to" in r:
+                    lines.append(
+                        f"| {enc} | {r['backtrack_pieces']} | below the proof: uses "
+                        f"{r['raised_to']} | | | |"
+                    )
                 else:
                     lines.append(
                         f"| {enc} | {r['backtrack_pieces']} | {r['cut_offset_from_end']} | "

@@ -61,6 +61,9 @@ def backtrack_pieces(settings: Settings, checker: Checker, progress: Progress) -
             except ValueError as exc:
                 rows.append({"backtrack_pieces": k, "rejected": str(exc)})
                 continue
+            if cache.backtrack_pieces != k:  # below the proof: the cache uses the proven minimum
+                rows.append({"backtrack_pieces": k, "raised_to": cache.backtrack_pieces})
+                continue
             before = _mismatches(checker)
             for text in TRICKY:
                 lead = corpus.slice_of(rng, 200)

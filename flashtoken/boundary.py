@@ -122,20 +122,17 @@ def _last_anchor(text: str, start: int, end: int) -> int:
 def cut_rule(pat_str: str, backtrack_pieces: int | None = None) -> CutRule:
     """The rule for ``pat_str``, re-encoding ``backtrack_pieces`` pieces (default: 3, or 8).
 
-    Raises ValueError if ``backtrack_pieces`` is below what the pattern is proven to need.
+    A value below what the pattern is proven to need is raised to it, never used: "re-encode
+    fewer pieces" can only mean "as few as stays exact". Raises ValueError below 1.
     """
     proven = PROVEN_PIECES.get(pat_str)
     if backtrack_pieces is None:
         backtrack_pieces = DEFAULT_BACKTRACK_PIECES if proven else UNKNOWN_PATTERN_PIECES
     if not isinstance(backtrack_pieces, int) or isinstance(backtrack_pieces, bool):
         raise TypeError(f"backtrack_pieces must be an int, not {type(backtrack_pieces).__name__}")
-    minimum = proven or 1
-    if backtrack_pieces < minimum:
-        raise ValueError(
-            f"backtrack_pieces={backtrack_pieces} is below the {minimum} piece(s) this encoding's "
-            f"pattern needs to stay exact; pass {minimum} or more (or None for the default)"
-        )
-    return CutRule(_compile(pat_str), backtrack_pieces, proven is not None)
+    if backtrack_pieces < 1:
+        raise ValueError(f"backtrack_pieces must be 1 or more (or None), not {backtrack_pieces}")
+    return CutRule(_compile(pat_str), max(backtrack_pieces, proven or 1), proven is not None)
 
 
 @functools.lru_cache(maxsize=32)

@@ -87,6 +87,11 @@ class AppendOnlyPieceTokenCache:
         return self._enc
 
     @property
+    def backtrack_pieces(self) -> int:
+        """How many trailing pieces each append re-encodes (never below the proven minimum)."""
+        return self._rule.pieces
+
+    @property
     def text(self) -> str:
         return self._fixed_text() + self._tail
 

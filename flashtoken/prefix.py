@@ -141,8 +141,8 @@ class FixedPrefixTokenCache:
     ...     "You are a helpful assistant. Answer briefly.")
     True
 
-    ``backtrack_pieces`` raises the number of pieces re-encoded (default 3; 8 for a pattern no
-    proof covers); it raises ValueError below what the encoding's pattern is proven to need.
+    ``backtrack_pieces`` sets the number of pieces re-encoded (default 3; 8 for a pattern no
+    proof covers); a value below what the encoding's pattern is proven to need is raised to it.
     """
 
     def __init__(
@@ -214,6 +214,11 @@ class FixedPrefixTokenCache:
     @property
     def prefix(self) -> str:
         return self._prefix
+
+    @property
+    def backtrack_pieces(self) -> int:
+        """How many trailing pieces are re-encoded (the asked value, or the proven minimum)."""
+        return self._rule.pieces
 
     @property
     def prefix_tokens(self) -> tuple[int, ...]:

@@ -7,7 +7,13 @@ import tiktoken
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flashtoken import FixedPrefixTokenCache, TokenDelta, get_encoding, split_prefix
+from flashtoken import (
+    AppendOnlyPieceTokenCache,
+    FixedPrefixTokenCache,
+    TokenDelta,
+    get_encoding,
+    split_prefix,
+)
 from tests.corpus import CORPUS, splits
 from tests.strategies import texts
 
@@ -145,13 +151,18 @@ def test_head_comes_from_the_whole_prefix_not_from_the_text_before_the_cut(enc):
     assert cache.encode_ordinary("!") == enc.encode_ordinary(prefix + "!")
 
 
-def test_backtrack_pieces_below_the_proof_is_refused():
-    with pytest.raises(ValueError, match="below the 1 piece"):
-        FixedPrefixTokenCache("cl100k_base", "x", backtrack_pieces=0)
-    with pytest.raises(ValueError, match="below the 2 piece"):
-        FixedPrefixTokenCache("o200k_base", "x", backtrack_pieces=1)
+def test_backtrack_pieces_below_the_proof_is_raised_to_it(enc):
+    minimum = 1 if enc.name == "cl100k_base" else 2
+    prefix, suffix = "Total: 12", "3 apples"
+    for asked in (1, 2, 5):
+        cache = FixedPrefixTokenCache(enc, prefix, backtrack_pieces=asked)
+        assert cache.backtrack_pieces == max(asked, minimum)
+        assert cache.encode_ordinary(suffix) == enc.encode_ordinary(prefix + suffix)
+    assert AppendOnlyPieceTokenCache(enc, prefix, 1).backtrack_pieces == minimum
+    with pytest.raises(ValueError, match="1 or more"):
+        FixedPrefixTokenCache(enc, "x", backtrack_pieces=0)
     with pytest.raises(TypeError, match="must be an int"):
-        FixedPrefixTokenCache("o200k_base", "x", backtrack_pieces="3")
+        FixedPrefixTokenCache(enc, "x", backtrack_pieces="3")
 
 
 def test_wrong_argument_types_say_what_is_wrong():
