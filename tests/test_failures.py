@@ -104,7 +104,7 @@ def test_sigstop_costs_each_call_at_most_local_time_plus_budget(
         start = time.perf_counter()
         enc.encode_ordinary(prefix + " tail")
         local.append(time.perf_counter() - start)
-    budget_ms = 5
+    budget_ms = 20  # the default: 5 ms proved too short for a resumed daemon on a loaded host
     with Client(daemon.address, timeout_ms=budget_ms, l1_bytes=0) as client:
         for prefix in prefixes:  # fill the daemon
             client.encode_ordinary(" tail", prefix=prefix)
