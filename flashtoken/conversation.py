@@ -9,10 +9,8 @@ import tiktoken
 
 from flashtoken.boundary import cut_rule, find_cut
 from flashtoken.encodings import resolve_encoding
-from flashtoken.prefix import ORDINARY, TokenDelta, _encode, _require_str
+from flashtoken.prefix import ORDINARY, EncodingLike, TokenDelta, _encode, _require_str
 from flashtoken.specials import SpecialArg, SpecialPolicy
-
-EncodingLike = str | tiktoken.Encoding
 
 
 class _Checkpoint(NamedTuple):
@@ -137,7 +135,7 @@ class AppendOnlyPieceTokenCache:
     def append(self, text: str) -> TokenDelta:
         """Append ``text``; return the delta that turns the previous tokens into the new ones."""
         _require_str(text, "text")
-        self._check_disallowed(self._last_chars(self._policy.reach()) + text)
+        self._check_disallowed(self._last_chars(self._policy.reach) + text)
         return self._retokenize(self._tail + text, list(self._tail_tokens))
 
     def append_ordinary(self, text: str) -> TokenDelta:
@@ -163,7 +161,7 @@ class AppendOnlyPieceTokenCache:
             same = fixed + _common_prefix_length(self._tail, text[fixed:])
         else:
             same = _common_prefix_length(self._fixed_text(), text)
-        reach = self._policy.reach()
+        reach = self._policy.reach
         self._check_disallowed(text[max(0, same - reach) :])
         # The latest cut still valid: taken when the text was no longer than the common part.
         index = bisect.bisect_right(self._checkpoints, same, key=_length) - 1

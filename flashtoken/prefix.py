@@ -95,7 +95,7 @@ def _self_check(
 
 def _encode(enc: tiktoken.Encoding, text: str, policy: SpecialPolicy) -> list[int]:
     """tiktoken's encoding of ``text`` with ``policy.allowed`` as special tokens (no check)."""
-    if policy.allowed:
+    if policy.allowed and policy.may_hold_allowed(text):
         return enc.encode(text, allowed_special=policy.allowed, disallowed_special=())
     return enc.encode_ordinary(text)
 
@@ -348,7 +348,7 @@ class FixedPrefixTokenCache:
         in_prefix = self._prefix_has.get(policy.disallowed)
         if in_prefix is None:
             in_prefix = self._prefix_has[policy.disallowed] = policy.finds_disallowed(self._prefix)
-        join = self._prefix[max(0, len(self._prefix) - policy.reach()) :]
+        join = self._prefix[max(0, len(self._prefix) - policy.reach) :]
         return in_prefix or policy.finds_disallowed(join + suffix)
 
     def _split_for(self, policy: SpecialPolicy) -> PrefixSplit:
