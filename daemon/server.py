@@ -352,12 +352,7 @@ class Server:
 
     def on_get(self, request: Request) -> list[Any]:
         assert isinstance(request, GetRequest)
-        loaded = self._encodings.get(request.enc)
-        if loaded is None:
-            if request.enc not in tiktoken.list_encoding_names():
-                raise ProtocolError(f"unknown encoding {request.enc!r}")
-        else:
-            _check_encoding(loaded, request)
+        self._check_encoding(request)
         key = request.key
         if self.config.debug_key_bytes is not None:
             key = key[: self.config.debug_key_bytes]  # test-only: force collisions
@@ -387,16 +382,21 @@ class Server:
             filling = True
         return pack_miss(request.id, filling)
 
-    def on_auto(self, request: Request) -> list[Any]:
-        """The longest confirmed chain of blocks that starts the text; its tokens after the
-        client's ``skip`` blocks; a fill of the blocks after it (on the pool) if asked."""
-        assert isinstance(request, AutoRequest)
+    def _check_encoding(self, request: GetRequest | AutoRequest) -> None:
+        """A request's encoding must be one tiktoken knows and, once loaded here, the very
+        same as the client's (its identity) with the allowed specials among its own."""
         loaded = self._encodings.get(request.enc)
         if loaded is None:
             if request.enc not in tiktoken.list_encoding_names():
                 raise ProtocolError(f"unknown encoding {request.enc!r}")
         else:
-            _check_encoding(loaded, request)
+            _check_loaded(loaded, request)
+
+    def on_auto(self, request: Request) -> list[Any]:
+        """The longest confirmed chain of blocks that starts the text; its tokens after the
+        client's ``skip`` blocks; a fill of the blocks after it (on the pool) if asked."""
+        assert isinstance(request, AutoRequest)
+        self._check_encoding(request)
         data, block, skip = request.text, request.block, request.skip
         path, _ = self.store.walk(request.seed, data, block, request.enc, request.allowed)
         blocks = len(path)
@@ -435,7 +435,7 @@ class Server:
         """On a pool thread: encode the prefix, hand the result to the loop. Never raises."""
         try:
             loaded = self._encodings.get(request.enc) or _load(request.enc)
-            _check_encoding(loaded, request)
+            _check_loaded(loaded, request)
             prefix = request.prefix.decode("utf-8")
             split = split_prefix(loaded.enc, prefix, allowed_special=frozenset(request.allowed))
             # cut_byte too: a declared prefix is a root block, usable as a chain's first block.
@@ -464,7 +464,7 @@ class Server:
         """
         try:
             loaded = self._encodings.get(request.enc) or _load(request.enc)
-            _check_encoding(loaded, request)
+            _check_loaded(loaded, request)
             data, block = request.text, request.block
             text = data.decode("utf-8")
             policy = SpecialPolicy(frozenset(request.allowed), frozenset())
@@ -594,7 +594,7 @@ def _load(name: str) -> _Loaded:
     )
 
 
-def _check_encoding(loaded: _Loaded, request: Any) -> None:
+def _check_loaded(loaded: _Loaded, request: Any) -> None:
     if request.eid != loaded.eid:
         raise ProtocolError(
             f"the daemon's {request.enc} is not the client's (another tiktoken version or a custom"
