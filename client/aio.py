@@ -24,6 +24,8 @@ from flashtoken.protocol import default_address
 from flashtoken.specials import SpecialArg, SpecialPolicy
 
 from .core import (
+    AUTO_L1,
+    AUTO_TELL,
     CLIENT_DEFAULTS,
     CONTEXT,
     DONE,
@@ -150,6 +152,7 @@ class AsyncClient:
         """Close the socket (LINGER=0); later calls encode locally."""
         self._closed = True
         self._close_socket()
+        self._core.stop_following()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -177,12 +180,37 @@ class AsyncClient:
         plan = core.auto_plan(text, policy)
         if plan is None:  # lone surrogates: not UTF-8, the daemon could not take them
             return _encode(core.enc, text, policy)
-        found = None
-        if core.auto_needs_daemon(plan):
-            self._check_fork()
-            if not self._closed:
-                found = await self._ask_auto(text, plan, policy.allowed)
+        route = core.auto_route(plan)
+        if route == AUTO_L1 or self._closed:
+            return core.auto_finish(text, policy, plan, None)
+        self._check_fork()
+        core.follow_chains(CONTEXT.get(), self.address, policy.allowed)
+        if route == AUTO_TELL:
+            tokens = core.auto_finish(text, policy, plan, None)
+            self._tell(core.prepare_tell(plan, policy.allowed))
+            return tokens
+        found = await self._ask_auto(text, plan, policy.allowed)
         return core.auto_finish(text, policy, plan, found)
+
+    def _tell(self, frames: list[bytes] | None) -> None:
+        """Send a request that wants no reply, if no round trip holds the socket; never waits."""
+        if frames is None:
+            return
+        if self._core.follower is not None:
+            self._core.follower.tell(frames)  # sent from its thread, off this request's path
+            return
+        if self._loop_lock().locked():
+            return
+        # With NOBLOCK, zmq.asyncio's future is done at once: sent, or failed.
+        sent: Any = self._socket().send_multipart(frames, zmq.NOBLOCK)
+        if not sent.done():
+            sent.add_done_callback(lambda f: f.cancelled() or f.exception())
+            return
+        error = sent.exception()
+        if error is None:
+            self._core.counters["auto_told"] += 1
+        elif not isinstance(error, zmq.Again):  # Again: no daemon connected, or a full queue
+            self._close_socket()
 
     async def _ask_auto(self, text: str, plan: Any, allowed: frozenset) -> Any:
         core = self._core

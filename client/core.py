@@ -41,7 +41,10 @@ from flashtoken.protocol import (
     make_key,
     pack_auto,
     pack_get,
+    pack_tell,
+    parse_blocks,
     parse_reply,
+    publish_address,
 )
 from flashtoken.specials import SpecialArg, SpecialPolicy
 
@@ -61,6 +64,11 @@ CLIENT_DEFAULTS: dict[str, Any] = {
     "max_prefix_bytes": MAX_PREFIX_BYTES,  # bytes: longer prefixes (or texts) stay local
     "auto_l1_bytes": 64 * MiB,  # bytes: the in-process AutoPrefixCache (texts with no prefix)
     "auto_block_bytes": DEFAULT_BLOCK_BYTES,  # bytes: its block size, also the daemon's chains'
+    # bytes: a text with at most this much after the L1's chain is encoded here, and the daemon
+    # is only told (no reply awaited): on a busy host a round trip costs about as much as
+    # encoding 4 KiB (and the chain up to the previous request usually arrives by publication).
+    "auto_local_bytes": 4096,
+    "follow": True,  # take the chain blocks the daemon publishes into the L1 (client/follow.py)
 }
 
 _BYTES_PER_TOKEN = 12  # the head list (8, its ints shared) + tails and arrays made on demand
@@ -152,6 +160,11 @@ class AutoPending:
     frames: list
 
 
+# What ``ClientCore.auto_route`` decides.
+AUTO_L1 = "l1"
+AUTO_TELL = "tell"
+AUTO_ASK = "ask"
+
 # What ``ClientCore.accept`` makes of a reply.
 LATE = "late"  # another request's reply: discard, keep waiting
 DONE = "done"  # the answer: a cache (hit) or None (miss: encode locally)
@@ -174,6 +187,8 @@ class ClientCore:
         max_prefix_bytes: int = CLIENT_DEFAULTS["max_prefix_bytes"],
         auto_l1_bytes: int = CLIENT_DEFAULTS["auto_l1_bytes"],
         auto_block_bytes: int = CLIENT_DEFAULTS["auto_block_bytes"],
+        auto_local_bytes: int = CLIENT_DEFAULTS["auto_local_bytes"],
+        follow: bool = CLIENT_DEFAULTS["follow"],
         fill: bool = True,
     ) -> None:
         if not isinstance(namespace, bytes):
@@ -184,6 +199,8 @@ class ClientCore:
             raise ValueError("l1_bytes must be >= 0")
         if auto_l1_bytes < 0:
             raise ValueError("auto_l1_bytes must be >= 0")
+        if auto_local_bytes < 0:
+            raise ValueError("auto_local_bytes must be >= 0")
         self.enc = resolve_encoding(encoding)
         self.namespace = namespace
         self.timeout = timeout_ms / 1000
@@ -205,7 +222,13 @@ class ClientCore:
         # Made now, not on first use: AutoPrefixCache checks block_bytes (a ValueError here).
         self.auto = AutoPrefixCache(self.enc, max_bytes=auto_l1_bytes, block_bytes=auto_block_bytes)
         self.block = auto_block_bytes
+        self.auto_local_bytes = auto_local_bytes
         self._seeds: dict[frozenset, bytes] = {}
+        self._seed_policies: dict[bytes, SpecialPolicy] = {}
+        self.follow = follow
+        self.follower: Any = None  # client/follow.py's Follower, started on the first AUTO
+        self._followed: set[bytes] = set()  # the seeds it subscribed to
+        self.tell_from_root = False  # the daemon lost our chains: tell whole texts (note_reply)
         self._next_id = 0
         self.pid = os.getpid()
         self.reset_counters()
@@ -223,6 +246,8 @@ class ClientCore:
                 "late_replies",
                 "auto_calls",
                 "auto_hit_bytes",
+                "auto_told",  # TELLs sent on the client's own socket (no follower)
+                "published_refused",
             ),
             0,
         )
@@ -237,6 +262,10 @@ class ClientCore:
         self._l1_lock = threading.Lock()
         self.auto._lock = threading.Lock()  # a parent's thread may have held it at the fork
         self.breaker.reset()
+        if self.follower is not None:  # its thread is the parent's: leave its socket alone
+            _abandoned.append(self.follower)
+            self.follower = None
+            self._followed = set()
 
     # -- L1 -----------------------------------------------------------------------------------
 
@@ -326,40 +355,141 @@ class ClientCore:
         self.counters["auto_calls"] += 1
         return self.auto._plan(text, policy)
 
-    def auto_needs_daemon(self, plan: Any) -> bool:
-        """Whether the daemon may know full blocks of the text that the L1 does not."""
-        if len(plan.data) // self.block > len(plan.path):
-            return True
-        if plan.path:
-            self.counters["l1_hits"] += 1
-        return False
+    def auto_route(self, plan: Any) -> str:
+        """What to do after the L1's ``plan``: ``AUTO_L1`` (the L1 holds every full block of
+        the text), ``AUTO_TELL`` (the rest is short: encode it here, tell the daemon about the
+        new blocks without waiting) or ``AUTO_ASK`` (ask the daemon for its chain first)."""
+        if len(plan.data) // self.block <= len(plan.path):
+            if plan.path:
+                self.counters["l1_hits"] += 1
+            return AUTO_L1
+        if len(plan.data) - plan.cut_byte <= self.auto_local_bytes:
+            if plan.path:
+                self.counters["l1_hits"] += 1
+            return AUTO_TELL
+        return AUTO_ASK
+
+    def seed(self, allowed: frozenset) -> bytes:
+        """The chain seed of a policy (``make_chain_seed``), made once."""
+        seed = self._seeds.get(allowed)
+        if seed is None:
+            if self._eid is None:
+                self._eid = encoding_id(self.enc)
+            seed = make_chain_seed(self.namespace, self._eid, tuple(sorted(allowed)), self.block)
+            self._seeds[allowed] = seed
+            self._seed_policies[seed] = SpecialPolicy(allowed, frozenset())
+        return seed
 
     def prepare_auto(self, text: str, plan: Any, allowed: frozenset) -> AutoPending | None:
         """The AUTO request for ``text`` after the L1's ``plan``; None: breaker open, too long."""
         if len(plan.data) > self.max_prefix_bytes or not self.breaker.allow():
             self.counters["fallbacks"] += 1
             return None
-        if self._eid is None:
-            self._eid = encoding_id(self.enc)
-        ordered = tuple(sorted(allowed))
-        seed = self._seeds.get(allowed)
-        if seed is None:
-            seed = self._seeds[allowed] = make_chain_seed(
-                self.namespace, self._eid, ordered, self.block
-            )
+        seed = self.seed(allowed)
+        assert self._eid is not None
         self._next_id = (self._next_id + 1) & 0xFFFF_FFFF_FFFF_FFFF or 1
         frames = pack_auto(
             self._next_id,
             seed,
             self.enc.name,
             self._eid,
-            ordered,
+            tuple(sorted(allowed)),
             self.fill,
             self.block,
             len(plan.path),
             plan.data,
         )
         return AutoPending(self._next_id, text, plan, allowed, frames)
+
+    def prepare_tell(self, plan: Any, allowed: frozenset) -> list[bytes] | None:
+        """The TELL request naming the blocks after the L1's ``plan`` (just encoded here), so
+        that the daemon fills and publishes them; None when there are none or the breaker is
+        not closed (a TELL is never answered, so it could not close the breaker)."""
+        first = 0 if self.tell_from_root else len(plan.path)
+        digests = plan.digests[first:]
+        if len(plan.digests) == len(plan.path) or not self.fill or self.breaker.state != "closed":
+            return None
+        self.tell_from_root = False
+        data, start = plan.data, plan.path[first - 1].cut_byte if first else 0
+        end = len(plan.digests) * self.block
+        while end < len(data) and data[end] & 0xC0 == 0x80:
+            end += 1  # to a character boundary
+        self._next_id = (self._next_id + 1) & 0xFFFF_FFFF_FFFF_FFFF or 1
+        seed = self.seed(allowed)
+        assert self._eid is not None
+        return pack_tell(
+            self._next_id,
+            seed,
+            self.enc.name,
+            self._eid,
+            tuple(sorted(allowed)),
+            self.block,
+            first,
+            plan.digests[first - 1].to_bytes(16, "big") if first else None,
+            start,
+            [d.to_bytes(16, "big") for d in digests],
+            data[start:end],
+        )
+
+    def follow_chains(self, context: zmq.Context, address: str, allowed: frozenset) -> None:
+        """Follow the daemon's published blocks of this policy's chains (client/follow.py)."""
+        if not self.follow:
+            return
+        seed = self.seed(allowed)
+        if self.follower is None:
+            where = publish_address(address)
+            if where is None:
+                self.follow = False
+                return
+            from .follow import Follower
+
+            self.follower = Follower(
+                context, address, where, self.take_published, self.note_frames, configure_dealer
+            )
+            self._followed = set()
+        if seed not in self._followed:
+            self._followed.add(seed)
+            self.follower.subscribe(seed)
+
+    def take_published(self, frames: list[bytes]) -> int:
+        """Store a published message's blocks in the L1, checked (on the follower's thread)."""
+        try:
+            blocks = parse_blocks(frames)
+        except ProtocolError:
+            self.counters["published_refused"] += 1
+            return 0
+        policy = self._seed_policies.get(blocks.seed)
+        if policy is None:
+            return 0
+        stored = self.auto._adopt(
+            policy,
+            blocks.first,
+            None if blocks.parent is None else int.from_bytes(blocks.parent, "big"),
+            blocks.start,
+            [int.from_bytes(d, "big") for d in blocks.digests],
+            blocks.ends,
+            blocks.span,
+            token_list(blocks.tokens),
+        )
+        return stored
+
+    def note_reply(self, reply: Any) -> None:
+        """A reply to a TELL (only ever ``placed: false``): the daemon lacks our chain (it was
+        restarted, or evicted it), so the next TELL names every block from the first."""
+        if reply.fields.get("placed") is False:
+            self.tell_from_root = True
+
+    def note_frames(self, frames: list[bytes]) -> None:
+        """``note_reply`` for raw frames (the follower thread reads its socket's replies)."""
+        try:
+            self.note_reply(parse_reply(frames))
+        except ProtocolError:
+            pass
+
+    def stop_following(self) -> None:
+        follower, self.follower = self.follower, None
+        if follower is not None:
+            follower.close()
 
     def auto_finish(
         self, text: str, policy: SpecialPolicy, plan: Any, found: tuple[list[int], int] | None
@@ -431,6 +561,7 @@ class ClientCore:
         except ProtocolError:
             return self._failed()
         if reply.id != pending.id:
+            self.note_reply(reply)
             self.counters["late_replies"] += 1
             return LATE, None
         if not reply.ok:
@@ -509,6 +640,10 @@ class ClientCore:
         auto = self.auto.stats()
         out["auto_l1_items"] = auto["curr_items"]
         out["auto_l1_bytes"] = auto["bytes"]
+        out["auto_l1_adopted"] = auto["blocks_adopted"]  # blocks other workers encoded
+        out["auto_l1_refused"] = auto["blocks_refused"]
+        out["published_received"] = self.follower.received if self.follower else 0
+        out["auto_told"] += self.follower.told if self.follower else 0
         return out
 
 
@@ -574,6 +709,7 @@ def _close_all() -> None:
     for client in list(_clients):
         try:
             client._close_socket()
+            client._core.stop_following()  # before the context goes: its thread uses it
         except Exception:
             pass
     if CONTEXT.ctx is not None and CONTEXT.pid == os.getpid():

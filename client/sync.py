@@ -21,6 +21,8 @@ from flashtoken.protocol import default_address, pack_simple, parse_reply
 from flashtoken.specials import SpecialArg, SpecialPolicy
 
 from .core import (
+    AUTO_L1,
+    AUTO_TELL,
     CLIENT_DEFAULTS,
     CONTEXT,
     DONE,
@@ -170,6 +172,7 @@ class Client:
         """Close the socket (LINGER=0). The client still works afterwards, locally only."""
         self._closed = True
         self._close_socket()
+        self._core.stop_following()
 
     def __enter__(self) -> Client:
         return self
@@ -197,15 +200,40 @@ class Client:
         plan = core.auto_plan(text, policy)
         if plan is None:  # lone surrogates: not UTF-8, the daemon could not take them
             return _encode(core.enc, text, policy)
+        route = core.auto_route(plan)
+        if route == AUTO_L1 or self._closed:
+            return core.auto_finish(text, policy, plan, None)
+        if core.pid != os.getpid():
+            self._after_fork()
+        core.follow_chains(CONTEXT.get(), self.address, policy.allowed)
+        if route == AUTO_TELL:
+            tokens = core.auto_finish(text, policy, plan, None)
+            self._tell(core.prepare_tell(plan, policy.allowed))
+            return tokens
         found = None
-        if core.auto_needs_daemon(plan):
-            if core.pid != os.getpid():
-                self._after_fork()
-            if not self._closed:
-                pending = core.prepare_auto(text, plan, policy.allowed)
-                if pending is not None:
-                    found = self._ask(pending)
+        pending = core.prepare_auto(text, plan, policy.allowed)
+        if pending is not None:
+            found = self._ask(pending)
         return core.auto_finish(text, policy, plan, found)
+
+    def _tell(self, frames: list[bytes] | None) -> None:
+        """Send a request that wants no reply, if the socket is free now; never waits."""
+        if frames is None:
+            return
+        if self._core.follower is not None:
+            self._core.follower.tell(frames)  # sent from its thread, off this request's path
+            return
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._socket().send_multipart(frames, zmq.NOBLOCK)
+            self._core.counters["auto_told"] += 1
+        except zmq.Again:
+            pass  # no daemon connected (IMMEDIATE), or its queue is full: it misses this text
+        except zmq.ZMQError:
+            self._close_socket()
+        finally:
+            self._lock.release()
 
     # -- L1, then the daemon, then local ------------------------------------------------------
 

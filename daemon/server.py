@@ -18,6 +18,7 @@ logged, counted in ``fill_errors``, remembered, and answered as SERVER_ERROR for
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -29,7 +30,7 @@ import sys
 import threading
 import time
 from array import array
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -51,14 +52,18 @@ from flashtoken.protocol import (
     AutoRequest,
     GetRequest,
     Request,
+    TellRequest,
     ipc_path,
     pack_auto_reply,
+    pack_blocks,
     pack_error,
     pack_hit,
     pack_miss,
     pack_ok,
     parse_request,
+    publish_address,
     request_id_of,
+    tokens_from_frame,
     tokens_to_frame,
 )
 from flashtoken.specials import SpecialPolicy
@@ -74,6 +79,7 @@ _MAX_IPC_PATH_BYTES = 107
 # again on every GET.
 _FAILED_FILLS_KEPT = 1024
 _POLL_MS = 1000
+_PARKED_TELLS = 256
 _RECV_BATCH = 256
 
 
@@ -92,18 +98,22 @@ class _Loaded:
 
 @dataclass(frozen=True)
 class _Chain:
-    """A chain fill's result: new blocks after ``path``, their digests, the state after them."""
+    """A chain fill's result: new blocks ``first ..`` after the cut ``start``, their digests."""
 
-    path: list
+    path: list  # the chain found for an AUTO request's text (the parent block for a TELL)
+    first: int
+    start: int  # the cut of block first - 1, in bytes (0 for the first block)
+    span: bytes  # the text's bytes from start on
     entries: list
     digests: list
-    state: Any
+    state: Any  # the xxh3 state after the new blocks (AUTO), None (TELL)
+    parent_digest: bytes | None  # of block first - 1: subscribers find their block by it
 
 
 @dataclass(frozen=True)
 class _FillResult:
     key: Any
-    request: Request
+    request: Any  # GetRequest, AutoRequest or TellRequest
     entry: Entry | None = None
     chain: _Chain | None = None
     loaded: _Loaded | None = None
@@ -121,6 +131,7 @@ class Server:
         # Chain fills that failed (o200k's panic on ~1M spaces), so that they are not retried
         # on every request: keyed by (seed, blocks found, the first new block's bytes).
         self._failed_auto: OrderedDict[Any, str] = OrderedDict()
+        self._parked: deque[TellRequest] = deque()  # TELLs whose parent is being filled
         self._failed: OrderedDict[bytes, tuple[str, tuple[str, ...], bytes, str]] = OrderedDict()
         self._results: queue.SimpleQueue[_FillResult] = queue.SimpleQueue()
         self._pool: ThreadPoolExecutor | None = None
@@ -131,6 +142,8 @@ class Server:
         self._socket_path: str | None = None
         self._ctx: zmq.Context | None = None
         self._router: zmq.Socket | None = None
+        self._publisher: zmq.Socket | None = None
+        self._publish_path: str | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self.counters = {
@@ -139,6 +152,8 @@ class Server:
             "fill_errors": 0,
             "protocol_errors": 0,
             "tokens_served": 0,
+            "blocks_published": 0,
+            "tells_unplaced": 0,
             "server_errors": 0,
         }
 
@@ -186,6 +201,7 @@ class Server:
         except zmq.ZMQError as exc:
             self._close()
             raise StartupError(f"cannot bind {address}: {exc}") from exc
+        self._bind_publisher(address)
         self._poller = zmq.Poller()
         self._poller.register(router, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
@@ -255,6 +271,33 @@ class Server:
         finally:
             self._close()
 
+    def _bind_publisher(self, address: str) -> None:
+        """The PUB socket that sends every chain block stored to the clients that follow
+        chains (docs/PROTOCOL.md, "Publishing"): private like the main socket."""
+        where = publish_address(address)
+        if where is None:
+            log.info("no publish address for %s: clients will not follow chains", address)
+            return
+        assert self._ctx is not None
+        pub = self._publisher = self._ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        pub.setsockopt(zmq.SNDHWM, self.config.hwm)
+        path = ipc_path(where)
+        try:
+            if path is not None:
+                old = os.umask(0o177)
+                try:
+                    pub.bind(where)
+                finally:
+                    os.umask(old)
+                os.chmod(path, 0o600)
+                self._publish_path = path
+            else:
+                pub.bind(where)
+        except zmq.ZMQError as exc:
+            self._close()
+            raise StartupError(f"cannot bind the publish address {where}: {exc}") from exc
+
     def stop(self) -> None:
         """Ask the loop to stop; safe from a signal handler or another thread."""
         self._stopping = True
@@ -264,15 +307,17 @@ class Server:
         if self._pool is not None:
             # A running encode cannot be interrupted; queued ones are dropped.
             self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._router is not None:
-            self._router.close(linger=0)
+        for sock in (self._router, self._publisher):
+            if sock is not None:
+                sock.close(linger=0)
         if self._ctx is not None:
             self._ctx.term()
-        if self._socket_path is not None:
-            try:
-                os.unlink(self._socket_path)
-            except FileNotFoundError:
-                pass
+        for path in (self._socket_path, self._publish_path):
+            if path is not None:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
         if self._lock_fd is not None:
             # The lock file stays: unlinking it would let a new daemon lock a fresh inode while
             # a third still waits on the old one.
@@ -321,6 +366,8 @@ class Server:
                 return
             identity, body = frames[0], frames[1:]
             reply = self._handle(body)
+            if not reply:
+                continue  # a request that asked for no reply
             try:
                 router.send_multipart([identity, *reply], zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -334,7 +381,8 @@ class Server:
             request = parse_request(body, max_prefix_bytes=self.config.max_prefix_bytes)
             request_id = request.id
             handler = getattr(self, "on_" + request.op.lower())
-            return handler(request)
+            reply: list[Any] = handler(request)  # [] for a TELL that needs no answer
+            return reply
         except ProtocolError as exc:
             self.counters["protocol_errors"] += 1
             log.debug("CLIENT_ERROR: %s", exc)
@@ -382,7 +430,7 @@ class Server:
             filling = True
         return pack_miss(request.id, filling)
 
-    def _check_encoding(self, request: GetRequest | AutoRequest) -> None:
+    def _check_encoding(self, request: GetRequest | AutoRequest | TellRequest) -> None:
         """A request's encoding must be one tiktoken knows and, once loaded here, the very
         same as the client's (its identity) with the allowed specials among its own."""
         loaded = self._encodings.get(request.enc)
@@ -398,7 +446,18 @@ class Server:
         assert isinstance(request, AutoRequest)
         self._check_encoding(request)
         data, block, skip = request.text, request.block, request.skip
-        path, _ = self.store.walk(request.seed, data, block, request.enc, request.allowed)
+        loaded = self._encodings.get(request.enc)
+        path: list[Entry] = []
+        if loaded is not None:  # else nothing was stored for it yet
+            enc = loaded.enc
+            path, _ = self.store.walk(
+                request.seed,
+                data,
+                block,
+                request.enc,
+                request.allowed,
+                lambda frame: enc.decode_bytes(tokens_from_frame(frame)),
+            )
         blocks = len(path)
         filling = False
         if request.fill and blocks < len(data) // block:
@@ -419,6 +478,97 @@ class Server:
             return pack_auto_reply(request.id, blocks, filling, start, path[-1].cut_byte, frame)
         self.store.count_auto(0, 0)
         return pack_auto_reply(request.id, blocks, filling)
+
+    def on_tell(self, request: Request) -> list[Any]:
+        """A client encoded a text itself: fill the blocks it names. Answered only when the
+        parent block is not here (``placed: false``)."""
+        assert isinstance(request, TellRequest)
+        self._check_encoding(request)
+        path: list[Entry] = []
+        if request.parent is not None:
+            parent = self.store.peek(self.store.key(request.seed, request.parent))
+            if parent is None and self._filling:
+                self._park(request)  # its parent may be on its way: a fill of an earlier TELL
+                return []
+            if (
+                parent is None
+                or not parent.chain
+                or parent.enc != request.enc
+                or parent.allowed != request.allowed
+                or parent.cut_byte != request.start
+            ):
+                # Evicted, or never here (a restart): the one answer a TELL gets, so that the
+                # client tells the whole text next time.
+                self.counters["tells_unplaced"] += 1
+                return pack_ok(request.id, placed=False)
+            path = [parent]
+        request, path = self._skip_known(request, path)
+        if not request.digests:
+            return []  # every block is here already
+        key = (request.seed, request.first, request.digests[0])
+        if (
+            key not in self._filling
+            and key not in self._failed_auto
+            and len(self._filling) < self.config.max_pending_fills
+        ):
+            self._submit(key, self._fill_chain, key, request, path)
+        return []
+
+    def _park(self, request: TellRequest) -> None:
+        """Keep a TELL whose parent block is not stored yet until the fills in flight are done
+        (a client that tells faster than the daemon fills); the oldest go first when many wait."""
+        assert request.parent is not None
+        self._parked.append(request)
+        while len(self._parked) > _PARKED_TELLS:
+            self._parked.popleft()
+            self.counters["tells_unplaced"] += 1
+
+    def _unpark(self) -> None:
+        """After a fill: retry the parked TELLs (each is parked again, or dropped as unplaced
+        once no fill is in flight)."""
+        parked, self._parked = self._parked, deque()
+        for request in parked:
+            self.on_tell(request)
+
+    def _skip_known(
+        self, request: TellRequest, path: list[Entry]
+    ) -> tuple[TellRequest, list[Entry]]:
+        """The TELL without its first blocks that the store holds already (confirmed by their
+        bytes, like a walk's), and its new parent: a worker that starts a text afresh names
+        blocks that others have told before."""
+        loaded = self._encodings.get(request.enc)
+        if loaded is None:
+            return request, path
+        parent = path[-1] if path else None
+        block, start, span = request.block, request.start, request.span
+        known = 0
+        for i, digest in enumerate(request.digests, request.first):
+            entry = self.store.peek(self.store.key(request.seed, digest))
+            at = parent.cut_byte if parent is not None else 0
+            if (
+                entry is None
+                or entry.parent is not parent
+                or not entry.chain
+                or not at <= entry.cut_byte <= (i + 1) * block
+                or entry.prefix != span[entry.cut_byte - start : (i + 1) * block - start]
+                or loaded.enc.decode_bytes(tokens_from_frame(entry.tokens))
+                != span[at - start : entry.cut_byte - start]
+            ):
+                break
+            parent, known = entry, known + 1
+        if not known:
+            return request, path
+        assert parent is not None
+        cut = parent.cut_byte
+        told = dataclasses.replace(
+            request,
+            first=request.first + known,
+            parent=request.digests[known - 1],
+            start=cut,
+            digests=request.digests[known:],
+            span=span[cut - start :],
+        )
+        return told, [parent]
 
     # -- fills --------------------------------------------------------------------------------
 
@@ -455,59 +605,73 @@ class Server:
         self._results.put(result)
         self._wake()
 
-    def _fill_chain(self, key: Any, request: AutoRequest, path: list[Entry]) -> None:
-        """On a pool thread: encode the text after the chain's cut and cut the new blocks, as
+    def _fill_chain(self, key: Any, request: AutoRequest | TellRequest, path: list[Entry]) -> None:
+        """On a pool thread: encode the text after a chain's cut and cut the new blocks, as
         ``flashtoken.AutoPrefixCache`` does; hand them to the loop. Never raises.
 
-        Only the text after the last known block's cut is encoded: the tokens before it are in
-        the store already. Reads of ``path`` are safe here: a block's cut never changes.
+        Only the bytes after the last known block's cut are encoded: the tokens before it are in
+        the store already. For an AUTO request ``path`` is the chain found for its text, whose
+        bytes give the new blocks' digests; for a TELL, ``path`` is the told parent block (or
+        empty) and the digests are the client's: a digest only locates, and every block is
+        confirmed by its own bytes. Reads of ``path`` are safe here: a block's cut never changes.
         """
         try:
             loaded = self._encodings.get(request.enc) or _load(request.enc)
             _check_loaded(loaded, request)
-            data, block = request.text, request.block
-            text = data.decode("utf-8")
-            policy = SpecialPolicy(frozenset(request.allowed), frozenset())
+            block = request.block
             parent = path[-1] if path else None
-            start, start_byte = (parent.cut, parent.cut_byte) if parent else (0, 0)
-            tail = _encode(loaded.enc, text[start:], policy)
+            start = parent.cut_byte if parent is not None else 0
+            if isinstance(request, AutoRequest):
+                first, span = len(path), request.text[start:]
+                stop = len(request.text) // block
+            else:
+                first, span = request.first, request.span
+                stop = first + len(request.digests)
+            policy = SpecialPolicy(frozenset(request.allowed), frozenset())
+            text = span.decode("utf-8")
+            tail = _encode(loaded.enc, text, policy)
             cuts = block_cuts(
                 loaded.rule,
                 policy,
                 loaded.lengths,
                 text,
-                data,
+                span,
                 block,
-                len(path),
-                len(data) // block,
-                start,
-                start_byte,
+                first,
+                stop,
+                0,
+                0,
                 tail,
+                origin=start,
             )
-            state = xxhash.xxh3_128()
-            state.update(memoryview(data)[: len(path) * block])
+            state = None
+            if isinstance(request, AutoRequest):
+                state = xxhash.xxh3_128()
+                state.update(memoryview(request.text)[: first * block])
+                parent_digest = state.digest() if path else None
+                digests = []
+                for i in range(first, first + len(cuts)):
+                    state.update(memoryview(request.text)[i * block : (i + 1) * block])
+                    digests.append(state.digest())
+            else:
+                parent_digest, digests = request.parent, request.digests[: len(cuts)]
             entries: list[Entry] = []
-            digests: list[bytes] = []
             taken = 0
-            for i, (cut, cut_byte, n) in enumerate(cuts, len(path)):
-                chunk = data[i * block : (i + 1) * block]
-                state.update(chunk)
-                digests.append(state.digest())
+            for i, (_, cut, n) in enumerate(cuts, first):
                 entries.append(
                     Entry(
-                        chunk,
+                        span[cut : (i + 1) * block - start],  # the tokens spell the bytes before
                         request.enc,
                         request.allowed,
                         tokens_to_frame(array("I", tail[taken:n])),
-                        cut,
+                        start + cut,  # chain blocks use cut_byte only
                         entries[-1] if entries else parent,
-                        cut_byte,
+                        start + cut,
                     )
                 )
                 taken = n
-            result = _FillResult(
-                key, request, chain=_Chain(path, entries, digests, state), loaded=loaded
-            )
+            chain = _Chain(path, first, start, span, entries, digests, state, parent_digest)
+            result = _FillResult(key, request, chain=chain, loaded=loaded)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:  # noqa: B036 - pyo3's PanicException is a BaseException
@@ -518,8 +682,10 @@ class Server:
     def _on_fill_done(self, result: _FillResult) -> None:
         self._filling.discard(result.key)
         request = result.request
-        if isinstance(request, AutoRequest):
+        if isinstance(request, (AutoRequest, TellRequest)):
             self._on_chain_done(result, request)
+            if self._parked:
+                self._unpark()
             return
         assert isinstance(request, GetRequest)
         if result.error is not None:
@@ -545,11 +711,14 @@ class Server:
         if not self.store.put(result.key, result.entry):
             log.debug("fill of a %d-byte prefix not stored", len(request.prefix))
 
-    def _on_chain_done(self, result: _FillResult, request: AutoRequest) -> None:
+    def _on_chain_done(self, result: _FillResult, request: AutoRequest | TellRequest) -> None:
         if result.error is not None:
             self.counters["fill_errors"] += 1
             log.warning(
-                "fill of a %d-byte %s text failed: %s", len(request.text), request.enc, result.error
+                "fill of a %d-byte %s text failed: %s",
+                len(request.text if isinstance(request, AutoRequest) else request.span),
+                request.enc,
+                result.error,
             )
             self._failed_auto[result.key] = result.error
             while len(self._failed_auto) > _FAILED_FILLS_KEPT:
@@ -560,11 +729,44 @@ class Server:
         self._encodings.setdefault(request.enc, result.loaded)
         self.counters["auto_fills"] += 1
         stored = self.store.put_chain(request.seed, chain.digests, chain.entries)
-        if stored and len(stored) == len(chain.entries):
+        if stored and len(stored) == len(chain.entries) and isinstance(request, AutoRequest):
             # The next request of a growing text starts its walk here.
             self.store.remember(
-                request.seed, memoryview(request.text), chain.path + stored, chain.state
+                request.seed,
+                memoryview(request.text),
+                request.block,
+                chain.path + stored,
+                chain.state,
             )
+        if stored:
+            self._publish(request, chain, stored)
+
+    def _publish(self, request: Any, chain: _Chain, stored: list[Entry]) -> None:
+        """Send the blocks just stored to the clients following this seed's chains."""
+        if self._publisher is None:
+            return
+        span = chain.span
+        end = (chain.first + len(stored)) * request.block - chain.start
+        while end < len(span) and span[end] & 0xC0 == 0x80:
+            end += 1  # to a character boundary: subscribers decode the span
+        try:
+            self._publisher.send_multipart(
+                pack_blocks(
+                    request.seed,
+                    chain.first,
+                    chain.parent_digest,
+                    chain.start,
+                    chain.digests[: len(stored)],
+                    [entry.cut_byte for entry in stored],
+                    span[:end],
+                    [entry.tokens for entry in stored],
+                ),
+                zmq.NOBLOCK,
+                copy=False,
+            )
+            self.counters["blocks_published"] += len(stored)
+        except zmq.ZMQError as exc:  # a slow subscriber's queue is full: it misses these
+            log.debug("blocks not published: %s", exc)
 
     # -- stats --------------------------------------------------------------------------------
 

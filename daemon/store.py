@@ -4,9 +4,12 @@ A declared prefix (GET) is a chain of one block: a root ``Entry`` whose bytes ar
 prefix. Automatic reuse (AUTO) stores chains of fixed-size blocks: block ``i`` of a text is an
 ``Entry`` whose parent is block ``i - 1`` and which holds only the tokens between its parent's
 stable cut and its own, so memory grows with the distinct text, not with the texts sharing it
-(flashtoken/auto.py is the same design, in one process). Both kinds live in one dict, count
-against one ``max_bytes`` and leave in one least-recently-used order, leaves first: a block is
-never evicted while blocks extending it remain (they could no longer be reached).
+(flashtoken/auto.py is the same design, in one process). A block keeps no copy of the text its
+tokens spell: it is confirmed by decoding them (the tokens are the text, in about as many bytes),
+plus the few bytes from its cut to its block's end. So a chain costs about 4 bytes a token.
+Both kinds live in one dict, count against one ``max_bytes`` and leave in one least-recently-used
+order, leaves first: a block is never evicted while blocks extending it remain (they could no
+longer be reached).
 
 Touched only from the daemon's loop thread (fills hand their results back to it), so it has no
 lock: a lock would cost every GET and protect nothing the loop does not already serialise.
@@ -15,6 +18,7 @@ lock: a lock would cost every GET and protect nothing the loop does not already 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -32,10 +36,11 @@ _MEMO_BYTES = 32 * 1024 * 1024
 class Entry:
     """One block: ``tokens`` (little-endian uint32 bytes) are its tokens before ``cut``.
 
-    ``prefix`` (the block's bytes), ``enc``, ``allowed`` and ``parent`` are kept to confirm a
-    hit: a key only locates. For a root (a declared prefix, or the first block of a chain)
-    ``cut`` is an offset into ``prefix`` in code points; for a chain block ``cut`` / ``cut_byte``
-    are offsets into the whole text and ``tokens`` start at the parent's cut.
+    ``prefix``, ``enc``, ``allowed`` and ``parent`` are kept to confirm a hit: a key only
+    locates. For a declared prefix ``prefix`` is its bytes and ``cut`` an offset into it in code
+    points. For a chain block ``cut`` / ``cut_byte`` are offsets into the whole text, ``tokens``
+    start at the parent's cut, and ``prefix`` holds only the bytes from ``cut_byte`` to the
+    block's end: the bytes before are those its tokens decode to.
     """
 
     __slots__ = (
@@ -95,6 +100,7 @@ class Entry:
         # enc and allowed first: cheap; the prefix comparison is a memcmp.
         return (
             self.parent is None
+            and not self.chain
             and self.enc == enc
             and self.allowed == allowed
             and self.prefix == prefix
@@ -199,14 +205,23 @@ class Store:
     # -- chains (AUTO) --------------------------------------------------------------------------
 
     def walk(
-        self, seed: bytes, data: bytes, block: int, enc: str, allowed: tuple[str, ...]
+        self,
+        seed: bytes,
+        data: bytes,
+        block: int,
+        enc: str,
+        allowed: tuple[str, ...],
+        decode: Callable[[bytes], bytes],
     ) -> tuple[list[Entry], Any]:
         """The confirmed chain of blocks that starts ``data``, and the xxh3 state after it.
 
         Block ``i`` is found under ``seed + xxh3_128(data[:(i+1)*block])`` and confirmed by its
-        bytes, its parent (so every earlier block matched) and its encoding and policy. Starts
-        from the longest remembered chain that ``data`` extends, so a growing text pays a memcmp
-        for its old blocks and a hash and a lookup for each new one.
+        parent (so every earlier block matched), its encoding and policy, and the bytes: from
+        the parent's cut to its own, those its tokens spell (``decode``: a token frame to
+        bytes), then its stored tail. Starts from the longest remembered chain that ``data``
+        extends, so a growing text pays a memcmp for its old blocks, a hash and a lookup for each
+        new one, and one decode for all the new ones together (block by block only if that
+        fails: a collision).
         """
         path: list[Entry] = []
         state = None
@@ -228,27 +243,52 @@ class Store:
             node = self._entries.get(self._key(seed, state.digest()))
             if node is not None:
                 parent = path[-1] if path else None
+                start = parent.cut_byte if parent is not None else 0
                 if (
                     node.parent is parent
-                    and node.prefix == view[end - block : end]
+                    and node.chain
                     and node.enc == enc
                     and node.allowed == allowed
+                    and start <= node.cut_byte <= end
+                    and node.prefix == data[node.cut_byte : end]
                 ):
                     path.append(node)
                     continue
                 self.collisions_detected += 1
             state = before
             break
+        if len(path) > known:
+            confirmed = self._confirm(data, path, known, decode)
+            if confirmed < len(path):
+                self.collisions_detected += 1
+                del path[confirmed:]
+                state = xxhash.xxh3_128(view[: confirmed * block])
         if path:
             self._use(path[-1])
             if len(path) > known:
-                self.remember(seed, view, path, state)
+                self.remember(seed, view, block, path, state)
         return path, state
 
-    def remember(self, seed: bytes, view: memoryview, path: list[Entry], state: Any) -> None:
+    @staticmethod
+    def _confirm(
+        data: bytes, path: list[Entry], known: int, decode: Callable[[bytes], bytes]
+    ) -> int:
+        """How many blocks of ``path`` are confirmed, given its first ``known``: the tokens of
+        the others must spell ``data`` up to each one's cut."""
+        start = path[known - 1].cut_byte if known else 0
+        if decode(b"".join([e.tokens for e in path[known:]])) == data[start : path[-1].cut_byte]:
+            return len(path)
+        for i in range(known, len(path)):  # which one fails
+            if decode(path[i].tokens) != data[start : path[i].cut_byte]:
+                return i
+            start = path[i].cut_byte
+        return len(path)  # unreachable: the joined tokens would have spelled the bytes
+
+    def remember(
+        self, seed: bytes, view: memoryview, block: int, path: list[Entry], state: Any
+    ) -> None:
         """Remember ``path`` (found or recorded for ``view``) as a start for the next walk;
         ``state`` is the xxh3 state after its last block."""
-        block = len(path[0].prefix)
         self._memos.insert(
             0, _Memo(seed, view.nbytes, view[: len(path) * block], path, state.copy())
         )
@@ -286,7 +326,10 @@ class Store:
             if old is not None:
                 if (
                     old.parent is parent
+                    and old.chain
+                    and old.cut_byte == entry.cut_byte
                     and old.prefix == entry.prefix
+                    and old.tokens == entry.tokens
                     and old.enc == entry.enc
                     and old.allowed == entry.allowed
                 ):
@@ -307,6 +350,10 @@ class Store:
             self.total_blocks += 1
             stored.append(entry)
         return stored
+
+    def key(self, seed: bytes, digest: bytes) -> bytes:
+        """The key of a chain block: its seed and digest (see ``walk``)."""
+        return self._key(seed, digest)
 
     def _key(self, seed: bytes, digest: bytes) -> bytes:
         return seed + digest if self._key_bytes is None else digest[: self._key_bytes]

@@ -27,7 +27,7 @@ import tiktoken
 
 from flashtoken.boundary import CutRule, cut_rule, stable_offset
 from flashtoken.encodings import resolve_encoding
-from flashtoken.prefix import EncodingLike, _encode, _require_str
+from flashtoken.prefix import EncodingLike, _encode, _require_str, token_list
 from flashtoken.specials import SpecialArg, SpecialPolicy
 
 DEFAULT_BLOCK_BYTES = 512
@@ -52,10 +52,15 @@ class _Node:
 
 
 class _Memo(NamedTuple):
-    """The last lookup of a policy: most texts extend the previous one (a growing chat)."""
+    """The last path of a policy, its tokens joined: most texts extend the previous one (a
+    growing chat) or share all but its last blocks (a rewritten tail), and then a lookup costs a
+    memcmp and one list copy, not a step per block."""
 
     data: bytes
     path: list[_Node]
+    digests: list[int]  # of path's blocks
+    ends: list[int]  # ends[i]: how many tokens path[: i + 1] holds
+    head: list[int]  # path's tokens, joined (never handed out; may run on past ends[-1])
     state: object  # the xxh3 state after the path's last block
     evictions: int  # the eviction count then: unchanged means every node of path is still in
 
@@ -69,6 +74,8 @@ class _Plan(NamedTuple):
     state: object  # the xxh3 state after the last full block
     cut: int  # path[-1].cut (characters), 0 for an empty path
     cut_byte: int  # the same in bytes
+    memo: _Memo | None  # the memo path begins with ...
+    shared: int  # ... for this many blocks
 
 
 def block_cuts(
@@ -83,6 +90,7 @@ def block_cuts(
     start: int,
     start_byte: int,
     tail: Sequence[int],
+    origin: int = 0,
 ) -> list[tuple[int, int, int]]:
     """The stable cuts of blocks ``first .. stop-1`` of ``data`` (``text`` as UTF-8).
 
@@ -93,6 +101,10 @@ def block_cuts(
     one) and at the first token whose byte length is ambiguous. A block's cut is computed as if
     the text ended at the block's end, so it depends only on ``text[start:block end]``: the
     in-process cache and the daemon (daemon/server.py) share this function and so agree.
+
+    ``origin`` is where ``data`` starts in the whole text, in bytes (a stable cut, so ``text``
+    starts there too): blocks computed elsewhere are checked from the bytes after their parent's
+    cut alone (``AutoPrefixCache._adopt``). Offsets in and out are relative to it.
     """
     base = start_byte
     # Where each token of ``tail`` ends, in bytes from ``base``, up to the first token whose
@@ -104,7 +116,7 @@ def block_cuts(
     chars, mark = start, start_byte  # complete characters in data[:mark]
     out: list[tuple[int, int, int]] = []
     for i in range(first, stop):
-        block_end = (i + 1) * block
+        block_end = (i + 1) * block - origin
         aligned = block_end
         while aligned < len(data) and aligned > mark and data[aligned] & 0xC0 == 0x80:
             aligned -= 1  # a block may end inside a character; the cut stays before it
@@ -167,6 +179,7 @@ class AutoPrefixCache:
         self._bytes = 0
         self._lock = threading.Lock()
         self._counts = collections.Counter[str]()
+        self._forbidden_ids: dict[frozenset[str], frozenset[int]] = {}
 
     @property
     def encoding(self) -> tiktoken.Encoding:
@@ -199,11 +212,16 @@ class AutoPrefixCache:
 
     def stats(self) -> dict[str, int]:
         """Counters (``lookups``, ``reused_bytes``, ``encoded_bytes``, ``blocks_added``,
-        ``evictions``) and the store's size (``curr_items``, ``bytes``, ``limit_maxbytes``)."""
+        ``blocks_adopted`` (of those, blocks another process encoded), ``blocks_refused``
+        (published blocks that failed a check), ``evictions``) and the store's size
+        (``curr_items``, ``bytes``, ``limit_maxbytes``)."""
         with self._lock:
             return {
                 **{k: self._counts[k] for k in ("lookups", "reused_bytes", "encoded_bytes")},
-                **{k: self._counts[k] for k in ("blocks_added", "evictions")},
+                **{
+                    k: self._counts[k] for k in ("blocks_added", "blocks_adopted", "blocks_refused")
+                },
+                "evictions": self._counts["evictions"],
                 "curr_items": len(self._nodes),
                 "bytes": self._bytes,
                 "limit_maxbytes": self._max_bytes,
@@ -229,51 +247,49 @@ class AutoPrefixCache:
         except UnicodeEncodeError:
             return None
         with self._lock:
-            path, digests, state = self._longest_path(policy.allowed, data)
-            if path:
-                self._use(path[-1])
-        last = path[-1] if path else None
-        cut, cut_byte = (last.cut, last.cut_byte) if last else (0, 0)
-        return _Plan(data, path, digests, state, cut, cut_byte)
+            plan = self._longest_path(policy.allowed, data)
+            if plan.path:
+                self._use(plan.path[-1])
+        return plan
 
     @staticmethod
     def _head(plan: _Plan) -> list[int]:
         """A new list of the tokens along ``plan.path`` (those of ``text[:plan.cut]``)."""
-        head: list[int] = []
-        for node in plan.path:
+        memo, shared = plan.memo, plan.shared
+        head = memo.head[: memo.ends[shared - 1]] if memo is not None and shared else []
+        for node in plan.path[shared:]:
             head += node.tokens
         return head
 
     def _finish(self, plan: _Plan, policy: SpecialPolicy, text: str, tail: list[int]) -> None:
         """Record the blocks after ``plan.path``; ``tail`` are the tokens of ``text[plan.cut:]``."""
-        self._record(policy, text, plan.data, plan.digests, plan.path, tail, plan.state)
+        self._record(policy, text, plan, tail)
         with self._lock:
             self._counts.update(
                 lookups=1, reused_bytes=plan.cut_byte, encoded_bytes=len(plan.data) - plan.cut_byte
             )
 
-    def _longest_path(
-        self, allowed: frozenset[str], data: bytes
-    ) -> tuple[list[_Node], list[int], object]:
+    def _longest_path(self, allowed: frozenset[str], data: bytes) -> _Plan:
         """The cached blocks that start ``data``, the digests of all its full blocks, and the
         digest state after the last of them.
 
-        Starts from the previous lookup's path when ``data`` extends it, so a growing text pays
-        per block only for its new blocks (and one memcmp for the rest).
+        Starts from the blocks ``data`` shares with the previous lookup's path, so a growing
+        text pays per block only for its new blocks (and a few memcmps for the rest).
         """
         size = self._block
-        memo = self._memos.get(allowed)
-        if (
-            memo is not None
-            and memo.evictions == self._counts["evictions"]
-            and data.startswith(memoryview(memo.data)[: len(memo.path) * size])
-        ):
-            path = list(memo.path)
-            state = memo.state.copy()  # type: ignore[attr-defined]
-        else:
-            path, state = [], self._hasher()
-        digests = [node.key[1] for node in path]
         view = memoryview(data)
+        memo = self._memos.get(allowed)
+        shared = 0
+        if memo is not None and memo.evictions == self._counts["evictions"]:
+            shared = _shared_blocks(data, memoryview(memo.data), len(memo.path), size)
+        if memo is not None and shared:
+            path, digests = memo.path[:shared], memo.digests[:shared]
+            if shared == len(memo.path):
+                state = memo.state.copy()  # type: ignore[attr-defined]
+            else:
+                state = self._hasher(view[: shared * size])
+        else:
+            path, digests, state = [], [], self._hasher()
         matching = True
         for end in range((len(path) + 1) * size, len(data) + 1, size):
             state.update(view[end - size : end])
@@ -286,12 +302,14 @@ class AutoPrefixCache:
                 if (
                     node is None
                     or node.parent is not parent
-                    or node.block != view[end - size : end]
+                    or node.block != data[end - size : end]
                 ):
                     matching = False
                     continue
                 path.append(node)
-        return path, digests, state
+        last = path[-1] if path else None
+        cut, cut_byte = (last.cut, last.cut_byte) if last else (0, 0)
+        return _Plan(data, path, digests, state, cut, cut_byte, memo, shared)
 
     def _use(self, node: _Node) -> None:
         self._tick += 1
@@ -299,21 +317,11 @@ class AutoPrefixCache:
         if not node.children:
             heapq.heappush(self._leaves, (node.used, node.key))
 
-    def _record(
-        self,
-        policy: SpecialPolicy,
-        text: str,
-        data: bytes,
-        digests: list[int],
-        path: list[_Node],
-        tail: list[int],
-        state: object,
-    ) -> None:
-        """Add the blocks after ``path``; ``tail`` are the tokens of the text after its cut.
-
-        ``state`` is the digest state after the last full block: when every block gets stored,
-        the next lookup can start from this one (the memo).
+    def _record(self, policy: SpecialPolicy, text: str, plan: _Plan, tail: list[int]) -> None:
+        """Add the blocks after ``plan.path``; ``tail`` are the tokens of the text after its
+        cut. When every block gets stored, the next lookup starts from this path (the memo).
         """
+        data, digests, path = plan.data, plan.digests, plan.path
         parent = path[-1] if path else None
         start, start_byte = (parent.cut, parent.cut_byte) if parent else (0, 0)
         cuts = block_cuts(
@@ -333,30 +341,204 @@ class AutoPrefixCache:
         taken = 0  # tokens of ``tail`` already given to a block
         for i, (cut, cut_byte, n) in enumerate(cuts, len(path)):
             block = data[i * self._block : (i + 1) * self._block]
-            node = _Node(
-                (policy.allowed, digests[i]), parent, block, cut, cut_byte, tail[taken:n], 0
-            )
+            # Shared int objects: 8 bytes a token, and a later join touches fewer cache lines.
+            tokens = token_list(tail[taken:n])
+            node = _Node((policy.allowed, digests[i]), parent, block, cut, cut_byte, tokens, 0)
             added.append(node)
             parent, taken = node, n
         with self._lock:
-            stored = 0
-            for node in added:
-                if node.key in self._nodes:  # a concurrent twin or a collision: keep the first
+            chain = self._store(added)
+            if len(path) + len(chain) == len(digests):
+                self._memos[policy.allowed] = self._next_memo(plan, chain)
+
+    def _next_memo(self, plan: _Plan, chain: list[_Node]) -> _Memo:
+        """The memo for ``plan.path + chain`` (under the lock). Its joined tokens extend the
+        previous memo's list in place when that list ends where this path leaves it (a growing
+        chat): a lookup never pays for joining what the last one joined already."""
+        memo, shared = plan.memo, plan.shared
+        if memo is not None and shared:
+            base = memo.ends[shared - 1]
+            head = memo.head if len(memo.head) == base else memo.head[:base]
+            ends = memo.ends[:shared]
+        else:
+            head, ends = [], []
+        for node in plan.path[shared:] + chain:
+            head += node.tokens  # in place: earlier plans slice only up to their own end
+            ends.append(len(head))
+        return _Memo(
+            plan.data,
+            plan.path + chain,
+            plan.digests[: len(plan.path) + len(chain)],
+            ends,
+            head,
+            plan.state,
+            self._counts["evictions"],
+        )
+
+    def _store(self, added: list[_Node]) -> list[_Node]:
+        """Insert new nodes (each the parent of the next) under the lock; returns the chain's
+        nodes now stored, in order. A node held already (the same block, recorded meanwhile by
+        another thread) is followed instead; stops at a collision and at a parent evicted
+        meanwhile (the rest could not be reached)."""
+        chain: list[_Node] = []
+        parent = added[0].parent if added else None
+        for node in added:
+            if parent is not None and self._nodes.get(parent.key) is not parent:
+                break
+            twin = self._nodes.get(node.key)
+            if twin is not None:
+                if (
+                    twin.parent is parent
+                    and twin.cut_byte == node.cut_byte
+                    and twin.block == node.block
+                ):
+                    chain.append(twin)
+                    parent = twin
+                    continue
+                break  # a collision: keep the first
+            node.parent = parent
+            self._nodes[node.key] = node
+            self._bytes += _size(node)
+            self._counts["blocks_added"] += 1
+            if parent is not None:
+                parent.children += 1
+            self._use(node)
+            chain.append(node)
+            parent = node
+        self._evict()
+        return chain
+
+    def _adopt(
+        self,
+        policy: SpecialPolicy,
+        first: int,
+        parent_digest: int | None,
+        start_byte: int,
+        digests: list[int],
+        ends: list[tuple[int, int]],
+        span: bytes,
+        tokens: list[int],
+    ) -> int:
+        """Take blocks ``first ..`` of a chain that another process encoded (the daemon
+        publishes them: client/follow.py), checked as strictly as our own; returns how many
+        were stored. Blocks of a chain that is not ours (no parent here) are ignored; blocks
+        that fail a check count in ``blocks_refused``.
+
+        ``span`` is the text's bytes from the parent's cut ``start_byte`` to past the last
+        block's end (to a character boundary); ``ends`` holds each block's ``(cut_byte, n)``,
+        ``n`` how many ``tokens`` come before its cut. Stored only if the parent block is ours
+        and its bytes agree with ``span``, every cut is the one ``block_cuts`` computes from
+        ``span``, the tokens spell ``span`` up to the last cut, and none is a special token the
+        policy does not allow. So a wrong, stale or colliding publisher can cost a block, never
+        a token.
+        """
+        with self._lock:
+            parent = (
+                None if parent_digest is None else self._nodes.get((policy.allowed, parent_digest))
+            )
+        if parent_digest is not None and parent is None:
+            return 0  # a chain this process does not hold
+        added = self._check_adopted(policy, first, parent, start_byte, digests, ends, span, tokens)
+        with self._lock:
+            if added is None:
+                self._counts["blocks_refused"] += len(ends)
+                return 0
+            if parent is not None and self._nodes.get(parent.key) is not parent:
+                return 0  # evicted meanwhile
+            stored = sum(a is b for a, b in zip(self._store(added), added, strict=False))
+            self._counts["blocks_adopted"] += stored
+        return stored
+
+    def _check_adopted(
+        self,
+        policy: SpecialPolicy,
+        first: int,
+        parent: _Node | None,
+        start_byte: int,
+        digests: list[int],
+        ends: list[tuple[int, int]],
+        span: bytes,
+        tokens: list[int],
+    ) -> list[_Node] | None:
+        """The nodes of ``_adopt``'s blocks, or None if any check fails."""
+        size = self._block
+        if not ends or len(ends) != len(digests) or (parent is None) != (first == 0):
+            return None
+        if parent is None:
+            if start_byte:
+                return None
+        else:
+            # The bytes between the parent's cut and its block's end must be our chain's own
+            # (a long piece can put the cut blocks back: compare each block it reaches into).
+            if parent.cut_byte != start_byte or start_byte > first * size:
+                return None
+            node: _Node | None = parent
+            for i in range(first - 1, -1, -1):
+                if (i + 1) * size <= start_byte:
                     break
-                if node.parent is not None and self._nodes.get(node.parent.key) is not node.parent:
-                    break  # the parent was evicted meanwhile: this chain cannot be reached
-                self._nodes[node.key] = node
-                self._bytes += _size(node)
-                self._counts["blocks_added"] += 1
-                if node.parent is not None:
-                    node.parent.children += 1
-                self._use(node)
-                stored += 1
-            self._evict()
-            if len(path) + stored == len(digests):
-                self._memos[policy.allowed] = _Memo(
-                    data, path + added, state, self._counts["evictions"]
-                )
+                if node is None:
+                    return None
+                lo = max(start_byte, i * size)
+                if (
+                    node.block[lo - i * size :]
+                    != span[lo - start_byte : (i + 1) * size - start_byte]
+                ):
+                    return None
+                node = node.parent
+        last_end = (first + len(ends)) * size - start_byte
+        if not last_end <= len(span) <= last_end + 3:
+            return None
+        try:
+            text = span.decode("utf-8")
+            spelled = self._enc.decode_bytes(tokens)
+        except (UnicodeDecodeError, KeyError, OverflowError, TypeError, ValueError):
+            return None
+        cuts = block_cuts(
+            self._rule,
+            policy,
+            self._lengths,
+            text,
+            span,
+            size,
+            first,
+            first + len(ends),
+            0,
+            0,
+            tokens,
+            origin=start_byte,
+        )
+        claimed = [(cut_byte - start_byte, n) for cut_byte, n in ends]
+        if [(cut_byte, n) for _, cut_byte, n in cuts] != claimed or claimed[-1][1] != len(tokens):
+            return None
+        if spelled != span[: claimed[-1][0]]:
+            return None
+        if not self._forbidden(policy.allowed).isdisjoint(tokens):
+            return None
+        start = parent.cut if parent is not None else 0
+        added: list[_Node] = []
+        taken = 0
+        for i, (cut, cut_byte, n) in enumerate(cuts, first):
+            node = _Node(
+                (policy.allowed, digests[i - first]),
+                added[-1] if added else parent,
+                span[i * size - start_byte : (i + 1) * size - start_byte],
+                start + cut,
+                start_byte + cut_byte,
+                tokens[taken:n],
+                0,
+            )
+            added.append(node)
+            taken = n
+        return added
+
+    def _forbidden(self, allowed: frozenset[str]) -> frozenset[int]:
+        """The ids of the special tokens not in ``allowed``: a chain must not hold one."""
+        forbidden = self._forbidden_ids.get(allowed)
+        if forbidden is None:
+            forbidden = self._forbidden_ids[allowed] = frozenset(
+                i for s, i in self._enc._special_tokens.items() if s not in allowed
+            )
+        return forbidden
 
     def _evict(self) -> None:
         while self._bytes > self._max_bytes and self._leaves:
@@ -375,6 +557,22 @@ class AutoPrefixCache:
         if len(self._leaves) > 4 * len(self._nodes) + 64:  # drop the stale entries
             self._leaves = [(n.used, k) for k, n in self._nodes.items() if not n.children]
             heapq.heapify(self._leaves)
+
+
+def _shared_blocks(data: bytes, other: memoryview, blocks: int, size: int) -> int:
+    """How many of the first ``blocks`` blocks of ``other`` start ``data`` (a binary search
+    of memcmps: a few for a rewritten tail, one for a text that extends ``other``)."""
+    # bytes.startswith(view) is a memcmp; comparing two memoryviews is ~60x slower.
+    if data.startswith(other[: blocks * size]):
+        return blocks
+    low, high = 0, blocks - 1  # data shares low blocks, not high + 1
+    while low < high:
+        mid = (low + high + 1) // 2
+        if data.startswith(other[: mid * size]):
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 def _size(node: _Node) -> int:

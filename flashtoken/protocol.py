@@ -12,6 +12,14 @@ Request ``[header, *frames]``; header ``{"m": b"FT", "v": 1, "op": str, "id": ui
   ``fill``, ``block`` (block size in bytes), ``skip`` (full blocks the client already holds);
   frame 1: the whole text as UTF-8. Asks for the longest chain of cached blocks that starts the
   text (automatic prefix reuse, flashtoken.AutoPrefixCache shared by processes).
+- ``TELL``  fields ``seed``, ``enc``, ``eid``, ``allowed``, ``block`` as for ``AUTO``, and
+  ``first`` (the index of the first new block), ``parent`` (the digest of block ``first - 1``,
+  nil when ``first`` is 0), ``start`` (that block's cut, in bytes), ``digests`` (one per new
+  block); frame 1: the text's bytes from ``start`` to past the last new block. A client that
+  encoded a text itself tells the daemon its new blocks, and the daemon encodes them (from
+  ``start``: no more than the client did), stores and publishes them. Answered only when the
+  daemon does not hold the parent block (evicted, or a restart): ``{"placed": false}``, and
+  the client tells its next text from the first block.
 - ``STATS``, ``PING``: no fields, no frames.
 
 Reply ``[header, *frames]``; header ``{"m", "v", "id", "ok": bool, ...}``. A GET hit carries
@@ -21,6 +29,9 @@ Reply ``[header, *frames]``; header ``{"m", "v", "id", "ok": bool, ...}``. A GET
 ``n`` tokens: those of the text's bytes ``start .. cut_byte`` (blocks ``skip .. blocks-1``).
 Errors are ``{"ok": false, "error": "CLIENT_ERROR" | "SERVER_ERROR", "message": str}``, as
 memcached names them.
+
+Published (PUB socket at ``publish_address(address)``) ``[seed, header, span, tokens]``: the chain
+blocks the daemon has just stored, for clients that follow chains (``pack_blocks``).
 
 Everything that crosses the socket is checked here, type and range, before anyone uses it: a
 peer is never trusted to be well formed. Nothing is ever unpickled.
@@ -49,23 +60,29 @@ __all__ = [
     "MAX_PREFIX_BYTES",
     "VERSION",
     "AutoRequest",
+    "Blocks",
     "GetRequest",
     "Reply",
     "Request",
+    "TellRequest",
     "default_address",
     "ipc_path",
     "make_chain_seed",
     "make_key",
     "pack_auto",
     "pack_auto_reply",
+    "pack_blocks",
     "pack_error",
     "pack_get",
     "pack_hit",
     "pack_miss",
     "pack_ok",
     "pack_simple",
+    "pack_tell",
     "parse_reply",
+    "parse_blocks",
     "parse_request",
+    "publish_address",
     "runtime_dir",
     "tokens_from_frame",
     "tokens_to_frame",
@@ -92,7 +109,7 @@ MIN_BLOCK_BYTES = 16
 MAX_BLOCK_BYTES = 1024 * 1024
 """Block sizes an AUTO request may use (``flashtoken.AutoPrefixCache(block_bytes=...)``)."""
 
-OPS = ("GET", "AUTO", "STATS", "PING")
+OPS = ("GET", "AUTO", "TELL", "STATS", "PING")
 CLIENT_ERROR = "CLIENT_ERROR"
 SERVER_ERROR = "SERVER_ERROR"
 
@@ -161,6 +178,23 @@ def check_private_dir(path: str) -> None:
 def default_address() -> str:
     """``ipc://{runtime_dir()}/daemon.sock``: where the daemon binds and clients connect."""
     return "ipc://" + os.path.join(runtime_dir(), "daemon.sock")
+
+
+def publish_address(address: str) -> str | None:
+    """Where a daemon bound at ``address`` publishes its new chain blocks: the ipc path with
+    ``.pub`` appended, or the next TCP port; None for any other transport (no publishing).
+
+    >>> publish_address("ipc:///run/user/1000/flashtoken/daemon.sock")
+    'ipc:///run/user/1000/flashtoken/daemon.sock.pub'
+    >>> publish_address("tcp://127.0.0.1:7000")
+    'tcp://127.0.0.1:7001'
+    """
+    if address.startswith("ipc://"):
+        return address + ".pub"
+    host, sep, port = address.rpartition(":")
+    if address.startswith("tcp://") and sep and port.isdigit() and int(port) < 65535:
+        return f"{host}:{int(port) + 1}"
+    return None
 
 
 def ipc_path(address: str) -> str | None:
@@ -374,6 +408,20 @@ class AutoRequest(Request):
     text: bytes
 
 
+@dataclass(frozen=True)
+class TellRequest(Request):
+    seed: bytes
+    enc: str
+    eid: bytes
+    allowed: tuple[str, ...]
+    block: int
+    first: int
+    parent: bytes | None
+    start: int
+    digests: list[bytes]
+    span: bytes
+
+
 def pack_auto(
     request_id: int,
     seed: bytes,
@@ -401,6 +449,37 @@ def pack_auto(
     return [_pack(header), text]
 
 
+def pack_tell(
+    request_id: int,
+    seed: bytes,
+    enc: str,
+    eid: bytes,
+    allowed: tuple[str, ...],
+    block: int,
+    first: int,
+    parent: bytes | None,
+    start: int,
+    digests: list[bytes],
+    span: bytes,
+) -> list[bytes]:
+    header = {
+        "m": MAGIC,
+        "v": VERSION,
+        "op": "TELL",
+        "id": request_id,
+        "seed": seed,
+        "enc": enc,
+        "eid": eid,
+        "allowed": list(allowed),
+        "block": block,
+        "first": first,
+        "parent": parent,
+        "start": start,
+        "digests": digests,
+    }
+    return [_pack(header), span]
+
+
 def pack_simple(op: str, request_id: int) -> list[bytes]:
     """A request with no fields: STATS or PING."""
     return [_pack({"m": MAGIC, "v": VERSION, "op": op, "id": request_id})]
@@ -419,7 +498,7 @@ def parse_request(frames: list[bytes], *, max_prefix_bytes: int = MAX_PREFIX_BYT
     if op not in OPS or type(op) is not str:
         raise ProtocolError(f"unknown op; expected one of {', '.join(OPS)}")
     request_id = _int(header, "id", 0, MAX_REQUEST_ID)
-    if op not in ("GET", "AUTO"):
+    if op not in ("GET", "AUTO", "TELL"):
         if len(frames) != 1:
             raise ProtocolError(f"{op} takes no frames after the header")
         return Request(op, request_id)
@@ -436,6 +515,8 @@ def parse_request(frames: list[bytes], *, max_prefix_bytes: int = MAX_PREFIX_BYT
         raise ProtocolError(f"text is not valid UTF-8 at byte {exc.start}") from exc
     enc = _str(header, "enc", MAX_NAME_CHARS)
     eid = _bytes(header, "eid", ENCODING_ID_BYTES)
+    if op == "TELL":
+        return _parse_tell(header, request_id, enc, eid, allowed, text)
     fill = _bool(header, "fill")
     if op == "GET":
         return GetRequest(
@@ -461,6 +542,50 @@ def parse_request(frames: list[bytes], *, max_prefix_bytes: int = MAX_PREFIX_BYT
         block=block,
         skip=skip,
         text=text,
+    )
+
+
+def _parse_tell(
+    header: dict[str, Any],
+    request_id: int,
+    enc: str,
+    eid: bytes,
+    allowed: tuple[str, ...],
+    span: bytes,
+) -> TellRequest:
+    block = _int(header, "block", MIN_BLOCK_BYTES, MAX_BLOCK_BYTES)
+    first = _int(header, "first", 0, MAX_PREFIX_BYTES * 64 // block)
+    parent = header.get("parent")
+    if (parent is None) != (first == 0) or (
+        parent is not None and (type(parent) is not bytes or len(parent) != KEY_BYTES)
+    ):
+        raise ProtocolError("field 'parent' must be a 16-byte digest when 'first' > 0, else nil")
+    start = _int(header, "start", 0, first * block)
+    digests = header.get("digests")
+    if (
+        type(digests) is not list
+        or not 0 < len(digests) <= MAX_PUBLISHED_BLOCKS
+        or any(type(d) is not bytes or len(d) != KEY_BYTES for d in digests)
+    ):
+        raise ProtocolError(
+            f"field 'digests' must list 1 to {MAX_PUBLISHED_BLOCKS} 16-byte digests"
+        )
+    end = (first + len(digests)) * block - start
+    if not end <= len(span) <= end + 3:
+        raise ProtocolError("the span must run from 'start' to the end of the last block")
+    return TellRequest(
+        "TELL",
+        request_id,
+        seed=_bytes(header, "seed", KEY_BYTES),
+        enc=enc,
+        eid=eid,
+        allowed=allowed,
+        block=block,
+        first=first,
+        parent=parent,
+        start=start,
+        digests=digests,
+        span=span,
     )
 
 
@@ -560,6 +685,8 @@ def parse_reply(frames: list[bytes]) -> Reply:
             raise ProtocolError("error reply with frames")
         return Reply(request_id, False, header)
     tokens = None
+    if "placed" in header and type(header["placed"]) is not bool:
+        raise ProtocolError("field 'placed' must be a bool")
     if "hit" in header and type(header["hit"]) is not bool:
         raise ProtocolError("field 'hit' must be a bool")
     if "blocks" in header:  # an AUTO reply
@@ -581,3 +708,88 @@ def parse_reply(frames: list[bytes]) -> Reply:
     elif len(frames) != 1:
         raise ProtocolError("unexpected frame in a reply")
     return Reply(request_id, True, header, tokens)
+
+
+# -- published chain blocks ---------------------------------------------------------------------
+
+MAX_PUBLISHED_BLOCKS = 4096
+"""Blocks in one published message (a fill's new blocks: its text's length over the block)."""
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Published chain blocks ``first ..`` of the chains of ``seed``, checked for shape only.
+
+    ``span`` holds the text's bytes from ``start`` (the cut of block ``first - 1``, found by its
+    digest ``parent``; None for the first block) to just past the last block; ``ends`` holds
+    each block's ``(cut_byte, n)``: its cut in the whole text and how many of ``tokens`` come
+    before it. Whether they are right is the subscriber's to check (``AutoPrefixCache._adopt``).
+    """
+
+    seed: bytes
+    first: int
+    parent: bytes | None
+    start: int
+    digests: list[bytes]
+    ends: list[tuple[int, int]]
+    span: bytes
+    tokens: array
+
+
+def pack_blocks(
+    seed: bytes,
+    first: int,
+    parent: bytes | None,
+    start: int,
+    digests: list[bytes],
+    cut_bytes: list[int],
+    span: bytes,
+    token_frames: list[bytes],
+) -> list[bytes]:
+    """One published message: the seed is the first frame, the subscription topic."""
+    counts = [len(frame) // 4 for frame in token_frames]
+    header = {
+        "m": MAGIC,
+        "v": VERSION,
+        "first": first,
+        "parent": parent,
+        "start": start,
+        "digests": digests,
+        "cuts": cut_bytes,
+        "counts": counts,
+    }
+    return [seed, _pack(header), span, b"".join(token_frames)]
+
+
+def parse_blocks(frames: list[bytes]) -> Blocks:
+    """Validate a published message. Raises ProtocolError for anything malformed."""
+    if len(frames) != 4 or len(frames[0]) != KEY_BYTES:
+        raise ProtocolError("a published message has 4 frames, the first a 16-byte seed")
+    header = unpack_header(frames[1])
+    first = _int(header, "first", 0, MAX_PREFIX_BYTES)
+    parent = header.get("parent")
+    if (parent is None) != (first == 0) or (
+        parent is not None and (type(parent) is not bytes or len(parent) != KEY_BYTES)
+    ):
+        raise ProtocolError("field 'parent' must be a digest, and only after the first block")
+    start = _int(header, "start", 0, MAX_PREFIX_BYTES * 64)
+    digests, cuts, counts = header.get("digests"), header.get("cuts"), header.get("counts")
+    if not (
+        type(digests) is list
+        and type(cuts) is list
+        and type(counts) is list
+        and 0 < len(digests) == len(cuts) == len(counts) <= MAX_PUBLISHED_BLOCKS
+    ):
+        raise ProtocolError("fields 'digests', 'cuts', 'counts' must be lists of one length")
+    if any(type(d) is not bytes or len(d) != KEY_BYTES for d in digests):
+        raise ProtocolError("field 'digests' must hold 16-byte digests")
+    if any(type(x) is not int or x < 0 for x in cuts + counts):
+        raise ProtocolError("fields 'cuts' and 'counts' must hold ints >= 0")
+    tokens = tokens_from_frame(frames[3])
+    ends, n = [], 0
+    for cut, count in zip(cuts, counts, strict=True):
+        n += count
+        ends.append((cut, n))
+    if n != len(tokens):
+        raise ProtocolError("token frame does not hold the blocks' counts")
+    return Blocks(frames[0], first, parent, start, digests, ends, frames[2], tokens)

@@ -2,8 +2,9 @@
 
 ``Client.encode_ordinary(text)`` / ``encode(text, ...)`` with no ``prefix``: the client's
 AutoPrefixCache (L1), then one AUTO round trip for the daemon's longest chain of blocks, then a
-local encode of the rest. ``auto_l1_bytes=0`` keeps the L1 empty, so every call exercises the
-daemon path (or its fallback).
+local encode of the rest. ``auto_l1_bytes=0`` keeps the L1 empty and ``auto_local_bytes=0``
+never skips the round trip, so every call exercises the daemon path (or its fallback).
+Following published chains and TELL are in tests/test_follow.py.
 """
 
 from __future__ import annotations
@@ -55,7 +56,13 @@ def settle(daemon: DaemonProcess) -> None:
 
 
 def client(daemon: DaemonProcess, name: str = "cl100k_base", **options: Any) -> Client:
-    options = {"timeout_ms": TIMEOUT_MS, "auto_l1_bytes": 0, "auto_block_bytes": BLOCK, **options}
+    options = {
+        "timeout_ms": TIMEOUT_MS,
+        "auto_l1_bytes": 0,
+        "auto_block_bytes": BLOCK,
+        "auto_local_bytes": 0,  # always ask: these tests are about the AUTO round trip
+        **options,
+    }
     return Client(daemon.address, name, **options)
 
 
@@ -335,7 +342,9 @@ class LyingDaemon:
         while not self.stop.is_set():
             if self.sock.poll(20):
                 identity, *frames = self.sock.recv_multipart()
-                self.sock.send_multipart([identity, *self.reply(parse_request(frames))])
+                req = parse_request(frames)
+                if req.op != "TELL":  # never answered
+                    self.sock.send_multipart([identity, *self.reply(req)])
 
     def close(self) -> None:
         self.stop.set()
@@ -353,6 +362,7 @@ def test_a_lying_daemon_never_changes_a_token(daemon_dir: Any) -> None:
             timeout_ms=TIMEOUT_MS,
             auto_l1_bytes=0,
             auto_block_bytes=BLOCK,
+            auto_local_bytes=0,
             breaker_failures=1000,
         ) as c:
             for text in _chat(30, 4):
