@@ -37,6 +37,20 @@ def test_texts_sharing_prefixes_encode_as_tiktoken(enc, pieces, data, block):
         )
 
 
+@given(data=st.data(), block=st.sampled_from([16, 64, 512]))
+def test_rewritten_tails_near_and_far_from_the_end(enc, data, block):
+    """The last lookup's path is reused from the characters two texts share: a text that
+    extends the last one, rewrites its last few characters, its last few KB, or more."""
+    cache = AutoPrefixCache(enc, block_bytes=block)
+    text = ""
+    for _ in range(data.draw(st.integers(1, 8))):
+        back = data.draw(st.sampled_from([len(text), 80, 5000]))  # anywhere, near, far
+        keep = data.draw(st.integers(max(0, len(text) - back), len(text)))
+        text = text[:keep] + data.draw(texts) * data.draw(st.integers(1, 200))
+        assert cache.encode_ordinary(text) == enc.encode_ordinary(text)
+    assert cache.encode_ordinary(text) == enc.encode_ordinary(text)  # from the memo
+
+
 def test_a_growing_chat_reuses_its_history(enc):
     cache = AutoPrefixCache(enc, block_bytes=64)
     history = "<|im_start|>system\nYou are brief.<|im_end|>\n"
