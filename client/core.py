@@ -404,7 +404,7 @@ class ClientCore:
     def prepare_tell(self, plan: Any, allowed: frozenset) -> list[bytes] | None:
         """The TELL request naming the blocks after the L1's ``plan`` (just encoded here), so
         that the daemon fills and publishes them; None when there are none or the breaker is
-        not closed (a TELL is never answered, so it could not close the breaker)."""
+        not closed (no reply is awaited, so a TELL could not tell the breaker anything)."""
         first = 0 if self.tell_from_root else len(plan.path)
         digests = plan.digests[first:]
         if len(plan.digests) == len(plan.path) or not self.fill or self.breaker.state != "closed":
@@ -455,13 +455,14 @@ class ClientCore:
         """Store a published message's blocks in the L1, checked (on the follower's thread)."""
         try:
             blocks = parse_blocks(frames)
-        except ProtocolError:
+            tokens = token_list(blocks.tokens)  # ValueError: an id no encoding has
+        except (ProtocolError, ValueError):
             self.counters["published_refused"] += 1
             return 0
         policy = self._seed_policies.get(blocks.seed)
         if policy is None:
             return 0
-        stored = self.auto._adopt(
+        return self.auto._adopt(
             policy,
             blocks.first,
             None if blocks.parent is None else int.from_bytes(blocks.parent, "big"),
@@ -469,9 +470,8 @@ class ClientCore:
             [int.from_bytes(d, "big") for d in blocks.digests],
             blocks.ends,
             blocks.span,
-            token_list(blocks.tokens),
+            tokens,
         )
-        return stored
 
     def note_reply(self, reply: Any) -> None:
         """A reply to a TELL (only ever ``placed: false``): the daemon lacks our chain (it was

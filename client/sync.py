@@ -47,9 +47,11 @@ class Client:
     >>> client.close()
 
     With no ``prefix``, the whole text's longest cached prefix is found automatically
-    (``flashtoken.AutoPrefixCache`` in this process first, then one round trip to learn the
-    longest chain of blocks the daemon holds, then one local encode of the rest; the daemon
-    records the new blocks from the text, on its own fill threads):
+    (``flashtoken.AutoPrefixCache`` in this process first; then, if more than
+    ``auto_local_bytes`` remain, one round trip to learn the longest chain of blocks the daemon
+    holds; then one local encode of the rest). A background thread tells the daemon about the
+    blocks this process encoded and takes those the daemon publishes for the conversations this
+    process holds (client/follow.py), so that the next request finds the previous turns here:
 
     >>> with Client(encoding="cl100k_base") as client:
     ...     client.encode_ordinary("You are a helpful assistant. Answer briefly.")
@@ -71,7 +73,10 @@ class Client:
     name or a ``tiktoken.Encoding``), and keyword-only ``timeout_ms`` (20), ``l1_bytes`` (64 MiB),
     ``namespace`` (a salt for the daemon's keys: clients with different namespaces share
     nothing), ``breaker_failures`` (3), ``breaker_cooldown_ms`` (250), ``breaker_max_cooldown_ms``
-    (5000), ``max_prefix_bytes`` (4 MiB), ``fill`` (True: ask the daemon to fill on a miss).
+    (5000), ``max_prefix_bytes`` (4 MiB), ``fill`` (True: ask the daemon to fill on a miss), and
+    for texts with no prefix ``auto_l1_bytes`` (64 MiB), ``auto_block_bytes`` (512),
+    ``auto_local_bytes`` (4096) and ``follow`` (True: run the background thread); see
+    docs/INTEGRATION.md, "Automatic reuse".
     """
 
     def __init__(
