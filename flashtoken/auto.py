@@ -32,6 +32,11 @@ from flashtoken.specials import SpecialArg, SpecialPolicy
 
 DEFAULT_BLOCK_BYTES = 512
 DEFAULT_MAX_BYTES = 64 * 2**20
+# Where this process takes blocks encoded elsewhere (``_adopt``): after the last blocks of its
+# own lookups, and after blocks taken so. Not after an earlier block: a system prompt that starts
+# every chat would make every process take every chat.
+_FRONTIER_BLOCKS = 16
+_FRONTIER_MAX = 8192
 _NODE_OVERHEAD = 160  # bytes a node costs beyond its block and token pointers (measured, rounded)
 
 
@@ -180,6 +185,9 @@ class AutoPrefixCache:
         self._lock = threading.Lock()
         self._counts = collections.Counter[str]()
         self._forbidden_ids: dict[frozenset[str], frozenset[int]] = {}
+        self._frontier: collections.OrderedDict[tuple[frozenset[str], int], None] = (
+            collections.OrderedDict()
+        )
 
     @property
     def encoding(self) -> tiktoken.Encoding:
@@ -350,6 +358,17 @@ class AutoPrefixCache:
             chain = self._store(added)
             if len(path) + len(chain) == len(digests):
                 self._memos[policy.allowed] = self._next_memo(plan, chain)
+            ends = chain[-_FRONTIER_BLOCKS:]
+            self._follow(path[max(0, len(path) - (_FRONTIER_BLOCKS - len(ends))) :] + ends)
+
+    def _follow(self, nodes: list[_Node]) -> None:
+        """Take blocks encoded elsewhere after these (under the lock; bounded, LRU)."""
+        frontier = self._frontier
+        for node in nodes:
+            frontier[node.key] = None
+            frontier.move_to_end(node.key)
+        while len(frontier) > _FRONTIER_MAX:
+            frontier.popitem(last=False)
 
     def _next_memo(self, plan: _Plan, chain: list[_Node]) -> _Memo:
         """The memo for ``plan.path + chain`` (under the lock). Its joined tokens extend the
@@ -430,14 +449,18 @@ class AutoPrefixCache:
         and its bytes agree with ``span``, every cut is the one ``block_cuts`` computes from
         ``span``, the tokens spell ``span`` up to the last cut, and none is a special token the
         policy does not allow. So a wrong, stale or colliding publisher can cost a block, never
-        a token.
+        a token. Only blocks that extend this process's own recent chains are taken (its
+        lookups' last blocks, and blocks taken so): not other chats that share a system prompt.
         """
         with self._lock:
-            parent = (
-                None if parent_digest is None else self._nodes.get((policy.allowed, parent_digest))
-            )
-        if parent_digest is not None and parent is None:
-            return 0  # a chain this process does not hold
+            if parent_digest is not None:
+                parent = self._nodes.get((policy.allowed, parent_digest))
+                if parent is None or parent.key not in self._frontier:
+                    return 0  # a chain this process does not hold, or does not follow
+            elif not self._follows_from_root(policy.allowed, digests):
+                return 0
+            else:
+                parent = None
         added = self._check_adopted(policy, first, parent, start_byte, digests, ends, span, tokens)
         with self._lock:
             if added is None:
@@ -445,9 +468,23 @@ class AutoPrefixCache:
                 return 0
             if parent is not None and self._nodes.get(parent.key) is not parent:
                 return 0  # evicted meanwhile
-            stored = sum(a is b for a, b in zip(self._store(added), added, strict=False))
-            self._counts["blocks_adopted"] += stored
-        return stored
+            new = [a for a, b in zip(self._store(added), added, strict=False) if a is b]
+            self._counts["blocks_adopted"] += len(new)
+            self._follow(new)
+        return len(new)
+
+    def _follows_from_root(self, allowed: frozenset[str], digests: list[int]) -> bool:
+        """Whether a chain published from its first block extends one this process follows:
+        its first blocks are ours, and the last of them is on the frontier (under the lock)."""
+        last = None
+        for digest in digests:
+            node = self._nodes.get((allowed, digest))
+            if node is None or node.parent is not last:
+                break
+            last = node
+        else:
+            return False  # every block is here already
+        return last is not None and last.key in self._frontier
 
     def _check_adopted(
         self,

@@ -337,7 +337,10 @@ def test_a_lying_publisher_never_changes_a_token(daemon_dir: Any) -> None:
     for text in texts:
         honest.encode_ordinary(text)
     seed = make_chain_seed(b"", encoding_id(enc), (), BLOCK)
-    genuine = published(honest, texts[-1], 0)
+    mirror = AutoPrefixCache(enc, block_bytes=BLOCK)  # what the client will hold: texts[:4]
+    for text in texts[:4]:
+        mirror.encode_ordinary(text)
+    genuine = published(honest, texts[-1], len(mirror._plan(texts[-1], ORDINARY).path))
 
     def frames(m: dict[str, Any], topic: bytes = seed) -> list[bytes]:
         starts = [0] + [n for _, n in m["ends"][:-1]]
@@ -362,9 +365,10 @@ def test_a_lying_publisher_never_changes_a_token(daemon_dir: Any) -> None:
     liar = LyingPublisher(address, lies)
     try:
         with Client(address, "cl100k_base", timeout_ms=50, auto_block_bytes=BLOCK) as c:
-            for text in texts:
+            for text in texts[:4]:
                 assert c.encode_ordinary(text) == enc.encode_ordinary(text)
-            wait_until(lambda: c.stats()["published_received"] > 50, 30, "nothing received")
+            wait_until(lambda: c.stats()["auto_l1_refused"] > 0, 30, "nothing refused")
+            wait_until(lambda: c.stats()["published_refused"] > 0, 30, "no garbage seen")
             for text in texts:
                 assert c.encode_ordinary(text) == enc.encode_ordinary(text)
             stats = c.stats()
