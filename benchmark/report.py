@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark import auto_chat, multiworker, workloads
+from benchmark.auto_chat import WORKERS
 
 _PACKAGES = (
     "tiktoken",
@@ -224,6 +225,7 @@ def summary(results: dict[str, Any]) -> str:
             break
     lines += _fixed_prefix_tables(w.get("fixed_prefix"))
     lines += _chat_table(w.get("chat"))
+    lines += _auto_chat_table(w.get("auto_chat"))
     lines += _stats_table("RAG template", w.get("rag"), "median per request")
     lines += _multiworker_table(w.get("multiworker"))
     lines += _http_e2e_table(w.get("http_e2e"))
@@ -268,12 +270,12 @@ def _fixed_prefix_tables(
     return lines
 
 
-def _chat_table(chat: dict[str, Any] | None) -> list[str]:
-    if not chat:
+def _chat_table(chat: dict[str, Any] | None, title: str = "Append-only chat") -> list[str]:
+    if not chat or not chat.get("total_ms"):
         return []
     lines = [
         "",
-        f"## Append-only chat ({chat['encoding']}, {chat['turns']} turns, "
+        f"## {title} ({chat['encoding']}, {chat['turns']} turns, "
         f"{chat['history_chars'][-1]:,} chars / {chat['history_tokens'][-1]:,} tokens at the end)",
         "",
         "| strategy | total ms | ratio vs tiktoken | per-turn median µs | p90 µs | p99 µs | last/first turns |",
@@ -290,6 +292,28 @@ def _chat_table(chat: dict[str, Any] | None) -> list[str]:
         "the first (after turn 0); ~1 means flat."
     )
     return lines
+
+
+def _auto_chat_table(ac: dict[str, Any] | None) -> list[str]:
+    lines = _chat_table(ac, f"Automatic reuse, a chat routed at random over {WORKERS} workers")
+    if not lines:
+        return []
+    mem, clients = ac["memory"], ac["client_stats"][auto_chat.AUTO]  # type: ignore[index]
+    daemon = ac["daemon_stats"]["automatic"]  # type: ignore[index]
+    return lines + [
+        "",
+        f"Daemon memory after the run: {mem['daemon_bytes']:,} bytes in {mem['daemon_blocks']:,} "
+        f"blocks for {mem['distinct_tokens']:,} distinct tokens: "
+        f"{_f(mem['bytes_per_distinct_token'], 2)} bytes a token, "
+        f"**{_f(mem['ratio_vs_4_bytes_per_token'], 2)}x** 4 bytes a token.",
+        "",
+        f"Workers (automatic API, summed): {clients['l1_hits']:,} requests answered from their own "
+        f"cache plus a local encode of the rest, {clients['l2_hits']:,} daemon hits, "
+        f"{clients['auto_l1_adopted']:,} blocks taken from other workers' turns "
+        f"({clients['auto_l1_refused']} refused), {clients['auto_told']:,} TELLs; the daemon "
+        f"published {daemon['blocks_published']:,} blocks ({daemon['tells_unplaced']} TELLs "
+        "unplaced).",
+    ]
 
 
 def _stats_table(title: str, data: dict[str, Any] | None, what: str) -> list[str]:
