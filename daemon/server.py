@@ -1,5 +1,8 @@
 """The daemon: one ROUTER socket, a poll loop, handlers named after the verbs, a fill pool.
 
+This module serves declared prefixes (GET), STATS and PING; the chain ops (AUTO, TELL) and the
+PUB socket's publications are daemon/chains.py's, a mixin of ``Server``.
+
 Threading model. The loop thread owns the socket and the store: it receives every request,
 answers GETs straight from the store (a dict lookup, a memcmp and a send: a GET never waits for
 an encode) and sends every reply. A miss that asks for a fill submits the encode to a small
@@ -18,7 +21,6 @@ logged, counted in ``fill_errors``, remembered, and answered as SERVER_ERROR for
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -36,15 +38,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import tiktoken
-import xxhash
 import zmq
 
 import flashtoken
-from flashtoken.auto import block_cuts, token_byte_lengths
-from flashtoken.boundary import CutRule, cut_rule
-from flashtoken.encodings import encoding_id, get_encoding
 from flashtoken.errors import ProtocolError
-from flashtoken.prefix import _encode, split_prefix
+from flashtoken.prefix import split_prefix
 from flashtoken.protocol import (
     CLIENT_ERROR,
     MAX_HEADER_BYTES,
@@ -54,8 +52,6 @@ from flashtoken.protocol import (
     Request,
     TellRequest,
     ipc_path,
-    pack_auto_reply,
-    pack_blocks,
     pack_error,
     pack_hit,
     pack_miss,
@@ -63,23 +59,19 @@ from flashtoken.protocol import (
     parse_request,
     publish_address,
     request_id_of,
-    tokens_from_frame,
     tokens_to_frame,
 )
-from flashtoken.specials import SpecialPolicy
 
-from .settings import Config
+from .chains import ChainHandlers, ChainResult
+from .encodings import Loaded, check_loaded, load
+from .settings import FAILED_FILLS_KEPT, Config
 from .store import Entry, Store
 
 log = logging.getLogger("flashtoken.daemon")
 
 # Longest path a unix socket address can hold (sun_path is 108 bytes on Linux, with its NUL).
 _MAX_IPC_PATH_BYTES = 107
-# Fills whose failure is remembered, so that a prefix that makes tiktoken panic is not encoded
-# again on every GET.
-_FAILED_FILLS_KEPT = 1024
 _POLL_MS = 1000
-_PARKED_TELLS = 256
 _RECV_BATCH = 256
 
 
@@ -88,52 +80,28 @@ class StartupError(Exception):
 
 
 @dataclass(frozen=True)
-class _Loaded:
-    enc: tiktoken.Encoding
-    eid: bytes
-    specials: frozenset
-    rule: CutRule  # stable cuts, as flashtoken.AutoPrefixCache finds them
-    lengths: list  # token_byte_lengths(enc)
-
-
-@dataclass(frozen=True)
-class _Chain:
-    """A chain fill's result: new blocks ``first ..`` after the cut ``start``, their digests."""
-
-    path: list  # the chain found for an AUTO request's text (the parent block for a TELL)
-    first: int
-    start: int  # the cut of block first - 1, in bytes (0 for the first block)
-    span: bytes  # the text's bytes from start on
-    entries: list
-    digests: list
-    state: Any  # the xxh3 state after the new blocks (AUTO), None (TELL)
-    parent_digest: bytes | None  # of block first - 1: subscribers find their block by it
-
-
-@dataclass(frozen=True)
 class _FillResult:
     key: Any
-    request: Any  # GetRequest, AutoRequest or TellRequest
+    request: GetRequest
     entry: Entry | None = None
-    chain: _Chain | None = None
-    loaded: _Loaded | None = None
+    loaded: Loaded | None = None
     error: str | None = None
 
 
-class Server:
+class Server(ChainHandlers):
     """The daemon. ``Server(config).serve()`` runs until ``stop()`` or SIGTERM / SIGINT."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.store = Store(config.max_bytes, debug_key_bytes=config.debug_key_bytes)
-        self._encodings: dict[str, _Loaded] = {}
+        self._encodings: dict[str, Loaded] = {}
         self._filling: set[Any] = set()
         # Chain fills that failed (o200k's panic on ~1M spaces), so that they are not retried
         # on every request: keyed by (seed, blocks found, the first new block's bytes).
         self._failed_auto: OrderedDict[Any, str] = OrderedDict()
         self._parked: deque[TellRequest] = deque()  # TELLs whose parent is being filled
         self._failed: OrderedDict[bytes, tuple[str, tuple[str, ...], bytes, str]] = OrderedDict()
-        self._results: queue.SimpleQueue[_FillResult] = queue.SimpleQueue()
+        self._results: queue.SimpleQueue[_FillResult | ChainResult] = queue.SimpleQueue()
         self._pool: ThreadPoolExecutor | None = None
         self._stopping = False
         self._started = time.monotonic()
@@ -166,7 +134,7 @@ class Server:
         """
         for name in self.config.encodings:
             try:
-                self._encodings[name] = _load(name)
+                self._encodings[name] = load(name)
             except Exception as exc:
                 raise StartupError(f"cannot load encoding {name!r}: {exc}") from exc
         address = self.config.bind
@@ -438,137 +406,7 @@ class Server:
             if request.enc not in tiktoken.list_encoding_names():
                 raise ProtocolError(f"unknown encoding {request.enc!r}")
         else:
-            _check_loaded(loaded, request)
-
-    def on_auto(self, request: Request) -> list[Any]:
-        """The longest confirmed chain of blocks that starts the text; its tokens after the
-        client's ``skip`` blocks; a fill of the blocks after it (on the pool) if asked."""
-        assert isinstance(request, AutoRequest)
-        self._check_encoding(request)
-        data, block, skip = request.text, request.block, request.skip
-        loaded = self._encodings.get(request.enc)
-        path: list[Entry] = []
-        if loaded is not None:  # else nothing was stored for it yet
-            enc = loaded.enc
-            path, _ = self.store.walk(
-                request.seed,
-                data,
-                block,
-                request.enc,
-                request.allowed,
-                lambda frame: enc.decode_bytes(tokens_from_frame(frame)),
-            )
-        blocks = len(path)
-        filling = False
-        if request.fill and blocks < len(data) // block:
-            key = (request.seed, blocks, data[blocks * block : (blocks + 1) * block])
-            filling = key in self._filling
-            if (
-                not filling
-                and key not in self._failed_auto
-                and len(self._filling) < self.config.max_pending_fills
-            ):
-                self._submit(key, self._fill_chain, key, request, path)
-                filling = True
-        start = path[skip - 1].cut_byte if 0 < skip <= blocks else 0
-        if blocks > skip and path[-1].cut_byte > start:
-            frame = b"".join([entry.tokens for entry in path[skip:]])
-            self.store.count_auto(blocks - skip, path[-1].cut_byte - start)
-            self.counters["tokens_served"] += len(frame) // 4
-            return pack_auto_reply(request.id, blocks, filling, start, path[-1].cut_byte, frame)
-        self.store.count_auto(0, 0)
-        return pack_auto_reply(request.id, blocks, filling)
-
-    def on_tell(self, request: Request) -> list[Any]:
-        """A client encoded a text itself: fill the blocks it names. Answered only when the
-        parent block is not here (``placed: false``)."""
-        assert isinstance(request, TellRequest)
-        self._check_encoding(request)
-        path: list[Entry] = []
-        if request.parent is not None:
-            parent = self.store.peek(self.store.key(request.seed, request.parent))
-            if parent is None and self._filling:
-                self._park(request)  # its parent may be on its way: a fill of an earlier TELL
-                return []
-            if (
-                parent is None
-                or not parent.chain
-                or parent.enc != request.enc
-                or parent.allowed != request.allowed
-                or parent.cut_byte != request.start
-            ):
-                # Evicted, or never here (a restart): the one answer a TELL gets, so that the
-                # client tells the whole text next time.
-                self.counters["tells_unplaced"] += 1
-                return pack_ok(request.id, placed=False)
-            path = [parent]
-        request, path = self._skip_known(request, path)
-        if not request.digests:
-            return []  # every block is here already
-        key = (request.seed, request.first, request.digests[0])
-        if (
-            key not in self._filling
-            and key not in self._failed_auto
-            and len(self._filling) < self.config.max_pending_fills
-        ):
-            self._submit(key, self._fill_chain, key, request, path)
-        return []
-
-    def _park(self, request: TellRequest) -> None:
-        """Keep a TELL whose parent block is not stored yet until the fills in flight are done
-        (a client that tells faster than the daemon fills); the oldest go first when many wait."""
-        assert request.parent is not None
-        self._parked.append(request)
-        while len(self._parked) > _PARKED_TELLS:
-            self._parked.popleft()
-            self.counters["tells_unplaced"] += 1
-
-    def _unpark(self) -> None:
-        """After a fill: retry the parked TELLs (each is parked again, or dropped as unplaced
-        once no fill is in flight)."""
-        parked, self._parked = self._parked, deque()
-        for request in parked:
-            self.on_tell(request)
-
-    def _skip_known(
-        self, request: TellRequest, path: list[Entry]
-    ) -> tuple[TellRequest, list[Entry]]:
-        """The TELL without its first blocks that the store holds already (confirmed by their
-        bytes, like a walk's), and its new parent: a worker that starts a text afresh names
-        blocks that others have told before."""
-        loaded = self._encodings.get(request.enc)
-        if loaded is None:
-            return request, path
-        parent = path[-1] if path else None
-        block, start, span = request.block, request.start, request.span
-        known = 0
-        for i, digest in enumerate(request.digests, request.first):
-            entry = self.store.peek(self.store.key(request.seed, digest))
-            at = parent.cut_byte if parent is not None else 0
-            if (
-                entry is None
-                or entry.parent is not parent
-                or not entry.chain
-                or not at <= entry.cut_byte <= (i + 1) * block
-                or entry.prefix != span[entry.cut_byte - start : (i + 1) * block - start]
-                or loaded.enc.decode_bytes(tokens_from_frame(entry.tokens))
-                != span[at - start : entry.cut_byte - start]
-            ):
-                break
-            parent, known = entry, known + 1
-        if not known:
-            return request, path
-        assert parent is not None
-        cut = parent.cut_byte
-        told = dataclasses.replace(
-            request,
-            first=request.first + known,
-            parent=request.digests[known - 1],
-            start=cut,
-            digests=request.digests[known:],
-            span=span[cut - start :],
-        )
-        return told, [parent]
+            check_loaded(loaded, request)
 
     # -- fills --------------------------------------------------------------------------------
 
@@ -584,8 +422,8 @@ class Server:
     def _fill(self, key: bytes, request: GetRequest) -> None:
         """On a pool thread: encode the prefix, hand the result to the loop. Never raises."""
         try:
-            loaded = self._encodings.get(request.enc) or _load(request.enc)
-            _check_loaded(loaded, request)
+            loaded = self._encodings.get(request.enc) or load(request.enc)
+            check_loaded(loaded, request)
             prefix = request.prefix.decode("utf-8")
             split = split_prefix(loaded.enc, prefix, allowed_special=frozenset(request.allowed))
             # cut_byte too: a declared prefix is a root block, usable as a chain's first block.
@@ -605,89 +443,14 @@ class Server:
         self._results.put(result)
         self._wake()
 
-    def _fill_chain(self, key: Any, request: AutoRequest | TellRequest, path: list[Entry]) -> None:
-        """On a pool thread: encode the text after a chain's cut and cut the new blocks, as
-        ``flashtoken.AutoPrefixCache`` does; hand them to the loop. Never raises.
-
-        Only the bytes after the last known block's cut are encoded: the tokens before it are in
-        the store already. For an AUTO request ``path`` is the chain found for its text, whose
-        bytes give the new blocks' digests; for a TELL, ``path`` is the told parent block (or
-        empty) and the digests are the client's: a digest only locates, and every block is
-        confirmed by its own bytes. Reads of ``path`` are safe here: a block's cut never changes.
-        """
-        try:
-            loaded = self._encodings.get(request.enc) or _load(request.enc)
-            _check_loaded(loaded, request)
-            block = request.block
-            parent = path[-1] if path else None
-            start = parent.cut_byte if parent is not None else 0
-            if isinstance(request, AutoRequest):
-                first, span = len(path), request.text[start:]
-                stop = len(request.text) // block
-            else:
-                first, span = request.first, request.span
-                stop = first + len(request.digests)
-            policy = SpecialPolicy(frozenset(request.allowed), frozenset())
-            text = span.decode("utf-8")
-            tail = _encode(loaded.enc, text, policy)
-            cuts = block_cuts(
-                loaded.rule,
-                policy,
-                loaded.lengths,
-                text,
-                span,
-                block,
-                first,
-                stop,
-                0,
-                0,
-                tail,
-                origin=start,
-            )
-            state = None
-            if isinstance(request, AutoRequest):
-                state = xxhash.xxh3_128()
-                state.update(memoryview(request.text)[: first * block])
-                parent_digest = state.digest() if path else None
-                digests = []
-                for i in range(first, first + len(cuts)):
-                    state.update(memoryview(request.text)[i * block : (i + 1) * block])
-                    digests.append(state.digest())
-            else:
-                parent_digest, digests = request.parent, request.digests[: len(cuts)]
-            entries: list[Entry] = []
-            taken = 0
-            for i, (_, cut, n) in enumerate(cuts, first):
-                entries.append(
-                    Entry(
-                        span[cut : (i + 1) * block - start],  # the tokens spell the bytes before
-                        request.enc,
-                        request.allowed,
-                        tokens_to_frame(array("I", tail[taken:n])),
-                        start + cut,  # chain blocks use cut_byte only
-                        entries[-1] if entries else parent,
-                        start + cut,
-                    )
-                )
-                taken = n
-            chain = _Chain(path, first, start, span, entries, digests, state, parent_digest)
-            result = _FillResult(key, request, chain=chain, loaded=loaded)
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:  # noqa: B036 - pyo3's PanicException is a BaseException
-            result = _FillResult(key, request, error=f"{type(exc).__name__}: {exc}"[:300])
-        self._results.put(result)
-        self._wake()
-
-    def _on_fill_done(self, result: _FillResult) -> None:
+    def _on_fill_done(self, result: _FillResult | ChainResult) -> None:
         self._filling.discard(result.key)
-        request = result.request
-        if isinstance(request, (AutoRequest, TellRequest)):
-            self._on_chain_done(result, request)
+        if isinstance(result, ChainResult):
+            self._on_chain_done(result)
             if self._parked:
                 self._unpark()
             return
-        assert isinstance(request, GetRequest)
+        request = result.request
         if result.error is not None:
             self.counters["fill_errors"] += 1
             log.warning(
@@ -702,7 +465,7 @@ class Server:
                 _digest(request.prefix),
                 result.error,
             )
-            while len(self._failed) > _FAILED_FILLS_KEPT:
+            while len(self._failed) > FAILED_FILLS_KEPT:
                 self._failed.popitem(last=False)
             return
         assert result.entry is not None and result.loaded is not None
@@ -710,63 +473,6 @@ class Server:
         self.counters["fills"] += 1
         if not self.store.put(result.key, result.entry):
             log.debug("fill of a %d-byte prefix not stored", len(request.prefix))
-
-    def _on_chain_done(self, result: _FillResult, request: AutoRequest | TellRequest) -> None:
-        if result.error is not None:
-            self.counters["fill_errors"] += 1
-            log.warning(
-                "fill of a %d-byte %s text failed: %s",
-                len(request.text if isinstance(request, AutoRequest) else request.span),
-                request.enc,
-                result.error,
-            )
-            self._failed_auto[result.key] = result.error
-            while len(self._failed_auto) > _FAILED_FILLS_KEPT:
-                self._failed_auto.popitem(last=False)
-            return
-        chain = result.chain
-        assert chain is not None and result.loaded is not None
-        self._encodings.setdefault(request.enc, result.loaded)
-        self.counters["auto_fills"] += 1
-        stored = self.store.put_chain(request.seed, chain.digests, chain.entries)
-        if stored and len(stored) == len(chain.entries) and isinstance(request, AutoRequest):
-            # The next request of a growing text starts its walk here.
-            self.store.remember(
-                request.seed,
-                memoryview(request.text),
-                request.block,
-                chain.path + stored,
-                chain.state,
-            )
-        if stored:
-            self._publish(request, chain, stored)
-
-    def _publish(self, request: Any, chain: _Chain, stored: list[Entry]) -> None:
-        """Send the blocks just stored to the clients following this seed's chains."""
-        if self._publisher is None:
-            return
-        span = chain.span
-        end = (chain.first + len(stored)) * request.block - chain.start
-        while end < len(span) and span[end] & 0xC0 == 0x80:
-            end += 1  # to a character boundary: subscribers decode the span
-        try:
-            self._publisher.send_multipart(
-                pack_blocks(
-                    request.seed,
-                    chain.first,
-                    chain.parent_digest,
-                    chain.start,
-                    chain.digests[: len(stored)],
-                    [entry.cut_byte for entry in stored],
-                    span[:end],
-                    [entry.tokens for entry in stored],
-                ),
-                zmq.NOBLOCK,
-                copy=False,
-            )
-            self.counters["blocks_published"] += len(stored)
-        except zmq.ZMQError as exc:  # a slow subscriber's queue is full: it misses these
-            log.debug("blocks not published: %s", exc)
 
     # -- stats --------------------------------------------------------------------------------
 
@@ -783,27 +489,6 @@ class Server:
         out["fills_pending"] = len(self._filling)
         out["encodings_loaded"] = sorted(self._encodings)
         return out
-
-
-def _load(name: str) -> _Loaded:
-    enc = get_encoding(name)
-    return _Loaded(
-        enc,
-        encoding_id(enc),
-        frozenset(enc.special_tokens_set),
-        cut_rule(enc._pat_str),
-        token_byte_lengths(enc),
-    )
-
-
-def _check_loaded(loaded: _Loaded, request: Any) -> None:
-    if request.eid != loaded.eid:
-        raise ProtocolError(
-            f"the daemon's {request.enc} is not the client's (another tiktoken version or a custom"
-            " Encoding): not served"
-        )
-    if not loaded.specials.issuperset(request.allowed):
-        raise ProtocolError(f"'allowed' names strings that are no special token of {request.enc}")
 
 
 def _digest(prefix: bytes) -> bytes:

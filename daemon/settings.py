@@ -70,6 +70,9 @@ DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}
 # Per-entry bytes counted on top of the token and prefix bytes: the entry object, its dict
 # slot, the key and the LRU links. An estimate, fixed so that accounting is deterministic.
 ENTRY_OVERHEAD = 256
+# Fills that failed (o200k's panic on ~1M spaces), remembered so that a prefix or a chain that
+# makes tiktoken panic is not encoded again on every request.
+FAILED_FILLS_KEPT = 1024
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,352 @@
+"""Chains in the daemon: automatic prefix reuse (AUTO, TELL), chain fills, publishing.
+
+A mixin of ``Server`` (daemon/server.py), which owns the loop, the sockets, the store and the
+fill pool; these are its handlers for the chain ops. A chain block is found by its key and used
+only once confirmed by its bytes (daemon/store.py). A fill encodes the text after a chain's last
+cut on the pool and hands the new blocks to the loop, which stores them and publishes them on
+the PUB socket to the clients that follow chains (client/follow.py; docs/PROTOCOL.md,
+"Chains" and "Publishing").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from array import array
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import xxhash
+import zmq
+
+from flashtoken.auto import block_cuts
+from flashtoken.prefix import _encode
+from flashtoken.protocol import (
+    AutoRequest,
+    Request,
+    TellRequest,
+    pack_auto_reply,
+    pack_blocks,
+    pack_ok,
+    tokens_from_frame,
+    tokens_to_frame,
+)
+from flashtoken.specials import SpecialPolicy
+
+from .encodings import Loaded, check_loaded, load
+from .settings import FAILED_FILLS_KEPT
+from .store import Entry
+
+log = logging.getLogger("flashtoken.daemon")
+
+_PARKED_TELLS = 256  # TELLs that wait for their parent's fill
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A chain fill's result: new blocks ``first ..`` after the cut ``start``, their digests."""
+
+    path: list  # the chain found for an AUTO request's text (the parent block for a TELL)
+    first: int
+    start: int  # the cut of block first - 1, in bytes (0 for the first block)
+    span: bytes  # the text's bytes from start on
+    entries: list
+    digests: list
+    state: Any  # the xxh3 state after the new blocks (AUTO), None (TELL)
+    parent_digest: bytes | None  # of block first - 1: subscribers find their block by it
+
+
+@dataclass(frozen=True)
+class ChainResult:
+    """What a chain fill hands the loop: the new blocks, or why there are none."""
+
+    key: Any
+    request: AutoRequest | TellRequest
+    chain: Chain | None = None
+    loaded: Loaded | None = None
+    error: str | None = None
+
+
+class ChainHandlers:
+    """``Server``'s handlers for AUTO and TELL, its chain fills and their publication."""
+
+    # Server's, used here: the store, the loaded encodings, the fill pool and its bookkeeping,
+    # the publishing socket, the counters.
+    store: Any
+    config: Any
+    counters: dict[str, int]
+    _encodings: dict[str, Loaded]
+    _filling: set[Any]
+    _failed_auto: Any
+    _parked: deque[TellRequest]
+    _publisher: zmq.Socket | None
+    _results: Any
+
+    if TYPE_CHECKING:
+
+        def _check_encoding(self, request: Any) -> None: ...
+        def _submit(self, key: Any, fn: Any, *args: Any) -> None: ...
+        def _wake(self) -> None: ...
+
+    def on_auto(self, request: Request) -> list[Any]:
+        """The longest confirmed chain of blocks that starts the text; its tokens after the
+        client's ``skip`` blocks; a fill of the blocks after it (on the pool) if asked."""
+        assert isinstance(request, AutoRequest)
+        self._check_encoding(request)
+        data, block, skip = request.text, request.block, request.skip
+        loaded = self._encodings.get(request.enc)
+        path: list[Entry] = []
+        if loaded is not None:  # else nothing was stored for it yet
+            enc = loaded.enc
+            path, _ = self.store.walk(
+                request.seed,
+                data,
+                block,
+                request.enc,
+                request.allowed,
+                lambda frame: enc.decode_bytes(tokens_from_frame(frame)),
+            )
+        blocks = len(path)
+        filling = False
+        if request.fill and blocks < len(data) // block:
+            key = (request.seed, blocks, data[blocks * block : (blocks + 1) * block])
+            filling = key in self._filling
+            if (
+                not filling
+                and key not in self._failed_auto
+                and len(self._filling) < self.config.max_pending_fills
+            ):
+                self._submit(key, self._fill_chain, key, request, path)
+                filling = True
+        start = path[skip - 1].cut_byte if 0 < skip <= blocks else 0
+        if blocks > skip and path[-1].cut_byte > start:
+            frame = b"".join([entry.tokens for entry in path[skip:]])
+            self.store.count_auto(blocks - skip, path[-1].cut_byte - start)
+            self.counters["tokens_served"] += len(frame) // 4
+            return pack_auto_reply(request.id, blocks, filling, start, path[-1].cut_byte, frame)
+        self.store.count_auto(0, 0)
+        return pack_auto_reply(request.id, blocks, filling)
+
+    def on_tell(self, request: Request) -> list[Any]:
+        """A client encoded a text itself: fill the blocks it names. Answered only when the
+        parent block is not here (``placed: false``)."""
+        assert isinstance(request, TellRequest)
+        self._check_encoding(request)
+        path: list[Entry] = []
+        if request.parent is not None:
+            parent = self.store.peek(self.store.key(request.seed, request.parent))
+            if parent is None and self._filling:
+                self._park(request)  # its parent may be on its way: a fill of an earlier TELL
+                return []
+            if (
+                parent is None
+                or not parent.chain
+                or parent.enc != request.enc
+                or parent.allowed != request.allowed
+                or parent.cut_byte != request.start
+            ):
+                # Evicted, or never here (a restart): the one answer a TELL gets, so that the
+                # client tells the whole text next time.
+                self.counters["tells_unplaced"] += 1
+                return pack_ok(request.id, placed=False)
+            path = [parent]
+        request, path = self._skip_known(request, path)
+        if not request.digests:
+            return []  # every block is here already
+        key = (request.seed, request.first, request.digests[0])
+        if (
+            key not in self._filling
+            and key not in self._failed_auto
+            and len(self._filling) < self.config.max_pending_fills
+        ):
+            self._submit(key, self._fill_chain, key, request, path)
+        return []
+
+    def _park(self, request: TellRequest) -> None:
+        """Keep a TELL whose parent block is not stored yet until the fills in flight are done
+        (a client that tells faster than the daemon fills); the oldest go first when many wait."""
+        assert request.parent is not None
+        self._parked.append(request)
+        while len(self._parked) > _PARKED_TELLS:
+            self._parked.popleft()
+            self.counters["tells_unplaced"] += 1
+
+    def _unpark(self) -> None:
+        """After a fill: retry the parked TELLs (each is parked again, or dropped as unplaced
+        once no fill is in flight)."""
+        parked, self._parked = self._parked, deque()
+        for request in parked:
+            self.on_tell(request)
+
+    def _skip_known(
+        self, request: TellRequest, path: list[Entry]
+    ) -> tuple[TellRequest, list[Entry]]:
+        """The TELL without its first blocks that the store holds already (confirmed by their
+        bytes, like a walk's), and its new parent: a worker that starts a text afresh names
+        blocks that others have told before."""
+        loaded = self._encodings.get(request.enc)
+        if loaded is None:
+            return request, path
+        parent = path[-1] if path else None
+        block, start, span = request.block, request.start, request.span
+        known = 0
+        for i, digest in enumerate(request.digests, request.first):
+            entry = self.store.peek(self.store.key(request.seed, digest))
+            at = parent.cut_byte if parent is not None else 0
+            if (
+                entry is None
+                or entry.parent is not parent
+                or not entry.chain
+                or not at <= entry.cut_byte <= (i + 1) * block
+                or entry.prefix != span[entry.cut_byte - start : (i + 1) * block - start]
+                or loaded.enc.decode_bytes(tokens_from_frame(entry.tokens))
+                != span[at - start : entry.cut_byte - start]
+            ):
+                break
+            parent, known = entry, known + 1
+        if not known:
+            return request, path
+        assert parent is not None
+        cut = parent.cut_byte
+        told = dataclasses.replace(
+            request,
+            first=request.first + known,
+            parent=request.digests[known - 1],
+            start=cut,
+            digests=request.digests[known:],
+            span=span[cut - start :],
+        )
+        return told, [parent]
+
+    def _fill_chain(self, key: Any, request: AutoRequest | TellRequest, path: list[Entry]) -> None:
+        """On a pool thread: encode the text after a chain's cut and cut the new blocks, as
+        ``flashtoken.AutoPrefixCache`` does; hand them to the loop. Never raises.
+
+        Only the bytes after the last known block's cut are encoded: the tokens before it are in
+        the store already. For an AUTO request ``path`` is the chain found for its text, whose
+        bytes give the new blocks' digests; for a TELL, ``path`` is the told parent block (or
+        empty) and the digests are the client's: a digest only locates, and every block is
+        confirmed by its own bytes. Reads of ``path`` are safe here: a block's cut never changes.
+        """
+        try:
+            loaded = self._encodings.get(request.enc) or load(request.enc)
+            check_loaded(loaded, request)
+            block = request.block
+            parent = path[-1] if path else None
+            start = parent.cut_byte if parent is not None else 0
+            if isinstance(request, AutoRequest):
+                first, span = len(path), request.text[start:]
+                stop = len(request.text) // block
+            else:
+                first, span = request.first, request.span
+                stop = first + len(request.digests)
+            policy = SpecialPolicy(frozenset(request.allowed), frozenset())
+            text = span.decode("utf-8")
+            tail = _encode(loaded.enc, text, policy)
+            cuts = block_cuts(
+                loaded.rule,
+                policy,
+                loaded.lengths,
+                text,
+                span,
+                block,
+                first,
+                stop,
+                0,
+                0,
+                tail,
+                origin=start,
+            )
+            state = None
+            if isinstance(request, AutoRequest):
+                state = xxhash.xxh3_128()
+                state.update(memoryview(request.text)[: first * block])
+                parent_digest = state.digest() if path else None
+                digests = []
+                for i in range(first, first + len(cuts)):
+                    state.update(memoryview(request.text)[i * block : (i + 1) * block])
+                    digests.append(state.digest())
+            else:
+                parent_digest, digests = request.parent, request.digests[: len(cuts)]
+            entries: list[Entry] = []
+            taken = 0
+            for i, (_, cut, n) in enumerate(cuts, first):
+                entries.append(
+                    Entry(
+                        span[cut : (i + 1) * block - start],  # the tokens spell the bytes before
+                        request.enc,
+                        request.allowed,
+                        tokens_to_frame(array("I", tail[taken:n])),
+                        start + cut,  # chain blocks use cut_byte only
+                        entries[-1] if entries else parent,
+                        start + cut,
+                    )
+                )
+                taken = n
+            chain = Chain(path, first, start, span, entries, digests, state, parent_digest)
+            result = ChainResult(key, request, chain=chain, loaded=loaded)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:  # noqa: B036 - pyo3's PanicException is a BaseException
+            result = ChainResult(key, request, error=f"{type(exc).__name__}: {exc}"[:300])
+        self._results.put(result)
+        self._wake()
+
+    def _on_chain_done(self, result: ChainResult) -> None:
+        request = result.request
+        if result.error is not None:
+            self.counters["fill_errors"] += 1
+            log.warning(
+                "fill of a %d-byte %s text failed: %s",
+                len(request.text if isinstance(request, AutoRequest) else request.span),
+                request.enc,
+                result.error,
+            )
+            self._failed_auto[result.key] = result.error
+            while len(self._failed_auto) > FAILED_FILLS_KEPT:
+                self._failed_auto.popitem(last=False)
+            return
+        chain = result.chain
+        assert chain is not None and result.loaded is not None
+        self._encodings.setdefault(request.enc, result.loaded)
+        self.counters["auto_fills"] += 1
+        stored = self.store.put_chain(request.seed, chain.digests, chain.entries)
+        if stored and len(stored) == len(chain.entries) and isinstance(request, AutoRequest):
+            # The next request of a growing text starts its walk here.
+            self.store.remember(
+                request.seed,
+                memoryview(request.text),
+                request.block,
+                chain.path + stored,
+                chain.state,
+            )
+        if stored:
+            self._publish(request, chain, stored)
+
+    def _publish(self, request: Any, chain: Chain, stored: list[Entry]) -> None:
+        """Send the blocks just stored to the clients following this seed's chains."""
+        if self._publisher is None:
+            return
+        span = chain.span
+        end = (chain.first + len(stored)) * request.block - chain.start
+        while end < len(span) and span[end] & 0xC0 == 0x80:
+            end += 1  # to a character boundary: subscribers decode the span
+        try:
+            self._publisher.send_multipart(
+                pack_blocks(
+                    request.seed,
+                    chain.first,
+                    chain.parent_digest,
+                    chain.start,
+                    chain.digests[: len(stored)],
+                    [entry.cut_byte for entry in stored],
+                    span[:end],
+                    [entry.tokens for entry in stored],
+                ),
+                zmq.NOBLOCK,
+                copy=False,
+            )
+            self.counters["blocks_published"] += len(stored)
+        except zmq.ZMQError as exc:  # a slow subscriber's queue is full: it misses these
+            log.debug("blocks not published: %s", exc)
