@@ -1,10 +1,10 @@
 """``AsyncClient``: ``Client`` for asyncio (zmq.asyncio), with the same API as coroutines.
 
-The same core (client/core.py) makes every decision; only the waiting differs. Encoding — the
-suffix, or the whole prefix on a local fallback — runs on the event loop's thread: a suffix
-costs microseconds, and a local prefix encode happens once per prefix and process (the same cost
-a direct tiktoken call would have). Wrap calls in ``loop.run_in_executor`` if even that one
-encode of a very long prefix must not hold the loop.
+The same core (client/core.py, client/chains.py) makes every decision; only the waiting
+differs. Encoding — the suffix, or the whole prefix on a local fallback — runs on the event
+loop's thread: a suffix costs microseconds, and a local prefix encode happens once per prefix
+and process (the same cost a direct tiktoken call would have). Wrap calls in
+``loop.run_in_executor`` if even that one encode of a very long prefix must not hold the loop.
 """
 
 from __future__ import annotations
@@ -23,20 +23,15 @@ from flashtoken.prefix import ORDINARY, FixedPrefixTokenCache, _encode, _require
 from flashtoken.protocol import default_address
 from flashtoken.specials import SpecialArg, SpecialPolicy
 
+from .chains import AUTO_L1, AUTO_TELL, AutoPending
 from .core import (
-    AUTO_L1,
-    AUTO_TELL,
     CLIENT_DEFAULTS,
-    CONTEXT,
     DONE,
     LATE,
-    AutoPending,
     ClientCore,
     Pending,
-    _abandoned,
-    configure_dealer,
-    register,
 )
+from .sockets import CONTEXT, abandon, configure_dealer, register
 from .sync import request_stats
 
 __all__ = ["AsyncClient"]
@@ -236,7 +231,7 @@ class AsyncClient:
         core = self._core
         if core.pid != os.getpid():
             if self._sock is not None:
-                _abandoned.append(self._sock)
+                abandon(self._sock)
             self._sock = self._ctx = None
             self._lock = None
             core.after_fork()

@@ -16,37 +16,31 @@ socket owner).
 
 from __future__ import annotations
 
-import atexit
 import os
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Union
 
 import tiktoken
-import zmq
 
 from flashtoken.auto import DEFAULT_BLOCK_BYTES, AutoPrefixCache
 from flashtoken.encodings import encoding_id, resolve_encoding
 from flashtoken.errors import ProtocolError
-from flashtoken.prefix import FixedPrefixTokenCache, PrefixSplit, _encode, token_list
+from flashtoken.prefix import FixedPrefixTokenCache, PrefixSplit, token_list
 from flashtoken.protocol import (
-    MAX_HEADER_BYTES,
     MAX_PREFIX_BYTES,
     SERVER_ERROR,
-    make_chain_seed,
     make_key,
-    pack_auto,
     pack_get,
-    pack_tell,
-    parse_blocks,
     parse_reply,
-    publish_address,
 )
 from flashtoken.specials import SpecialArg, SpecialPolicy
+
+from .chains import AutoPending, ChainCore
+from .sockets import abandon
 
 __all__ = ["CLIENT_DEFAULTS", "AutoPending", "Breaker", "ClientCore", "Pending"]
 
@@ -149,30 +143,16 @@ class Pending:
     frames: list
 
 
-@dataclass(frozen=True)
-class AutoPending:
-    """An AUTO request on its way: the L1's plan for the text, to check the reply against."""
-
-    id: int
-    text: str
-    plan: Any  # flashtoken.auto._Plan
-    allowed: frozenset
-    frames: list
-
-
-# What ``ClientCore.auto_route`` decides.
-AUTO_L1 = "l1"
-AUTO_TELL = "tell"
-AUTO_ASK = "ask"
-
 # What ``ClientCore.accept`` makes of a reply.
 LATE = "late"  # another request's reply: discard, keep waiting
 DONE = "done"  # the answer: a cache (hit) or None (miss: encode locally)
 FAILED = "failed"  # garbage or an error: encode locally, count a failure, drop the socket
 
 
-class ClientCore:
-    """The state of one client in one process, without IO. Not for direct use."""
+class ClientCore(ChainCore):
+    """The state of one client in one process, without IO. Not for direct use.
+
+    Its automatic-reuse half (texts with no prefix) is ``ChainCore``, client/chains.py."""
 
     def __init__(
         self,
@@ -263,7 +243,7 @@ class ClientCore:
         self.auto._lock = threading.Lock()  # a parent's thread may have held it at the fork
         self.breaker.reset()
         if self.follower is not None:  # its thread is the parent's: leave its socket alone
-            _abandoned.append(self.follower)
+            abandon(self.follower)
             self.follower = None
             self._followed = set()
 
@@ -349,188 +329,6 @@ class ClientCore:
         return Pending(self._next_id, prefix, allowed, frames)
 
     # -- automatic reuse (no declared prefix) ---------------------------------------------------
-
-    def auto_plan(self, text: str, policy: SpecialPolicy) -> Any:
-        """The L1's longest cached path for ``text`` (None: not UTF-8, encode locally)."""
-        self.counters["auto_calls"] += 1
-        return self.auto._plan(text, policy)
-
-    def auto_route(self, plan: Any) -> str:
-        """What to do after the L1's ``plan``: ``AUTO_L1`` (the L1 holds every full block of
-        the text), ``AUTO_TELL`` (the rest is short: encode it here, tell the daemon about the
-        new blocks without waiting) or ``AUTO_ASK`` (ask the daemon for its chain first)."""
-        if len(plan.data) // self.block <= len(plan.path):
-            if plan.path:
-                self.counters["l1_hits"] += 1
-            return AUTO_L1
-        if len(plan.data) - plan.cut_byte <= self.auto_local_bytes:
-            if plan.path:
-                self.counters["l1_hits"] += 1
-            return AUTO_TELL
-        return AUTO_ASK
-
-    def seed(self, allowed: frozenset) -> bytes:
-        """The chain seed of a policy (``make_chain_seed``), made once."""
-        seed = self._seeds.get(allowed)
-        if seed is None:
-            if self._eid is None:
-                self._eid = encoding_id(self.enc)
-            seed = make_chain_seed(self.namespace, self._eid, tuple(sorted(allowed)), self.block)
-            self._seeds[allowed] = seed
-            self._seed_policies[seed] = SpecialPolicy(allowed, frozenset())
-        return seed
-
-    def prepare_auto(self, text: str, plan: Any, allowed: frozenset) -> AutoPending | None:
-        """The AUTO request for ``text`` after the L1's ``plan``; None: breaker open, too long."""
-        if len(plan.data) > self.max_prefix_bytes or not self.breaker.allow():
-            self.counters["fallbacks"] += 1
-            return None
-        seed = self.seed(allowed)
-        assert self._eid is not None
-        self._next_id = (self._next_id + 1) & 0xFFFF_FFFF_FFFF_FFFF or 1
-        frames = pack_auto(
-            self._next_id,
-            seed,
-            self.enc.name,
-            self._eid,
-            tuple(sorted(allowed)),
-            self.fill,
-            self.block,
-            len(plan.path),
-            plan.data,
-        )
-        return AutoPending(self._next_id, text, plan, allowed, frames)
-
-    def prepare_tell(self, plan: Any, allowed: frozenset) -> list[bytes] | None:
-        """The TELL request naming the blocks after the L1's ``plan`` (just encoded here), so
-        that the daemon fills and publishes them; None when there are none or the breaker is
-        not closed (no reply is awaited, so a TELL could not tell the breaker anything)."""
-        first = 0 if self.tell_from_root else len(plan.path)
-        digests = plan.digests[first:]
-        if len(plan.digests) == len(plan.path) or not self.fill or self.breaker.state != "closed":
-            return None
-        self.tell_from_root = False
-        data, start = plan.data, plan.path[first - 1].cut_byte if first else 0
-        end = len(plan.digests) * self.block
-        while end < len(data) and data[end] & 0xC0 == 0x80:
-            end += 1  # to a character boundary
-        self._next_id = (self._next_id + 1) & 0xFFFF_FFFF_FFFF_FFFF or 1
-        seed = self.seed(allowed)
-        assert self._eid is not None
-        return pack_tell(
-            self._next_id,
-            seed,
-            self.enc.name,
-            self._eid,
-            tuple(sorted(allowed)),
-            self.block,
-            first,
-            plan.digests[first - 1].to_bytes(16, "big") if first else None,
-            start,
-            [d.to_bytes(16, "big") for d in digests],
-            data[start:end],
-        )
-
-    def follow_chains(self, context: zmq.Context, address: str, allowed: frozenset) -> None:
-        """Follow the daemon's published blocks of this policy's chains (client/follow.py)."""
-        if not self.follow:
-            return
-        seed = self.seed(allowed)
-        if self.follower is None:
-            where = publish_address(address)
-            if where is None:
-                self.follow = False
-                return
-            from .follow import Follower
-
-            self.follower = Follower(
-                context, address, where, self.take_published, self.note_frames, configure_dealer
-            )
-            self._followed = set()
-        if seed not in self._followed:
-            self._followed.add(seed)
-            self.follower.subscribe(seed)
-
-    def take_published(self, frames: list[bytes]) -> int:
-        """Store a published message's blocks in the L1, checked (on the follower's thread)."""
-        try:
-            blocks = parse_blocks(frames)
-            tokens = token_list(blocks.tokens)  # ValueError: an id no encoding has
-        except (ProtocolError, ValueError):
-            self.counters["published_refused"] += 1
-            return 0
-        policy = self._seed_policies.get(blocks.seed)
-        if policy is None:
-            return 0
-        return self.auto._adopt(
-            policy,
-            blocks.first,
-            None if blocks.parent is None else int.from_bytes(blocks.parent, "big"),
-            blocks.start,
-            [int.from_bytes(d, "big") for d in blocks.digests],
-            blocks.ends,
-            blocks.span,
-            tokens,
-        )
-
-    def note_reply(self, reply: Any) -> None:
-        """A reply to a TELL (only ever ``placed: false``): the daemon lacks our chain (it was
-        restarted, or evicted it), so the next TELL names every block from the first."""
-        if reply.fields.get("placed") is False:
-            self.tell_from_root = True
-
-    def note_frames(self, frames: list[bytes]) -> None:
-        """``note_reply`` for raw frames (the follower thread reads its socket's replies)."""
-        try:
-            self.note_reply(parse_reply(frames))
-        except ProtocolError:
-            pass
-
-    def stop_following(self) -> None:
-        follower, self.follower = self.follower, None
-        if follower is not None:
-            follower.close()
-
-    def auto_finish(
-        self, text: str, policy: SpecialPolicy, plan: Any, found: tuple[list[int], int] | None
-    ) -> list[int]:
-        """The tokens of ``text``: the L1's, then the daemon's (``found``: checked tokens and the
-        cut they reach), then one local encode of the rest; records the new blocks in the L1."""
-        head = self.auto._head(plan)
-        if found is not None:
-            tail, cut = found
-            tail += _encode(self.enc, text[cut:], policy)
-        else:
-            tail = _encode(self.enc, text[plan.cut :], policy)
-        self.auto._finish(plan, policy, text, tail)
-        head += tail
-        return head
-
-    def _check_auto(
-        self, pending: AutoPending, fields: dict, tokens: Any
-    ) -> tuple[list[int], int] | None:
-        plan = pending.plan
-        start, cut_byte, blocks = fields["start"], fields["cut_byte"], fields["blocks"]
-        if (
-            start != plan.cut_byte
-            or cut_byte > len(plan.data)
-            or not len(plan.path) < blocks <= len(plan.data) // self.block
-        ):
-            return None
-        segment = plan.data[start:cut_byte]
-        try:
-            found = token_list(tokens)
-            if self.enc.decode_bytes(found) != segment:
-                return None  # a colliding, stale or corrupted chain: it spells another text
-            text = segment.decode("utf-8")  # strict: cut_byte must end a character
-        except Exception:
-            return None
-        if self._may_hold_forbidden(pending.allowed, text) and not self._forbidden(
-            pending.allowed
-        ).isdisjoint(found):
-            return None
-        self.counters["auto_hit_bytes"] += cut_byte - start
-        return found, plan.cut + len(text)
 
     def _may_hold_forbidden(self, allowed: frozenset, text: str) -> bool:
         """Whether ``text`` holds the text of a special token not allowed: only then could a
@@ -645,74 +443,3 @@ class ClientCore:
         out["published_received"] = self.follower.received if self.follower else 0
         out["auto_told"] += self.follower.told if self.follower else 0
         return out
-
-
-# -- sockets ------------------------------------------------------------------------------------
-
-# Reply size limit: a header plus 4 bytes a token, and a prefix never has more tokens than bytes.
-MAX_REPLY_BYTES = MAX_HEADER_BYTES + 4 * MAX_PREFIX_BYTES
-
-# Sockets and contexts inherited from a parent process: never used, closed or collected in the
-# child (closing would tear down the parent's connection state shared through the fork).
-_abandoned: list[Any] = []
-
-
-def configure_dealer(sock: zmq.Socket, address: str) -> None:
-    """The client socket's options: bounded everything, and no queueing to a dead daemon."""
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 64)
-    sock.setsockopt(zmq.RCVHWM, 64)
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_BYTES)
-    # Queue only on completed connections: a send to a daemon that is not there fails at once
-    # (EAGAIN) instead of queueing a request it would answer after its restart.
-    sock.setsockopt(zmq.IMMEDIATE, 1)
-    sock.setsockopt(zmq.RECONNECT_IVL, 100)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-    sock.connect(address)
-
-
-class _ContextHolder:
-    """One zmq.Context per process, made lazily, terminated at exit after every client closed.
-
-    Not ``zmq.Context.instance()``: that one is shared with the application, which may term it.
-    """
-
-    def __init__(self) -> None:
-        self.pid = -1
-        self.ctx: zmq.Context | None = None
-        self.lock = threading.Lock()
-
-    def get(self) -> zmq.Context:
-        pid = os.getpid()
-        if self.pid != pid:
-            with self.lock:
-                if self.pid != pid:
-                    if self.ctx is not None:
-                        _abandoned.append(self.ctx)
-                    self.ctx = zmq.Context()
-                    self.pid = pid
-        assert self.ctx is not None
-        return self.ctx
-
-
-CONTEXT = _ContextHolder()
-_clients: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
-def register(client: Any) -> None:
-    _clients.add(client)
-
-
-@atexit.register
-def _close_all() -> None:
-    # Never hang interpreter exit: every socket closes with LINGER=0, then the context ends.
-    for client in list(_clients):
-        try:
-            client._close_socket()
-            client._core.stop_following()  # before the context goes: its thread uses it
-        except Exception:
-            pass
-    if CONTEXT.ctx is not None and CONTEXT.pid == os.getpid():
-        CONTEXT.ctx.destroy(linger=0)
-        CONTEXT.ctx = None
-        CONTEXT.pid = -1

@@ -1,7 +1,8 @@
 """``Client``: exact tiktoken tokens through an in-process cache and the shared daemon.
 
-All decisions are in ``client/core.py``; this module only waits on the socket (zguide's Lazy
-Pirate: poll with a timeout, drop the socket after a failure, reopen it on the next use).
+All decisions are in ``client/core.py`` (and its ``chains.py`` half); this module only waits on
+the socket (zguide's Lazy Pirate: poll with a timeout, drop the socket after a failure, reopen
+it on the next use).
 """
 
 from __future__ import annotations
@@ -20,20 +21,15 @@ from flashtoken.prefix import ORDINARY, FixedPrefixTokenCache, _encode, _require
 from flashtoken.protocol import default_address, pack_simple, parse_reply
 from flashtoken.specials import SpecialArg, SpecialPolicy
 
+from .chains import AUTO_L1, AUTO_TELL, AutoPending
 from .core import (
-    AUTO_L1,
-    AUTO_TELL,
     CLIENT_DEFAULTS,
-    CONTEXT,
     DONE,
     LATE,
-    AutoPending,
     ClientCore,
     Pending,
-    _abandoned,
-    configure_dealer,
-    register,
 )
+from .sockets import CONTEXT, abandon, configure_dealer, register
 
 __all__ = ["Client", "request_stats"]
 
@@ -270,7 +266,7 @@ class Client:
         # The parent's socket must not be touched here: keep it from being collected (which
         # would close it) and start afresh. The lock may have been held by a parent's thread.
         if self._sock is not None:
-            _abandoned.append(self._sock)
+            abandon(self._sock)
             self._sock = None
         self._lock = threading.Lock()
         self._core.after_fork()

@@ -1,0 +1,90 @@
+"""Sockets and contexts of the clients, per process: the DEALER's options, one zmq.Context
+per process (made lazily, new after a fork), and closing everything at interpreter exit."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import weakref
+from typing import Any
+
+import zmq
+
+from flashtoken.protocol import MAX_HEADER_BYTES, MAX_PREFIX_BYTES
+
+__all__ = ["CONTEXT", "MAX_REPLY_BYTES", "abandon", "configure_dealer", "register"]
+
+# Reply size limit: a header plus 4 bytes a token, and a prefix never has more tokens than bytes.
+MAX_REPLY_BYTES = MAX_HEADER_BYTES + 4 * MAX_PREFIX_BYTES
+
+# Sockets and contexts inherited from a parent process: never used, closed or collected in the
+# child (closing would tear down the parent's connection state shared through the fork).
+_abandoned: list[Any] = []
+
+
+def abandon(thing: Any) -> None:
+    """Keep a socket, context or follower inherited from the parent from ever being used,
+    closed or collected here."""
+    _abandoned.append(thing)
+
+
+def configure_dealer(sock: zmq.Socket, address: str) -> None:
+    """The client socket's options: bounded everything, and no queueing to a dead daemon."""
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 64)
+    sock.setsockopt(zmq.RCVHWM, 64)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_BYTES)
+    # Queue only on completed connections: a send to a daemon that is not there fails at once
+    # (EAGAIN) instead of queueing a request it would answer after its restart.
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    sock.connect(address)
+
+
+class _ContextHolder:
+    """One zmq.Context per process, made lazily, terminated at exit after every client closed.
+
+    Not ``zmq.Context.instance()``: that one is shared with the application, which may term it.
+    """
+
+    def __init__(self) -> None:
+        self.pid = -1
+        self.ctx: zmq.Context | None = None
+        self.lock = threading.Lock()
+
+    def get(self) -> zmq.Context:
+        pid = os.getpid()
+        if self.pid != pid:
+            with self.lock:
+                if self.pid != pid:
+                    if self.ctx is not None:
+                        abandon(self.ctx)
+                    self.ctx = zmq.Context()
+                    self.pid = pid
+        assert self.ctx is not None
+        return self.ctx
+
+
+CONTEXT = _ContextHolder()
+_clients: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def register(client: Any) -> None:
+    _clients.add(client)
+
+
+@atexit.register
+def _close_all() -> None:
+    # Never hang interpreter exit: every socket closes with LINGER=0, then the context ends.
+    for client in list(_clients):
+        try:
+            client._close_socket()
+            client._core.stop_following()  # before the context goes: its thread uses it
+        except Exception:
+            pass
+    if CONTEXT.ctx is not None and CONTEXT.pid == os.getpid():
+        CONTEXT.ctx.destroy(linger=0)
+        CONTEXT.ctx = None
+        CONTEXT.pid = -1
