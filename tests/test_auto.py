@@ -105,3 +105,36 @@ def test_invalid_arguments():
         AutoPrefixCache("cl100k_base", max_bytes=-1)
     with pytest.raises(TypeError, match="text must be a str"):
         AutoPrefixCache("cl100k_base").encode_ordinary(None)
+
+
+def test_threads_sharing_one_cache_stay_exact(enc):
+    """Threads encode overlapping chats through one cache (tiktoken releases the GIL, so the
+    lookups, records and evictions interleave), some with a budget small enough to evict."""
+    import random
+    import threading
+
+    texts = []
+    for seed in range(4):
+        rng = random.Random(seed)
+        history = "<|im_start|>system\nShared system prompt, long enough for blocks.<|im_end|>\n"
+        for turn in range(25):
+            history += f"<|im_start|>user\n{rng.random()} é 中文 {turn}<|im_end|>\n"
+            texts.append(history + "<|im_start|>assistant\n")
+    for max_bytes in (64 * 2**20, 3000):
+        cache = AutoPrefixCache(enc, block_bytes=32, max_bytes=max_bytes)
+        wrong: list[str] = []
+
+        def work(seed: int) -> None:
+            rng = random.Random(seed)
+            for text in rng.sample(texts, len(texts)):
+                if cache.encode_ordinary(text) != enc.encode_ordinary(text):
+                    wrong.append(text)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stats = cache.stats()
+        assert wrong == [] and stats["bytes"] <= max_bytes and stats["reused_bytes"] > 0
+        assert stats["evictions"] > 0 or max_bytes > 3000
