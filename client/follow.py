@@ -11,7 +11,9 @@ encodes only the new turn.
 
 The same thread sends the client's TELLs (the blocks it encoded itself, for the daemon to fill
 and publish) on a DEALER socket of its own: a send costs a request about 80 us of system calls
-and wake-ups on a busy host, and a TELL is never answered, so nothing waits for it.
+and wake-ups on a busy host, and nothing waits for a TELL: the daemon answers one only when it
+no longer holds the chain it extends, and the thread passes that on (the next TELL then starts
+from the first block).
 
 A subscriber subscribes to its chain seeds only (the topic is the first frame), so processes
 with another namespace, encoding, policy or block size receive nothing of each other's. A

@@ -343,7 +343,7 @@ class LyingDaemon:
             if self.sock.poll(20):
                 identity, *frames = self.sock.recv_multipart()
                 req = parse_request(frames)
-                if req.op != "TELL":  # never answered
+                if req.op != "TELL":  # a TELL wants no answer
                     self.sock.send_multipart([identity, *self.reply(req)])
 
     def close(self) -> None:
