@@ -453,6 +453,8 @@ class AutoPrefixCache:
         lookups' last blocks, and blocks taken so): not other chats that share a system prompt.
         """
         with self._lock:
+            if digests and (policy.allowed, digests[-1]) in self._nodes:
+                return 0  # held already (our own blocks, published back to us): nothing new
             if parent_digest is not None:
                 parent = self._nodes.get((policy.allowed, parent_digest))
                 if parent is None or parent.key not in self._frontier:
