@@ -555,21 +555,9 @@ def _parse_tell(
 ) -> TellRequest:
     block = _int(header, "block", MIN_BLOCK_BYTES, MAX_BLOCK_BYTES)
     first = _int(header, "first", 0, MAX_PREFIX_BYTES * 64 // block)
-    parent = header.get("parent")
-    if (parent is None) != (first == 0) or (
-        parent is not None and (type(parent) is not bytes or len(parent) != KEY_BYTES)
-    ):
-        raise ProtocolError("field 'parent' must be a 16-byte digest when 'first' > 0, else nil")
+    parent = _parent(header, first)
     start = _int(header, "start", 0, first * block)
-    digests = header.get("digests")
-    if (
-        type(digests) is not list
-        or not 0 < len(digests) <= MAX_PUBLISHED_BLOCKS
-        or any(type(d) is not bytes or len(d) != KEY_BYTES for d in digests)
-    ):
-        raise ProtocolError(
-            f"field 'digests' must list 1 to {MAX_PUBLISHED_BLOCKS} 16-byte digests"
-        )
+    digests = _digests(header)
     end = (first + len(digests)) * block - start
     if not end <= len(span) <= end + 3:
         raise ProtocolError("the span must run from 'start' to the end of the last block")
@@ -587,6 +575,30 @@ def _parse_tell(
         digests=digests,
         span=span,
     )
+
+
+def _parent(header: dict[str, Any], first: int) -> bytes | None:
+    """The digest of block ``first - 1`` (TELL, published blocks): nil only for block 0."""
+    parent = header.get("parent")
+    if (parent is None) != (first == 0) or (
+        parent is not None and (type(parent) is not bytes or len(parent) != KEY_BYTES)
+    ):
+        raise ProtocolError("field 'parent' must be a 16-byte digest when 'first' > 0, else nil")
+    return parent
+
+
+def _digests(header: dict[str, Any]) -> list[bytes]:
+    """One 16-byte digest per block (TELL, published blocks)."""
+    digests = header.get("digests")
+    if (
+        type(digests) is not list
+        or not 0 < len(digests) <= MAX_PUBLISHED_BLOCKS
+        or any(type(d) is not bytes or len(d) != KEY_BYTES for d in digests)
+    ):
+        raise ProtocolError(
+            f"field 'digests' must list 1 to {MAX_PUBLISHED_BLOCKS} 16-byte digests"
+        )
+    return digests
 
 
 def _allowed(header: dict[str, Any]) -> tuple[str, ...]:
@@ -767,22 +779,13 @@ def parse_blocks(frames: list[bytes]) -> Blocks:
         raise ProtocolError("a published message has 4 frames, the first a 16-byte seed")
     header = unpack_header(frames[1])
     first = _int(header, "first", 0, MAX_PREFIX_BYTES)
-    parent = header.get("parent")
-    if (parent is None) != (first == 0) or (
-        parent is not None and (type(parent) is not bytes or len(parent) != KEY_BYTES)
-    ):
-        raise ProtocolError("field 'parent' must be a digest, and only after the first block")
+    parent = _parent(header, first)
     start = _int(header, "start", 0, MAX_PREFIX_BYTES * 64)
-    digests, cuts, counts = header.get("digests"), header.get("cuts"), header.get("counts")
+    digests, cuts, counts = _digests(header), header.get("cuts"), header.get("counts")
     if not (
-        type(digests) is list
-        and type(cuts) is list
-        and type(counts) is list
-        and 0 < len(digests) == len(cuts) == len(counts) <= MAX_PUBLISHED_BLOCKS
+        type(cuts) is list and type(counts) is list and len(digests) == len(cuts) == len(counts)
     ):
-        raise ProtocolError("fields 'digests', 'cuts', 'counts' must be lists of one length")
-    if any(type(d) is not bytes or len(d) != KEY_BYTES for d in digests):
-        raise ProtocolError("field 'digests' must hold 16-byte digests")
+        raise ProtocolError("fields 'cuts' and 'counts' must be lists, one item per digest")
     if any(type(x) is not int or x < 0 for x in cuts + counts):
         raise ProtocolError("fields 'cuts' and 'counts' must hold ints >= 0")
     tokens = tokens_from_frame(frames[3])
