@@ -149,26 +149,16 @@ class Server(ChainHandlers):
         # libzmq drops a peer that sends a frame larger than this, before we ever see it.
         router.setsockopt(zmq.MAXMSGSIZE, self.config.max_prefix_bytes + MAX_HEADER_BYTES)
         try:
-            if path is not None:
-                # Created 0600 from the start (umask), not only after the chmod below.
-                old = os.umask(0o177)
-                try:
-                    router.bind(address)
-                finally:
-                    os.umask(old)
-                os.chmod(path, 0o600)
-                self._socket_path = path
-            else:
-                router.bind(address)
-                if address.startswith("tcp://"):
-                    log.warning(
-                        "listening on %s: TCP has no authentication; any local or remote"
-                        " peer that can connect can use this daemon",
-                        address,
-                    )
+            self._socket_path = _bind_private(router, address)
         except zmq.ZMQError as exc:
             self._close()
             raise StartupError(f"cannot bind {address}: {exc}") from exc
+        if address.startswith("tcp://"):
+            log.warning(
+                "listening on %s: TCP has no authentication; any local or remote"
+                " peer that can connect can use this daemon",
+                address,
+            )
         self._bind_publisher(address)
         self._poller = zmq.Poller()
         self._poller.register(router, zmq.POLLIN)
@@ -250,18 +240,8 @@ class Server(ChainHandlers):
         pub = self._publisher = self._ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.LINGER, 0)
         pub.setsockopt(zmq.SNDHWM, self.config.hwm)
-        path = ipc_path(where)
         try:
-            if path is not None:
-                old = os.umask(0o177)
-                try:
-                    pub.bind(where)
-                finally:
-                    os.umask(old)
-                os.chmod(path, 0o600)
-                self._publish_path = path
-            else:
-                pub.bind(where)
+            self._publish_path = _bind_private(pub, where)
         except zmq.ZMQError as exc:
             self._close()
             raise StartupError(f"cannot bind the publish address {where}: {exc}") from exc
@@ -489,6 +469,22 @@ class Server(ChainHandlers):
         out["fills_pending"] = len(self._filling)
         out["encodings_loaded"] = sorted(self._encodings)
         return out
+
+
+def _bind_private(sock: zmq.Socket, address: str) -> str | None:
+    """Bind ``sock``; an ipc socket file is 0600 from the start (umask), not only after the
+    chmod. Returns its path (None for another transport)."""
+    path = ipc_path(address)
+    if path is None:
+        sock.bind(address)
+        return None
+    old = os.umask(0o177)
+    try:
+        sock.bind(address)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    return path
 
 
 def _digest(prefix: bytes) -> bytes:
