@@ -196,10 +196,9 @@ class ChainHandlers:
             at = parent.cut_byte if parent is not None else 0
             if (
                 entry is None
-                or entry.parent is not parent
-                or not entry.chain
-                or not at <= entry.cut_byte <= (i + 1) * block
-                or entry.prefix != span[entry.cut_byte - start : (i + 1) * block - start]
+                or not entry.extends(
+                    parent, request.enc, request.allowed, span, start, (i + 1) * block
+                )
                 or loaded.enc.decode_bytes(tokens_from_frame(entry.tokens))
                 != span[at - start : entry.cut_byte - start]
             ):

@@ -106,6 +106,29 @@ class Entry:
             and self.prefix == prefix
         )
 
+    def extends(
+        self,
+        parent: Entry | None,
+        enc: str,
+        allowed: tuple[str, ...],
+        data: bytes,
+        origin: int,
+        end: int,
+    ) -> bool:
+        """Whether this chain block may follow ``parent`` in a text whose bytes from ``origin``
+        on are ``data``, its block ending at ``end``: the same parent, encoding and policy, its
+        cut between the parent's and ``end``, and its stored bytes the text's after that cut.
+        Its tokens are checked apart (decoded: see ``Store.walk``)."""
+        start = parent.cut_byte if parent is not None else 0
+        return (
+            self.parent is parent
+            and self.chain
+            and self.enc == enc
+            and self.allowed == allowed
+            and start <= self.cut_byte <= end
+            and self.prefix == data[self.cut_byte - origin : end - origin]
+        )
+
 
 class _Memo(NamedTuple):
     seed: bytes
@@ -242,16 +265,7 @@ class Store:
             state.update(view[end - block : end])
             node = self._entries.get(self._key(seed, state.digest()))
             if node is not None:
-                parent = path[-1] if path else None
-                start = parent.cut_byte if parent is not None else 0
-                if (
-                    node.parent is parent
-                    and node.chain
-                    and node.enc == enc
-                    and node.allowed == allowed
-                    and start <= node.cut_byte <= end
-                    and node.prefix == data[node.cut_byte : end]
-                ):
+                if node.extends(path[-1] if path else None, enc, allowed, data, 0, end):
                     path.append(node)
                     continue
                 self.collisions_detected += 1
