@@ -72,10 +72,10 @@ class ChainCore:
         _seeds: dict[frozenset, bytes]
         _seed_policies: dict[bytes, SpecialPolicy]
         _followed: set[bytes]
-        _next_id: int
 
         def _may_hold_forbidden(self, allowed: frozenset, text: str) -> bool: ...
         def _forbidden(self, allowed: frozenset) -> frozenset: ...
+        def next_id(self) -> int: ...
 
     def auto_plan(self, text: str, policy: SpecialPolicy) -> Any:
         """The L1's longest cached path for ``text`` (None: not UTF-8, encode locally)."""
@@ -114,9 +114,9 @@ class ChainCore:
             return None
         seed = self.seed(allowed)
         assert self._eid is not None
-        self._next_id = (self._next_id + 1) & 0xFFFF_FFFF_FFFF_FFFF or 1
+        request_id = self.next_id()
         frames = pack_auto(
-            self._next_id,
+            request_id,
             seed,
             self.enc.name,
             self._eid,
@@ -126,7 +126,7 @@ class ChainCore:
             len(plan.path),
             plan.data,
         )
-        return AutoPending(self._next_id, text, plan, allowed, frames)
+        return AutoPending(request_id, text, plan, allowed, frames)
 
     def prepare_tell(self, plan: Any, allowed: frozenset) -> list[bytes] | None:
         """The TELL request naming the blocks after the L1's ``plan`` (just encoded here), so
@@ -141,11 +141,10 @@ class ChainCore:
         end = len(plan.digests) * self.block
         while end < len(data) and data[end] & 0xC0 == 0x80:
             end += 1  # to a character boundary
-        self._next_id = (self._next_id + 1) & 0xFFFF_FFFF_FFFF_FFFF or 1
         seed = self.seed(allowed)
         assert self._eid is not None
         return pack_tell(
-            self._next_id,
+            self.next_id(),
             seed,
             self.enc.name,
             self._eid,

@@ -324,9 +324,14 @@ class ClientCore(ChainCore):
             self._eid = encoding_id(self.enc)  # ~40 ms once per process: not in __init__
         ordered = tuple(sorted(allowed))
         key = make_key(self.namespace, self._eid, ordered, data)
-        self._next_id = (self._next_id + 1) & 0xFFFF_FFFF_FFFF_FFFF or 1  # 0 means "unknown"
-        frames = pack_get(self._next_id, key, self.enc.name, self._eid, ordered, self.fill, data)
-        return Pending(self._next_id, prefix, allowed, frames)
+        request_id = self.next_id()
+        frames = pack_get(request_id, key, self.enc.name, self._eid, ordered, self.fill, data)
+        return Pending(request_id, prefix, allowed, frames)
+
+    def next_id(self) -> int:
+        """A new request id: 1 .. 2^64-1, wrapping (0 means "unknown")."""
+        self._next_id = (self._next_id + 1) & 0xFFFF_FFFF_FFFF_FFFF or 1
+        return self._next_id
 
     # -- automatic reuse (no declared prefix) ---------------------------------------------------
 
