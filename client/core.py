@@ -198,7 +198,6 @@ class ClientCore(ChainCore):
         # special id where the policy does not allow one. It can only do so where the text holds
         # a special token's first character (for OpenAI's encodings, "<"): a memchr tells.
         self._forbidden_text: dict[frozenset, Any] = {}
-        self._forbidden_ids: dict[frozenset, frozenset] = {}
         # Made now, not on first use: AutoPrefixCache checks block_bytes (a ValueError here).
         self.auto = AutoPrefixCache(self.enc, max_bytes=auto_l1_bytes, block_bytes=auto_block_bytes)
         self.block = auto_block_bytes
@@ -347,12 +346,8 @@ class ClientCore(ChainCore):
         return search(text)
 
     def _forbidden(self, allowed: frozenset) -> frozenset:
-        forbidden = self._forbidden_ids.get(allowed)
-        if forbidden is None:
-            forbidden = self._forbidden_ids[allowed] = frozenset(
-                i for s, i in self.enc._special_tokens.items() if s not in allowed
-            )
-        return forbidden
+        """The ids of the special tokens not in ``allowed`` (the L1 keeps them per policy)."""
+        return self.auto._forbidden(allowed)
 
     def accept(self, pending: Pending | AutoPending, frames: list) -> tuple[str, Any]:
         """What a received reply means for ``pending``: ``(LATE | DONE | FAILED, result)``.
