@@ -181,8 +181,7 @@ class ChainCore:
         """Store a published message's blocks in the L1, checked (on the follower's thread)."""
         try:
             blocks = parse_blocks(frames)
-            tokens = token_list(blocks.tokens)  # ValueError: an id no encoding has
-        except (ProtocolError, ValueError):
+        except ProtocolError:
             self.counters["published_refused"] += 1
             return 0
         policy = self._seed_policies.get(blocks.seed)
@@ -196,7 +195,7 @@ class ChainCore:
             [int.from_bytes(d, "big") for d in blocks.digests],
             blocks.ends,
             blocks.span,
-            tokens,
+            blocks.tokens,
         )
 
     def note_reply(self, reply: Any) -> None:

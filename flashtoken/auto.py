@@ -436,7 +436,7 @@ class AutoPrefixCache:
         digests: list[int],
         ends: list[tuple[int, int]],
         span: bytes,
-        tokens: list[int],
+        tokens: Sequence[int],
     ) -> int:
         """Take blocks ``first ..`` of a chain that another process encoded (the daemon
         publishes them: client/follow.py), checked as strictly as our own; returns how many
@@ -463,7 +463,15 @@ class AutoPrefixCache:
                 return 0
             else:
                 parent = None
-        added = self._check_adopted(policy, first, parent, start_byte, digests, ends, span, tokens)
+        try:  # only now, for blocks this process takes: shared ints (8 bytes a token)
+            held = token_list(tokens)
+        except ValueError:  # an id no encoding has
+            held = None
+        added = (
+            None
+            if held is None
+            else self._check_adopted(policy, first, parent, start_byte, digests, ends, span, held)
+        )
         with self._lock:
             if added is None:
                 self._counts["blocks_refused"] += len(ends)
