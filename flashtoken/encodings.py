@@ -4,8 +4,10 @@ tiktoken downloads its BPE files on first use, and many deployments have no inte
 ``get_encoding`` returns tiktoken's own ``Encoding``, built by tiktoken's own constructor; only the
 bytes of the BPE file come from an installed package when one ships it (``bpe-openai`` carries
 cl100k_base and o200k_base, and o200k_harmony reuses o200k_base's file), checked against the
-sha256 that tiktoken itself expects. Other encodings go through ``tiktoken.get_encoding`` (its
-cache, then its download).
+sha256 that tiktoken itself expects. The open models' encodings (``llama3``, ``llama4``,
+``tekken``) are built by ``flashtoken.models`` from their packages' files. Other encodings go
+through ``tiktoken.get_encoding`` (its cache, then its download). Every encoding loaded here is
+registered with tiktoken's registry, so ``tiktoken.get_encoding`` then finds it, offline too.
 
 ``encoding_id`` names an encoding by its content, for cache keys.
 """

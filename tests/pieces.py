@@ -112,3 +112,30 @@ __all__ = [
     "tiktoken_pieces",
     "trailing_pieces_changed",
 ]
+
+
+def main() -> None:
+    """``python -m tests.pieces ALPHABET LENGTH``: the exhaustive checks, further than the tests.
+
+    ALPHABET takes Python escapes (``"a \\n\\u0301"``). Prints, per model pattern, the mismatches
+    with tiktoken, the most pieces an append changed (with an example) and the anchor failures.
+    """
+    import sys
+
+    from flashtoken.boundary import _CL100K
+    from flashtoken.models import KIMI_PATTERN, LLAMA3_PATTERN, LLAMA4_PATTERN, TEKKEN_PATTERN
+
+    alphabet = sys.argv[1].encode("latin-1", "backslashreplace").decode("unicode_escape")
+    texts = all_strings(alphabet, int(sys.argv[2]))
+    patterns = {"cl100k": _CL100K, "llama3": LLAMA3_PATTERN, "llama4/o200k": LLAMA4_PATTERN}
+    patterns.update({"tekken": TEKKEN_PATTERN, "kimi": KIMI_PATTERN})
+    print(f"{len(texts)} strings over {alphabet!r}")
+    for name, pattern in patterns.items():
+        mismatches = len(engine_mismatches(pattern, texts))
+        worst, example = trailing_pieces_changed(pattern, texts)
+        anchors = len(anchor_violations(pattern, texts))
+        print(f"{name}: {mismatches} mismatches, K {worst} ({example}), {anchors} anchor failures")
+
+
+if __name__ == "__main__":
+    main()
