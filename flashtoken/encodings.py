@@ -227,7 +227,7 @@ def _load_packaged(name: str) -> tiktoken.Encoding:
     cache (a write into a directory the user may share or may not own, relying on tiktoken's
     private cache-key scheme).
     """
-    from tiktoken_ext import openai_public
+    import tiktoken_ext.openai_public as openai_public
 
     constructor = openai_public.ENCODING_CONSTRUCTORS.get(name)
     if constructor is None:

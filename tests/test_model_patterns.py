@@ -26,6 +26,7 @@ from flashtoken import (
 )
 from flashtoken import unicode as uni
 from flashtoken.boundary import _CL100K, _O200K, PROVEN_PIECES, _compile
+from tests.corpus import CORPUS, splits
 from tests.pieces import (
     all_strings,
     anchor_violations,
@@ -229,3 +230,26 @@ def test_automatic_reuse_with_the_proven_k(model_enc: tiktoken.Encoding, parts, 
         text = base[: data.draw(st.integers(0, len(base)))] + part * 2
         seen.append(text)
         assert cache.encode_ordinary(text) == model_enc.encode_ordinary(text)
+
+
+# The boundary corpus, with the model encodings' own special tokens among the texts.
+MODEL_CORPUS = CORPUS + [
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>",
+    "<|header_start|>user<|header_end|>\n\nHi<|eot|>",
+    "[INST] Hi [/INST]</s>",
+    "ʰZa 中Za \u0301Za xʰZ",
+]
+
+
+def test_boundary_corpus_every_split(model_enc: tiktoken.Encoding) -> None:
+    for text in MODEL_CORPUS:
+        for prefix, suffix in splits(text):
+            cache = FixedPrefixTokenCache(model_enc, prefix, backtrack_pieces=1)
+            assert cache.encode_ordinary(suffix) == model_enc.encode_ordinary(text)
+            assert cache.encode(suffix, allowed_special="all") == model_enc.encode(
+                text, allowed_special="all"
+            )
+        chat = AppendOnlyPieceTokenCache(model_enc, "", 1)
+        for char in text:  # one character at a time: every split of it is a cut
+            chat.append_ordinary(char)
+        assert chat.tokens == model_enc.encode_ordinary(text)
