@@ -133,9 +133,10 @@ class Supervisor:
     """The daemon as a child of this process, restarted whenever it exits, until ``stop()``.
 
     A thread polls the child (``Popen.poll`` every 0.2 s) rather than waiting on SIGCHLD:
-    gunicorn's master owns SIGCHLD and reaps *every* child with ``waitpid(-1)``, ours included;
-    ``poll`` then sees ECHILD and reports the child gone (exit status unknown), which is all the
-    supervisor needs to know.
+    gunicorn's master owns SIGCHLD and reaps *every* child with ``waitpid(-1)``, ours included,
+    throwing the status away (``poll`` then sees ECHILD and reports 0). So ``on_starting`` puts
+    ``collect`` in front of the arbiter's ``reap_workers``: it reaps the daemon first and keeps
+    its status, and the log says "killed by SIGKILL" rather than guessing.
     """
 
     POLL_S = 0.2
@@ -151,6 +152,7 @@ class Supervisor:
         self.restarts = 0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._reaped: dict[int, int] = {}  # pid -> exit code, for children reaped by collect()
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -232,6 +234,26 @@ class Supervisor:
         self._info("flashtoken-daemon (pid %d) stopped", proc.pid)
         return proc.returncode
 
+    def collect(self) -> None:
+        """Reap the daemon if it has exited, keeping its exit code (see the class docstring).
+
+        Runs in gunicorn's SIGCHLD handling, before gunicorn's own ``waitpid(-1)``. Kept apart
+        from ``Popen.returncode``, which ``Popen.poll`` in the watching thread may set to 0 on
+        ECHILD at the same moment."""
+        proc = self.proc
+        if proc is None or proc.returncode is not None or os.getpid() != self.owner:
+            return
+        try:
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            return  # reaped already (by Popen.poll, which then has the status)
+        if pid == proc.pid:
+            self._reaped[pid] = os.waitstatus_to_exitcode(status)
+
+    def exit_code(self, proc: subprocess.Popen[bytes]) -> int | None:
+        """``proc``'s exit code, also when ``collect`` reaped it (``Popen`` then says 0)."""
+        return self._reaped.pop(proc.pid, proc.returncode)
+
     def _watch(self) -> None:
         delay = self.settings.restart_delay_s
         while not self._stopping.wait(self.POLL_S):
@@ -245,7 +267,7 @@ class Supervisor:
                 "flashtoken-daemon (pid %d) exited (%s) after %.1f s; restarting in"
                 " %.1f s (workers encode locally meanwhile)",
                 proc.pid,
-                _status(proc.returncode),
+                _status(self.exit_code(proc)),
                 lived,
                 delay,
             )
@@ -275,8 +297,7 @@ def _status(code: int | None) -> str:
             return f"killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"killed by signal {-code}"
-    # 0 is also what Popen reports when gunicorn reaped the child first (ECHILD).
-    return f"status {code}" if code else "status 0 or reaped by gunicorn"
+    return f"status {code}"
 
 
 # -- fork safety of the master's supervisor thread ----------------------------------------------
@@ -454,26 +475,61 @@ def on_starting(server: Any) -> None:
     if path is not None and not os.path.isdir(os.path.dirname(path)):
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     supervisor = _state.supervisor = Supervisor(_state.settings, bind, server.log)
+    _collect_before_gunicorn_reaps(server, supervisor)
     supervisor.spawn()
     atexit.register(_stop_at_exit)
 
 
+def _collect_before_gunicorn_reaps(server: Any, supervisor: Supervisor) -> None:
+    """Wrap the arbiter's ``reap_workers`` (called on every SIGCHLD) so that the daemon's exit
+    status is read before gunicorn's ``waitpid(-1)`` discards it. Rejected: our own SIGCHLD
+    handler (gunicorn installs its own, and replacing it breaks worker reaping), and a wrapper
+    process around the daemon (one more process whose status gunicorn would discard)."""
+    reap = getattr(server, "reap_workers", None)
+    if reap is None or getattr(reap, "flashtoken_collects", False):
+        return
+
+    def reap_workers() -> Any:
+        current = _state.supervisor
+        if current is not None:
+            current.collect()
+        return reap()
+
+    reap_workers.flashtoken_collects = True  # type: ignore[attr-defined]
+    server.reap_workers = reap_workers
+
+
 def _warm(server: Any) -> None:
-    """Load the default encoding (and its id, FlashToken's tables) once, in the master.
+    """Load every encoding the workers will use (``encoding`` and the daemon's ``encodings``),
+    with its id and FlashToken's tables, once, in the master.
 
     Every worker then inherits them through fork, sharing the pages: a worker boots in
-    milliseconds instead of loading the BPE file itself (~0.5 s, during which gunicorn's
-    SIGTERM is not yet handled and a shutdown waits for ``graceful_timeout``).
+    milliseconds instead of loading the BPE files itself (~0.5 s each, during which gunicorn's
+    SIGTERM is not yet handled), and its first request for a second encoding does not pay
+    0.7-1.1 s either.
     """
-    try:
-        from flashtoken import FixedPrefixTokenCache
-        from flashtoken.encodings import encoding_id, get_encoding
+    from flashtoken import FixedPrefixTokenCache
+    from flashtoken.encodings import encoding_id, get_encoding
 
-        enc = get_encoding(_state.settings.encoding)
-        encoding_id(enc)
-        FixedPrefixTokenCache(enc, "Warm-up: é 中文 👋 ").encode_ordinary(" ok")
-    except Exception as exc:  # noqa: BLE001 - the workers will report it on first use
-        server.log.warning("flashtoken: cannot load encoding %r: %s", _state.settings.encoding, exc)
+    for name in _warm_names(_state.settings):
+        try:
+            enc = get_encoding(name)
+            encoding_id(enc)
+            FixedPrefixTokenCache(enc, "Warm-up: é 中文 👋 ").encode_ordinary(" ok")
+        except Exception as exc:  # noqa: BLE001 - the workers will report it on first use
+            server.log.warning("flashtoken: cannot load encoding %r: %s", name, exc)
+
+
+def _warm_names(settings: SidecarSettings) -> list[str]:
+    from flashtoken.daemon.settings import DEFAULTS
+
+    names = [settings.encoding]
+    configured = settings.encodings
+    if configured is None:
+        env = os.environ.get("FLASHTOKEN_ENCODINGS")
+        configured = env.split(",") if env else DEFAULTS["encodings"]
+    names += [n.strip() for n in configured if n.strip()]
+    return list(dict.fromkeys(names))
 
 
 def when_ready(server: Any) -> None:
@@ -539,11 +595,31 @@ def hooks(**settings: Any) -> Hooks:
     later; a running daemon keeps running. Raises TypeError for an unknown keyword and
     ValueError for an unusable value.
     """
-    new = replace(SidecarSettings(), **settings)
+    try:
+        new = replace(SidecarSettings(), **settings)
+    except TypeError as exc:
+        raise TypeError(f"hooks(): {exc}; see flashtoken.client.gunicorn.SidecarSettings") from None
     if new.client not in ("auto", "sync", "async"):
         raise ValueError(f"client must be 'auto', 'sync' or 'async', not {new.client!r}")
-    if new.address is not None and not new.address.startswith(("ipc://", "tcp://")):
-        raise ValueError(f"address must be ipc://PATH or tcp://HOST:PORT, not {new.address!r}")
+    # Checked here, when gunicorn reads its config, rather than in each worker or the daemon.
+    from flashtoken.daemon.settings import SETTINGS as DAEMON_SETTINGS
+
+    from flashtoken.settings import check_address
+
+    if new.address is not None:
+        check_address(new.address)
+    daemon = {s.name: s for s in DAEMON_SETTINGS}
+    if new.max_bytes is not None:
+        max_bytes = daemon["max_bytes"]
+        if isinstance(new.max_bytes, str):
+            max_bytes.parse(new.max_bytes)
+        else:
+            max_bytes.check(new.max_bytes)
+    if new.encodings is not None:
+        daemon["encodings"].check(new.encodings)
+    from .settings import client_settings
+
+    client_settings("hooks(client_options=...)", dict(new.client_options, encoding=new.encoding))
     _state.settings = new
     _state.configured = True
     return Hooks(on_starting, when_ready, post_fork, worker_exit, on_exit)
