@@ -29,6 +29,7 @@ from flashtoken.settings import Setting
 
 from .settings import SETTINGS, Config
 
+_COMMANDS = ("serve", "stats", "settings")
 _EXTRA_HINT = "install the daemon's extra: pip install 'flashtoken[daemon]'"
 _METAVARS = {"size": "SIZE", "count": "N", "names": "NAMES", "address": "ADDRESS"}
 
@@ -74,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         " process on this host. `serve` is the default command.",
     )
     parser.add_argument("--version", action="version", version=_version())
-    commands = parser.add_subparsers(dest="command", metavar="{serve,stats}")
+    commands = parser.add_subparsers(dest="command", metavar="{serve,stats,settings}")
     serve = commands.add_parser(
         "serve",
         help="run the daemon (the default)",
@@ -113,6 +114,16 @@ def _parser() -> argparse.ArgumentParser:
         metavar="MS",
         help="how long to wait for the reply (default: 2000)",
     )
+    shown = commands.add_parser(
+        "settings",
+        help="print every setting of the daemon and of the clients, and where it comes from",
+        description="Print the effective value of every setting (flashtoken-daemon serve, and"
+        " Client / AsyncClient) in this environment: the FLASHTOKEN_* variable if set, else"
+        " the default.",
+    )
+    shown.add_argument(
+        "--markdown", action="store_true", help="print the tables of docs/INTEGRATION.md"
+    )
     return parser
 
 
@@ -139,15 +150,15 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (
-        argv[0] not in ("serve", "stats") and argv[0] not in ("-h", "--help", "--version")
-    ):
+    if not argv or (argv[0] not in _COMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "serve")
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "stats":
             return _stats(args)
+        if args.command == "settings":
+            return _settings(args)
         return _serve(args, parser)
     except PermissionError as exc:  # an unsafe runtime directory
         print(f"flashtoken-daemon: {exc}", file=sys.stderr)
@@ -217,6 +228,42 @@ def _stats(args: argparse.Namespace) -> int:
         # so that the interpreter's own flush at exit does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+def _tables() -> list[tuple[str, tuple[Setting, ...]]]:
+    from flashtoken.client.settings import CLIENT_SETTINGS
+
+    return [
+        ("flashtoken-daemon serve (flag --name-with-dashes)", SETTINGS),
+        ("Client() and AsyncClient() (keyword)", CLIENT_SETTINGS),
+    ]
+
+
+def settings_markdown() -> str:
+    """The settings tables of docs/INTEGRATION.md (tests/test_cli.py compares them)."""
+    from flashtoken.settings import markdown_table
+
+    return "\n".join(f"**{title}**\n\n{markdown_table(table)}" for title, table in _tables())
+
+
+def _settings(args: argparse.Namespace) -> int:
+    if args.markdown:
+        sys.stdout.write(settings_markdown())
+        return 0
+    status = 0
+    for title, table in _tables():
+        print(f"# {title}")
+        for setting in table:
+            raw = os.environ.get(setting.env)
+            if not raw:
+                print(f"{setting.name} = {setting.show(setting.default)}  (default)")
+                continue
+            try:
+                print(f"{setting.name} = {setting.show(setting.parse(raw))}  (from {setting.env})")
+            except (TypeError, ValueError) as exc:
+                print(f"{setting.name}: {setting.env}={raw!r} is invalid: {exc}")
+                status = 2
+    return status
 
 
 def _memcached_text(reply: dict[str, Any]) -> str:

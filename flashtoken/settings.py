@@ -151,13 +151,17 @@ class Setting:
 
     @property
     def unit(self) -> str:
+        if self.kind == "choice":
+            return " / ".join(self.choices)
         return {
-            "size": "bytes (512MiB, 64KiB, 4096)",
-            "ms": "milliseconds",
-            "flag": "true/false",
-            "names": "comma-separated names",
-            "address": "ipc:///path or tcp://host:port",
+            "size": "bytes",
+            "count": "count",
+            "ms": "ms",
+            "flag": "bool",
+            "names": "names",
+            "address": "address",
             "salt": "str or bytes",
+            "text": "name",
         }.get(self.kind, "")
 
     # -- checking ---------------------------------------------------------------------------
@@ -255,9 +259,14 @@ class Setting:
             if kind == "size":
                 value = parse_size(text)
             elif kind == "count":
+                if not text.strip().lstrip("-").isdigit():
+                    raise ValueError(f"not an integer: {text!r}")
                 value = int(text.strip())
             elif kind == "ms":
-                value = float(text.strip())
+                try:
+                    value = float(text.strip())
+                except ValueError:
+                    raise ValueError(f"not a number of milliseconds: {text!r}") from None
                 if value.is_integer():
                     value = int(value)
             elif kind == "flag":
@@ -337,15 +346,11 @@ def resolve(
 
 
 def markdown_table(settings: Iterable[Setting]) -> str:
-    """The docs' table of ``settings``: name, flag, environment variable, default, meaning."""
+    """The docs' table of ``settings``: name, environment variable, default, unit, meaning."""
     rows = [
         "| setting | environment | default | unit | meaning |",
         "|---|---|---|---|---|",
     ]
     for s in settings:
-        rows.append(
-            f"| `{s.name}` | `{s.env}` | {s.show(s.default)} | {s.unit} | {s.help} |".replace(
-                "|  |", "| |"
-            )
-        )
+        rows.append(f"| `{s.name}` | `{s.env}` | {s.show(s.default)} | {s.unit} | {s.help} |")
     return "\n".join(rows) + "\n"
