@@ -508,7 +508,7 @@ def _warm(server: Any) -> None:
     SIGTERM is not yet handled), and its first request for a second encoding does not pay
     0.7-1.1 s either.
     """
-    from flashtoken import FixedPrefixTokenCache
+    from flashtoken import AutoPrefixCache, FixedPrefixTokenCache
     from flashtoken.encodings import encoding_id, get_encoding
 
     for name in _warm_names(_state.settings):
@@ -516,6 +516,9 @@ def _warm(server: Any) -> None:
             enc = get_encoding(name)
             encoding_id(enc)
             FixedPrefixTokenCache(enc, "Warm-up: é 中文 👋 ").encode_ordinary(" ok")
+            # Its per-encoding tables (token byte lengths: ~50 ms for o200k) are cached by
+            # encoding, so every client a worker makes finds them.
+            AutoPrefixCache(enc, max_bytes=1 << 20).encode_ordinary("Warm-up: é 中文 👋 ok")
         except Exception as exc:  # noqa: BLE001 - the workers will report it on first use
             server.log.warning("flashtoken: cannot load encoding %r: %s", name, exc)
 

@@ -353,3 +353,15 @@ def test_settings_command_shows_the_environment() -> None:
     assert "timeout_ms = 45  (from FLASHTOKEN_TIMEOUT_MS)" in proc.stdout
     assert "max_bytes = 1GiB  (from FLASHTOKEN_MAX_BYTES)" in proc.stdout
     assert "l1_bytes = 64MiB  (default)" in proc.stdout
+
+
+def test_the_master_loads_every_configured_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flashtoken.client.gunicorn import _warm_names
+
+    assert _warm_names(SidecarSettings()) == ["cl100k_base", "o200k_base"]
+    chosen = SidecarSettings(encoding="o200k_harmony", encodings=["cl100k_base", "o200k_harmony"])
+    assert _warm_names(chosen) == ["o200k_harmony", "cl100k_base"]
+    monkeypatch.setenv("FLASHTOKEN_ENCODINGS", "o200k_base")
+    assert _warm_names(SidecarSettings()) == ["cl100k_base", "o200k_base"]
+    monkeypatch.setenv("FLASHTOKEN_ENCODINGS", "p50k_base,cl100k_base")
+    assert _warm_names(SidecarSettings()) == ["cl100k_base", "p50k_base"]
