@@ -2,7 +2,7 @@
 
     flashtoken-daemon [serve] [--bind ADDRESS] [--max-bytes 512MiB] [--encodings a,b]
                       [--fill-threads N] [--max-prefix-bytes 4MiB] [--log-level INFO]
-                      [--exit-with-parent] ...
+                      [--metrics-port PORT] [--exit-with-parent] ...
     flashtoken-daemon stats [--bind ADDRESS] [--format memcached|json|prometheus]
     flashtoken-daemon --version
 
@@ -183,13 +183,34 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         stream=sys.stderr,
         format="%(asctime)s flashtoken-daemon %(levelname)s %(message)s",
     )
+    metrics = None
+    if config.metrics_port:
+        from .metrics import MetricsServer
+
+        try:  # before the daemon binds: a busy port must not leave a daemon half started
+            metrics = MetricsServer(config.bind, config.metrics_port)
+        except OSError as exc:
+            print(
+                f"flashtoken-daemon: cannot serve metrics on 127.0.0.1:{config.metrics_port}:"
+                f" {exc}; choose another --metrics-port",
+                file=sys.stderr,
+            )
+            return 1
     server = Server(config)
     try:
         server.start()
     except StartupError as exc:
         print(f"flashtoken-daemon: {exc}", file=sys.stderr)
+        if metrics is not None:
+            metrics.close()
         return 1
-    server.serve()
+    if metrics is not None:
+        metrics.start()
+    try:
+        server.serve()
+    finally:
+        if metrics is not None:
+            metrics.close()
     return 0
 
 

@@ -83,6 +83,14 @@ SETTINGS: tuple[Setting, ...] = (
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
     ),
     Setting(
+        "metrics_port",
+        0,
+        "count",
+        "serve GET /metrics (Prometheus) on 127.0.0.1 at this port; 0: no endpoint",
+        low=0,
+        high=65535,
+    ),
+    Setting(
         "exit_with_parent",
         False,
         "flag",
@@ -113,6 +121,7 @@ class Config:
     hwm: int = DEFAULTS["hwm"]
     log_level: str = DEFAULTS["log_level"]
     exit_with_parent: bool = DEFAULTS["exit_with_parent"]
+    metrics_port: int = DEFAULTS["metrics_port"]
     # Test-only (hidden flag --debug-key-bytes): truncate keys to force collisions.
     debug_key_bytes: int | None = field(default=None)
 

@@ -365,3 +365,56 @@ def test_the_master_loads_every_configured_encoding(monkeypatch: pytest.MonkeyPa
     assert _warm_names(SidecarSettings()) == ["cl100k_base", "o200k_base"]
     monkeypatch.setenv("FLASHTOKEN_ENCODINGS", "p50k_base,cl100k_base")
     assert _warm_names(SidecarSettings()) == ["cl100k_base", "p50k_base"]
+
+
+def test_metrics_endpoint(daemon_dir: Path) -> None:
+    """``serve --metrics-port``: Prometheus text at 127.0.0.1:PORT/metrics, from the daemon."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as probe:  # a free port (released before the daemon binds it)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon = DaemonProcess(daemon_dir, "--metrics-port", str(port), encodings="cl100k_base")
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        daemon.start()
+        with Client(daemon.address, timeout_ms=2000) as client:
+            client.encode_ordinary(" x", prefix="A prefix for the metrics test.")
+
+        def scraped() -> bool:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    scraped.text = response.read().decode()  # type: ignore[attr-defined]
+                    scraped.type = response.headers["Content-Type"]  # type: ignore[attr-defined]
+                    return True
+            except OSError:
+                return False
+
+        wait_until(scraped, 30, f"no answer at {url}:\n{daemon.log_text()}")
+        text: str = scraped.text  # type: ignore[attr-defined]
+        assert scraped.type.startswith("text/plain; version=0.0.4")  # type: ignore[attr-defined]
+        assert re.search(r"^flashtoken_cmd_get_total [1-9]\d*$", text, re.M), text
+        for name in ("get_hits_total", "get_misses_total", "fills_total", "evictions_total"):
+            assert re.search(rf"^flashtoken_{name} \d+$", text, re.M), name
+        assert re.search(r"^flashtoken_bytes \d+$", text, re.M)
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
+        assert missing.value.code == 404
+        missing.value.close()
+    finally:
+        daemon.stop()
+
+
+def test_metrics_port_in_use_is_reported(daemon_dir: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = cli("serve", "--bind", f"ipc://{daemon_dir}/d.sock", "--metrics-port", str(port))
+    assert proc.returncode == 1
+    assert "cannot serve metrics on 127.0.0.1" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (daemon_dir / "d.sock").exists()
