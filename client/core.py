@@ -170,9 +170,8 @@ class ClientCore(ChainCore):
                 fill=fill,
             ),
         )
-        namespace = checked["namespace"]
         self.enc = resolve_encoding(encoding)
-        self.namespace = namespace
+        self.namespace: bytes = checked["namespace"]  # a str is taken as UTF-8
         self.timeout = timeout_ms / 1000
         self.l1_limit = l1_bytes
         self.max_prefix_bytes = min(max_prefix_bytes, MAX_PREFIX_BYTES)

@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 from flashtoken.client import AsyncClient, Client
-from flashtoken.client.gunicorn import SidecarSettings, Supervisor, _status, hooks
+from flashtoken.client.gunicorn import SidecarSettings, Supervisor, hooks
+from flashtoken.client.supervisor import status
 from flashtoken.daemon.settings import SETTINGS, Config
 
 from tests.daemon_fixtures import DaemonProcess, wait_until
@@ -319,11 +320,11 @@ def test_supervisor_reports_the_signal_that_killed_the_daemon() -> None:
         wait_until(collected, 30, "the killed child was never reaped")
         # What gunicorn's waitpid(-1) leaves behind: Popen sees ECHILD and says 0.
         assert proc.poll() == 0
-        assert _status(supervisor.exit_code(proc)) == "killed by SIGKILL"
+        assert status(supervisor.exit_code(proc)) == "killed by SIGKILL"
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert _status(3) == "status 3" and _status(0) == "status 0"
+    assert status(3) == "status 3" and status(0) == "status 0"
 
 
 # -- one table of settings in the docs -------------------------------------------------------------
