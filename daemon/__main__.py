@@ -2,7 +2,7 @@
 
     flashtoken-daemon [serve] [--bind ADDRESS] [--max-bytes 512MiB] [--encodings a,b]
                       [--fill-threads N] [--max-prefix-bytes 4MiB] [--log-level INFO]
-                      [--metrics-port PORT] [--exit-with-parent] ...
+                      [--log-format text|json] [--metrics-port PORT] [--exit-with-parent]
     flashtoken-daemon stats [--bind ADDRESS] [--format memcached|json|prometheus]
     flashtoken-daemon --version
 
@@ -178,11 +178,14 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(str(exc))
     from .server import Server, StartupError
 
-    logging.basicConfig(
-        level=config.log_level,
-        stream=sys.stderr,
-        format="%(asctime)s flashtoken-daemon %(levelname)s %(message)s",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if config.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s flashtoken-daemon %(levelname)s %(message)s")
+        )
+    logging.basicConfig(level=config.log_level, handlers=[handler])
     metrics = None
     if config.metrics_port:
         from .metrics import MetricsServer
@@ -212,6 +215,26 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if metrics is not None:
             metrics.close()
     return 0
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log collectors: time (UTC, ISO 8601), level, logger,
+    pid, message, and the traceback as ``exc`` when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from datetime import datetime, timezone
+
+        when = datetime.fromtimestamp(record.created, timezone.utc)
+        out = {
+            "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
 
 
 def _stats(args: argparse.Namespace) -> int:

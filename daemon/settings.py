@@ -83,6 +83,13 @@ SETTINGS: tuple[Setting, ...] = (
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
     ),
     Setting(
+        "log_format",
+        "text",
+        "choice",
+        "text: one line per record; json: one JSON object per line (time, level, pid, message)",
+        choices=("text", "json"),
+    ),
+    Setting(
         "metrics_port",
         0,
         "count",
@@ -121,6 +128,7 @@ class Config:
     hwm: int = DEFAULTS["hwm"]
     log_level: str = DEFAULTS["log_level"]
     exit_with_parent: bool = DEFAULTS["exit_with_parent"]
+    log_format: str = DEFAULTS["log_format"]
     metrics_port: int = DEFAULTS["metrics_port"]
     # Test-only (hidden flag --debug-key-bytes): truncate keys to force collisions.
     debug_key_bytes: int | None = field(default=None)

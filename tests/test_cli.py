@@ -419,3 +419,16 @@ def test_metrics_port_in_use_is_reported(daemon_dir: Path) -> None:
     assert proc.returncode == 1
     assert "cannot serve metrics on 127.0.0.1" in proc.stderr and "Traceback" not in proc.stderr
     assert not (daemon_dir / "d.sock").exists()
+
+
+def test_json_logs(daemon_dir: Path) -> None:
+    daemon = DaemonProcess(daemon_dir, "--log-format", "json", encodings="cl100k_base")
+    try:
+        daemon.start()
+    finally:
+        daemon.stop()
+    records = [json.loads(line) for line in daemon.log_text().splitlines() if line.strip()]
+    assert records, "no log records"
+    assert {"time", "level", "logger", "pid", "message"} <= set(records[0])
+    assert any("serving ipc://" in r["message"] for r in records)
+    assert all(r["time"].endswith("Z") for r in records)
