@@ -178,22 +178,22 @@ class Setting:
             return value
         if kind in ("size", "count"):
             if isinstance(value, bool) or not isinstance(value, int):
-                hint = " (or a size string to parse_size, e.g. '64MiB')" if kind == "size" else ""
+                hint = "; for a size written as text, pass flashtoken.settings.parse_size('64MiB')"
                 raise TypeError(
-                    f"{self.name} must be an int, not {type(value).__name__} {value!r}{hint};"
-                    f" e.g. {self.name}={self.show(self.default)!s}"
+                    f"{self.name} must be an int, not {type(value).__name__} {value!r};"
+                    f" e.g. {self._example()}{hint if kind == 'size' else ''}"
                 )
             return self._in_range(value)
         if kind == "ms":
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(
                     f"{self.name} must be a number of milliseconds, not"
-                    f" {type(value).__name__} {value!r}; e.g. {self.name}={self.default}"
+                    f" {type(value).__name__} {value!r}; e.g. {self._example()}"
                 )
             if not math.isfinite(value):
                 raise ValueError(
                     f"{self.name} must be a finite number of milliseconds, not {value!r};"
-                    f" e.g. {self.name}={self.default} ({self._range()})"
+                    f" e.g. {self._example()} ({self._range()})"
                 )
             return self._in_range(value)
         if kind == "choice":
@@ -245,9 +245,15 @@ class Setting:
         ):
             raise ValueError(
                 f"{self.name} must be {self._range()}, not"
-                f" {self.show(value)}; e.g. {self.name}={self.show(self.default)}"
+                f" {self.show(value)}; e.g. {self._example()}"
             )
         return value
+
+    def _example(self) -> str:
+        """The default as a keyword argument: ``l1_bytes=67108864 (64MiB)``."""
+        shown = self.show(self.default)
+        written = repr(self.default)
+        return f"{self.name}={written}" + (f" ({shown})" if shown != written else "")
 
     # -- text (CLI flags, environment variables) ----------------------------------------------
 

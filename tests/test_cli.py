@@ -65,7 +65,11 @@ def cli(
         ({"breaker_cooldown_ms": 900, "breaker_max_cooldown_ms": 800}, ValueError, r"at least"),
         ({"breaker_failures": 0}, ValueError, r"breaker_failures must be >= 1"),
         ({"breaker_failures": 2.5}, TypeError, r"breaker_failures must be an int"),
-        ({"l1_bytes": -1}, ValueError, r"l1_bytes must be >= 0, not -1; e.g. l1_bytes=64MiB"),
+        (
+            {"l1_bytes": -1},
+            ValueError,
+            r"l1_bytes must be >= 0, not -1; e.g. l1_bytes=67108864 \(64MiB\)$",
+        ),
         ({"l1_bytes": "64MiB"}, TypeError, r"l1_bytes must be an int.*parse_size"),
         ({"l1_bytes": True}, TypeError, r"l1_bytes must be an int"),
         ({"max_prefix_bytes": 8 * 2**20}, ValueError, r"max_prefix_bytes must be >= 0 and <= 4MiB"),
