@@ -91,6 +91,9 @@ class SidecarSettings:
     ``client_options``: keyword arguments for every ``Client`` / ``AsyncClient`` (``timeout_ms``,
     ``l1_bytes``, ...). ``max_bytes`` (``"512MiB"`` or an int), ``encodings`` and
     ``daemon_args`` (more CLI flags) go to ``flashtoken-daemon serve``; None = its defaults.
+    ``warm_prefixes``: prompts (of ``encoding``, no special tokens allowed) that the master
+    encodes once at start; every worker's client begins with them in its in-process cache, so
+    no worker's first requests pay for them (a system prompt, the templates in use).
     ``daemon_log``: a file for the daemon's log; None = the master's stderr.
     ``start_timeout_s``: how long ``when_ready`` waits for the daemon's socket (workers start
     anyway afterwards: they encode locally until it answers). ``stop_timeout_s``: SIGTERM to
@@ -105,6 +108,7 @@ class SidecarSettings:
     max_bytes: str | int | None = None
     encodings: Sequence[str] | None = None
     daemon_args: Sequence[str] = ()
+    warm_prefixes: Sequence[str] = ()
     daemon_log: str | None = None
     start_timeout_s: float = 10.0
     stop_timeout_s: float = 5.0
@@ -141,6 +145,7 @@ class _State:
         self.clients: dict[tuple[str, str], Any] = {}
         self.clients_pid = os.getpid()
         self.inherited: list[Any] = []  # clients made before a fork: kept, never closed here
+        self.warm: list[Any] = []  # FixedPrefixTokenCache of each warm prefix, made in the master
 
 
 _state = _State()
@@ -322,6 +327,23 @@ def _warm(server: Any) -> None:
             AutoPrefixCache(enc, max_bytes=1 << 20).encode_ordinary("Warm-up: é 中文 👋 ok")
         except Exception as exc:  # noqa: BLE001 - the workers will report it on first use
             server.log.warning("flashtoken: cannot load encoding %r: %s", name, exc)
+    settings = _state.settings
+    if settings.warm_prefixes and not _state.warm:
+        try:
+            enc = get_encoding(settings.encoding)
+            _state.warm = [FixedPrefixTokenCache(enc, p) for p in settings.warm_prefixes]
+        except Exception as exc:  # noqa: BLE001 - the workers encode them on first use
+            server.log.warning("flashtoken: cannot encode the warm prefixes: %s", exc)
+
+
+def _seed(client: Any) -> None:
+    """Put the master's warm prefixes into a new client's in-process cache (its L1), exactly
+    as its own first local encode of each would have."""
+    core = getattr(client, "_core", None)
+    if core is None or not _state.warm or client.encoding.name != _state.warm[0].encoding.name:
+        return
+    for cache in _state.warm:
+        core.l1_put(core.l1_key(cache.prefix, frozenset()), cache)
 
 
 def _warm_names(settings: SidecarSettings) -> list[str]:
@@ -352,11 +374,12 @@ def when_ready(server: Any) -> None:
 
 
 def post_fork(server: Any, worker: Any) -> None:
-    """Worker, just forked: make its client (encodings load here, not on the first request)."""
+    """Worker, just forked: make its client, its in-process cache seeded with the master's
+    warm prefixes (the encodings were loaded in the master)."""
     _clients()
     kind = "async" if _is_async_worker(worker) else "sync"
     try:
-        _client(kind, None)
+        _seed(_client(kind, None))
     except Exception as exc:  # noqa: BLE001 - the application will meet the same error itself
         server.log.warning("flashtoken: cannot make the worker's client: %s", exc)
 
@@ -421,6 +444,8 @@ def hooks(**settings: Any) -> Hooks:
             max_bytes.check(new.max_bytes)
     if new.encodings is not None:
         daemon["encodings"].check(new.encodings)
+    if isinstance(new.warm_prefixes, str) or not all(isinstance(p, str) for p in new.warm_prefixes):
+        raise TypeError("warm_prefixes must be a list of str, e.g. warm_prefixes=[SYSTEM_PROMPT]")
     from .settings import client_settings
 
     client_settings("hooks(client_options=...)", dict(new.client_options, encoding=new.encoding))

@@ -436,3 +436,44 @@ def test_json_logs(daemon_dir: Path) -> None:
     assert {"time", "level", "logger", "pid", "message"} <= set(records[0])
     assert any("serving ipc://" in r["message"] for r in records)
     assert all(r["time"].endswith("Z") for r in records)
+
+
+def test_warm_prefixes_are_in_every_new_workers_cache(tmp_path: Path) -> None:
+    """The master encodes ``warm_prefixes`` once; ``post_fork`` seeds each worker's client, so
+    its first request with one is an L1 hit, with tiktoken's exact tokens."""
+    import flashtoken.client.gunicorn as g
+
+    from flashtoken import get_encoding
+
+    system = "You are Atlas, a careful assistant. Règles: précis. 规则 " * 30
+
+    class Log:
+        def __init__(self) -> None:
+            self.warnings: list[Any] = []
+
+        def warning(self, *args: Any) -> None:
+            self.warnings.append(args)
+
+        info = warning
+
+    class Server:
+        log = Log()
+
+    saved = (g._state.settings, g._state.configured, g._state.address, list(g._state.warm))
+    try:
+        g.hooks(spawn=False, address=f"ipc://{tmp_path}/none.sock", warm_prefixes=[system])
+        g._state.address = None
+        g._warm(Server())
+        g.post_fork(Server(), object())
+        client = g.get_client()
+        assert client._core.counters["l1_hits"] == 0
+        tokens = client.encode_ordinary(" Hi 👋", prefix=system)
+        assert tokens == get_encoding("cl100k_base").encode_ordinary(system + " Hi 👋")
+        assert client._core.counters["l1_hits"] == 1 and client._core.counters["fallbacks"] == 0
+        assert Server.log.warnings == []
+    finally:
+        g.close_clients()
+        g._state.clients.clear()
+        g._state.settings, g._state.configured, g._state.address, g._state.warm = saved
+    with pytest.raises(TypeError, match="warm_prefixes must be a list of str"):
+        hooks(warm_prefixes=system)
