@@ -85,7 +85,8 @@ class SidecarSettings:
 
     ``address``: the daemon's ``ipc://`` address; None = a fresh private directory per server.
     ``spawn``: run the daemon from the master (False: it runs elsewhere, e.g. under systemd).
-    ``encoding``: what ``get_client()`` encodes with when no encoding is named.
+    ``encoding``: what ``get_client()`` encodes with when no encoding is named; None =
+    ``$FLASHTOKEN_ENCODING``, else ``"cl100k_base"`` (as for ``Client()``).
     ``client``: ``"auto"`` (asyncio workers get an ``AsyncClient``), ``"sync"`` or ``"async"``:
     which client ``post_fork`` makes ahead of the first request.
     ``client_options``: keyword arguments for every ``Client`` / ``AsyncClient`` (``timeout_ms``,
@@ -102,7 +103,7 @@ class SidecarSettings:
 
     address: str | None = None
     spawn: bool = True
-    encoding: str = "cl100k_base"
+    encoding: str | None = None
     client: str = "auto"
     client_options: dict = field(default_factory=dict)
     max_bytes: str | int | None = None
@@ -114,6 +115,9 @@ class SidecarSettings:
     stop_timeout_s: float = 5.0
     restart_delay_s: float = 0.1
     max_restart_delay_s: float = 10.0
+
+    def encoding_name(self) -> str:
+        return self.encoding or os.environ.get("FLASHTOKEN_ENCODING") or "cl100k_base"
 
     def daemon_command(self, bind: str) -> list[str]:
         cmd = [
@@ -201,7 +205,7 @@ def _clients() -> dict[tuple[str, str], Any]:
 
 
 def _client(kind: str, encoding: str | None) -> Any:
-    name = encoding or _state.settings.encoding
+    name = encoding or _state.settings.encoding_name()
     clients = _clients()
     found = clients.get((kind, name))
     if found is not None:
@@ -330,7 +334,7 @@ def _warm(server: Any) -> None:
     settings = _state.settings
     if settings.warm_prefixes and not _state.warm:
         try:
-            enc = get_encoding(settings.encoding)
+            enc = get_encoding(settings.encoding_name())
             _state.warm = [FixedPrefixTokenCache(enc, p) for p in settings.warm_prefixes]
         except Exception as exc:  # noqa: BLE001 - the workers encode them on first use
             server.log.warning("flashtoken: cannot encode the warm prefixes: %s", exc)
@@ -349,7 +353,7 @@ def _seed(client: Any) -> None:
 def _warm_names(settings: SidecarSettings) -> list[str]:
     from flashtoken.daemon.settings import DEFAULTS
 
-    names = [settings.encoding]
+    names = [settings.encoding_name()]
     configured = settings.encodings
     if configured is None:
         env = os.environ.get("FLASHTOKEN_ENCODINGS")

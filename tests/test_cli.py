@@ -370,6 +370,9 @@ def test_the_master_loads_every_configured_encoding(monkeypatch: pytest.MonkeyPa
     assert _warm_names(SidecarSettings()) == ["cl100k_base", "o200k_base"]
     monkeypatch.setenv("FLASHTOKEN_ENCODINGS", "p50k_base,cl100k_base")
     assert _warm_names(SidecarSettings()) == ["cl100k_base", "p50k_base"]
+    monkeypatch.setenv("FLASHTOKEN_ENCODING", "o200k_base")  # as Client() reads it
+    assert _warm_names(SidecarSettings())[0] == "o200k_base"
+    assert SidecarSettings(encoding="cl100k_base").encoding_name() == "cl100k_base"
 
 
 def test_metrics_endpoint(daemon_dir: Path) -> None:
