@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "KINDS",
     "Setting",
     "check_address",
     "format_size",
@@ -119,6 +120,9 @@ def check_address(address: Any, name: str = "address") -> str:
     )
 
 
+KINDS = ("size", "count", "ms", "flag", "choice", "names", "address", "text", "salt")
+
+
 @dataclass(frozen=True)
 class Setting:
     """One option: its name (a keyword, ``--name-with-dashes``, ``FLASHTOKEN_NAME``), default,
@@ -140,6 +144,15 @@ class Setting:
     choices: tuple[str, ...] = ()
     env_name: str | None = None  # default: FLASHTOKEN_ + NAME
     default_text: str | None = None  # for a default computed at run time (an address)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(
+                f"setting {self.name}: kind must be one of {', '.join(KINDS)}, not"
+                f" {self.kind!r} (the kind sets the unit shown: size is bytes, ms milliseconds)"
+            )
+        if self.default is not None:
+            self.check(self.default)  # a default outside its own range is a bug in the table
 
     @property
     def env(self) -> str:
