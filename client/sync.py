@@ -17,18 +17,18 @@ import tiktoken
 import zmq
 
 from flashtoken.errors import DaemonError, DaemonTimeout, DaemonUnavailable, ProtocolError
-from flashtoken.prefix import ORDINARY, FixedPrefixTokenCache, _encode, _require_str
+from flashtoken.prefix import ORDINARY, FixedPrefixTokenCache, _require_str
 from flashtoken.protocol import default_address, pack_simple, parse_reply
-from flashtoken.specials import SpecialArg, SpecialPolicy
+from flashtoken.specials import SpecialArg, SpecialPolicy, encode_with
 
 from .chains import AUTO_L1, AUTO_TELL, AutoPending
 from .core import (
-    CLIENT_DEFAULTS,
     DONE,
     LATE,
     ClientCore,
     Pending,
 )
+from .settings import client_settings
 from .sockets import CONTEXT, abandon, configure_dealer, register
 
 __all__ = ["Client", "request_stats"]
@@ -78,13 +78,13 @@ class Client:
     def __init__(
         self,
         address: str | None = None,
-        encoding: str | tiktoken.Encoding = "cl100k_base",
+        encoding: str | tiktoken.Encoding | None = None,
         **options: Any,
     ) -> None:
-        unknown = set(options) - set(CLIENT_DEFAULTS) - {"namespace", "fill"}
-        if unknown:
-            raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
-        self._core = ClientCore(encoding, **options)
+        # Checked against the table (client/settings.py); unset ones from FLASHTOKEN_*.
+        options = client_settings("Client", dict(options, address=address, encoding=encoding))
+        address = options.pop("address")
+        self._core = ClientCore(options.pop("encoding"), **options)
         self.address = address or default_address()
         self._sock: zmq.Socket | None = None
         self._lock = threading.Lock()
@@ -188,8 +188,8 @@ class Client:
     ) -> list[int]:
         _require_str(text, "text")
         enc = self._core.enc
-        policy = SpecialPolicy.of(enc, allowed_special, disallowed_special)
-        if policy.finds_disallowed(text):  # tiktoken raises its own ValueError
+        policy = SpecialPolicy.parse(enc, allowed_special, disallowed_special)
+        if policy is None or policy.finds_disallowed(text):  # tiktoken's own outcome
             return enc.encode(
                 text, allowed_special=allowed_special, disallowed_special=disallowed_special
             )
@@ -200,7 +200,7 @@ class Client:
         core = self._core
         plan = core.auto_plan(text, policy)
         if plan is None:  # lone surrogates: not UTF-8, the daemon could not take them
-            return _encode(core.enc, text, policy)
+            return encode_with(core.enc, text, policy)
         route = core.auto_route(plan)
         if route == AUTO_L1 or self._closed:
             return core.auto_finish(text, policy, plan, None)

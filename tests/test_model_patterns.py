@@ -154,7 +154,7 @@ def test_constructs_the_engines_read_differently_are_refused(pattern: str) -> No
 
 
 def test_han_is_certain_where_its_category_group_is() -> None:
-    """Kimi splits on \\p{Han}, a script, not a category: unicode.py's grouped check must stop
+    """Kimi splits on \\p{Han}, a script, not a category: unicode.py's check must stop
     at every code point whose Han-ness tiktoken's tables may see otherwise than regex's. Today
     each one is also a category change (all are newly assigned ideographs); this watches that."""
     cps = [chr(c) for c in range(0x40000) if not 0xD800 <= c <= 0xDFFF]
@@ -172,7 +172,7 @@ def test_han_is_certain_where_its_category_group_is() -> None:
         for c, tokens in zip(chunk, doubled, strict=True):
             if (len(tokens) == 1) != bool(han.match(c)):
                 disagree.append(c)
-    certain = [c for c in disagree if uni.first_uncertain(c, 0, 1, grouped=True) == 1]
+    certain = [c for c in disagree if uni.first_uncertain(c, 0, 1) == 1]
     assert certain == []
 
 
