@@ -258,14 +258,17 @@ def _tekken() -> dict[str, Any]:
         base64.b64decode(entry["token_bytes"]): entry["rank"] + n_special
         for entry in data["vocab"][:inner]
     }
-    named = [entry["token_str"] for entry in data.get("special_tokens") or []]
-    named = named or _TEKKEN_V7_SPECIALS
-    specials = named + _numbered("<SPECIAL_{}>", range(len(named), n_special))
+    # Newer files list their special tokens with ranks; Tekkenizer fills the ranks after them.
+    listed = data.get("special_tokens") or [
+        {"rank": rank, "token_str": token} for rank, token in enumerate(_TEKKEN_V7_SPECIALS)
+    ]
+    specials = {entry["token_str"]: entry["rank"] for entry in listed}
+    specials.update({f"<SPECIAL_{i}>": i for i in range(len(listed), n_special)})
     return {
         "name": "tekken",
         "pat_str": config["pattern"],
         "mergeable_ranks": ranks,
-        "special_tokens": {token: rank for rank, token in enumerate(specials)},
+        "special_tokens": specials,
     }
 
 
