@@ -25,7 +25,7 @@ from flashtoken import (
     models,
 )
 from flashtoken import unicode as uni
-from flashtoken.boundary import _CL100K, _O200K, PROVEN_PIECES, _compile
+from flashtoken.boundary import _CL100K, _O200K, _R50K, PROVEN_PIECES, _compile
 from tests.corpus import CORPUS, splits
 from tests.pieces import (
     all_strings,
@@ -70,6 +70,12 @@ def test_proven_with_k(name: str) -> None:
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_pieces_equal_tiktokens_exhaustively(name: str, strings: list[str]) -> None:
     assert engine_mismatches(PATTERNS[name][0], strings) == []
+
+
+@pytest.mark.parametrize("pattern", [_R50K, _CL100K], ids=["r50k", "cl100k"])
+def test_openai_patterns_compile_alike_too(pattern: str, strings: list[str]) -> None:
+    """_compile's V1 mode is used for every proven pattern, OpenAI's included."""
+    assert engine_mismatches(pattern, strings) == []
 
 
 @pytest.mark.parametrize("name", list(PATTERNS))
