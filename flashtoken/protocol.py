@@ -109,7 +109,8 @@ MIN_BLOCK_BYTES = 16
 MAX_BLOCK_BYTES = 1024 * 1024
 """Block sizes an AUTO request may use (``flashtoken.AutoPrefixCache(block_bytes=...)``)."""
 
-OPS = ("GET", "AUTO", "TELL", "STATS", "PING")
+OPS = ("GET", "AUTO", "TELL", "TOUCH", "STATS", "PING")
+MAX_TOUCH_KEYS = 1024
 CLIENT_ERROR = "CLIENT_ERROR"
 SERVER_ERROR = "SERVER_ERROR"
 
@@ -480,6 +481,16 @@ def pack_tell(
     return [_pack(header), span]
 
 
+@dataclass(frozen=True)
+class TouchRequest(Request):
+    keys: bytes  # 16-byte map keys, concatenated
+
+
+def pack_touch(keys: bytes) -> list[bytes]:
+    """Hits a worker took from the host map itself, for the daemon's LRU order (no reply)."""
+    return [_pack({"m": MAGIC, "v": VERSION, "op": "TOUCH", "id": 0}), keys]
+
+
 def pack_simple(op: str, request_id: int) -> list[bytes]:
     """A request with no fields: STATS or PING."""
     return [_pack({"m": MAGIC, "v": VERSION, "op": op, "id": request_id})]
@@ -498,6 +509,11 @@ def parse_request(frames: list[bytes], *, max_prefix_bytes: int = MAX_PREFIX_BYT
     if op not in OPS or type(op) is not str:
         raise ProtocolError(f"unknown op; expected one of {', '.join(OPS)}")
     request_id = _int(header, "id", 0, MAX_REQUEST_ID)
+    if op == "TOUCH":
+        keys = frames[1] if len(frames) == 2 else b""
+        if len(frames) != 2 or len(keys) % KEY_BYTES or len(keys) > MAX_TOUCH_KEYS * KEY_BYTES:
+            raise ProtocolError(f"TOUCH takes one frame of at most {MAX_TOUCH_KEYS} 16-byte keys")
+        return TouchRequest(op, request_id, bytes(keys))
     if op not in ("GET", "AUTO", "TELL"):
         if len(frames) != 1:
             raise ProtocolError(f"{op} takes no frames after the header")

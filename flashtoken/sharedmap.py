@@ -39,6 +39,9 @@ _HEADER = struct.Struct("<4sBxxxIIIQ")  # magic, kind, cut, prefix bytes, tokens
 _META = struct.Struct("<32sHI")  # encoding id, namespace length, policy length
 KIND_PREFIX = 1
 _VERSION_KEY = b"\x00flashtoken-map-format"  # never a 16-byte entry key
+_SALT_KEY = b"\x00flashtoken-map-salt"
+"""A random salt per map, in the map: keys cannot be aimed at from outside the daemon's private
+directory (a crafted xxh3 collision could only evict, never mislead, but not even that)."""
 # LMDB stores a value larger than about half a page on overflow pages of its own: a value costs
 # whole 4 KiB pages, plus its node (key, header) in a leaf page.
 _PAGE = 4096
@@ -52,10 +55,12 @@ def map_path(directory: str) -> str:
     return os.path.join(directory, MAP_DIRNAME)
 
 
-def entry_key(namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes) -> bytes:
+def entry_key(
+    salt: bytes, namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes
+) -> bytes:
     """The 16-byte key of a declared prefix: it locates, the entry's own fields confirm."""
     h = xxhash.xxh3_128()
-    for part in (b"FT-map-1", namespace, eid, _policy_bytes(allowed)):
+    for part in (b"FT-map-1", salt, namespace, eid, _policy_bytes(allowed)):
         h.update(len(part).to_bytes(4, "little"))
         h.update(part)
     h.update(prefix)
@@ -92,6 +97,17 @@ def read_entry(
 ) -> Hit | None:
     """The hit ``value`` holds for exactly this asker, or None (another prefix, a collision, a
     damaged entry). ``value`` may be a buffer into the mapping: nothing of it is kept."""
+    found = confirm(value, namespace, eid, allowed, prefix)
+    if found is None:
+        return None
+    cut, tokens = found
+    return Hit(tokens.cast("I").tolist(), cut)
+
+
+def confirm(
+    value: Any, namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes
+) -> tuple[int, memoryview] | None:
+    """``(cut, token bytes)`` of ``value`` if it is this asker's entry and intact, else None."""
     view = memoryview(value)
     if len(view) < _HEADER.size + _META.size:
         return None
@@ -120,7 +136,7 @@ def read_entry(
     h.update(view[_HEADER.size :])
     if h.intdigest() != checksum:
         return None
-    return Hit(view[at:end].cast("I").tolist(), cut)
+    return cut, view[at:end]
 
 
 def entry_cost(key: bytes, value_len: int) -> int:
@@ -222,22 +238,28 @@ class MapReader:
     def __init__(self, path: str) -> None:
         self.path = path
         self._failed_pid = 0  # the pid that found no usable map (retried on reopen())
+        self.last_key = b""  # the key of the last hit (for the touches a worker reports)
 
     def get(
         self, namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes
     ) -> Hit | None:
         """The confirmed hit for this prefix, or None (not there, not ours, not usable)."""
-        key = entry_key(namespace, eid, allowed, prefix)
         with _envs_lock:
             env = self._env()
             if env is None:
                 return None
             try:
                 with env.begin(buffers=True) as txn:
+                    salt = txn.get(_SALT_KEY)
+                    if salt is None:
+                        return None
+                    key = entry_key(bytes(salt), namespace, eid, allowed, prefix)
                     value = txn.get(key)
                     if value is None:
                         return None
-                    return read_entry(value, namespace, eid, allowed, prefix)
+                    hit = read_entry(value, namespace, eid, allowed, prefix)
+                    self.last_key = key
+                    return hit
             except lmdb.Error:
                 self._failed_pid = os.getpid()
                 return None
@@ -299,6 +321,10 @@ class MapWriter:
                 env = environment(self.path, writer_map_size=self._map_size)
         with env.begin(write=True) as txn:
             txn.put(_VERSION_KEY, FORMAT)
+            self.salt = bytes(txn.get(_SALT_KEY) or b"")
+            if len(self.salt) != 16:
+                self.salt = os.urandom(16)
+                txn.put(_SALT_KEY, self.salt)
         return env
 
     def _index(self, env: lmdb.Environment) -> None:
@@ -307,7 +333,7 @@ class MapWriter:
         with env.begin(buffers=True) as txn:
             for key, value in txn.cursor():
                 key = bytes(key)
-                if key == _VERSION_KEY:
+                if key in (_VERSION_KEY, _SALT_KEY):
                     continue
                 if len(key) != 16 or bytes(value[:4]) != FORMAT:
                     damaged.append(key)
@@ -370,6 +396,31 @@ class MapWriter:
         if self._drop_from_order(key):
             with self.env.begin(write=True) as txn:
                 txn.delete(key)
+
+    def store(
+        self,
+        namespace: bytes,
+        eid: bytes,
+        allowed: tuple[str, ...],
+        prefix: bytes,
+        cut: int,
+        tokens: bytes,
+    ) -> bool:
+        """Store a declared prefix's split (``tokens`` as little-endian uint32 bytes)."""
+        key = self.key(namespace, eid, allowed, prefix)
+        return self.put(key, pack_entry(namespace, eid, allowed, prefix, cut, tokens))
+
+    def key(self, namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes) -> bytes:
+        return entry_key(self.salt, namespace, eid, allowed, prefix)
+
+    def get(
+        self, namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes
+    ) -> tuple[int, bytes] | None:
+        """The daemon's own read: ``(cut, token bytes)`` for a client with no map (TCP)."""
+        with self.env.begin(buffers=True) as txn:
+            value = txn.get(self.key(namespace, eid, allowed, prefix))
+            found = None if value is None else confirm(value, namespace, eid, allowed, prefix)
+            return None if found is None else (found[0], bytes(found[1]))
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._order

@@ -15,20 +15,26 @@ import pytest
 lmdb = pytest.importorskip("lmdb")
 
 from flashtoken import sharedmap  # noqa: E402
-from flashtoken.sharedmap import MapReader, MapWriter, entry_key, pack_entry  # noqa: E402
+from flashtoken.sharedmap import MapReader, MapWriter, pack_entry  # noqa: E402
 
 EID = bytes(range(32))
 NS = b"tenant-a"
 ALLOWED = ("<|endoftext|>",)
 
 
-def _entry(i: int, size: int = 2000) -> tuple[bytes, bytes, list[int]]:
-    """Prefix ``i``: its key, value and tokens (distinct for every ``i``)."""
-    prefix = f"prefix {i}: ".encode() + bytes([65 + i % 26]) * size
-    tokens = [(i * 7919 + j) % 200_000 for j in range(size // 4)]
-    key = entry_key(NS, EID, ALLOWED, prefix)
-    value = pack_entry(NS, EID, ALLOWED, prefix, len(prefix) - 3, array("I", tokens).tobytes())
-    return key, value, tokens
+def _tokens(i: int, size: int = 2000) -> list[int]:
+    return [(i * 7919 + j) % 200_000 for j in range(size // 4)]
+
+
+def _put(writer: MapWriter, i: int) -> bool:
+    """Store prefix ``i`` (distinct tokens for every ``i``)."""
+    prefix = _prefix(i)
+    tokens = array("I", _tokens(i)).tobytes()
+    return writer.store(NS, EID, ALLOWED, prefix, len(prefix) - 3, tokens)
+
+
+def _key(writer: MapWriter, i: int) -> bytes:
+    return writer.key(NS, EID, ALLOWED, _prefix(i))
 
 
 def _prefix(i: int, size: int = 2000) -> bytes:
@@ -62,8 +68,7 @@ def _read_elsewhere(path: str, indices: list[int]) -> dict[int, list | None]:
 
 
 def _expected(i: int) -> list:
-    key, value, tokens = _entry(i)
-    return [len(_prefix(i)) - 3, tokens]
+    return [len(_prefix(i)) - 3, _tokens(i)]
 
 
 @pytest.fixture
@@ -77,8 +82,7 @@ def path(tmp_path) -> str:
 def test_a_worker_reads_what_the_daemon_wrote_and_only_that(path) -> None:
     writer = MapWriter(path, 1 << 24)
     for i in range(5):
-        key, value, _ = _entry(i)
-        assert writer.put(key, value)
+        assert _put(writer, i)
     got = _read_elsewhere(path, [0, 1, 2, 3, 4, 5])
     assert got == {i: _expected(i) for i in range(5)} | {5: None}
     # The same prefix asked for by another tenant, encoding or policy is no hit: the key locates,
@@ -94,9 +98,9 @@ def test_a_worker_reads_what_the_daemon_wrote_and_only_that(path) -> None:
 def test_a_colliding_key_is_never_a_hit(path) -> None:
     """An entry stored under another prefix's key (a crafted collision) spells another prefix."""
     writer = MapWriter(path, 1 << 24)
-    victim_key, _, _ = _entry(1)
-    _, attacker_value, _ = _entry(2)
-    writer.put(victim_key, attacker_value)
+    attacker = _prefix(2)
+    value = pack_entry(NS, EID, ALLOWED, attacker, 5, array("I", _tokens(2)).tobytes())
+    writer.put(_key(writer, 1), value)
     assert _read_elsewhere(path, [1, 2]) == {1: None, 2: None}
 
 
@@ -105,9 +109,8 @@ def test_the_budget_holds_and_recently_used_entries_stay(path) -> None:
     writer = MapWriter(path, budget)
     keys = []
     for i in range(100):
-        key, value, _ = _entry(i)
-        writer.put(key, value)
-        keys.append(key)
+        _put(writer, i)
+        keys.append(_key(writer, i))
         writer.touch([keys[0]])  # a reader keeps hitting the first one
         assert writer.bytes <= budget
     assert keys[0] in writer and keys[99] in writer and keys[1] not in writer
@@ -123,13 +126,12 @@ WRITER = textwrap.dedent(
     """
     import sys
     sys.path.insert(0, {root!r})
-    from tests.test_sharedmap import _entry
+    from tests.test_sharedmap import _put
     from flashtoken.sharedmap import MapWriter
     writer = MapWriter({path!r}, {budget})
     i = 0
     while True:
-        key, value, _ = _entry(i)
-        writer.put(key, value)
+        _put(writer, i)
         if i == 50:
             print("written", flush=True)
         i += 1
@@ -157,7 +159,7 @@ def test_a_daemon_killed_mid_write_leaves_a_map_that_is_exact(path) -> None:
 def test_a_damaged_map_is_never_believed(path) -> None:
     writer = MapWriter(path, 1 << 24)
     for i in range(30):
-        writer.put(*_entry(i)[:2])
+        _put(writer, i)
     writer.close()
     data = os.path.join(path, "data.mdb")
     size = os.path.getsize(data)
@@ -169,13 +171,13 @@ def test_a_damaged_map_is_never_believed(path) -> None:
     reopened = MapWriter(path, 1 << 24)  # indexes what holds together, or rebuilds
     got = _read_elsewhere(path, list(range(30)))
     assert all(v is None or v == _expected(i) for i, v in got.items())
-    assert reopened.put(*_entry(99)[:2])
+    assert _put(reopened, 99)
     assert _read_elsewhere(path, [99]) == {99: _expected(99)}
 
 
 def test_a_map_open_to_others_is_neither_read_nor_kept(path) -> None:
     writer = MapWriter(path, 1 << 24)
-    writer.put(*_entry(0)[:2])
+    _put(writer, 0)
     writer.close()
     os.chmod(os.path.join(path, "data.mdb"), 0o644)
     assert _read_elsewhere(path, [0]) == {0: None}  # a worker refuses it
@@ -186,7 +188,7 @@ def test_a_map_open_to_others_is_neither_read_nor_kept(path) -> None:
 
 def test_a_forked_worker_opens_its_own_view(path) -> None:
     writer = MapWriter(path, 1 << 24)
-    writer.put(*_entry(3)[:2])
+    _put(writer, 3)
     writer.close()  # the daemon is another process; here, a worker (gunicorn's master) forks
     reader = MapReader(path)
     assert reader.get(NS, EID, ALLOWED, _prefix(3)) is not None  # used before the fork
@@ -213,7 +215,7 @@ HOLDER = textwrap.dedent(
 
 def test_a_worker_killed_mid_read_does_not_block_the_writer(path) -> None:
     writer = MapWriter(path, 30 * 4096)
-    writer.put(*_entry(0)[:2])
+    _put(writer, 0)
     with subprocess.Popen(
         [sys.executable, "-c", HOLDER.format(path=path)],
         stdin=subprocess.PIPE,
@@ -225,5 +227,5 @@ def test_a_worker_killed_mid_read_does_not_block_the_writer(path) -> None:
         holder.wait(timeout=30)
     assert writer.check_readers() == 1
     for i in range(200):  # many times the budget: pages are reused, the map never fills
-        assert writer.put(*_entry(i)[:2])
+        assert _put(writer, i)
     assert writer.bytes <= 30 * 4096

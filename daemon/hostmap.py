@@ -1,0 +1,79 @@
+"""The daemon's side of the host's shared map: declared prefixes, stored where workers read them.
+
+The daemon stays the map's only writer (flashtoken/sharedmap.py): it encodes a prefix from the
+bytes it received, derives the key itself, writes the entry, evicts least recently used first
+within ``max_bytes`` and counts. Workers read the map without asking, and report the keys they
+hit in batches (TOUCH), which is how those hits reach the LRU order and ``get_hits``.
+
+Touched only from the daemon's loop thread, like the store.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from flashtoken.sharedmap import MapWriter, map_path
+
+__all__ = ["HostMap"]
+
+_READER_CHECK_S = 5.0  # how often slots of dead readers are cleared
+
+
+class HostMap:
+    """One map per daemon, next to its socket (the same private directory)."""
+
+    def __init__(self, socket_path: str, max_bytes: int) -> None:
+        self.writer = MapWriter(map_path(os.path.dirname(socket_path)), max_bytes)
+        self.counters = {
+            "map_stores": 0,
+            "map_refused": 0,
+            "map_touched": 0,
+            "map_readers_cleared": 0,
+        }
+        self._next_check = time.monotonic() + _READER_CHECK_S
+
+    def get(
+        self, namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes
+    ) -> tuple[int, bytes] | None:
+        """``(cut, token bytes)`` for a client that asked instead of reading (no map there)."""
+        return self.writer.get(namespace, eid, allowed, prefix)
+
+    def store(
+        self,
+        namespace: bytes,
+        eid: bytes,
+        allowed: tuple[str, ...],
+        prefix: bytes,
+        cut: int,
+        tokens: bytes,
+    ) -> bool:
+        stored = self.writer.store(namespace, eid, allowed, prefix, cut, tokens)
+        self.counters["map_stores" if stored else "map_refused"] += 1
+        return stored
+
+    def touch(self, keys: bytes) -> int:
+        """A worker's batch of hits: those entries become the most recently used."""
+        held = self.writer.touch([keys[i : i + 16] for i in range(0, len(keys), 16)])
+        self.counters["map_touched"] += held
+        return held
+
+    def housekeeping(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + _READER_CHECK_S
+            self.counters["map_readers_cleared"] += self.writer.check_readers()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "map_curr_items": len(self.writer),
+            "map_bytes": self.writer.bytes,
+            "map_limit_maxbytes": self.writer.max_bytes,
+            "map_evictions": self.writer.evictions,
+            "map_rebuilds": self.writer.rebuilds,
+            **self.counters,
+        }
+
+    def close(self) -> None:
+        self.writer.close()
