@@ -2,7 +2,9 @@
 
     flashtoken-daemon [serve] [--bind ADDRESS] [--max-bytes 512MiB] [--encodings a,b]
                       [--fill-threads N] [--max-prefix-bytes 4MiB] [--log-level INFO]
-                      [--exit-with-parent]
+                      [--exit-with-parent] [--fleet-url URL --fleet-secret-file PATH]
+                      [--fleet-key-prefix flashtoken:] [--fleet-timeout-ms 50]
+                      [--fleet-queue-bytes 64MiB]
     flashtoken-daemon stats [--bind ADDRESS] [--json] [--timeout-ms 2000]
 
 Exit status: 0 after a clean shutdown (SIGTERM / SIGINT) or a stats reply; 1 when the daemon
@@ -103,6 +105,29 @@ def _parser() -> argparse.ArgumentParser:
         help=_HELP["log_level"],
     )
     serve.add_argument("--exit-with-parent", action="store_true", help=_HELP["exit_with_parent"])
+    fleet = serve.add_argument_group("fleet tier", "share fills across hosts (docs/FLEET.md)")
+    fleet.add_argument("--fleet-url", metavar="URL", help=_HELP["fleet_url"])
+    fleet.add_argument("--fleet-secret-file", metavar="PATH", help=_HELP["fleet_secret_file"])
+    fleet.add_argument(
+        "--fleet-key-prefix",
+        default=DEFAULTS["fleet_key_prefix"],
+        metavar="STRING",
+        help=_HELP["fleet_key_prefix"],
+    )
+    fleet.add_argument(
+        "--fleet-timeout-ms",
+        type=_positive,
+        default=DEFAULTS["fleet_timeout_ms"],
+        metavar="MS",
+        help=_HELP["fleet_timeout_ms"],
+    )
+    fleet.add_argument(
+        "--fleet-queue-bytes",
+        type=_size,
+        default=DEFAULTS["fleet_queue_bytes"],
+        metavar="SIZE",
+        help=_HELP["fleet_queue_bytes"],
+    )
     # Test-only: truncate keys to N bytes so that tests can force collisions.
     serve.add_argument("--debug-key-bytes", type=_positive, default=None, help=argparse.SUPPRESS)
 
@@ -160,6 +185,11 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         exit_with_parent=args.exit_with_parent,
         debug_key_bytes=args.debug_key_bytes,
+        fleet_url=args.fleet_url,
+        fleet_secret_file=args.fleet_secret_file,
+        fleet_key_prefix=args.fleet_key_prefix,
+        fleet_timeout_ms=args.fleet_timeout_ms,
+        fleet_queue_bytes=args.fleet_queue_bytes,
     )
     server = Server(config)
     try:

@@ -64,6 +64,7 @@ from flashtoken.protocol import (
 
 from .chains import ChainHandlers, ChainResult
 from .encodings import Loaded, check_loaded, load
+from .fleet import FleetConfigError, FleetTier, Found
 from .settings import FAILED_FILLS_KEPT, Config
 from .store import Entry, Store
 
@@ -103,6 +104,7 @@ class Server(ChainHandlers):
         self._failed: OrderedDict[bytes, tuple[str, tuple[str, ...], bytes, str]] = OrderedDict()
         self._results: queue.SimpleQueue[_FillResult | ChainResult] = queue.SimpleQueue()
         self._pool: ThreadPoolExecutor | None = None
+        self.fleet: FleetTier | None = None  # the fleet tier (daemon/fleet.py), if configured
         self._stopping = False
         self._started = time.monotonic()
         self._parent = os.getppid()
@@ -137,6 +139,10 @@ class Server(ChainHandlers):
                 self._encodings[name] = load(name)
             except Exception as exc:
                 raise StartupError(f"cannot load encoding {name!r}: {exc}") from exc
+        try:
+            self.fleet = FleetTier.from_config(self.config)
+        except FleetConfigError as exc:
+            raise StartupError(str(exc)) from exc
         address = self.config.bind
         path = ipc_path(address)
         if path is not None:
@@ -255,6 +261,8 @@ class Server(ChainHandlers):
         if self._pool is not None:
             # A running encode cannot be interrupted; queued ones are dropped.
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.fleet is not None:
+            self.fleet.close()
         for sock in (self._router, self._publisher):
             if sock is not None:
                 sock.close(linger=0)
@@ -405,15 +413,27 @@ class Server(ChainHandlers):
             loaded = self._encodings.get(request.enc) or load(request.enc)
             check_loaded(loaded, request)
             prefix = request.prefix.decode("utf-8")
-            split = split_prefix(loaded.enc, prefix, allowed_special=frozenset(request.allowed))
-            # cut_byte too: a declared prefix is a root block, usable as a chain's first block.
+            # The fleet tier first (its own timeout; a checked value or None), then tiktoken.
+            # request.key stands for the namespace: it is derived from the client's salt.
+            fleet, scope = self.fleet, (loaded, request.allowed, request.prefix)
+            found = fleet.lookup(request.key, *scope, prefix) if fleet else None
+            if found is None:
+                split = split_prefix(loaded.enc, prefix, allowed_special=frozenset(request.allowed))
+                # cut_byte too: a declared prefix is a root block, usable as a chain's first block.
+                found = Found(
+                    tokens_to_frame(array("I", split.head)),
+                    split.cut,
+                    len(prefix[: split.cut].encode("utf-8")),
+                )
+                if fleet:
+                    fleet.put(request.key, *scope, found)  # queued: written behind
             entry = Entry(
                 request.prefix,
                 request.enc,
                 request.allowed,
-                tokens_to_frame(array("I", split.head)),
-                split.cut,
-                cut_byte=len(prefix[: split.cut].encode("utf-8")),
+                found.tokens,
+                found.cut,
+                cut_byte=found.cut_byte,
             )
             result = _FillResult(key, request, entry=entry, loaded=loaded)
         except (SystemExit, KeyboardInterrupt):
@@ -467,6 +487,8 @@ class Server(ChainHandlers):
         out.update(self.store.stats())
         out.update(self.counters)
         out["fills_pending"] = len(self._filling)
+        if self.fleet is not None:
+            out.update(self.fleet.stats())
         out["encodings_loaded"] = sorted(self._encodings)
         return out
 

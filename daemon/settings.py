@@ -63,6 +63,34 @@ SETTINGS: tuple[Setting, ...] = (
         "flag",
         "exit when the process that started the daemon exits (gunicorn on_starting hooks)",
     ),
+    # The fleet tier (daemon/fleet.py, docs/FLEET.md): off unless fleet_url is given.
+    Setting(
+        "fleet_url",
+        None,
+        "url",
+        "Valkey / Redis shared by the fleet's daemons: redis://[user:password@]host:port/db,"
+        " rediss:// (TLS) or unix:///path.sock; needs fleet_secret_file",
+    ),
+    Setting(
+        "fleet_secret_file",
+        None,
+        "path",
+        "file of fleet secrets, one a line (>= 16 bytes each): the first signs values, every"
+        " one verifies them (rotation)",
+    ),
+    Setting("fleet_key_prefix", "flashtoken:", "string", "prefix of every fleet key (for ACLs)"),
+    Setting(
+        "fleet_timeout_ms",
+        50,
+        "ms",
+        "timeout of each fleet call (connect, lookup, write); a fill waits at most this long",
+    ),
+    Setting(
+        "fleet_queue_bytes",
+        64 * MiB,
+        "bytes",
+        "bytes of fleet writes queued at most; a write beyond that is dropped and counted",
+    ),
 )
 
 DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}
@@ -88,6 +116,11 @@ class Config:
     hwm: int = DEFAULTS["hwm"]
     log_level: str = DEFAULTS["log_level"]
     exit_with_parent: bool = DEFAULTS["exit_with_parent"]
+    fleet_url: str | None = DEFAULTS["fleet_url"]
+    fleet_secret_file: str | None = DEFAULTS["fleet_secret_file"]
+    fleet_key_prefix: str = DEFAULTS["fleet_key_prefix"]
+    fleet_timeout_ms: int = DEFAULTS["fleet_timeout_ms"]
+    fleet_queue_bytes: int = DEFAULTS["fleet_queue_bytes"]
     # Test-only (hidden flag --debug-key-bytes): truncate keys to force collisions.
     debug_key_bytes: int | None = field(default=None)
 
@@ -95,9 +128,16 @@ class Config:
         """The settings as a STATS reply carries them."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["encodings"] = list(self.encodings)
+        out["fleet_url"] = _redact(self.fleet_url)  # a URL may carry the password
         if self.debug_key_bytes is None:
             del out["debug_key_bytes"]
         return out
+
+
+def _redact(url: str | None) -> str | None:
+    from .fleet import redact_url  # imports no redis: that happens when a tier is made
+
+    return redact_url(url)
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
