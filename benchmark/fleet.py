@@ -71,6 +71,10 @@ def _worker(args: dict[str, Any], barrier: Any, out: Any) -> None:
         picks = corpus.zipf_indices(rng, len(prefixes), args["requests"], ZIPF_S)
         suffixes = [corpus.suffix(rng.randint(40, 200), rng) for _ in range(64)]
         client = sidecar.make_client(args["address"], ENC)
+        # One-time costs out of the window (tables built on a process's first encode and first
+        # hit): a prefix of this worker's own, a miss then hits, before the barrier.
+        own = corpus.system_prompt(8 * KiB, rng, tenant=10_000 + args["worker"])
+        sidecar.warm(client, own)
         got: list[list[int]] = []
         barrier.wait(timeout=120)
         t0 = time.perf_counter()
@@ -125,22 +129,33 @@ def cold_start(address: str, workers: int, requests: int, prefixes: int) -> dict
     }
 
 
-def _fill_tier(host: Host, prefixes: list[str], timeout_s: float = 300) -> None:
-    """Host A fills every prefix (so it writes them to the tier); waits for the writes.
+def _fill_tier(fleet: list[str], prefixes: list[str], timeout_s: float = 300) -> None:
+    """Host A fills every prefix, so that the tier holds them all.
 
     A fresh client each round: a client keeps what it encoded itself in its L1, and would not
-    ask again for a prefix whose fill was refused (``max_pending_fills``) or timed out."""
+    ask again for a prefix whose fill was refused (``max_pending_fills``) or timed out. A write
+    the tier did not take (``fleet_writes_dropped``: a timeout under load) is not retried by a
+    daemon that holds the prefix already, so a fresh host A tops the tier up."""
+    distinct = len(set(prefixes))
     deadline = time.monotonic() + timeout_s
-    while (written := host.stats()["stats"]["fleet_writes"]) < len(set(prefixes)):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"host A wrote {written} of {len(set(prefixes))} values")
-        client = sidecar.make_client(host.address, ENC)
-        try:
-            for p in prefixes:
-                client.encode_ordinary("", prefix=p)  # a miss asks A to fill; a hit is cheap
-        finally:
-            client.close()
-        time.sleep(0.2)
+    while True:
+        with Host(*fleet) as host:
+            while True:
+                st = host.stats()["stats"]
+                held = st["fleet_hits"] + st["fleet_writes"]
+                if held + st["fleet_writes_dropped"] >= distinct:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"host A: {st}")
+                client = sidecar.make_client(host.address, ENC)
+                try:
+                    for p in prefixes:
+                        client.encode_ordinary("", prefix=p)  # a miss asks A to fill
+                finally:
+                    client.close()
+                time.sleep(0.2)
+        if held >= distinct:
+            return
 
 
 def fleet_hit_cost(url: str, quick: bool) -> dict[str, Any]:
@@ -197,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--prefixes", type=int, default=200)
     parser.add_argument("--requests", type=int, default=None, help="per worker (default 400)")
+    parser.add_argument("--rounds", type=int, default=None, help="default 3 (--quick: 1)")
     parser.add_argument("--out", default="benchmark/out/fleet.json")
     args = parser.parse_args(argv)
     requests = args.requests or (150 if args.quick else 400)
@@ -219,24 +235,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prefixes = _prefixes(args.prefixes)
         print(f"host A fills {len(prefixes)} prefixes into the tier ...", flush=True)
-        with Host(*fleet) as host_a:
-            _fill_tier(host_a, prefixes)
-        runs = {}
-        for name, flags in (("without the tier", []), ("with the tier", fleet)):
-            with Host(*flags) as host_b:
-                run = cold_start(host_b.address, args.workers, requests, args.prefixes)
-                run["daemon"] = {
-                    k: v
-                    for k, v in host_b.stats()["stats"].items()
-                    if k.startswith(("fill", "fleet"))
-                }
-            runs[name] = run
-            print(
-                f"host B {name}: {run['requests_per_s']:.0f} req/s"
-                f" ({run['requests']} requests in {run['wall_s']:.2f} s,"
-                f" wrong ids {run['wrong_ids']}); daemon {run['daemon']}",
-                flush=True,
-            )
+        _fill_tier(fleet, prefixes)
+        # Rounds alternate the two cases, so that load from other processes hits both alike;
+        # each round is a fresh host B. The median round of each is reported.
+        rounds: dict[str, list[dict[str, Any]]] = {"without the tier": [], "with the tier": []}
+        for _ in range(args.rounds or (1 if args.quick else 3)):
+            for name, flags in (("without the tier", []), ("with the tier", fleet)):
+                with Host(*flags) as host_b:
+                    run = cold_start(host_b.address, args.workers, requests, args.prefixes)
+                    run["daemon"] = {
+                        k: v
+                        for k, v in host_b.stats()["stats"].items()
+                        if k.startswith(("fill", "fleet", "waited", "get_"))
+                    }
+                rounds[name].append(run)
+                print(
+                    f"host B {name}: {run['requests_per_s']:.0f} req/s"
+                    f" ({run['requests']} requests in {run['wall_s']:.2f} s,"
+                    f" wrong ids {run['wrong_ids']}); daemon {run['daemon']}",
+                    flush=True,
+                )
+        runs = {
+            name: sorted(rs, key=lambda r: r["requests_per_s"])[len(rs) // 2] | {"rounds": rs}
+            for name, rs in rounds.items()
+        }
         ratio = runs["with the tier"]["requests_per_s"] / runs["without the tier"]["requests_per_s"]
         result["cold_start"] = runs | {"ratio": ratio, "target": 3.0, "met": ratio >= 3.0}
         hit = fleet_hit_cost(valkey.url, args.quick)
@@ -256,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2, default=str)
     print(f"wrote {args.out}")
-    wrong = sum(r["wrong_ids"] for r in result["cold_start"].values() if isinstance(r, dict))
+    wrong = sum(r["wrong_ids"] for rs in rounds.values() for r in rs)
     return 1 if wrong else 0
 
 
