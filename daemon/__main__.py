@@ -4,7 +4,7 @@
                       [--fill-threads N] [--max-prefix-bytes 4MiB] [--log-level INFO]
                       [--exit-with-parent] [--fleet-url URL --fleet-secret-file PATH]
                       [--fleet-key-prefix flashtoken:] [--fleet-timeout-ms 50]
-                      [--fleet-queue-bytes 64MiB]
+                      [--fleet-wait-ms 5] [--fleet-queue-bytes 64MiB]
     flashtoken-daemon stats [--bind ADDRESS] [--json] [--timeout-ms 2000]
 
 Exit status: 0 after a clean shutdown (SIGTERM / SIGINT) or a stats reply; 1 when the daemon
@@ -38,6 +38,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
     return value
 
 
@@ -122,6 +129,13 @@ def _parser() -> argparse.ArgumentParser:
         help=_HELP["fleet_timeout_ms"],
     )
     fleet.add_argument(
+        "--fleet-wait-ms",
+        type=_non_negative,
+        default=DEFAULTS["fleet_wait_ms"],
+        metavar="MS",
+        help=_HELP["fleet_wait_ms"],
+    )
+    fleet.add_argument(
         "--fleet-queue-bytes",
         type=_size,
         default=DEFAULTS["fleet_queue_bytes"],
@@ -190,6 +204,7 @@ def _serve(args: argparse.Namespace) -> int:
         fleet_key_prefix=args.fleet_key_prefix,
         fleet_timeout_ms=args.fleet_timeout_ms,
         fleet_queue_bytes=args.fleet_queue_bytes,
+        fleet_wait_ms=args.fleet_wait_ms,
     )
     server = Server(config)
     try:

@@ -62,6 +62,9 @@ _BATCH_BYTES = 4 * 1024 * 1024
 _BATCH_ITEMS = 64
 # Consecutive failures that open the breaker, its first and longest cool-down (seconds).
 _BREAKER = (3, 0.25, 5.0)
+# What tiktoken takes to encode a byte, about (cl100k/o200k: 32 KiB in 2-5 ms on a shared core):
+# a GET waits for the fleet at most about what its worker would spend encoding the prefix.
+_ENCODE_S_PER_BYTE = 100e-9
 # Each queued write costs its key and value plus about this much (deque slot, tuple, bytes).
 _QUEUE_OVERHEAD = 128
 
@@ -234,6 +237,7 @@ class FleetTier:
         timeout_ms: int = 50,
         queue_bytes: int = 64 * 1024 * 1024,
         pool_size: int = 3,
+        wait_ms: float = 5,
     ) -> None:
         if not secrets:
             raise FleetConfigError("the fleet tier needs a secret (--fleet-secret-file)")
@@ -242,6 +246,7 @@ class FleetTier:
         self.key_prefix = key_prefix.encode()
         self.timeout = timeout_ms / 1000
         self.queue_bytes = queue_bytes
+        self.wait = wait_ms / 1000
         self._redis = _connect(url, self.timeout, pool_size)
         self._lock = threading.Lock()
         self._breaker = Breaker(*_BREAKER)
@@ -290,7 +295,17 @@ class FleetTier:
             timeout_ms=config.fleet_timeout_ms,
             queue_bytes=config.fleet_queue_bytes,
             pool_size=config.fill_threads + 1,
+            wait_ms=config.fleet_wait_ms,
         )
+
+    def wait_s(self, prefix_bytes: int) -> float:
+        """How long a GET miss may wait for its fill's lookup: 0 while the breaker is not closed
+        (a lookup would not be made, or would likely time out), else the shorter of
+        ``wait_ms`` and about what encoding the prefix costs."""
+        with self._lock:
+            if self._breaker.state != "closed":
+                return 0.0
+        return min(self.wait, prefix_bytes * _ENCODE_S_PER_BYTE)
 
     # -- the fill's two calls --------------------------------------------------------------------
 

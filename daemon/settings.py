@@ -86,6 +86,13 @@ SETTINGS: tuple[Setting, ...] = (
         "timeout of each fleet call (connect, lookup, write); a fill waits at most this long",
     ),
     Setting(
+        "fleet_wait_ms",
+        5,
+        "ms",
+        "longest a GET miss waits for its fill's fleet lookup (never longer than encoding the"
+        " prefix would take, about); 0: answer misses at once",
+    ),
+    Setting(
         "fleet_queue_bytes",
         64 * MiB,
         "bytes",
@@ -121,6 +128,7 @@ class Config:
     fleet_key_prefix: str = DEFAULTS["fleet_key_prefix"]
     fleet_timeout_ms: int = DEFAULTS["fleet_timeout_ms"]
     fleet_queue_bytes: int = DEFAULTS["fleet_queue_bytes"]
+    fleet_wait_ms: int = DEFAULTS["fleet_wait_ms"]
     # Test-only (hidden flag --debug-key-bytes): truncate keys to force collisions.
     debug_key_bytes: int | None = field(default=None)
 
