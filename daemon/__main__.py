@@ -3,6 +3,7 @@
     flashtoken-daemon [serve] [--bind ADDRESS] [--max-bytes 512MiB] [--encodings a,b]
                       [--fill-threads N] [--max-prefix-bytes 4MiB] [--log-level INFO]
                       [--log-format text|json] [--metrics-port PORT] [--exit-with-parent]
+                      [--fleet-url URL --fleet-secret-file PATH] [--fleet-timeout-ms 50] ...
     flashtoken-daemon stats [--bind ADDRESS] [--format memcached|json|prometheus]
     flashtoken-daemon --version
 
@@ -31,7 +32,7 @@ from .settings import SETTINGS, Config
 
 _COMMANDS = ("serve", "stats", "settings")
 _EXTRA_HINT = "install the daemon's extra: pip install 'flashtoken[daemon]'"
-_METAVARS = {"size": "SIZE", "count": "N", "names": "NAMES", "address": "ADDRESS"}
+_METAVARS = {"size": "SIZE", "count": "N", "ms": "MS", "names": "NAMES", "address": "ADDRESS"}
 
 
 def _typed(setting: Setting) -> Any:

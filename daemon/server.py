@@ -64,6 +64,7 @@ from flashtoken.protocol import (
 
 from .chains import ChainHandlers, ChainResult
 from .encodings import Loaded, check_loaded, load
+from .fleet import FleetConfigError, FleetTier, Found
 from .settings import FAILED_FILLS_KEPT, Config
 from .store import Entry, Store
 
@@ -77,6 +78,15 @@ _RECV_BATCH = 256
 
 class StartupError(Exception):
     """The daemon cannot start; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class _Deferred:
+    """A GET answered when its fill's fleet lookup is done, or at ``deadline`` (see on_get)."""
+
+    key: bytes
+    id: int
+    deadline: float
 
 
 @dataclass(frozen=True)
@@ -100,9 +110,12 @@ class Server(ChainHandlers):
         # on every request: keyed by (seed, blocks found, the first new block's bytes).
         self._failed_auto: OrderedDict[Any, str] = OrderedDict()
         self._parked: deque[TellRequest] = deque()  # TELLs whose parent is being filled
+        # GETs waiting for their fill's fleet lookup: key -> [(identity, request id, deadline)].
+        self._waiting: dict[bytes, list[tuple[bytes, int, float]]] = {}
         self._failed: OrderedDict[bytes, tuple[str, tuple[str, ...], bytes, str]] = OrderedDict()
         self._results: queue.SimpleQueue[_FillResult | ChainResult] = queue.SimpleQueue()
         self._pool: ThreadPoolExecutor | None = None
+        self.fleet: FleetTier | None = None  # the fleet tier (daemon/fleet.py), if configured
         self._stopping = False
         self._started = time.monotonic()
         self._parent = os.getppid()
@@ -123,6 +136,8 @@ class Server(ChainHandlers):
             "blocks_published": 0,
             "tells_unplaced": 0,
             "server_errors": 0,
+            "waited_hits": 0,  # GET misses answered with their fill's tokens (the fleet tier)
+            "waited_misses": 0,  # ... answered as misses after waiting (see on_get)
         }
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -137,6 +152,10 @@ class Server(ChainHandlers):
                 self._encodings[name] = load(name)
             except Exception as exc:
                 raise StartupError(f"cannot load encoding {name!r}: {exc}") from exc
+        try:
+            self.fleet = FleetTier.from_config(self.config)
+        except FleetConfigError as exc:
+            raise StartupError(str(exc)) from exc
         address = self.config.bind
         path = ipc_path(address)
         if path is not None:
@@ -220,7 +239,7 @@ class Server(ChainHandlers):
                 signal.signal(sig, lambda signum, frame: self.stop())
         try:
             while not self._stopping:
-                events = dict(self._poller.poll(_POLL_MS))
+                events = dict(self._poller.poll(self._poll_ms()))
                 if self._router in events:
                     self._drain_router()
                 if self._wake_r in events:
@@ -255,6 +274,8 @@ class Server(ChainHandlers):
         if self._pool is not None:
             # A running encode cannot be interrupted; queued ones are dropped.
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.fleet is not None:
+            self.fleet.close()
         for sock in (self._router, self._publisher):
             if sock is not None:
                 sock.close(linger=0)
@@ -297,6 +318,8 @@ class Server(ChainHandlers):
             except queue.Empty:
                 break
             self._on_fill_done(result)
+        if self._waiting:
+            self._expire_waiting()
         self.store.compact()
         if self.config.exit_with_parent and os.getppid() != self._parent:
             log.info("parent process %d exited; stopping", self._parent)
@@ -314,22 +337,29 @@ class Server(ChainHandlers):
                 return
             identity, body = frames[0], frames[1:]
             reply = self._handle(body)
+            if isinstance(reply, _Deferred):
+                self._waiting.setdefault(reply.key, []).append((identity, reply.id, reply.deadline))
+                continue
             if not reply:
                 continue  # a request that asked for no reply
-            try:
-                router.send_multipart([identity, *reply], zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                pass  # that client's queue is full: it will time out and fall back
-            except zmq.ZMQError as exc:
-                log.debug("reply dropped: %s", exc)
+            self._send(identity, reply)
 
-    def _handle(self, body: list[bytes]) -> list[Any]:
+    def _send(self, identity: bytes, reply: list[Any]) -> None:
+        assert self._router is not None
+        try:
+            self._router.send_multipart([identity, *reply], zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            pass  # that client's queue is full: it will time out and fall back
+        except zmq.ZMQError as exc:
+            log.debug("reply dropped: %s", exc)
+
+    def _handle(self, body: list[bytes]) -> list[Any] | _Deferred:
         request_id = 0
         try:
             request = parse_request(body, max_prefix_bytes=self.config.max_prefix_bytes)
             request_id = request.id
             handler = getattr(self, "on_" + request.op.lower())
-            reply: list[Any] = handler(request)  # [] for a TELL that needs no answer
+            reply: list[Any] | _Deferred = handler(request)  # [] for a TELL: no answer
             return reply
         except ProtocolError as exc:
             self.counters["protocol_errors"] += 1
@@ -346,7 +376,7 @@ class Server(ChainHandlers):
     def on_stats(self, request: Request) -> list[Any]:
         return pack_ok(request.id, stats=self.stats(), settings=self.config.report())
 
-    def on_get(self, request: Request) -> list[Any]:
+    def on_get(self, request: Request) -> list[Any] | _Deferred:
         assert isinstance(request, GetRequest)
         self._check_encoding(request)
         key = request.key
@@ -376,7 +406,46 @@ class Server(ChainHandlers):
             # peek: a key held by another prefix (a collision) is not refilled; see Store.
             self._submit_fill(key, request)
             filling = True
+        if filling and request.fill and self.fleet is not None:
+            # The fill asks the fleet tier first: a late host's first request for a prefix the
+            # fleet holds is answered from it, not encoded by the worker. Waited for at most what
+            # encoding the prefix would cost the worker, so a fleet miss costs it at most twice.
+            wait = self.fleet.wait_s(len(request.prefix))
+            if wait > 0:
+                return _Deferred(key, request.id, time.monotonic() + wait)
         return pack_miss(request.id, filling)
+
+    def _poll_ms(self) -> int:
+        if not self._waiting:
+            return _POLL_MS
+        first = min(d for waiters in self._waiting.values() for _, _, d in waiters)
+        return max(0, min(_POLL_MS, int((first - time.monotonic()) * 1000) + 1))
+
+    def _answer_waiting(self, key: Any, entry: Entry | None) -> None:
+        """Answer the GETs waiting for ``key``: a hit if its fill stored ``entry``, else a miss
+        (their workers encode locally, as they would have without waiting)."""
+        for identity, request_id, _ in self._waiting.pop(key, ()):
+            # The store counted the GET as the miss it was; these say how the wait ended.
+            if entry is not None and entry.alive:
+                self.counters["waited_hits"] += 1
+                self.counters["tokens_served"] += len(entry.tokens) // 4
+                self._send(identity, pack_hit(request_id, entry.cut, entry.tokens))
+            else:
+                self.counters["waited_misses"] += 1
+                self._send(identity, pack_miss(request_id, False))
+
+    def _expire_waiting(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, ws in self._waiting.items() if any(d <= now for _, _, d in ws)]:
+            keep = []
+            for identity, request_id, deadline in self._waiting.pop(key):
+                if deadline <= now:
+                    self.counters["waited_misses"] += 1
+                    self._send(identity, pack_miss(request_id, True))
+                else:
+                    keep.append((identity, request_id, deadline))
+            if keep:
+                self._waiting[key] = keep
 
     def _check_encoding(self, request: GetRequest | AutoRequest | TellRequest) -> None:
         """A request's encoding must be one tiktoken knows and, once loaded here, the very
@@ -405,15 +474,27 @@ class Server(ChainHandlers):
             loaded = self._encodings.get(request.enc) or load(request.enc)
             check_loaded(loaded, request)
             prefix = request.prefix.decode("utf-8")
-            split = split_prefix(loaded.enc, prefix, allowed_special=frozenset(request.allowed))
-            # cut_byte too: a declared prefix is a root block, usable as a chain's first block.
+            # The fleet tier first (its own timeout; a checked value or None), then tiktoken.
+            # request.key stands for the namespace: it is derived from the client's salt.
+            fleet, scope = self.fleet, (loaded, request.allowed, request.prefix)
+            found = fleet.lookup(request.key, *scope, prefix) if fleet else None
+            if found is None:
+                split = split_prefix(loaded.enc, prefix, allowed_special=frozenset(request.allowed))
+                # cut_byte too: a declared prefix is a root block, usable as a chain's first block.
+                found = Found(
+                    tokens_to_frame(array("I", split.head)),
+                    split.cut,
+                    len(prefix[: split.cut].encode("utf-8")),
+                )
+                if fleet:
+                    fleet.put(request.key, *scope, found)  # queued: written behind
             entry = Entry(
                 request.prefix,
                 request.enc,
                 request.allowed,
-                tokens_to_frame(array("I", split.head)),
-                split.cut,
-                cut_byte=len(prefix[: split.cut].encode("utf-8")),
+                found.tokens,
+                found.cut,
+                cut_byte=found.cut_byte,
             )
             result = _FillResult(key, request, entry=entry, loaded=loaded)
         except (SystemExit, KeyboardInterrupt):
@@ -447,12 +528,14 @@ class Server(ChainHandlers):
             )
             while len(self._failed) > FAILED_FILLS_KEPT:
                 self._failed.popitem(last=False)
+            self._answer_waiting(result.key, None)
             return
         assert result.entry is not None and result.loaded is not None
         self._encodings.setdefault(request.enc, result.loaded)
         self.counters["fills"] += 1
         if not self.store.put(result.key, result.entry):
             log.debug("fill of a %d-byte prefix not stored", len(request.prefix))
+        self._answer_waiting(result.key, result.entry)
 
     # -- stats --------------------------------------------------------------------------------
 
@@ -467,6 +550,8 @@ class Server(ChainHandlers):
         out.update(self.store.stats())
         out.update(self.counters)
         out["fills_pending"] = len(self._filling)
+        if self.fleet is not None:
+            out.update(self.fleet.stats())
         out["encodings_loaded"] = sorted(self._encodings)
         return out
 

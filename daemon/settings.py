@@ -103,6 +103,47 @@ SETTINGS: tuple[Setting, ...] = (
         "flag",
         "exit when the process that started the daemon exits (gunicorn on_starting hooks)",
     ),
+    # The fleet tier (daemon/fleet.py, docs/FLEET.md): off unless fleet_url is given.
+    Setting(
+        "fleet_url",
+        None,
+        "text",
+        "Valkey / Redis shared by the fleet's daemons: redis://[user:password@]host:port/db,"
+        " rediss:// (TLS) or unix:///path.sock; needs fleet_secret_file",
+    ),
+    Setting(
+        "fleet_secret_file",
+        None,
+        "text",
+        "file of fleet secrets, one a line (>= 16 bytes each): the first signs values, every"
+        " one verifies them (rotation)",
+    ),
+    Setting("fleet_key_prefix", "flashtoken:", "text", "prefix of every fleet key (for ACLs)"),
+    Setting(
+        "fleet_timeout_ms",
+        50,
+        "ms",
+        "timeout of each fleet call (connect, lookup, write); a fill waits at most this long",
+        above=0,
+        high=60_000,
+    ),
+    Setting(
+        "fleet_wait_ms",
+        5,
+        "ms",
+        "longest a GET miss waits for its fill's fleet lookup (never longer than encoding the"
+        " prefix would take, about); 0: answer misses at once",
+        low=0,
+        high=10_000,
+    ),
+    Setting(
+        "fleet_queue_bytes",
+        64 * MiB,
+        "size",
+        "bytes of fleet writes queued at most; a write beyond that is dropped and counted",
+        low=0,
+        high=64 * GiB,
+    ),
 )
 
 DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}
@@ -130,6 +171,12 @@ class Config:
     exit_with_parent: bool = DEFAULTS["exit_with_parent"]
     log_format: str = DEFAULTS["log_format"]
     metrics_port: int = DEFAULTS["metrics_port"]
+    fleet_url: str | None = DEFAULTS["fleet_url"]
+    fleet_secret_file: str | None = DEFAULTS["fleet_secret_file"]
+    fleet_key_prefix: str = DEFAULTS["fleet_key_prefix"]
+    fleet_timeout_ms: int = DEFAULTS["fleet_timeout_ms"]
+    fleet_queue_bytes: int = DEFAULTS["fleet_queue_bytes"]
+    fleet_wait_ms: int = DEFAULTS["fleet_wait_ms"]
     # Test-only (hidden flag --debug-key-bytes): truncate keys to force collisions.
     debug_key_bytes: int | None = field(default=None)
 
@@ -160,6 +207,14 @@ class Config:
         """The settings as a STATS reply carries them."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["encodings"] = list(self.encodings)
+        out["fleet_url"] = _redact(self.fleet_url)  # a URL may carry the password
         if self.debug_key_bytes is None:
             del out["debug_key_bytes"]
         return out
+
+
+def _redact(url: str | None) -> str | None:
+    from .fleet import redact_url  # imports no redis: that happens when a tier is made
+
+    return redact_url(url)
+
