@@ -183,8 +183,10 @@ class Setting:
         """``value`` normalised (a tuple of names, bytes for a salt), or TypeError / ValueError
         naming the option, what it must be and an example."""
         kind = self.kind
+        if value is None and self.default is None:
+            return None  # an optional setting left unset (no address, no fleet URL)
         if kind == "address":
-            return value if value is None else check_address(value, self.name)
+            return check_address(value, self.name)
         if kind == "flag":
             if not isinstance(value, bool):
                 raise TypeError(f"{self.name} must be True or False, not {value!r}")
