@@ -1,0 +1,440 @@
+"""Encode this text exactly, with the fastest backend that passed the exactness gate.
+
+FlashToken's caches decide what to encode (the suffix, the re-encoded tail, a miss); an
+:class:`Encoder` encodes it. ``backend="tiktoken"`` (the default) is tiktoken itself, the oracle.
+``"toktok"`` (toktok-rs) and ``"gigatoken"`` are Rust tokenizers that offer tiktoken's ids for the
+OpenAI encodings at several times its speed; ``"fastest"`` takes the first of them installed that
+passes the gate, else tiktoken. Only "encode this text" is delegated: cuts, cache keys and the
+special-token checks stay FlashToken's.
+
+Exact or not used (docs/BACKENDS.md says exactly what is proven, gated and sampled):
+
+- **Gated.** Before a backend serves an encoding, it must return tiktoken's ids on the gate
+  (flashtoken/backend_gate.py). One that fails is not used: a ``RuntimeWarning`` names the
+  backend, the encoding and the failing case, and tiktoken encodes instead.
+- **Routed.** A text a backend cannot take goes to tiktoken, transparently: gigatoken always
+  recognises special tokens, so text holding one it should treat as ordinary is tiktoken's;
+  any error a backend raises (toktok rejects lone surrogates, which tiktoken repairs) sends that
+  call to tiktoken, which then gives its own answer or its own exception. A text with a run of
+  ``_LONG_RUN`` whitespace characters goes to tiktoken too: tiktoken's regex overflows its stack
+  on runs near a million (``PanicException``), and a backend that answers there would give a
+  different outcome.
+- **Sampled.** ``shadow_fraction`` of the calls are re-encoded by tiktoken on a background thread
+  (a bounded queue; a full queue drops the sample, never blocks the caller). A disagreement
+  disables the backend for that encoding in the whole process, logs the case and shows in
+  :meth:`Encoder.stats`.
+
+>>> enc = Encoder("cl100k_base")
+>>> enc.encode_ordinary("hello world"), enc.backend
+([15339, 1917], 'tiktoken')
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import queue
+import random
+import re
+import tempfile
+import threading
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import tiktoken
+
+from flashtoken.backend_gate import run_gate
+from flashtoken.encodings import resolve_encoding
+
+__all__ = ["BACKENDS", "Encoder", "get_encoder"]
+
+BACKENDS = ("tiktoken", "toktok", "gigatoken", "fastest")
+"""The names ``backend=`` accepts."""
+
+_FASTEST_ORDER = ("toktok", "gigatoken")
+# Why toktok first: on this project's benchmark texts both are 10-15x tiktoken, toktok has no
+# special-token text it must refuse, and it counts without building ids.
+
+_LONG_RUN = 100_000
+_long_run = re.compile(rf"\s{{{_LONG_RUN}}}")
+_EXTRAS = {"toktok": "toktok-rs", "gigatoken": "gigatoken"}
+_log = logging.getLogger("flashtoken.backends")
+
+
+class _Unsupported(Exception):
+    """The backend has no tokenizer for this encoding."""
+
+
+# -- adapters: a backend's answer, or None where it refuses the text ------------------------------
+
+
+class _TokTok:
+    """toktok-rs: the vocabularies are compiled in; checked here to be tiktoken's, rank by rank."""
+
+    def __init__(self, enc: tiktoken.Encoding) -> None:
+        import toktok
+
+        try:
+            tok = toktok._encoding(enc.name)  # the full surface; the public one only counts
+        except KeyError as exc:
+            raise _Unsupported(f"toktok has no encoding {enc.name!r}") from exc
+        decode = tok.decode_single_token_bytes
+        if dict(tok.special_tokens()) != enc._special_tokens or any(
+            decode(rank) != token for token, rank in enc._mergeable_ranks.items()
+        ):
+            raise _Unsupported(f"toktok's {enc.name} vocabulary is not this Encoding's")
+        self.ordinary: Callable[[str], list[int] | None] = tok.encode_ordinary
+        self.count_ordinary: Callable[[str], int | None] = tok.count
+        self._encode = tok.encode
+
+    def special(self, text: str, allowed: frozenset[str]) -> list[int] | None:
+        return self._encode(text, allowed_special=allowed, disallowed_special=())
+
+
+_GIGA_PRETOKENIZERS = {
+    "cl100k_base": "gpt4",
+    "o200k_base": "o200k",
+    "o200k_harmony": "o200k",
+    "r50k_base": "gpt2",
+}
+
+
+class _Gigatoken:
+    """gigatoken, built from this Encoding's own ranks and special tokens (no file is fetched)."""
+
+    def __init__(self, enc: tiktoken.Encoding) -> None:
+        import gigatoken
+
+        pretokenizer = _GIGA_PRETOKENIZERS.get(enc.name)
+        if pretokenizer is None:
+            raise _Unsupported(f"gigatoken has no split pattern for {enc.name!r}")
+        # gigatoken reads a .tiktoken file; writing the ranks tiktoken itself loaded (from
+        # bpe-openai's shipped file or tiktoken's cache) gives it exactly those, offline.
+        fd, path = tempfile.mkstemp(suffix=".tiktoken")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.writelines(
+                    base64.b64encode(token) + b" %d\n" % rank
+                    for token, rank in sorted(enc._mergeable_ranks.items(), key=lambda x: x[1])
+                )
+            tok = gigatoken.Tokenizer.from_tiktoken(
+                path, pretokenizer=pretokenizer, special_tokens=dict(enc._special_tokens)
+            )
+        finally:
+            os.unlink(path)
+        # The raw encode (a numpy array) recognises every special token: so only texts that
+        # hold no special token outside ``allowed`` are its to take.
+        self._raw = tok.backend.encode
+        self._specials = frozenset(enc._special_tokens)
+        self._starts = tuple({s[0] for s in self._specials})
+        self._patterns: dict[frozenset[str], re.Pattern[str]] = {}
+
+    def _takes(self, text: str, allowed: frozenset[str]) -> bool:
+        if not any(start in text for start in self._starts):
+            return True
+        pattern = self._patterns.get(allowed)
+        if pattern is None:
+            others = sorted(self._specials - allowed, key=len, reverse=True)
+            pattern = re.compile("|".join(map(re.escape, others)) or "(?!)")
+            if len(self._patterns) < 64:
+                self._patterns[allowed] = pattern
+        return pattern.search(text) is None
+
+    def ordinary(self, text: str) -> list[int] | None:
+        return self._raw(text).tolist() if self._takes(text, frozenset()) else None
+
+    def special(self, text: str, allowed: frozenset[str]) -> list[int] | None:
+        return self._raw(text).tolist() if self._takes(text, allowed) else None
+
+    def count_ordinary(self, text: str) -> int | None:
+        return len(self._raw(text)) if self._takes(text, frozenset()) else None
+
+
+_FACTORIES: dict[str, Callable[[tiktoken.Encoding], Any]] = {
+    "toktok": _TokTok,
+    "gigatoken": _Gigatoken,
+}
+
+
+# -- the gate, once per (backend, encoding) and process -------------------------------------------
+
+
+class _State:
+    """One backend on one encoding: its adapter while it is trusted, else why not."""
+
+    def __init__(self, name: str, adapter: Any, disabled: str | None) -> None:
+        self.name = name
+        self.adapter = adapter
+        self.disabled = disabled
+
+    def disable(self, reason: str) -> None:
+        self.disabled = reason
+
+
+_states: weakref.WeakKeyDictionary[tiktoken.Encoding, dict[str, _State]] = (
+    weakref.WeakKeyDictionary()
+)
+_states_lock = threading.Lock()
+
+
+def _state(enc: tiktoken.Encoding, name: str) -> _State:
+    """Load and gate ``name`` for ``enc`` (once). Raises ImportError if it is not installed."""
+    with _states_lock:
+        per_enc = _states.setdefault(enc, {})
+        state = per_enc.get(name)
+        if state is None:
+            state = per_enc[name] = _load_and_gate(enc, name)
+    return state
+
+
+def _load_and_gate(enc: tiktoken.Encoding, name: str) -> _State:
+    try:
+        adapter = _FACTORIES[name](enc)
+    except ImportError as exc:
+        raise ImportError(
+            f"backend {name!r} is not installed: pip install 'flashtoken[{name}]' "
+            f"(or {_EXTRAS.get(name, name)!r}), or use backend='tiktoken'"
+        ) from exc
+    except _Unsupported as exc:
+        return _State(name, None, str(exc))
+    except Exception as exc:  # noqa: BLE001 - a backend that cannot load is not used
+        return _State(name, None, f"{name} did not load {enc.name}: {type(exc).__name__}: {exc}")
+    failure = run_gate(enc, adapter.ordinary, adapter.special)
+    if failure is not None:
+        reason = f"backend {name!r} failed the exactness gate on {enc.name}: {failure}"
+        warnings.warn(reason + "; tiktoken encodes instead", RuntimeWarning, stacklevel=4)
+        return _State(name, None, reason)
+    return _State(name, adapter, None)
+
+
+# -- the encoder ----------------------------------------------------------------------------------
+
+
+def _fatal(exc: BaseException) -> bool:
+    return isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit))
+
+
+class Encoder:
+    """Encodes text as ``encoding`` does, with ``backend`` where it is exact, else tiktoken.
+
+    ``encode_ordinary(text)`` is ``encoding.encode_ordinary(text)``; ``encode(text, allowed)`` is
+    ``encoding.encode(text, allowed_special=allowed, disallowed_special=())``: the caller has
+    checked for disallowed special tokens (FlashToken's caches do). ``backend`` is one of
+    :data:`BACKENDS`; ``shadow_fraction`` (0..1) of the calls served by a fast backend are checked
+    against tiktoken off the request path.
+
+    >>> Encoder("cl100k_base", "fastest").encode_ordinary("hello world")
+    [15339, 1917]
+
+    Raises ValueError for an unknown backend or fraction, and ImportError if a backend named
+    explicitly is not installed (``"fastest"`` never raises: it settles for tiktoken).
+    """
+
+    def __init__(
+        self,
+        encoding: str | tiktoken.Encoding,
+        backend: str = "tiktoken",
+        *,
+        shadow_fraction: float = 0.0,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if not 0.0 <= shadow_fraction <= 1.0:
+            raise ValueError(f"shadow_fraction must lie in [0, 1], not {shadow_fraction!r}")
+        self._enc = enc = resolve_encoding(encoding)
+        self.requested = backend
+        self._state, self._why = _choose(enc, backend)
+        self._fraction = shadow_fraction
+        self._counts = {"fast_calls": 0, "routed_to_tiktoken": 0}
+        self._shadow: _Shadow | None = None
+        if self._state is None:
+            # tiktoken's bound methods themselves: no wrapper on the default path.
+            self.encode_ordinary: Callable[[str], list[int]] = enc.encode_ordinary
+            self.count_ordinary: Callable[[str], int] = lambda text: len(enc.encode_ordinary(text))
+            return
+        adapter = self._state.adapter
+        if shadow_fraction > 0:
+            self._shadow = _Shadow(enc, self._state)
+        self.encode_ordinary = lambda text: self._call(adapter.ordinary, text, None)
+        self.count_ordinary = self._count_fast
+
+    @property
+    def encoding(self) -> tiktoken.Encoding:
+        return self._enc
+
+    @property
+    def backend(self) -> str:
+        """The backend in use now: tiktoken if none passed the gate or one was disabled."""
+        if self._state is None or self._state.disabled:
+            return "tiktoken"
+        return self._state.name
+
+    def encode(self, text: str, allowed: frozenset[str]) -> list[int]:
+        """``encoding.encode(text, allowed_special=allowed, disallowed_special=())``."""
+        if self._state is None:
+            return self._enc.encode(text, allowed_special=allowed, disallowed_special=())
+        return self._call(self._state.adapter.special, text, allowed)
+
+    def _call(self, fn: Callable[..., list[int] | None], text: str, allowed: Any) -> list[int]:
+        state = self._state
+        if state is not None and not state.disabled and not _has_long_run(text):
+            try:
+                ids = fn(text) if allowed is None else fn(text, allowed)
+            except BaseException as exc:  # any refusal, PanicException included: tiktoken's
+                if _fatal(exc):
+                    raise
+                ids = None
+            if ids is not None:
+                self._counts["fast_calls"] += 1
+                if self._shadow is not None and random.random() < self._fraction:
+                    self._shadow.offer(text, allowed, ids)
+                return ids
+            self._counts["routed_to_tiktoken"] += 1
+        if allowed is None:
+            return self._enc.encode_ordinary(text)
+        return self._enc.encode(text, allowed_special=allowed, disallowed_special=())
+
+    def _count_fast(self, text: str) -> int:
+        state = self._state
+        # Under shadow checking counts go through encode_ordinary, so they are sampled too.
+        if state is not None and self._shadow is None and not state.disabled:
+            if not _has_long_run(text):
+                try:
+                    n = state.adapter.count_ordinary(text)
+                except BaseException as exc:
+                    if _fatal(exc):
+                        raise
+                    n = None
+                if n is not None:
+                    self._counts["fast_calls"] += 1
+                    return int(n)
+        return len(self.encode_ordinary(text))
+
+    def stats(self) -> dict[str, object]:
+        """Counters (memcached style) and why the asked backend is not in use, if it is not."""
+        out: dict[str, object] = {
+            "backend": self.backend,
+            "backend_requested": self.requested,
+            "backend_disabled": self._state.disabled if self._state else self._why,
+            "shadow_fraction": self._fraction,
+            **self._counts,
+        }
+        if self._shadow is not None:
+            out.update(self._shadow.counts)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Encoder({self._enc.name!r}, backend={self.backend!r})"
+
+
+def _has_long_run(text: str) -> bool:
+    return len(text) >= _LONG_RUN and _long_run.search(text) is not None
+
+
+def _choose(enc: tiktoken.Encoding, backend: str) -> tuple[_State | None, str | None]:
+    """The trusted state of ``backend`` on ``enc``, or None (tiktoken) and why."""
+    if backend == "tiktoken":
+        return None, None
+    if backend != "fastest":
+        state = _state(enc, backend)
+        return (state, None) if state.adapter is not None else (None, state.disabled)
+    reasons = []
+    for name in _FASTEST_ORDER:
+        try:
+            state = _state(enc, name)
+        except ImportError:
+            reasons.append(f"{name} is not installed")
+            continue
+        if state.adapter is not None and not state.disabled:
+            return state, None
+        reasons.append(str(state.disabled))
+    return None, "; ".join(reasons)
+
+
+_encoders: weakref.WeakKeyDictionary[tiktoken.Encoding, dict[tuple[str, float], Encoder]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def get_encoder(
+    encoding: str | tiktoken.Encoding | Encoder,
+    backend: str | Encoder = "tiktoken",
+    *,
+    shadow_fraction: float = 0.0,
+) -> Encoder:
+    """The process's :class:`Encoder` for ``encoding`` and ``backend`` (one per pair), or
+    ``backend`` itself when it is an Encoder already (which must be of the same encoding)."""
+    enc = encoding.encoding if isinstance(encoding, Encoder) else resolve_encoding(encoding)
+    if isinstance(backend, Encoder):
+        if backend.encoding is not enc:
+            raise ValueError(
+                f"the Encoder is for {backend.encoding.name!r}, the cache for {enc.name!r}"
+            )
+        return backend
+    per_enc = _encoders.setdefault(enc, {})
+    key = (backend, shadow_fraction)
+    encoder = per_enc.get(key)
+    if encoder is None:
+        encoder = per_enc[key] = Encoder(enc, backend, shadow_fraction=shadow_fraction)
+    return encoder
+
+
+# -- shadow verification --------------------------------------------------------------------------
+
+
+class _Shadow:
+    """Re-encodes sampled calls with tiktoken on one daemon thread; disables on a disagreement."""
+
+    MAX_QUEUED = 256
+
+    def __init__(self, enc: tiktoken.Encoding, state: _State) -> None:
+        self._enc = enc
+        self._state = state
+        self._pid = -1
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[tuple[str, Any, list[int]]] = queue.Queue(self.MAX_QUEUED)
+        self.counts = {"shadow_checked": 0, "shadow_dropped": 0, "shadow_mismatches": 0}
+
+    def offer(self, text: str, allowed: Any, ids: list[int]) -> None:
+        if self._pid != os.getpid():  # first use, or a forked child: threads do not survive fork
+            self._start()
+        try:
+            self._queue.put_nowait((text, allowed, list(ids)))
+        except queue.Full:
+            self.counts["shadow_dropped"] += 1
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._queue = queue.Queue(self.MAX_QUEUED)
+            thread = threading.Thread(target=self._run, name="flashtoken-shadow", daemon=True)
+            thread.start()
+            self._pid = os.getpid()
+
+    def _run(self) -> None:
+        q = self._queue
+        while True:
+            text, allowed, ids = q.get()
+            try:
+                if allowed is None:
+                    want = self._enc.encode_ordinary(text)
+                else:
+                    want = self._enc.encode(text, allowed_special=allowed, disallowed_special=())
+            except BaseException as exc:  # tiktoken raised where the backend answered
+                if _fatal(exc):
+                    raise
+                want = f"raises {type(exc).__name__}"  # type: ignore[assignment]
+            self.counts["shadow_checked"] += 1
+            if want != ids:
+                self.counts["shadow_mismatches"] += 1
+                shown = text if len(text) <= 200 else text[:197] + "..."
+                reason = (
+                    f"shadow check: the backend disagreed with tiktoken on {self._enc.name} for"
+                    f" {shown!r} (allowed={sorted(allowed) if allowed else None}); disabled"
+                )
+                self._state.disable(reason)
+                _log.error("%s", reason)
