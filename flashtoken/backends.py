@@ -102,29 +102,37 @@ _GIGA_PRETOKENIZERS = {
 }
 
 
+def gigatoken_tokenizer(enc: tiktoken.Encoding, pretokenizer: str | None = None) -> Any:
+    """A ``gigatoken.Tokenizer`` of ``enc``'s own ranks and special tokens, built offline.
+
+    gigatoken reads a .tiktoken file; writing the ranks tiktoken itself loaded (from bpe-openai's
+    shipped file or tiktoken's cache) to a temporary one gives it exactly those, with no download.
+    Raises ImportError without gigatoken, _Unsupported for an encoding it has no pattern for.
+    """
+    import gigatoken
+
+    pretokenizer = pretokenizer or _GIGA_PRETOKENIZERS.get(enc.name)
+    if pretokenizer is None:
+        raise _Unsupported(f"gigatoken has no split pattern for {enc.name!r}")
+    fd, path = tempfile.mkstemp(suffix=".tiktoken")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.writelines(
+                base64.b64encode(token) + b" %d\n" % rank
+                for token, rank in sorted(enc._mergeable_ranks.items(), key=lambda x: x[1])
+            )
+        return gigatoken.Tokenizer.from_tiktoken(
+            path, pretokenizer=pretokenizer, special_tokens=dict(enc._special_tokens)
+        )
+    finally:
+        os.unlink(path)
+
+
 class _Gigatoken:
     """gigatoken, built from this Encoding's own ranks and special tokens (no file is fetched)."""
 
     def __init__(self, enc: tiktoken.Encoding) -> None:
-        import gigatoken
-
-        pretokenizer = _GIGA_PRETOKENIZERS.get(enc.name)
-        if pretokenizer is None:
-            raise _Unsupported(f"gigatoken has no split pattern for {enc.name!r}")
-        # gigatoken reads a .tiktoken file; writing the ranks tiktoken itself loaded (from
-        # bpe-openai's shipped file or tiktoken's cache) gives it exactly those, offline.
-        fd, path = tempfile.mkstemp(suffix=".tiktoken")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.writelines(
-                    base64.b64encode(token) + b" %d\n" % rank
-                    for token, rank in sorted(enc._mergeable_ranks.items(), key=lambda x: x[1])
-                )
-            tok = gigatoken.Tokenizer.from_tiktoken(
-                path, pretokenizer=pretokenizer, special_tokens=dict(enc._special_tokens)
-            )
-        finally:
-            os.unlink(path)
+        tok = gigatoken_tokenizer(enc)
         # The raw encode (a numpy array) recognises every special token: so only texts that
         # hold no special token outside ``allowed`` are its to take.
         self._raw = tok.backend.encode
