@@ -27,6 +27,7 @@ import tiktoken
 
 from flashtoken.boundary import CutRule, cut_rule, stable_offset
 from flashtoken.encodings import resolve_encoding
+from flashtoken.backends import Encoder, get_encoder
 from flashtoken.prefix import EncodingLike, _encode, _require_str, token_list
 from flashtoken.specials import SpecialArg, SpecialPolicy
 
@@ -151,7 +152,8 @@ class AutoPrefixCache:
     True
 
     ``max_bytes`` bounds the memory of the stored blocks (least recently used blocks go first,
-    never a block before the blocks that extend it); ``block_bytes`` is the reuse granularity.
+    never a block before the blocks that extend it); ``block_bytes`` is the reuse granularity;
+    ``backend`` encodes the part not found cached (see :class:`FixedPrefixTokenCache`).
     Safe to share between threads.
     """
 
@@ -162,6 +164,7 @@ class AutoPrefixCache:
         max_bytes: int = DEFAULT_MAX_BYTES,
         block_bytes: int = DEFAULT_BLOCK_BYTES,
         backtrack_pieces: int | None = None,
+        backend: str | Encoder = "tiktoken",
     ) -> None:
         import xxhash  # here, not at the top: `import flashtoken` stays light
 
@@ -170,6 +173,7 @@ class AutoPrefixCache:
         if not isinstance(max_bytes, int) or max_bytes < 0:
             raise ValueError(f"max_bytes must be an int >= 0, not {max_bytes!r}")
         self._enc = resolve_encoding(encoding)
+        self._encoder = get_encoder(self._enc, backend)  # encodes what is not found cached
         self._rule = cut_rule(self._enc._pat_str, backtrack_pieces)
         self._hasher = xxhash.xxh3_128
         self._block = block_bytes
@@ -238,9 +242,9 @@ class AutoPrefixCache:
     def _encode(self, text: str, policy: SpecialPolicy) -> list[int]:
         plan = self._plan(text, policy)
         if plan is None:  # lone surrogates: rare; tiktoken repairs them, we step aside
-            return _encode(self._enc, text, policy)
+            return _encode(self._encoder, text, policy)
         head = self._head(plan)
-        tail = _encode(self._enc, text[plan.cut :], policy)
+        tail = _encode(self._encoder, text[plan.cut :], policy)
         self._finish(plan, policy, text, tail)
         head += tail  # not head + tail: one copy of the prefix's tokens, not two
         return head

@@ -42,7 +42,8 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any
+from collections.abc import Set as AbstractSet
+from typing import Any, Literal
 
 import tiktoken
 
@@ -228,9 +229,10 @@ def _fatal(exc: BaseException) -> bool:
 class Encoder:
     """Encodes text as ``encoding`` does, with ``backend`` where it is exact, else tiktoken.
 
-    ``encode_ordinary(text)`` is ``encoding.encode_ordinary(text)``; ``encode(text, allowed)`` is
-    ``encoding.encode(text, allowed_special=allowed, disallowed_special=())``: the caller has
-    checked for disallowed special tokens (FlashToken's caches do). ``backend`` is one of
+    ``encode_ordinary(text)`` and ``encode(text, allowed_special=..., disallowed_special=...)``
+    are the Encoding's: an Encoder stands in for it wherever FlashToken encodes text it does not
+    find cached. Only ``encode`` calls with nothing disallowed reach a fast backend (the
+    caches check for disallowed special tokens themselves). ``backend`` is one of
     :data:`BACKENDS`; ``shadow_fraction`` (0..1) of the calls served by a fast backend are checked
     against tiktoken off the request path.
 
@@ -280,10 +282,29 @@ class Encoder:
             return "tiktoken"
         return self._state.name
 
-    def encode(self, text: str, allowed: frozenset[str]) -> list[int]:
-        """``encoding.encode(text, allowed_special=allowed, disallowed_special=())``."""
-        if self._state is None:
-            return self._enc.encode(text, allowed_special=allowed, disallowed_special=())
+    def encode(
+        self,
+        text: str,
+        *,
+        allowed_special: Literal["all"] | AbstractSet[str],
+        disallowed_special: Literal["all"] | AbstractSet[str],
+    ) -> list[int]:
+        """``encoding.encode(text, allowed_special=..., disallowed_special=...)``.
+
+        Both keywords are required (no tiktoken defaults to trip over). The fast backend serves
+        only calls with nothing disallowed (``disallowed_special=()``): FlashToken's caches make
+        those, having checked for disallowed tokens themselves; any other call is tiktoken's.
+        """
+        if self._state is None or disallowed_special:
+            return self._enc.encode(
+                text, allowed_special=allowed_special, disallowed_special=disallowed_special
+            )
+        if allowed_special == "all":
+            allowed: frozenset[str] = frozenset(self._enc.special_tokens_set)
+        elif type(allowed_special) is frozenset:
+            allowed = allowed_special
+        else:
+            allowed = frozenset(allowed_special)
         return self._call(self._state.adapter.special, text, allowed)
 
     def _call(self, fn: Callable[..., list[int] | None], text: str, allowed: Any) -> list[int]:

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import tiktoken
 
+from flashtoken.backends import Encoder, get_encoder
 from flashtoken.boundary import CutRule, cut_rule, find_cut
 from flashtoken.encodings import resolve_encoding
 from flashtoken.specials import SpecialArg, SpecialPolicy
@@ -59,8 +60,11 @@ def split_prefix(
     *,
     allowed_special: SpecialArg = frozenset(),
     backtrack_pieces: int | None = None,
+    backend: str | Encoder = "tiktoken",
 ) -> PrefixSplit:
     """Encode ``prefix`` once and split it at its stable cut.
+
+    ``backend`` encodes the prefix (flashtoken/backends.py: a fast exact tokenizer, gated).
 
     >>> split_prefix("cl100k_base", "You are a helpful assistant.")
     PrefixSplit(head=[2675, 527, 264], cut=9)
@@ -68,13 +72,18 @@ def split_prefix(
     enc = resolve_encoding(encoding)
     _require_str(prefix, "prefix")
     policy = SpecialPolicy.of(enc, allowed_special, ())
-    return _split(enc, cut_rule(enc._pat_str, backtrack_pieces), policy, prefix)
+    encoder = get_encoder(enc, backend)
+    return _split(enc, cut_rule(enc._pat_str, backtrack_pieces), policy, prefix, encoder)
 
 
 def _split(
-    enc: tiktoken.Encoding, rule: CutRule, policy: SpecialPolicy, prefix: str
+    enc: tiktoken.Encoding,
+    rule: CutRule,
+    policy: SpecialPolicy,
+    prefix: str,
+    encoder: Encoder | tiktoken.Encoding | None = None,
 ) -> PrefixSplit:
-    tokens = _encode(enc, prefix, policy)
+    tokens = _encode(encoder or enc, prefix, policy)
     cut, kept = find_cut(enc, rule, policy, prefix, 0, tokens)
     split = PrefixSplit(token_list(tokens[:kept]), cut)
     if not rule.proven and not _self_check(enc, policy, prefix, split):
@@ -93,8 +102,11 @@ def _self_check(
     )
 
 
-def _encode(enc: tiktoken.Encoding, text: str, policy: SpecialPolicy) -> list[int]:
-    """tiktoken's encoding of ``text`` with ``policy.allowed`` as special tokens (no check)."""
+def _encode(enc: tiktoken.Encoding | Encoder, text: str, policy: SpecialPolicy) -> list[int]:
+    """tiktoken's encoding of ``text`` with ``policy.allowed`` as special tokens (no check).
+
+    ``enc`` is the Encoding, or an :class:`~flashtoken.backends.Encoder` (the same two calls,
+    served by the cache's backend)."""
     if policy.allowed and policy.may_hold_allowed(text):
         return enc.encode(text, allowed_special=policy.allowed, disallowed_special=())
     return enc.encode_ordinary(text)
@@ -143,14 +155,23 @@ class FixedPrefixTokenCache:
 
     ``backtrack_pieces`` sets the number of pieces re-encoded (default 3; 8 for a pattern no
     proof covers); a value below what the encoding's pattern is proven to need is raised to it.
+    ``backend`` encodes what is not cached (the prefix once, then each tail + suffix):
+    ``"tiktoken"`` (default), ``"toktok"``, ``"gigatoken"``, ``"fastest"`` or an
+    :class:`~flashtoken.backends.Encoder`; a fast one is used only once it has passed the
+    exactness gate against tiktoken (docs/BACKENDS.md).
     """
 
     def __init__(
-        self, encoding: EncodingLike, prefix: str, *, backtrack_pieces: int | None = None
+        self,
+        encoding: EncodingLike,
+        prefix: str,
+        *,
+        backtrack_pieces: int | None = None,
+        backend: str | Encoder = "tiktoken",
     ) -> None:
         _require_str(prefix, "prefix")
         enc = resolve_encoding(encoding)
-        self._setup(enc, prefix, cut_rule(enc._pat_str, backtrack_pieces))
+        self._setup(enc, prefix, cut_rule(enc._pat_str, backtrack_pieces), backend)
         self._use_ordinary(self._split_for(ORDINARY))
 
     @classmethod
@@ -161,6 +182,7 @@ class FixedPrefixTokenCache:
         split: PrefixSplit,
         *,
         allowed_special: SpecialArg = frozenset(),
+        backend: str | Encoder = "tiktoken",
     ) -> FixedPrefixTokenCache:
         """A cache whose split for ``allowed_special`` was computed elsewhere (by the daemon).
 
@@ -170,7 +192,7 @@ class FixedPrefixTokenCache:
         """
         self = cls.__new__(cls)
         enc = resolve_encoding(encoding)
-        self._setup(enc, prefix, cut_rule(enc._pat_str))
+        self._setup(enc, prefix, cut_rule(enc._pat_str), backend)
         policy = SpecialPolicy.of(enc, allowed_special, ())
         if not isinstance(split.head, list):
             split = PrefixSplit(token_list(split.head), split.cut)
@@ -180,8 +202,12 @@ class FixedPrefixTokenCache:
         # Otherwise the ordinary split is computed if encode_ordinary is ever called (__getattr__).
         return self
 
-    def _setup(self, enc: tiktoken.Encoding, prefix: str, rule: CutRule) -> None:
+    def _setup(
+        self, enc: tiktoken.Encoding, prefix: str, rule: CutRule, backend: str | Encoder
+    ) -> None:
         self._enc = enc
+        # What is not cached is encoded by this object (tiktoken's own methods by default).
+        self._encoder = get_encoder(enc, backend)
         self._prefix = prefix
         self._rule = rule
         self._splits: dict[frozenset[str], PrefixSplit] = {}
@@ -231,7 +257,7 @@ class FixedPrefixTokenCache:
         if held is None:
             split = self._split_for(policy)
             held = self._held_tails[policy.allowed] = _encode(
-                self._enc, self._prefix[split.cut :], policy
+                self._encoder, self._prefix[split.cut :], policy
             )
         return held
 
@@ -255,18 +281,18 @@ class FixedPrefixTokenCache:
 
     def encode_ordinary(self, suffix: str) -> list[int]:
         """``encoding.encode_ordinary(prefix + suffix)``, without re-encoding the prefix."""
-        return self._head + self._enc.encode_ordinary(self._tail + suffix)
+        return self._head + self._encoder.encode_ordinary(self._tail + suffix)
 
     def encode_ordinary_array(self, suffix: str) -> array[int]:
         """The same tokens as an ``array('I')`` (uint32): one memcpy for the prefix's part.
 
         Wrap it without copying with ``numpy.frombuffer(a, dtype=numpy.uint32)``.
         """
-        return self._head_array + array("I", self._enc.encode_ordinary(self._tail + suffix))
+        return self._head_array + array("I", self._encoder.encode_ordinary(self._tail + suffix))
 
     def count_ordinary(self, suffix: str) -> int:
         """``len(encode_ordinary(suffix))``, without building the list."""
-        return len(self._head) + len(self._enc.encode_ordinary(self._tail + suffix))
+        return len(self._head) + self._encoder.count_ordinary(self._tail + suffix)
 
     def encode_ordinary_delta(self, suffix: str) -> TokenDelta:
         """For callers holding ``prefix_tokens`` (a KV cache): what to drop and what to add.
@@ -275,7 +301,7 @@ class FixedPrefixTokenCache:
         >>> cache.prefix_tokens, cache.encode_ordinary_delta("3")
         ((7749, 25, 220, 717), TokenDelta(rollback_tokens=1, tokens_to_append=[4513]))
         """
-        return self._delta(ORDINARY, self._enc.encode_ordinary(self._tail + suffix))
+        return self._delta(ORDINARY, self._encoder.encode_ordinary(self._tail + suffix))
 
     # -- encode, with special tokens ----------------------------------------------------------
 
@@ -333,7 +359,7 @@ class FixedPrefixTokenCache:
                 disallowed_special=disallowed_special,
             )
         split = self._split_for(policy)
-        return split, _encode(self._enc, self._prefix[split.cut :] + suffix, policy)
+        return split, _encode(self._encoder, self._prefix[split.cut :] + suffix, policy)
 
     def _policy(self, allowed_special: SpecialArg, disallowed_special: SpecialArg) -> SpecialPolicy:
         key = (_hashable(allowed_special), _hashable(disallowed_special))
@@ -355,7 +381,7 @@ class FixedPrefixTokenCache:
         split = self._splits.get(policy.allowed)
         if split is None:
             split = self._splits[policy.allowed] = _split(
-                self._enc, self._rule, policy, self._prefix
+                self._enc, self._rule, policy, self._prefix, self._encoder
             )
         return split
 

@@ -60,7 +60,7 @@ def test_fast_backend_matches_on_the_boundary_corpus(fast, enc):
             assert fast.encode_ordinary(joined) == enc.encode_ordinary(joined), joined
             assert fast.count_ordinary(joined) == len(enc.encode_ordinary(joined)), joined
             want = enc.encode(joined, allowed_special=everything, disallowed_special=())
-            assert fast.encode(joined, everything) == want, joined
+            assert fast.encode(joined, allowed_special=everything, disallowed_special=()) == want
 
 
 @given(text=texts, pick=st.sets(st.sampled_from(SPECIALS)))
@@ -68,9 +68,16 @@ def test_fast_backend_matches_tiktoken(fast, enc, text, pick):
     assert fast.encode_ordinary(text) == enc.encode_ordinary(text)
     assert fast.count_ordinary(text) == len(enc.encode_ordinary(text))
     allowed = frozenset(pick) & enc.special_tokens_set
-    assert fast.encode(text, allowed) == enc.encode(
-        text, allowed_special=allowed, disallowed_special=()
-    )
+    want = enc.encode(text, allowed_special=allowed, disallowed_special=())
+    assert fast.encode(text, allowed_special=allowed, disallowed_special=()) == want
+    # Anything disallowed: tiktoken's own answer or error, whatever the backend.
+    try:
+        want = enc.encode(text, allowed_special=allowed)
+    except ValueError:
+        with pytest.raises(ValueError, match="disallowed special token"):
+            fast.encode(text, allowed_special=allowed, disallowed_special="all")
+    else:
+        assert fast.encode(text, allowed_special=allowed, disallowed_special="all") == want
 
 
 def test_text_a_backend_cannot_take_goes_to_tiktoken(fast, enc):
@@ -188,3 +195,68 @@ def test_bad_arguments_are_refused(fake_backend):
         Encoder("cl100k_base", "missing")
     with pytest.raises(ValueError, match="the Encoder is for 'o200k_base'"):
         get_encoder("cl100k_base", Encoder("o200k_base"))
+
+
+# -- the caches, with a fast backend for what they do not find cached ----------------------------
+
+
+@pytest.fixture(params=INSTALLED + ["fastest"], scope="session")
+def backend(request):
+    return request.param
+
+
+@given(prefix=texts, suffix=texts)
+def test_fixed_prefix_cache_with_backend_is_exact(enc, backend, prefix, suffix):
+    from flashtoken import FixedPrefixTokenCache
+
+    cache = FixedPrefixTokenCache(enc, prefix, backend=backend)
+    text = prefix + suffix
+    want = enc.encode_ordinary(text)
+    assert cache.encode_ordinary(suffix) == want
+    assert cache.count_ordinary(suffix) == len(want)
+    assert cache.encode_ordinary_array(suffix).tolist() == want
+    assert cache.encode(suffix, allowed_special="all") == enc.encode(text, allowed_special="all")
+    try:
+        want = enc.encode(text)
+    except ValueError:
+        with pytest.raises(ValueError, match="disallowed special token"):
+            cache.encode(suffix)
+    else:
+        assert cache.encode(suffix) == want
+
+
+@given(turns=st.lists(texts, max_size=6))
+def test_append_only_cache_with_backend_is_exact(enc, backend, turns):
+    from flashtoken import AppendOnlyPieceTokenCache
+
+    chat = AppendOnlyPieceTokenCache(enc, backend=backend)
+    held: list[int] = []
+    text = ""
+    for turn in turns:
+        delta = chat.append_ordinary(turn)
+        text += turn
+        held[len(held) - delta.rollback_tokens :] = delta.tokens_to_append
+        assert held == enc.encode_ordinary(text)
+
+
+@given(texts_=st.lists(texts, min_size=1, max_size=4), shared=st.sampled_from(CORPUS))
+def test_auto_prefix_cache_with_backend_is_exact(enc, backend, texts_, shared):
+    from flashtoken import AutoPrefixCache
+
+    cache = AutoPrefixCache(enc, block_bytes=16, backend=backend)
+    for text in texts_:
+        full = shared * 4 + text
+        assert cache.encode_ordinary(full) == enc.encode_ordinary(full)
+        assert cache.encode(full, allowed_special="all") == enc.encode(full, allowed_special="all")
+
+
+def test_a_cache_takes_an_encoder_of_its_encoding():
+    from flashtoken import FixedPrefixTokenCache
+
+    encoder = get_encoder("cl100k_base", "fastest")
+    cache = FixedPrefixTokenCache("cl100k_base", "You are a helpful assistant.", backend=encoder)
+    assert cache.encode_ordinary(" Hi") == encoder.encoding.encode_ordinary(
+        "You are a helpful assistant. Hi"
+    )
+    with pytest.raises(ValueError, match="the Encoder is for 'cl100k_base'"):
+        FixedPrefixTokenCache("o200k_base", "x", backend=encoder)
