@@ -25,9 +25,9 @@ from typing import NamedTuple
 
 import tiktoken
 
+from flashtoken.backends import Encoder, get_encoder
 from flashtoken.boundary import CutRule, cut_rule, stable_offset
 from flashtoken.encodings import resolve_encoding
-from flashtoken.backends import Encoder, get_encoder
 from flashtoken.prefix import EncodingLike, _encode, _require_str, token_list
 from flashtoken.specials import SpecialArg, SpecialPolicy
 
