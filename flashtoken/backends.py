@@ -41,8 +41,7 @@ import tempfile
 import threading
 import warnings
 import weakref
-from collections.abc import Callable
-from collections.abc import Set as AbstractSet
+from collections.abc import Callable, Collection
 from typing import Any, Literal
 
 import tiktoken
@@ -286,8 +285,8 @@ class Encoder:
         self,
         text: str,
         *,
-        allowed_special: Literal["all"] | AbstractSet[str],
-        disallowed_special: Literal["all"] | AbstractSet[str],
+        allowed_special: Literal["all"] | Collection[str],
+        disallowed_special: Literal["all"] | Collection[str],
     ) -> list[int]:
         """``encoding.encode(text, allowed_special=..., disallowed_special=...)``.
 
