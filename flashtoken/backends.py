@@ -295,8 +295,10 @@ class Encoder:
         those, having checked for disallowed tokens themselves; any other call is tiktoken's.
         """
         if self._state is None or disallowed_special:
-            return self._enc.encode(  # type: ignore[arg-type]  # tiktoken takes any collection
-                text, allowed_special=allowed_special, disallowed_special=disallowed_special
+            return self._enc.encode(
+                text,
+                allowed_special=allowed_special,  # type: ignore[arg-type]
+                disallowed_special=disallowed_special,
             )
         if allowed_special == "all":
             allowed: frozenset[str] = frozenset(self._enc.special_tokens_set)
