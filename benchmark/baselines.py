@@ -102,6 +102,15 @@ def peers(encoding: str) -> dict[str, Peer]:
     return found
 
 
+def peer_named(encoding: str, label: str) -> Peer | None:
+    """Only the peer called ``label`` (a worker process builds just the one it measures)."""
+    for probe in (_toktok, _gigatoken, _bpe_openai):
+        peer = probe(encoding)
+        if peer is not None and peer.label == label:
+            return peer
+    return None
+
+
 def available(encoding: str) -> dict[str, Encoder]:
     """Label -> ``encode_ordinary(text)`` of each peer."""
     return {label: peer.encode_ordinary for label, peer in peers(encoding).items()}

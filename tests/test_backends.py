@@ -166,7 +166,7 @@ def test_shadow_checks_agreeing_calls(enc):
     _wait_for(
         lambda: (
             encoder.stats()["shadow_checked"] + encoder.stats()["shadow_dropped"]
-            == encoder.stats()["fast_calls"]
+            == encoder.stats()["shadow_offered"]
         ),
         "every sampled call to be checked",
     )
@@ -179,6 +179,18 @@ def test_fastest_never_raises(enc):
     encoder = Encoder(enc, "fastest")
     assert encoder.backend in (*INSTALLED, "tiktoken")
     assert encoder.encode_ordinary("hello world") == enc.encode_ordinary("hello world")
+
+
+def test_fastest_takes_the_second_backend_for_large_texts(enc):
+    encoder = Encoder(enc, "fastest")
+    large = "".join(CORPUS) * 8  # > _LARGE characters, special-token text and surrogates too
+    assert len(large) >= backends._LARGE
+    for text in (large, large.replace("<|", "<"), large.encode("utf-8", "replace").decode()):
+        want = enc.encode_ordinary(text)
+        assert encoder.encode_ordinary(text) == want
+        assert encoder.count_ordinary(text) == len(want)
+    if len(INSTALLED) == 2:
+        assert encoder.stats()["backend_large_texts"] == "gigatoken"
 
 
 def test_bad_arguments_are_refused(fake_backend):
