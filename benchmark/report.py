@@ -164,8 +164,13 @@ def summary(results: dict[str, Any]) -> str:
         "",
         f"**Correctness: {c['mismatches']} mismatches in {c['cases']:,} FlashToken cases**"
         + (f" — FAILED: {'; '.join(bad)}" if bad else "")
-        + f". Control `naive encode(p)+encode(s)`: {c['control_mismatches']:,} mismatches in "
-        f"{c['control_cases']:,} cases (expected > 0). Peers: {c['baseline_mismatches']} "
+        + (
+            f". Control `naive encode(p)+encode(s)`: {c['control_mismatches']:,} mismatches in "
+            f"{c['control_cases']:,} cases (expected > 0)"
+            if c["control_cases"]
+            else " (the boundary corpus was not run: `--only` without correctness)"
+        )
+        + f". Peers: {c['baseline_mismatches']} "
         f"mismatches in {c['baseline_cases']:,} cases, {c.get('baseline_refusals', 0):,} texts "
         "refused (the peer raised: a user of it would get an error there)"
         + (f" ({'; '.join(peers_bad)}: not counted as exact peers)" if peers_bad else "")
