@@ -19,9 +19,9 @@ import tiktoken
 import zmq
 import zmq.asyncio
 
-from flashtoken.prefix import ORDINARY, FixedPrefixTokenCache, _encode, _require_str
+from flashtoken.prefix import ORDINARY, FixedPrefixTokenCache, _require_str
 from flashtoken.protocol import default_address
-from flashtoken.specials import SpecialArg, SpecialPolicy
+from flashtoken.specials import SpecialArg, SpecialPolicy, encode_with
 
 from .chains import AUTO_L1, AUTO_TELL, AutoPending
 from .core import (
@@ -162,8 +162,8 @@ class AsyncClient:
     ) -> list[int]:
         _require_str(text, "text")
         enc = self._core.enc
-        policy = SpecialPolicy.of(enc, allowed_special, disallowed_special)
-        if policy.finds_disallowed(text):  # tiktoken raises its own ValueError
+        policy = SpecialPolicy.parse(enc, allowed_special, disallowed_special)
+        if policy is None or policy.finds_disallowed(text):  # tiktoken's own outcome
             return enc.encode(
                 text, allowed_special=allowed_special, disallowed_special=disallowed_special
             )
@@ -174,7 +174,7 @@ class AsyncClient:
         core = self._core
         plan = core.auto_plan(text, policy)
         if plan is None:  # lone surrogates: not UTF-8, the daemon could not take them
-            return _encode(core.enc, text, policy)
+            return encode_with(core.enc, text, policy)
         route = core.auto_route(plan)
         if route == AUTO_L1 or self._closed:
             return core.auto_finish(text, policy, plan, None)

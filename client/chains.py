@@ -17,7 +17,7 @@ import zmq
 
 from flashtoken.encodings import encoding_id
 from flashtoken.errors import ProtocolError
-from flashtoken.prefix import _encode, token_list
+from flashtoken.prefix import token_list
 from flashtoken.protocol import (
     make_chain_seed,
     pack_auto,
@@ -26,7 +26,7 @@ from flashtoken.protocol import (
     parse_reply,
     publish_address,
 )
-from flashtoken.specials import SpecialPolicy
+from flashtoken.specials import SpecialPolicy, encode_with
 
 from .sockets import configure_dealer
 
@@ -224,9 +224,9 @@ class ChainCore:
         head = self.auto._head(plan)
         if found is not None:
             tail, cut = found
-            tail += _encode(self.enc, text[cut:], policy)
+            tail += encode_with(self.enc, text[cut:], policy)
         else:
-            tail = _encode(self.enc, text[plan.cut :], policy)
+            tail = encode_with(self.enc, text[plan.cut :], policy)
         self.auto._finish(plan, policy, text, tail)
         head += tail
         return head

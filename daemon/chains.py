@@ -21,7 +21,6 @@ import xxhash
 import zmq
 
 from flashtoken.auto import block_cuts
-from flashtoken.prefix import _encode
 from flashtoken.protocol import (
     AutoRequest,
     Request,
@@ -32,7 +31,7 @@ from flashtoken.protocol import (
     tokens_from_frame,
     tokens_to_frame,
 )
-from flashtoken.specials import SpecialPolicy
+from flashtoken.specials import SpecialPolicy, encode_with
 
 from .encodings import Loaded, check_loaded, load
 from .settings import FAILED_FILLS_KEPT
@@ -242,7 +241,7 @@ class ChainHandlers:
                 stop = first + len(request.digests)
             policy = SpecialPolicy(frozenset(request.allowed), frozenset())
             text = span.decode("utf-8")
-            tail = _encode(loaded.enc, text, policy)
+            tail = encode_with(loaded.enc, text, policy)
             cuts = block_cuts(
                 loaded.rule,
                 policy,

@@ -33,7 +33,7 @@ def load(name: str) -> Loaded:
         enc,
         encoding_id(enc),
         frozenset(enc.special_tokens_set),
-        cut_rule(enc._pat_str),
+        cut_rule(enc),
         token_byte_lengths(enc),
     )
 

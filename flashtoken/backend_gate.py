@@ -149,3 +149,71 @@ def _short(value: object) -> str:
     if isinstance(value, list) and len(value) > 8:
         return f"{value[:8]}... ({len(value)} ids)"
     return repr(value)
+
+
+# -- code points whose class the backend's Unicode tables may give otherwise ----------------------
+
+_GROUP_PATTERNS = {
+    "upper": r"[\p{Lu}\p{Lt}]+",
+    "lower": r"\p{Ll}+",
+    "other-letter": r"[\p{Lm}\p{Lo}]+",
+    "mark": r"\p{M}+",
+    "number": r"\p{N}+",
+    "space": r"\s+",
+}
+# Contexts that put a code point's class to work in every proven pattern: next to punctuation
+# (letter, number, mark or space against "other"), inside a word (letter against number, mark or
+# case), after a digit, before a capital.
+_CONTEXTS = ("{c}:A", "a{c}a", "1{c} ", "A{c}A ")
+_CHUNK = 128
+
+
+def candidate_code_points() -> str:
+    """The code points this Python's ``unicodedata`` and the ``regex`` module group differently:
+    those assigned or re-grouped between their two Unicode releases (27,045 of them for
+    Unicode 14 against 17). tiktoken's tables and a backend's are each some release near these,
+    and where two releases differ is among them (assignments are never withdrawn)."""
+    import unicodedata
+
+    import regex
+
+    from flashtoken.unicode import group
+
+    every = "".join(map(chr, range(0x80, 0xD800))) + "".join(map(chr, range(0xE000, 0x110000)))
+    category = unicodedata.category
+    found: list[str] = []
+    for name, pattern in _GROUP_PATTERNS.items():
+        for match in regex.finditer(pattern, every):
+            found.extend(ch for ch in match.group() if group(category(ch), ch) != name)
+    return "".join(sorted(set(found)))
+
+
+def disagreeing_code_points(
+    enc: tiktoken.Encoding, ordinary: Attempt, candidates: str | None = None
+) -> str:
+    """The candidates on which the backend's ``ordinary`` answers otherwise than tiktoken in one
+    of :data:`_CONTEXTS`; a text holding one of them must go to tiktoken. Chunks of candidates
+    are compared whole and only a differing chunk is split, so the cost is about one tiktoken
+    encode of every candidate in every context (~0.1-0.3 s)."""
+    if candidates is None:
+        candidates = candidate_code_points()
+
+    def probe(chars: str) -> str:
+        return "".join(context.format(c=c) for c in chars for context in _CONTEXTS)
+
+    def agrees(chars: str) -> bool:
+        text = probe(chars)
+        return _outcome(functools.partial(ordinary, text)) == enc.encode_ordinary(text)
+
+    bad: list[str] = []
+    pending = [candidates[i : i + _CHUNK] for i in range(0, len(candidates), _CHUNK)]
+    while pending:
+        chars = pending.pop()
+        if agrees(chars):
+            continue
+        if len(chars) == 1:
+            bad.append(chars)
+        else:
+            half = len(chars) // 2
+            pending += [chars[:half], chars[half:]]
+    return "".join(sorted(bad))

@@ -46,7 +46,7 @@ from typing import Any, Literal
 
 import tiktoken
 
-from flashtoken.backend_gate import run_gate
+from flashtoken.backend_gate import candidate_code_points, disagreeing_code_points, run_gate
 from flashtoken.encodings import resolve_encoding
 
 __all__ = ["BACKENDS", "Encoder", "get_encoder"]
@@ -164,6 +164,54 @@ class _Gigatoken:
         return len(self._raw(text)) if self._takes(text, frozenset()) else None
 
 
+class _Avoiding:
+    """A backend, minus the texts holding a code point it classifies otherwise than tiktoken.
+
+    toktok-rs 0.3 and gigatoken 0.10 carry Unicode 17 tables where tiktoken 0.14 has Unicode 16:
+    on some 4,700 code points assigned since (U+A7CE, U+16EA0, U+323B0, ...) their regex splits
+    otherwise (``"\U000323b0:A"``: tiktoken ``[.., 25, 32]``, both backends ``[.., 56748]``). The
+    gate finds those code points (backend_gate.disagreeing_code_points) and such texts go to
+    tiktoken. ASCII text skips the search."""
+
+    def __init__(self, inner: Any, avoid: str) -> None:
+        self.inner = inner
+        self.avoided = len(avoid)
+        search = re.compile(f"[{_char_class(avoid)}]").search
+        self._takes = lambda text: text.isascii() or search(text) is None
+
+    def ordinary(self, text: str) -> list[int] | None:
+        return self.inner.ordinary(text) if self._takes(text) else None
+
+    def special(self, text: str, allowed: frozenset[str]) -> list[int] | None:
+        return self.inner.special(text, allowed) if self._takes(text) else None
+
+    def count_ordinary(self, text: str) -> int | None:
+        return self.inner.count_ordinary(text) if self._takes(text) else None
+
+
+def _char_class(chars: str) -> str:
+    """A regex character class body for ``chars`` (sorted), as ranges."""
+    out: list[str] = []
+    codes = sorted(map(ord, chars))
+    start = prev = codes[0]
+    for code in [*codes[1:], -1]:
+        if code == prev + 1:
+            prev = code
+            continue
+        out.append(re.escape(chr(start)) + ("-" + re.escape(chr(prev)) if prev > start else ""))
+        start = prev = code
+    return "".join(out)
+
+
+_candidates: list[str] = []
+
+
+def _candidates_once() -> str:
+    if not _candidates:
+        _candidates.append(candidate_code_points())
+    return _candidates[0]
+
+
 _FACTORIES: dict[str, Callable[[tiktoken.Encoding], Any]] = {
     "toktok": _TokTok,
     "gigatoken": _Gigatoken,
@@ -213,6 +261,20 @@ def _load_and_gate(enc: tiktoken.Encoding, name: str) -> _State:
         return _State(name, None, str(exc))
     except Exception as exc:  # noqa: BLE001 - a backend that cannot load is not used
         return _State(name, None, f"{name} did not load {enc.name}: {type(exc).__name__}: {exc}")
+    try:
+        avoid = disagreeing_code_points(enc, adapter.ordinary, _candidates_once())
+    except Exception as exc:  # noqa: BLE001 - a backend that cannot be probed is not used
+        return _State(name, None, f"{name} could not be probed on {enc.name}: {exc!r}")
+    if avoid:
+        _log.info(
+            "backend %r classifies %d code points otherwise than tiktoken on %s (%s...): texts "
+            "holding one go to tiktoken",
+            name,
+            len(avoid),
+            enc.name,
+            ", ".join(f"U+{ord(c):04X}" for c in avoid[:3]),
+        )
+        adapter = _Avoiding(adapter, avoid)
     failure = run_gate(enc, adapter.ordinary, adapter.special)
     if failure is not None:
         reason = f"backend {name!r} failed the exactness gate on {enc.name}: {failure}"
@@ -385,6 +447,9 @@ class Encoder:
             "backend": self.backend,
             "backend_requested": self.requested,
             "backend_disabled": self._state.disabled if self._state else self._why,
+            "backend_avoided_code_points": getattr(
+                self._state.adapter if self._state else None, "avoided", 0
+            ),
             "backend_large_texts": (
                 self._large.name if self._large and not self._large.disabled else None
             ),

@@ -16,8 +16,8 @@ a special token that the continuation could complete.
 
 from __future__ import annotations
 
-import collections
 import functools
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,7 +29,7 @@ from flashtoken.specials import SpecialPolicy
 
 # The patterns whose behaviour under appending is proven in docs/ALGORITHM.md, with the number
 # of trailing pieces an append can change. Keyed by the exact pattern text: a pattern that
-# differs in a single character is an unknown pattern.
+# differs in a single character is an unknown pattern, and is not cached at all.
 _R50K = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 _CL100K = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
@@ -51,41 +51,43 @@ PROVEN_PIECES = {_R50K: 2, _CL100K: 1, _O200K: 2}
 DEFAULT_BACKTRACK_PIECES = 3
 """Pieces re-encoded by default: one more than any proof needs, as a margin."""
 
-UNKNOWN_PATTERN_PIECES = 8
-"""Pieces re-encoded for a pattern no proof covers; such cuts are also self-checked."""
+
+class UncachedEncodingWarning(UserWarning):
+    """An encoding FlashToken cannot cache exactly: every call encodes the whole text."""
 
 
 @dataclass(frozen=True)
 class CutRule:
     """How to find stable cuts for one tiktoken pattern.
 
-    ``pieces`` is how many trailing pieces to leave unstable; ``proven`` says whether a proof
-    covers the pattern (if not, callers self-check each cut against tiktoken).
+    ``pieces`` is how many trailing pieces to leave unstable. ``proven`` says whether a proof
+    covers the pattern; if not, no cut is ever made after a known boundary (the start of the text
+    or the end of an allowed special token), so every path encodes the whole text with tiktoken.
     """
 
-    pattern: regex.Pattern[str]
+    pattern: regex.Pattern[str] | None  # None when not proven: never scanned
     pieces: int
-    proven: bool
+
+    @property
+    def proven(self) -> bool:
+        return self.pattern is not None
 
     def cut(self, text: str, start: int, end: int) -> int:
         """The start of the K-th last piece of ``text[start:end]`` (``start`` if there are fewer).
 
         ``end`` is pulled back to the first code point of uncertain class: the cut of the shorter
-        text is stable under every continuation, the real one included. For the proven patterns
-        the scan starts at the last *anchor* that leaves K pieces to scan, not at ``start``.
+        text is stable under every continuation, the real one included. The scan starts at the
+        last *anchor* that leaves K pieces to scan, not at ``start``.
         """
-        if not self.proven:
-            end = unicode.first_uncertain(text, start, end)
-            # Slice rather than pass pos/endpos: tiktoken's Rust scan sees each segment on its
-            # own, and a custom pattern with a look-behind would see the text before ``pos``.
-            last = collections.deque(
-                (m.start() for m in self.pattern.finditer(text[start:end])), self.pieces
-            )
-            return start + last[0] if len(last) == self.pieces else start
+        if self.pattern is None:
+            # A probe self-check (K = 8, a dozen continuations tried against tiktoken) was
+            # rejected: it is a net, not a proof, and a look-ahead reaching to the end of the
+            # text slipped through it for 5% of short texts. Slow and exact instead.
+            return start
         before = end
         while True:
             origin = _last_anchor(text, start, before)
-            stop = unicode.first_uncertain(text, origin, end, grouped=True)
+            stop = unicode.first_uncertain(text, origin, end)
             # The proven patterns match every character (each has a catch-all alternative), so
             # the pieces tile the window and the last ones' lengths give the cut; findall builds
             # them in C, several times faster than a Match object per piece.
@@ -119,20 +121,49 @@ def _last_anchor(text: str, start: int, end: int) -> int:
     return found.start() if found else start
 
 
-def cut_rule(pat_str: str, backtrack_pieces: int | None = None) -> CutRule:
-    """The rule for ``pat_str``, re-encoding ``backtrack_pieces`` pieces (default: 3, or 8).
+def cut_rule(enc: tiktoken.Encoding, backtrack_pieces: int | None = None) -> CutRule:
+    """The rule for ``enc``'s pattern, re-encoding ``backtrack_pieces`` pieces (default: 3).
 
     A value below what the pattern is proven to need is raised to it, never used: "re-encode
-    fewer pieces" can only mean "as few as stays exact". Raises ValueError below 1.
+    fewer pieces" can only mean "as few as stays exact". Raises ValueError below 1. A pattern no
+    proof covers gets a rule that never cuts, and one :class:`UncachedEncodingWarning` per
+    encoding and process.
     """
-    proven = PROVEN_PIECES.get(pat_str)
+    proven = PROVEN_PIECES.get(enc._pat_str)
     if backtrack_pieces is None:
-        backtrack_pieces = DEFAULT_BACKTRACK_PIECES if proven else UNKNOWN_PATTERN_PIECES
+        backtrack_pieces = DEFAULT_BACKTRACK_PIECES
     if not isinstance(backtrack_pieces, int) or isinstance(backtrack_pieces, bool):
         raise TypeError(f"backtrack_pieces must be an int, not {type(backtrack_pieces).__name__}")
     if backtrack_pieces < 1:
         raise ValueError(f"backtrack_pieces must be 1 or more (or None), not {backtrack_pieces}")
-    return CutRule(_compile(pat_str), max(backtrack_pieces, proven or 1), proven is not None)
+    if proven is None:
+        _warn_uncached(enc.name, enc._pat_str)
+        # Not even compiled: Python's regex may read an unproven pattern otherwise than Rust's
+        # (class intersections), and no scan of it is ever needed.
+        return CutRule(None, backtrack_pieces)
+    return CutRule(_compile(enc._pat_str), max(backtrack_pieces, proven))
+
+
+_uncached: dict[str, str] = {}  # encoding name -> its unproven pattern, as warned
+
+
+def uncached_encodings() -> list[str]:
+    """The encodings this process could not cache (no proof covers their pattern), for stats."""
+    return sorted(_uncached)
+
+
+def _warn_uncached(name: str, pat_str: str) -> None:
+    if _uncached.get(name) == pat_str:
+        return
+    _uncached[name] = pat_str
+    warnings.warn(
+        f"FlashToken has no proof that cuts are stable for encoding {name!r}: its regex pattern "
+        "is none of the proven ones (r50k, p50k, cl100k, o200k and the model patterns of "
+        "docs/ALGORITHM.md). Every call encodes the whole text with tiktoken: exact, but "
+        "nothing is cached for this encoding.",
+        UncachedEncodingWarning,
+        stacklevel=3,
+    )
 
 
 @functools.lru_cache(maxsize=32)

@@ -10,8 +10,8 @@ import tiktoken
 from flashtoken.backends import Encoder, get_encoder
 from flashtoken.boundary import cut_rule, find_cut
 from flashtoken.encodings import resolve_encoding
-from flashtoken.prefix import ORDINARY, EncodingLike, TokenDelta, _encode, _require_str
-from flashtoken.specials import SpecialArg, SpecialPolicy
+from flashtoken.prefix import ORDINARY, EncodingLike, TokenDelta, _require_str
+from flashtoken.specials import SpecialArg, SpecialPolicy, encode_with
 
 
 class _Checkpoint(NamedTuple):
@@ -63,7 +63,7 @@ class AppendOnlyPieceTokenCache:
     ) -> None:
         self._enc = resolve_encoding(encoding)
         self._encoder = get_encoder(self._enc, backend)
-        self._rule = cut_rule(self._enc._pat_str, backtrack_pieces)
+        self._rule = cut_rule(self._enc, backtrack_pieces)
         if allowed_special is None and disallowed_special is None:
             self._policy = ORDINARY
         else:
@@ -183,7 +183,7 @@ class AppendOnlyPieceTokenCache:
         remembered too: the next rewrite (a template redoing its generation prompt each turn)
         most likely keeps that much, and can restart there instead of turns earlier.
         """
-        tokens = _encode(self._encoder, tail, self._policy)
+        tokens = encode_with(self._encoder, tail, self._policy)
         same = _common_prefix_length(held, tokens)
         delta = TokenDelta(len(held) - same, tokens[same:])
         if changed_at:

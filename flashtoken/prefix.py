@@ -11,30 +11,11 @@ import tiktoken
 from flashtoken.backends import Encoder, get_encoder
 from flashtoken.boundary import CutRule, cut_rule, find_cut
 from flashtoken.encodings import resolve_encoding
-from flashtoken.specials import SpecialArg, SpecialPolicy
+from flashtoken.specials import ORDINARY, SpecialArg, SpecialPolicy, encode_with
 
 EncodingLike = str | tiktoken.Encoding
 
-ORDINARY = SpecialPolicy(frozenset(), frozenset())
-"""The policy of ``encode_ordinary``: every special token's text is ordinary text."""
-
-# Continuations tried on every cut of a pattern no proof covers (docs/ALGORITHM.md).
-_SELF_CHECK_PROBES = (
-    "",
-    " ",
-    "  x",
-    "a",
-    "A",
-    "1",
-    "'s",
-    "\n",
-    "\r\n",
-    ".",
-    "/",
-    "中",
-    "é",
-    "\u0301",
-)
+__all__ = ["ORDINARY", "FixedPrefixTokenCache", "PrefixSplit", "TokenDelta", "split_prefix"]
 
 
 class PrefixSplit(NamedTuple):
@@ -73,7 +54,7 @@ def split_prefix(
     _require_str(prefix, "prefix")
     policy = SpecialPolicy.of(enc, allowed_special, ())
     encoder = get_encoder(enc, backend)
-    return _split(enc, cut_rule(enc._pat_str, backtrack_pieces), policy, prefix, encoder)
+    return _split(enc, cut_rule(enc, backtrack_pieces), policy, prefix, encoder)
 
 
 def _split(
@@ -83,33 +64,9 @@ def _split(
     prefix: str,
     encoder: Encoder | tiktoken.Encoding | None = None,
 ) -> PrefixSplit:
-    tokens = _encode(encoder or enc, prefix, policy)
+    tokens = encode_with(encoder or enc, prefix, policy)
     cut, kept = find_cut(enc, rule, policy, prefix, 0, tokens)
-    split = PrefixSplit(token_list(tokens[:kept]), cut)
-    if not rule.proven and not _self_check(enc, policy, prefix, split):
-        return PrefixSplit([], 0)
-    return split
-
-
-def _self_check(
-    enc: tiktoken.Encoding, policy: SpecialPolicy, prefix: str, split: PrefixSplit
-) -> bool:
-    """Whether the split is exact on a few continuations: a net under unproven patterns."""
-    tail = prefix[split.cut :]
-    return all(
-        split.head + _encode(enc, tail + probe, policy) == _encode(enc, prefix + probe, policy)
-        for probe in _SELF_CHECK_PROBES
-    )
-
-
-def _encode(enc: tiktoken.Encoding | Encoder, text: str, policy: SpecialPolicy) -> list[int]:
-    """tiktoken's encoding of ``text`` with ``policy.allowed`` as special tokens (no check).
-
-    ``enc`` is the Encoding, or an :class:`~flashtoken.backends.Encoder` (the same two calls,
-    served by the cache's backend)."""
-    if policy.allowed and policy.may_hold_allowed(text):
-        return enc.encode(text, allowed_special=policy.allowed, disallowed_special=())
-    return enc.encode_ordinary(text)
+    return PrefixSplit(token_list(tokens[:kept]), cut)
 
 
 _ints: list[int] = []
@@ -171,7 +128,7 @@ class FixedPrefixTokenCache:
     ) -> None:
         _require_str(prefix, "prefix")
         enc = resolve_encoding(encoding)
-        self._setup(enc, prefix, cut_rule(enc._pat_str, backtrack_pieces), backend)
+        self._setup(enc, prefix, cut_rule(enc, backtrack_pieces), backend)
         self._use_ordinary(self._split_for(ORDINARY))
 
     @classmethod
@@ -192,7 +149,7 @@ class FixedPrefixTokenCache:
         """
         self = cls.__new__(cls)
         enc = resolve_encoding(encoding)
-        self._setup(enc, prefix, cut_rule(enc._pat_str), backend)
+        self._setup(enc, prefix, cut_rule(enc), backend)
         policy = SpecialPolicy.of(enc, allowed_special, ())
         if not isinstance(split.head, list):
             split = PrefixSplit(token_list(split.head), split.cut)
@@ -213,7 +170,7 @@ class FixedPrefixTokenCache:
         self._splits: dict[frozenset[str], PrefixSplit] = {}
         self._held_tails: dict[frozenset[str], list[int]] = {}
         self._prefix_has: dict[frozenset[str], bool] = {}
-        self._policies: dict[tuple[object, object], SpecialPolicy] = {}
+        self._policies: dict[tuple[object, object], SpecialPolicy | None] = {}
 
     def _use_ordinary(self, split: PrefixSplit) -> None:
         # Plain attributes, read by the hot paths below without a lookup of the split.
@@ -256,7 +213,7 @@ class FixedPrefixTokenCache:
         held = self._held_tails.get(policy.allowed)
         if held is None:
             split = self._split_for(policy)
-            held = self._held_tails[policy.allowed] = _encode(
+            held = self._held_tails[policy.allowed] = encode_with(
                 self._encoder, self._prefix[split.cut :], policy
             )
         return held
@@ -340,7 +297,9 @@ class FixedPrefixTokenCache:
     ) -> TokenDelta:
         """Like :meth:`encode_ordinary_delta`, against ``encode(prefix, allowed_special=...)``."""
         split, tail = self._encode_plan(suffix, allowed_special, disallowed_special)
-        policy = self._policy(allowed_special, disallowed_special)
+        # tiktoken took the arguments (or it would have raised), so allowed_special is "all" or
+        # a set, and the tokens the caller holds are those of this policy.
+        policy = SpecialPolicy.of(self._enc, allowed_special, ())
         own = self._split_for(policy)
         if split is not own:  # tiktoken encoded the whole text (and did not raise): all new
             return TokenDelta(len(own.head) + len(self._held_tail(policy)), tail)
@@ -351,7 +310,7 @@ class FixedPrefixTokenCache:
     ) -> tuple[PrefixSplit, list[int]]:
         _require_str(suffix, "suffix")
         policy = self._policy(allowed_special, disallowed_special)
-        if policy.disallowed and self._finds_disallowed(policy, suffix):
+        if policy is None or (policy.disallowed and self._finds_disallowed(policy, suffix)):
             # tiktoken raises its own error (and if it did not, its answer is still exact).
             return PrefixSplit([], 0), self._enc.encode(
                 self._prefix + suffix,
@@ -359,16 +318,17 @@ class FixedPrefixTokenCache:
                 disallowed_special=disallowed_special,
             )
         split = self._split_for(policy)
-        return split, _encode(self._encoder, self._prefix[split.cut :] + suffix, policy)
+        return split, encode_with(self._encoder, self._prefix[split.cut :] + suffix, policy)
 
-    def _policy(self, allowed_special: SpecialArg, disallowed_special: SpecialArg) -> SpecialPolicy:
-        key = (_hashable(allowed_special), _hashable(disallowed_special))
-        policy = self._policies.get(key)
-        if policy is None:
-            policy = SpecialPolicy.of(self._enc, allowed_special, disallowed_special)
+    def _policy(self, allowed_special: object, disallowed_special: object) -> SpecialPolicy | None:
+        """The policy of these arguments (memoised), or None: hand the call to tiktoken."""
+        key = (_memo_key(allowed_special), _memo_key(disallowed_special))
+        policy = self._policies.get(key, _UNSEEN)
+        if policy is _UNSEEN:
+            policy = SpecialPolicy.parse(self._enc, allowed_special, disallowed_special)
             if None not in key and len(self._policies) < 64:
                 self._policies[key] = policy
-        return policy
+        return policy  # type: ignore[return-value]
 
     def _finds_disallowed(self, policy: SpecialPolicy, suffix: str) -> bool:
         in_prefix = self._prefix_has.get(policy.disallowed)
@@ -390,11 +350,20 @@ class FixedPrefixTokenCache:
         return f"FixedPrefixTokenCache({self._enc.name!r}, {shown!r})"
 
 
-def _hashable(arg: object) -> object:
-    """A key for the policy memo, or None where there is none (then nothing is memoised)."""
+_UNSEEN = object()
+
+
+def _memo_key(arg: object) -> object:
+    """A key for the policy memo, or None where there is none (then nothing is memoised).
+
+    The type is part of the key: tiktoken takes a set for ``allowed_special`` and refuses a list
+    of the same strings. Only collections are read: a generator must reach tiktoken unconsumed.
+    """
     if isinstance(arg, str):
         return arg
-    try:
-        return frozenset(arg)  # type: ignore[call-overload]
-    except TypeError:
-        return None
+    if type(arg) in (set, frozenset, tuple, list):
+        try:
+            return type(arg), frozenset(arg)  # type: ignore[call-overload]
+        except TypeError:  # unhashable items
+            return None
+    return None

@@ -20,20 +20,29 @@ import functools
 from collections.abc import Collection
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import regex
 import tiktoken
+
+if TYPE_CHECKING:  # an Encoder has the two calls used here (flashtoken/backends.py)
+    from flashtoken.backends import Encoder
 
 SpecialArg = Literal["all"] | AbstractSet[str] | Collection[str]
 
 
 @dataclass(frozen=True)
 class SpecialPolicy:
-    """Normalised ``allowed_special`` / ``disallowed_special``, as tiktoken normalises them."""
+    """Normalised ``allowed_special`` / ``disallowed_special``, as tiktoken normalises them.
+
+    ``ordinary`` marks the policy of ``encode_ordinary`` itself (:data:`ORDINARY`), as opposed to
+    ``encode`` with nothing allowed: the two give the same ids but not the same exception where
+    tiktoken fails (see :func:`encode_with`).
+    """
 
     allowed: frozenset[str]
     disallowed: frozenset[str]
+    ordinary: bool = False
 
     @classmethod
     def of(
@@ -53,6 +62,30 @@ class SpecialPolicy:
             disallowed = _string_set(disallowed_special, "disallowed_special")
         # Strings in allowed_special that are no special token change nothing in tiktoken.
         return cls(allowed & specials, disallowed)
+
+    @classmethod
+    def parse(
+        cls, enc: tiktoken.Encoding, allowed_special: object, disallowed_special: object
+    ) -> SpecialPolicy | None:
+        """:meth:`of` for the arguments of an ``encode`` call, or None when FlashToken does not
+        reproduce what tiktoken does with them.
+
+        tiktoken takes ``"all"`` or a set / frozenset for ``allowed_special`` (a list fails its
+        ``special_tokens_set - allowed_special`` or its Rust conversion with TypeError) and
+        anything iterable for ``disallowed_special``, which it checks for first (so a bad
+        ``allowed_special`` with a disallowed token present is a ValueError). Rather than copy
+        each of those rules, the caller hands a call with any other argument to tiktoken whole:
+        its outcome (ids, TypeError or ValueError) is the answer by construction. Nothing is
+        consumed here, so a generator reaches tiktoken intact.
+        """
+        if not (_is_all(allowed_special) or type(allowed_special) in (set, frozenset)):
+            return None
+        if not (_is_all(disallowed_special) or type(disallowed_special) in _COLLECTIONS):
+            return None
+        try:
+            return cls.of(enc, allowed_special, disallowed_special)  # type: ignore[arg-type]
+        except TypeError:  # an item that is no str: tiktoken says what it says about that
+            return None
 
     @property
     def key(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -97,6 +130,43 @@ class SpecialPolicy:
                 if text[offset:] in prefixes:
                     return offset
         return len(text)
+
+
+ORDINARY = SpecialPolicy(frozenset(), frozenset(), ordinary=True)
+"""The policy of ``encode_ordinary``: every special token's text is ordinary text."""
+
+_COLLECTIONS = (set, frozenset, tuple, list)
+
+
+def _is_all(value: object) -> bool:
+    return isinstance(value, str) and value == "all"
+
+
+def encode_with(enc: tiktoken.Encoding | Encoder, text: str, policy: SpecialPolicy) -> list[int]:
+    """tiktoken's encoding of ``text`` with ``policy.allowed`` as special tokens (no check for
+    disallowed ones: the caller made it), and tiktoken's own outcome where it fails.
+
+    With no allowed token in ``text``, ``encode`` equals ``encode_ordinary``, which skips
+    converting the allowed set (over a thousand tokens for o200k_harmony) on every call. But
+    where tiktoken's regex overflows (a million spaces), ``encode_ordinary`` panics
+    (``pyo3_runtime.PanicException``, a BaseException) while ``encode`` raises ValueError: an
+    ``encode`` call that panicked is replayed as tiktoken's ``encode`` for its own error.
+    """
+    if policy.allowed and policy.may_hold_allowed(text):
+        return enc.encode(text, allowed_special=policy.allowed, disallowed_special=())
+    if policy.ordinary:
+        return enc.encode_ordinary(text)
+    try:
+        return enc.encode_ordinary(text)
+    except BaseException as exc:
+        if not is_panic(exc):
+            raise
+        return enc.encode(text, allowed_special=policy.allowed, disallowed_special=())
+
+
+def is_panic(exc: BaseException) -> bool:
+    """Whether ``exc`` is a Rust panic surfaced by tiktoken's bindings (not importable by name)."""
+    return type(exc).__name__ == "PanicException"
 
 
 def _string_set(value: object, name: str) -> frozenset[str]:

@@ -89,6 +89,14 @@ def test_text_a_backend_cannot_take_goes_to_tiktoken(fast, enc):
     assert stats["backend"] == fast.backend
 
 
+def test_code_points_the_backend_classifies_otherwise_go_to_tiktoken(fast, enc):
+    # Unicode 17 code points tiktoken 0.14 (Unicode 16) does not know: found by the gate.
+    for text in ("\U000323b0:A", "word next\U000323b0:A", "x\ua7ce:B", "\U00016ea0 1a"):
+        assert fast.encode_ordinary(text) == enc.encode_ordinary(text)
+        assert fast.count_ordinary(text) == len(enc.encode_ordinary(text))
+    assert fast.stats()["backend_avoided_code_points"] >= 0
+
+
 def test_long_whitespace_runs_give_tiktoken_s_outcome(fast, enc):
     # tiktoken's regex overflows its stack near a million spaces (PanicException, a
     # BaseException): the backend must give that outcome too, not ids.

@@ -128,12 +128,13 @@ def test_hostile_frames_leave_the_daemon_serving(
 
 
 def test_a_panicking_fill_is_an_error_not_a_crash(daemon: DaemonProcess) -> None:
-    spaces = " " * 1_000_000  # o200k's tiktoken panics (pyo3 PanicException, a BaseException)
+    # o200k's regex overflows: tiktoken panics (encode_ordinary) or raises ValueError (encode)
+    spaces = " " * 1_000_000
     assert get(daemon, spaces, "o200k_base").fields["filling"] is True
     wait_until(lambda: daemon.stats()["fill_errors"] == 1, 20, "the fill never failed")
     reply = get(daemon, spaces, "o200k_base")
     assert (reply.ok, reply.error) == (False, "SERVER_ERROR")
-    assert "PanicException" in reply.fields["message"]
+    assert "Max stack size exceeded" in reply.fields["message"]  # tiktoken's own words
     assert daemon.alive() and get_until_hit(daemon, "fine", "o200k_base").tokens is not None
     stats = daemon.stats()
     assert stats["fill_errors"] == 1 and stats["get_hits"] + stats["get_misses"] == stats["cmd_get"]

@@ -14,6 +14,7 @@ from flashtoken import (
     get_encoding,
     split_prefix,
 )
+from flashtoken.boundary import UncachedEncodingWarning
 from tests.corpus import CORPUS, splits
 from tests.strategies import texts
 
@@ -171,11 +172,16 @@ def test_wrong_argument_types_say_what_is_wrong():
     cache = FixedPrefixTokenCache("cl100k_base", "x")
     with pytest.raises(TypeError, match="suffix must be a str"):
         cache.encode(123)
-    with pytest.raises(TypeError, match="allowed_special"):
+    # A str is no set: tiktoken's own TypeError, word for word (tests/test_exactness.py has more).
+    with pytest.raises(TypeError) as ours:
         cache.encode("y", allowed_special="<|endoftext|>")
+    with pytest.raises(TypeError) as theirs:
+        cache.encoding.encode("xy", allowed_special="<|endoftext|>")
+    assert str(ours.value) == str(theirs.value)
 
 
 def test_custom_encoding_with_unknown_pattern_is_exact():
+    """No proof, no cache: exact because the whole text is encoded (tests/test_exactness.py)."""
     cl100k = get_encoding("cl100k_base")
     custom = tiktoken.Encoding(
         name="custom_words",
@@ -183,9 +189,12 @@ def test_custom_encoding_with_unknown_pattern_is_exact():
         mergeable_ranks=cl100k._mergeable_ranks,
         special_tokens={"<|endoftext|>": 100257},
     )
+    with pytest.warns(UncachedEncodingWarning, match="custom_words"):
+        FixedPrefixTokenCache(custom, "warned once per encoding")
     for text in CORPUS[::2]:
         for prefix, suffix in splits(text):
             cache = FixedPrefixTokenCache(custom, prefix)
+            assert cache.cut == 0
             assert cache.encode_ordinary(suffix) == custom.encode_ordinary(prefix + suffix)
 
 

@@ -1,0 +1,406 @@
+"""The host's shared map: prefix tokens in a memory-mapped LMDB database that every worker reads.
+
+The daemon is the map's only writer: it encodes, stores, evicts and counts. Workers open the same
+file read-only and take a hit with no round trip: hash the prefix, look the key up, confirm the
+entry, copy the tokens out of the mapping. LMDB (one writer, many readers in many processes, MVCC
+so a reader never sees a half-written or freed entry, crash-safe, zero-copy reads) does what a
+home-made shared-memory table would have to be debugged into doing.
+
+An entry (one value per 16-byte key)::
+
+    header   magic "FTM1", kind, cut (code points), prefix length, token count, checksum
+    meta     encoding id (32 bytes), namespace, allowed special tokens (NUL-joined)
+    prefix   the prefix's UTF-8 bytes
+    tokens   little-endian uint32 ids: the prefix's tokens before ``cut``
+
+A key only locates an entry (xxh3 has no collision resistance against crafted text, and prompts
+carry user text): a hit is used only if the stored namespace, encoding id, policy and prefix
+bytes equal the asker's, and the checksum (xxh3-64 over the rest of the entry, written by the
+daemon) holds. That costs microseconds, where decoding the head to check its spelling cost ~150 us.
+
+``import flashtoken`` does not import this module (nor lmdb).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import lmdb
+import xxhash
+
+FORMAT = b"FTM1"  # the format version is part of the magic
+_HEADER = struct.Struct("<4sBxxxIIIQ")  # magic, kind, cut, prefix bytes, tokens, checksum
+_META = struct.Struct("<32sHI")  # encoding id, namespace length, policy length
+KIND_PREFIX = 1
+_VERSION_KEY = b"\x00flashtoken-map-format"  # never a 16-byte entry key
+# LMDB stores a value larger than about half a page on overflow pages of its own: a value costs
+# whole 4 KiB pages, plus its node (key, header) in a leaf page.
+_PAGE = 4096
+_NODE_OVERHEAD = 64
+
+MAP_DIRNAME = "map"
+
+
+def map_path(directory: str) -> str:
+    """Where the daemon whose private directory is ``directory`` keeps its map."""
+    return os.path.join(directory, MAP_DIRNAME)
+
+
+def entry_key(namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes) -> bytes:
+    """The 16-byte key of a declared prefix: it locates, the entry's own fields confirm."""
+    h = xxhash.xxh3_128()
+    for part in (b"FT-map-1", namespace, eid, _policy_bytes(allowed)):
+        h.update(len(part).to_bytes(4, "little"))
+        h.update(part)
+    h.update(prefix)
+    return h.digest()
+
+
+def _policy_bytes(allowed: tuple[str, ...]) -> bytes:
+    return "\x00".join(allowed).encode("utf-8")
+
+
+def pack_entry(
+    namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes, cut: int, tokens: bytes
+) -> bytes:
+    """An entry's value; ``tokens`` are little-endian uint32 bytes (``array('I').tobytes()``)."""
+    policy = _policy_bytes(allowed)
+    meta = _META.pack(eid, len(namespace), len(policy)) + namespace + policy
+    body = meta + prefix + tokens
+    checksum = xxhash.xxh3_64_intdigest(
+        _HEADER.pack(FORMAT, KIND_PREFIX, cut, len(prefix), len(tokens) // 4, 0) + body
+    )
+    return _HEADER.pack(FORMAT, KIND_PREFIX, cut, len(prefix), len(tokens) // 4, checksum) + body
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A confirmed entry: the prefix's tokens before offset ``cut`` (code points)."""
+
+    tokens: list[int]
+    cut: int
+
+
+def read_entry(
+    value: Any, namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes
+) -> Hit | None:
+    """The hit ``value`` holds for exactly this asker, or None (another prefix, a collision, a
+    damaged entry). ``value`` may be a buffer into the mapping: nothing of it is kept."""
+    view = memoryview(value)
+    if len(view) < _HEADER.size + _META.size:
+        return None
+    magic, kind, cut, n_prefix, n_tokens, checksum = _HEADER.unpack_from(view)
+    if magic != FORMAT or kind != KIND_PREFIX or n_prefix != len(prefix):
+        return None
+    stored_eid, n_namespace, n_policy = _META.unpack_from(view, _HEADER.size)
+    at = _HEADER.size + _META.size
+    policy = _policy_bytes(allowed)
+    if stored_eid != eid or n_namespace != len(namespace) or n_policy != len(policy):
+        return None
+    end = at + n_namespace + n_policy + n_prefix + 4 * n_tokens
+    if end != len(view) or cut > n_prefix:
+        return None
+    if view[at : at + n_namespace] != namespace:
+        return None
+    at += n_namespace
+    if view[at : at + n_policy] != policy:
+        return None
+    at += n_policy
+    if view[at : at + n_prefix] != prefix:  # the confirmation: a memcmp of the prefix
+        return None
+    at += n_prefix
+    h = xxhash.xxh3_64()
+    h.update(_HEADER.pack(magic, kind, cut, n_prefix, n_tokens, 0))
+    h.update(view[_HEADER.size :])
+    if h.intdigest() != checksum:
+        return None
+    return Hit(view[at:end].cast("I").tolist(), cut)
+
+
+def entry_cost(key: bytes, value_len: int) -> int:
+    """Bytes an entry takes in the map, as counted against the budget (LMDB's pages)."""
+    total = len(key) + value_len + _NODE_OVERHEAD
+    return -(-total // _PAGE) * _PAGE if value_len > _PAGE // 2 else total
+
+
+# -- one environment per map per process --------------------------------------------------------
+#
+# LMDB forbids opening one database twice in a process (closing one handle drops the other's
+# locks; py-lmdb refuses the second open) and using a handle after fork(). A child cannot close
+# the handle it inherited either: that would clear the reader slots of its parent. So a process
+# holds one Environment per path, and read-only ones are closed just *before* a fork, by the
+# parent, and opened again on the next use on either side (about 100 us, once). Reads hold the
+# same lock as that close, so a fork never closes a handle under a read.
+
+_envs: dict[tuple[int, str], lmdb.Environment] = {}
+_writers: set[str] = set()
+_envs_lock = threading.Lock()
+
+
+def _close_readers_before_fork() -> None:
+    _envs_lock.acquire()
+    for (pid, path), env in list(_envs.items()):
+        if pid == os.getpid() and path not in _writers:
+            del _envs[(pid, path)]
+            env.close()
+
+
+def _after_fork() -> None:
+    _envs_lock.release()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_close_readers_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork
+    )
+
+
+def environment(path: str, *, writer_map_size: int | None = None) -> lmdb.Environment:
+    """This process's environment for the map at ``path``: read-write with ``writer_map_size``
+    (the daemon), else read-only (raises ``lmdb.Error`` if there is no map there). The caller
+    holds ``_envs_lock``."""
+    key = (os.getpid(), path)
+    env = _envs.get(key)
+    if env is None:
+        if writer_map_size is None:
+            env = lmdb.open(
+                path, readonly=True, create=False, lock=True, max_readers=1024, max_dbs=0
+            )
+        else:
+            env = lmdb.open(
+                path,
+                map_size=writer_map_size,
+                subdir=True,
+                create=True,
+                mode=0o600,
+                max_readers=1024,
+                # A cache: no fsync per commit. A killed daemon loses nothing committed (the
+                # pages are in the OS's cache); a crashed host may lose the map, which the
+                # checksums then catch and the daemon rebuilds.
+                sync=False,
+                metasync=False,
+                readahead=False,
+            )
+            _writers.add(path)
+        _envs[key] = env
+    return env
+
+
+def forget_environment(path: str) -> None:
+    """Close this process's environment for ``path`` (the daemon, before it rebuilds the map)."""
+    with _envs_lock:
+        env = _envs.pop((os.getpid(), path), None)
+        _writers.discard(path)
+        if env is not None:
+            env.close()
+
+
+def trusted(path: str) -> bool:
+    """Whether the map at ``path`` is ours to trust: a directory and files owned by this user,
+    open to nobody else, no symlinks (the socket directory's own rule)."""
+    try:
+        for name in ("", "data.mdb", "lock.mdb"):
+            info = os.lstat(os.path.join(path, name) if name else path)
+            if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid():
+                return False
+            if info.st_mode & 0o077:
+                return False
+    except OSError:
+        return False
+    return True
+
+
+class MapReader:
+    """A worker's read-only view of the host's map (opened lazily, again after fork)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._failed_pid = 0  # the pid that found no usable map (retried on reopen())
+
+    def get(
+        self, namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes
+    ) -> Hit | None:
+        """The confirmed hit for this prefix, or None (not there, not ours, not usable)."""
+        key = entry_key(namespace, eid, allowed, prefix)
+        with _envs_lock:
+            env = self._env()
+            if env is None:
+                return None
+            try:
+                with env.begin(buffers=True) as txn:
+                    value = txn.get(key)
+                    if value is None:
+                        return None
+                    return read_entry(value, namespace, eid, allowed, prefix)
+            except lmdb.Error:
+                self._failed_pid = os.getpid()
+                return None
+
+    def reopen(self) -> None:
+        """Try again to open the map (after the daemon says it exists)."""
+        self._failed_pid = 0
+
+    def _env(self) -> lmdb.Environment | None:
+        if self._failed_pid == os.getpid():
+            return None
+        if not trusted(self.path):
+            self._failed_pid = os.getpid()
+            return None
+        try:
+            return environment(self.path)
+        except lmdb.Error:
+            self._failed_pid = os.getpid()
+            return None
+
+
+class MapWriter:
+    """The daemon's side: puts, least-recently-used eviction within ``max_bytes``, touches.
+
+    The LRU order lives in the daemon (readers report their hits in batches, since they bypass
+    it). After a restart the map is reopened as it was (a hot cache) and its entries are counted
+    again; their order of use is not kept across restarts.
+    """
+
+    def __init__(self, path: str, max_bytes: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        # Room for LMDB's own pages (branch pages, pages freed but still read by old snapshots).
+        self._map_size = 2 * max_bytes + 64 * 1024 * 1024
+        self._order: OrderedDict[bytes, int] = OrderedDict()  # key -> cost, oldest first
+        self.bytes = 0
+        self.evictions = 0
+        self.rebuilds = 0
+        self.env = self._open()
+
+    def _open(self) -> lmdb.Environment:
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        if not trusted(self.path) and os.path.exists(os.path.join(self.path, "data.mdb")):
+            self._rebuild("another owner, mode or a symlink")
+        try:
+            with _envs_lock:
+                env = environment(self.path, writer_map_size=self._map_size)
+            with env.begin() as txn:
+                version = txn.get(_VERSION_KEY)
+            if version not in (None, FORMAT):
+                raise lmdb.Error(f"format {version!r}")
+            if env.info()["map_size"] != self._map_size:
+                env.set_mapsize(self._map_size)
+            self._index(env)
+        except lmdb.Error as exc:
+            forget_environment(self.path)
+            self._rebuild(str(exc))
+            with _envs_lock:
+                env = environment(self.path, writer_map_size=self._map_size)
+        with env.begin(write=True) as txn:
+            txn.put(_VERSION_KEY, FORMAT)
+        return env
+
+    def _index(self, env: lmdb.Environment) -> None:
+        """Count the entries a previous daemon left (a hot restart); drop damaged ones."""
+        damaged = []
+        with env.begin(buffers=True) as txn:
+            for key, value in txn.cursor():
+                key = bytes(key)
+                if key == _VERSION_KEY:
+                    continue
+                if len(key) != 16 or bytes(value[:4]) != FORMAT:
+                    damaged.append(key)
+                    continue
+                cost = entry_cost(key, len(value))
+                self._order[key] = cost
+                self.bytes += cost
+        if damaged:
+            with env.begin(write=True) as txn:
+                for key in damaged:
+                    txn.delete(key)
+        self._evict_to(self.max_bytes)
+
+    def _rebuild(self, why: str) -> None:
+        """Start from an empty map: one we cannot trust is removed, never read."""
+        self.rebuilds += 1
+        self._order.clear()
+        self.bytes = 0
+        for name in ("data.mdb", "lock.mdb"):
+            try:
+                os.unlink(os.path.join(self.path, name))
+            except FileNotFoundError:
+                pass
+        os.chmod(self.path, 0o700)
+
+    def put(self, key: bytes, value: bytes) -> bool:
+        """Store one entry (replacing any under ``key``), evicting the least recently used first.
+
+        False when it cannot fit (larger than the budget, or the map is full even after
+        eviction): the entry is then simply not shared.
+        """
+        cost = entry_cost(key, len(value))
+        if cost > self.max_bytes:
+            return False
+        self._drop_from_order(key)
+        self._evict_to(self.max_bytes - cost)
+        for _ in range(2):
+            try:
+                with self.env.begin(write=True) as txn:
+                    txn.put(key, value)
+                break
+            except lmdb.MapFullError:
+                self._evict_to(max(0, self.bytes // 2))  # LMDB's own pages took the room
+        else:
+            return False
+        self._order[key] = cost
+        self.bytes += cost
+        return True
+
+    def touch(self, keys: list[bytes]) -> int:
+        """Move these keys to most recently used (readers' hits); how many were held."""
+        held = 0
+        for key in keys:
+            if key in self._order:
+                self._order.move_to_end(key)
+                held += 1
+        return held
+
+    def delete(self, key: bytes) -> None:
+        if self._drop_from_order(key):
+            with self.env.begin(write=True) as txn:
+                txn.delete(key)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._order
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def _drop_from_order(self, key: bytes) -> bool:
+        cost = self._order.pop(key, None)
+        if cost is None:
+            return False
+        self.bytes -= cost
+        return True
+
+    def _evict_to(self, limit: int) -> None:
+        if self.bytes <= limit:
+            return
+        victims = []
+        while self.bytes > limit and self._order:
+            key, cost = self._order.popitem(last=False)
+            self.bytes -= cost
+            victims.append(key)
+        with self.env.begin(write=True) as txn:
+            for key in victims:
+                txn.delete(key)
+        self.evictions += len(victims)
+
+    def check_readers(self) -> int:
+        """Clear reader slots of dead processes (a worker killed mid-read), so that the pages
+        their snapshots pinned can be reused. Returns how many were cleared."""
+        return self.env.reader_check()
+
+    def close(self) -> None:
+        forget_environment(self.path)

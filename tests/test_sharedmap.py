@@ -1,0 +1,229 @@
+"""The host's shared map (flashtoken/sharedmap.py) with a real LMDB file and real processes:
+readers in other processes, a writer killed mid-write, a damaged file, fork, dead readers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from array import array
+
+import pytest
+
+lmdb = pytest.importorskip("lmdb")
+
+from flashtoken import sharedmap  # noqa: E402
+from flashtoken.sharedmap import MapReader, MapWriter, entry_key, pack_entry  # noqa: E402
+
+EID = bytes(range(32))
+NS = b"tenant-a"
+ALLOWED = ("<|endoftext|>",)
+
+
+def _entry(i: int, size: int = 2000) -> tuple[bytes, bytes, list[int]]:
+    """Prefix ``i``: its key, value and tokens (distinct for every ``i``)."""
+    prefix = f"prefix {i}: ".encode() + bytes([65 + i % 26]) * size
+    tokens = [(i * 7919 + j) % 200_000 for j in range(size // 4)]
+    key = entry_key(NS, EID, ALLOWED, prefix)
+    value = pack_entry(NS, EID, ALLOWED, prefix, len(prefix) - 3, array("I", tokens).tobytes())
+    return key, value, tokens
+
+
+def _prefix(i: int, size: int = 2000) -> bytes:
+    return f"prefix {i}: ".encode() + bytes([65 + i % 26]) * size
+
+
+READER = textwrap.dedent(
+    """
+    import sys, json
+    sys.path.insert(0, {root!r})
+    from tests.test_sharedmap import _prefix, EID, NS, ALLOWED
+    from flashtoken.sharedmap import MapReader
+    reader = MapReader({path!r})
+    out = {{}}
+    for i in {indices!r}:
+        hit = reader.get(NS, EID, ALLOWED, _prefix(i))
+        out[i] = None if hit is None else [hit.cut, hit.tokens]
+    print(json.dumps(out))
+    """
+)
+
+
+def _read_elsewhere(path: str, indices: list[int]) -> dict[int, list | None]:
+    """Read entries from a separate process, as a worker would."""
+    import json
+
+    code = READER.format(root=os.getcwd(), path=path, indices=indices)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return {int(k): v for k, v in json.loads(done.stdout).items()}
+
+
+def _expected(i: int) -> list:
+    key, value, tokens = _entry(i)
+    return [len(_prefix(i)) - 3, tokens]
+
+
+@pytest.fixture
+def path(tmp_path) -> str:
+    directory = tmp_path / "daemon"
+    directory.mkdir(mode=0o700)
+    yield sharedmap.map_path(str(directory))
+    sharedmap.forget_environment(sharedmap.map_path(str(directory)))
+
+
+def test_a_worker_reads_what_the_daemon_wrote_and_only_that(path) -> None:
+    writer = MapWriter(path, 1 << 24)
+    for i in range(5):
+        key, value, _ = _entry(i)
+        assert writer.put(key, value)
+    got = _read_elsewhere(path, [0, 1, 2, 3, 4, 5])
+    assert got == {i: _expected(i) for i in range(5)} | {5: None}
+    # The same prefix asked for by another tenant, encoding or policy is no hit: the key locates,
+    # the entry's own fields confirm.
+    reader = MapReader(path)
+    prefix = _prefix(0)
+    assert reader.get(NS, EID, ALLOWED, prefix) is not None
+    assert reader.get(b"tenant-b", EID, ALLOWED, prefix) is None
+    assert reader.get(NS, bytes(32), ALLOWED, prefix) is None
+    assert reader.get(NS, EID, (), prefix) is None
+
+
+def test_a_colliding_key_is_never_a_hit(path) -> None:
+    """An entry stored under another prefix's key (a crafted collision) spells another prefix."""
+    writer = MapWriter(path, 1 << 24)
+    victim_key, _, _ = _entry(1)
+    _, attacker_value, _ = _entry(2)
+    writer.put(victim_key, attacker_value)
+    assert _read_elsewhere(path, [1, 2]) == {1: None, 2: None}
+
+
+def test_the_budget_holds_and_recently_used_entries_stay(path) -> None:
+    budget = 40 * 4096
+    writer = MapWriter(path, budget)
+    keys = []
+    for i in range(100):
+        key, value, _ = _entry(i)
+        writer.put(key, value)
+        keys.append(key)
+        writer.touch([keys[0]])  # a reader keeps hitting the first one
+        assert writer.bytes <= budget
+    assert keys[0] in writer and keys[99] in writer and keys[1] not in writer
+    assert writer.evictions == 100 - len(writer)
+    assert not writer.put(b"k" * 16, b"x" * (budget + 1))  # larger than the budget: refused
+    held = [i for i, k in enumerate(keys) if k in writer]
+    got = _read_elsewhere(path, list(range(100)))
+    assert {i for i, v in got.items() if v is not None} == set(held)
+    assert all(got[i] == _expected(i) for i in held)
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {root!r})
+    from tests.test_sharedmap import _entry
+    from flashtoken.sharedmap import MapWriter
+    writer = MapWriter({path!r}, {budget})
+    i = 0
+    while True:
+        key, value, _ = _entry(i)
+        writer.put(key, value)
+        if i == 50:
+            print("written", flush=True)
+        i += 1
+    """
+)
+
+
+def test_a_daemon_killed_mid_write_leaves_a_map_that_is_exact(path) -> None:
+    """kill -9 while writing and evicting: the map reopens hot, and every entry reads exact."""
+    code = WRITER.format(root=os.getcwd(), path=path, budget=60 * 4096)
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout.readline().strip() == "written"
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    writer = MapWriter(path, 60 * 4096)
+    assert 0 < len(writer) and writer.rebuilds == 0  # hot: a killed writer loses nothing
+    got = _read_elsewhere(path, list(range(2000)))
+    present = [i for i, v in got.items() if v is not None]
+    assert len(present) == len(writer)
+    assert all(got[i] == _expected(i) for i in present)
+
+
+def test_a_damaged_map_is_never_believed(path) -> None:
+    writer = MapWriter(path, 1 << 24)
+    for i in range(30):
+        writer.put(*_entry(i)[:2])
+    writer.close()
+    data = os.path.join(path, "data.mdb")
+    size = os.path.getsize(data)
+    with open(data, "r+b") as f:  # garbage over the middle of the file: entries and pages
+        f.seek(size // 3)
+        f.write(os.urandom(size // 3))
+    got = _read_elsewhere(path, list(range(30)))
+    assert all(v is None or v == _expected(i) for i, v in got.items())
+    reopened = MapWriter(path, 1 << 24)  # indexes what holds together, or rebuilds
+    got = _read_elsewhere(path, list(range(30)))
+    assert all(v is None or v == _expected(i) for i, v in got.items())
+    assert reopened.put(*_entry(99)[:2])
+    assert _read_elsewhere(path, [99]) == {99: _expected(99)}
+
+
+def test_a_map_open_to_others_is_neither_read_nor_kept(path) -> None:
+    writer = MapWriter(path, 1 << 24)
+    writer.put(*_entry(0)[:2])
+    writer.close()
+    os.chmod(os.path.join(path, "data.mdb"), 0o644)
+    assert _read_elsewhere(path, [0]) == {0: None}  # a worker refuses it
+    rebuilt = MapWriter(path, 1 << 24)  # the daemon starts afresh
+    assert rebuilt.rebuilds == 1 and len(rebuilt) == 0
+    assert sharedmap.trusted(path)
+
+
+def test_a_forked_worker_opens_its_own_view(path) -> None:
+    writer = MapWriter(path, 1 << 24)
+    writer.put(*_entry(3)[:2])
+    writer.close()  # the daemon is another process; here, a worker (gunicorn's master) forks
+    reader = MapReader(path)
+    assert reader.get(NS, EID, ALLOWED, _prefix(3)) is not None  # used before the fork
+    pid = os.fork()
+    if pid == 0:  # the child: a fresh environment, and the same answer
+        hit = reader.get(NS, EID, ALLOWED, _prefix(3))
+        os._exit(0 if hit is not None and [hit.cut, hit.tokens] == _expected(3) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert reader.get(NS, EID, ALLOWED, _prefix(3)) is not None  # the parent's still works
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    import lmdb
+    env = lmdb.open({path!r}, readonly=True, create=False, lock=True, max_readers=1024)
+    txn = env.begin()
+    print("reading", flush=True)
+    sys.stdin.read()
+    """
+)
+
+
+def test_a_worker_killed_mid_read_does_not_block_the_writer(path) -> None:
+    writer = MapWriter(path, 30 * 4096)
+    writer.put(*_entry(0)[:2])
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLDER.format(path=path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as holder:
+        assert holder.stdout.readline().strip() == "reading"
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=30)
+    assert writer.check_readers() == 1
+    for i in range(200):  # many times the budget: pages are reused, the map never fills
+        assert writer.put(*_entry(i)[:2])
+    assert writer.bytes <= 30 * 4096
