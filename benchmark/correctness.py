@@ -50,6 +50,8 @@ TRICKY = (
     "Мама мыла раму",
     "ᐃᓄᒃᑎᑐᑦ",
     "\u200d\u200dzwj",
+    # Assigned in Unicode 17 (CJK Ext. J, U+A7CE): tiktoken 0.14's tables are Unicode 16's.
+    "\U000323b0:A \ua7ce:B",
 )
 
 

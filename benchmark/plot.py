@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmark import workloads  # noqa: E402
+
+
+def _wrap(label: str, width: int = 18) -> str:
+    return textwrap.fill(label, width)
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -132,7 +137,7 @@ def latency_percentiles(results: dict[str, Any], out: Path) -> Path | None:
     if not runs:
         return None
     chosen = _reference_runs(runs)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     width = 0.25
     for i, (key, label) in enumerate((("median_us", "p50"), ("p90_us", "p90"), ("p99_us", "p99"))):
         ax.bar(
@@ -141,9 +146,7 @@ def latency_percentiles(results: dict[str, Any], out: Path) -> Path | None:
             width,
             label=label,
         )
-    ax.set_xticks(
-        range(len(chosen)), [r["strategy"].replace(" (", "\n(") for r in chosen], fontsize=7
-    )
+    ax.set_xticks(range(len(chosen)), [_wrap(r["strategy"]) for r in chosen], fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel("request latency (µs, log)")
     ax.set_title(f"Latency percentiles, {chosen[0]['workers']} workers")
@@ -162,7 +165,7 @@ def memory(results: dict[str, Any], out: Path) -> Path | None:
     )
     labels, worker_mib, daemon_mib, host_mib = [], [], [], []
     for r in chosen:
-        labels.append(r["strategy"].replace(" (", "\n(").replace(" [", "\n["))
+        labels.append(_wrap(r["strategy"]))
         worker_mib.append(r["rss_mib_median_worker"] or 0)
         daemon_mib.append((r.get("daemon_rss_kib") or 0) / 1024)
         per_worker = r.get("rss_kib_per_worker") or []
@@ -202,7 +205,7 @@ def heatmap(results: dict[str, Any], out: Path) -> Path | None:
         return None
     pks = sorted({c["prefix_kib"] for c in fp["cells"]})
     sks = sorted({c["suffix_chars"] for c in fp["cells"]})
-    bad = headline.inexact_tools(results)
+    bad = headline.inexact_tools(results, "fixed_prefix")
     vs_tiktoken = [[float("nan")] * len(sks) for _ in pks]
     vs_peer = [[float("nan")] * len(sks) for _ in pks]
     for c in fp["cells"]:

@@ -173,7 +173,12 @@ def summary(results: dict[str, Any]) -> str:
         + f". Peers: {c['baseline_mismatches']} "
         f"mismatches in {c['baseline_cases']:,} cases, {c.get('baseline_refusals', 0):,} texts "
         "refused (the peer raised: a user of it would get an error there)"
-        + (f" ({'; '.join(peers_bad)}: not counted as exact peers)" if peers_bad else "")
+        + (
+            f" (wrong ids: {'; '.join(peers_bad)}; a peer counts as exact only on the workloads "
+            "where it matched every text)"
+            if peers_bad
+            else ""
+        )
         + ".",
         "",
         "**Noise.** Ratios are medians measured in the same run, strategies interleaved in blocks "
