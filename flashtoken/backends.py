@@ -37,6 +37,7 @@ import os
 import queue
 import random
 import re
+import sys
 import tempfile
 import threading
 import warnings
@@ -176,8 +177,24 @@ class _Avoiding:
     def __init__(self, inner: Any, avoid: str) -> None:
         self.inner = inner
         self.avoided = len(avoid)
-        search = re.compile(f"[{_char_class(avoid)}]").search
-        self._takes = lambda text: text.isascii() or search(text) is None
+        bmp = tuple(c for c in avoid if c <= "\uffff")
+        astral = frozenset(c for c in avoid if c > "\uffff")
+        astral_chars = re.compile("[\U00010000-\U0010ffff]").findall
+
+        # Measured on 32 KiB of non-ASCII text: one `c in text` per BMP code point costs ~0.5 us
+        # (a few of them), where a regex class search costs ~190 us whatever the class (a
+        # character at a time), more than toktok's whole encode. So the astral code points (most
+        # of them) are looked for only in a text that holds astral characters at all.
+        def takes(text: str) -> bool:
+            if text.isascii():
+                return True
+            if any(c in text for c in bmp):
+                return False
+            if astral and _may_hold_astral(text):
+                return astral.isdisjoint(astral_chars(text))
+            return True
+
+        self._takes = takes
 
     def ordinary(self, text: str) -> list[int] | None:
         return self.inner.ordinary(text) if self._takes(text) else None
@@ -189,18 +206,21 @@ class _Avoiding:
         return self.inner.count_ordinary(text) if self._takes(text) else None
 
 
-def _char_class(chars: str) -> str:
-    """A regex character class body for ``chars`` (sorted), as ranges."""
-    out: list[str] = []
-    codes = sorted(map(ord, chars))
-    start = prev = codes[0]
-    for code in [*codes[1:], -1]:
-        if code == prev + 1:
-            prev = code
-            continue
-        out.append(re.escape(chr(start)) + ("-" + re.escape(chr(prev)) if prev > start else ""))
-        start = prev = code
-    return "".join(out)
+def _may_hold_astral(text: str) -> bool:
+    """False only if ``text`` has no character above U+FFFF, known without reading it.
+
+    CPython stores a string in 1, 2 or 4 bytes a character, the widest its characters need, and
+    ``sys.getsizeof`` shows which (a header of under 100 bytes plus the characters). Elsewhere
+    (``_SIZE_TELLS`` false) every non-ASCII text is searched."""
+    n = len(text)
+    return not _SIZE_TELLS or n < 64 or sys.getsizeof(text) > 3 * n + 100
+
+
+_SIZE_TELLS = (
+    sys.getsizeof("\U0001f44d" * 100) > 400
+    and sys.getsizeof("\u4e2d\U0001f44d" * 50) > 400
+    and sys.getsizeof("\u4e2d" * 100) < 300
+)
 
 
 _candidates: list[str] = []
