@@ -5,10 +5,20 @@
 ...     client.encode_ordinary(" Answer briefly.", prefix="You are a helpful assistant.")
 [2675, 527, 264, 11190, 18328, 13, 22559, 27851, 13]
 
-Every answer is tiktoken's, whether or not a daemon runs.
+Every answer is tiktoken's, whether or not a daemon runs. Needs the ``[daemon]`` extra
+(pyzmq, msgpack): ``pip install 'flashtoken[daemon]'``.
 """
 
-from .aio import AsyncClient
-from .sync import Client
+try:
+    from .aio import AsyncClient
+    from .sync import Client
+except ModuleNotFoundError as exc:  # say which extra, not only "No module named 'zmq'"
+    if exc.name not in ("zmq", "msgpack", "xxhash"):
+        raise
+    raise ModuleNotFoundError(
+        f"flashtoken.client needs {exc.name}, which the [daemon] extra installs:"
+        " pip install 'flashtoken[daemon]'",
+        name=exc.name,
+    ) from exc
 
 __all__ = ["AsyncClient", "Client"]

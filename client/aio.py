@@ -25,12 +25,12 @@ from flashtoken.specials import SpecialArg, SpecialPolicy, encode_with
 
 from .chains import AUTO_L1, AUTO_TELL, AutoPending
 from .core import (
-    CLIENT_DEFAULTS,
     DONE,
     LATE,
     ClientCore,
     Pending,
 )
+from .settings import client_settings
 from .sockets import CONTEXT, abandon, configure_dealer, register
 from .sync import request_stats
 
@@ -56,13 +56,13 @@ class AsyncClient:
     def __init__(
         self,
         address: str | None = None,
-        encoding: str | tiktoken.Encoding = "cl100k_base",
+        encoding: str | tiktoken.Encoding | None = None,
         **options: Any,
     ) -> None:
-        unknown = set(options) - set(CLIENT_DEFAULTS) - {"namespace", "fill"}
-        if unknown:
-            raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
-        self._core = ClientCore(encoding, **options)
+        # Checked against the table (client/settings.py); unset ones from FLASHTOKEN_*.
+        options = client_settings("AsyncClient", dict(options, address=address, encoding=encoding))
+        address = options.pop("address")
+        self._core = ClientCore(options.pop("encoding"), **options)
         self.address = address or default_address()
         self._sock: zmq.asyncio.Socket | None = None
         self._ctx: zmq.asyncio.Context | None = None

@@ -26,7 +26,7 @@ from typing import Any, Union
 
 import tiktoken
 
-from flashtoken.auto import DEFAULT_BLOCK_BYTES, AutoPrefixCache
+from flashtoken.auto import AutoPrefixCache
 from flashtoken.encodings import encoding_id, resolve_encoding
 from flashtoken.errors import ProtocolError
 from flashtoken.prefix import FixedPrefixTokenCache, PrefixSplit, token_list
@@ -40,30 +40,10 @@ from flashtoken.protocol import (
 from flashtoken.specials import SpecialArg, SpecialPolicy
 
 from .chains import AutoPending, ChainCore
+from .settings import CLIENT_DEFAULTS, client_settings
 from .sockets import abandon
 
 __all__ = ["CLIENT_DEFAULTS", "AutoPending", "Breaker", "ClientCore", "Pending"]
-
-MiB = 1024 * 1024
-
-CLIENT_DEFAULTS: dict[str, Any] = {
-    # ms: how long one daemon round trip may take before going local. Not less: with more busy
-    # workers than cores, a healthy daemon's replies take 5-15 ms to be scheduled; at 5 ms the
-    # breaker stayed open under such load and the daemon was never filled (8 workers, 2 cores).
-    "timeout_ms": 20,
-    "l1_bytes": 64 * MiB,  # bytes: approximate memory of the in-process cache
-    "breaker_failures": 3,  # consecutive failures that open the breaker
-    "breaker_cooldown_ms": 250,  # ms: first open period; doubles per failed probe
-    "breaker_max_cooldown_ms": 5_000,  # ms: longest open period (a restart is seen within it)
-    "max_prefix_bytes": MAX_PREFIX_BYTES,  # bytes: longer prefixes (or texts) stay local
-    "auto_l1_bytes": 64 * MiB,  # bytes: the in-process AutoPrefixCache (texts with no prefix)
-    "auto_block_bytes": DEFAULT_BLOCK_BYTES,  # bytes: its block size, also the daemon's chains'
-    # bytes: a text with at most this much after the L1's chain is encoded here, and the daemon
-    # is only told (no reply awaited): on a busy host a round trip costs about as much as
-    # encoding 4 KiB (and the chain up to the previous request usually arrives by publication).
-    "auto_local_bytes": 4096,
-    "follow": True,  # take the chain blocks the daemon publishes into the L1 (client/follow.py)
-}
 
 _BYTES_PER_TOKEN = 12  # the head list (8, its ints shared) + tails and arrays made on demand
 _BYTES_PER_ENTRY = 512
@@ -158,7 +138,7 @@ class ClientCore(ChainCore):
         self,
         encoding: str | tiktoken.Encoding,
         *,
-        namespace: bytes = b"",
+        namespace: bytes | str = CLIENT_DEFAULTS["namespace"],
         l1_bytes: int = CLIENT_DEFAULTS["l1_bytes"],
         timeout_ms: float = CLIENT_DEFAULTS["timeout_ms"],
         breaker_failures: int = CLIENT_DEFAULTS["breaker_failures"],
@@ -169,20 +149,29 @@ class ClientCore(ChainCore):
         auto_block_bytes: int = CLIENT_DEFAULTS["auto_block_bytes"],
         auto_local_bytes: int = CLIENT_DEFAULTS["auto_local_bytes"],
         follow: bool = CLIENT_DEFAULTS["follow"],
-        fill: bool = True,
+        fill: bool = CLIENT_DEFAULTS["fill"],
     ) -> None:
-        if not isinstance(namespace, bytes):
-            raise TypeError("namespace must be bytes")
-        if timeout_ms <= 0:
-            raise ValueError("timeout_ms must be > 0")
-        if l1_bytes < 0:
-            raise ValueError("l1_bytes must be >= 0")
-        if auto_l1_bytes < 0:
-            raise ValueError("auto_l1_bytes must be >= 0")
-        if auto_local_bytes < 0:
-            raise ValueError("auto_local_bytes must be >= 0")
+        # The table's checks (client/settings.py), for a core made without Client: the same
+        # messages, and a str namespace taken as UTF-8.
+        checked = client_settings(
+            "ClientCore",
+            dict(
+                namespace=namespace,
+                l1_bytes=l1_bytes,
+                timeout_ms=timeout_ms,
+                breaker_failures=breaker_failures,
+                breaker_cooldown_ms=breaker_cooldown_ms,
+                breaker_max_cooldown_ms=breaker_max_cooldown_ms,
+                max_prefix_bytes=max_prefix_bytes,
+                auto_l1_bytes=auto_l1_bytes,
+                auto_block_bytes=auto_block_bytes,
+                auto_local_bytes=auto_local_bytes,
+                follow=follow,
+                fill=fill,
+            ),
+        )
         self.enc = resolve_encoding(encoding)
-        self.namespace = namespace
+        self.namespace: bytes = checked["namespace"]  # a str is taken as UTF-8
         self.timeout = timeout_ms / 1000
         self.l1_limit = l1_bytes
         self.max_prefix_bytes = min(max_prefix_bytes, MAX_PREFIX_BYTES)

@@ -45,17 +45,16 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from flashtoken.protocol import default_address, ipc_path
+
+from .supervisor import Supervisor, install_fork_guard
 
 __all__ = [
     "ADDRESS_ENV",
@@ -86,12 +85,16 @@ class SidecarSettings:
 
     ``address``: the daemon's ``ipc://`` address; None = a fresh private directory per server.
     ``spawn``: run the daemon from the master (False: it runs elsewhere, e.g. under systemd).
-    ``encoding``: what ``get_client()`` encodes with when no encoding is named.
+    ``encoding``: what ``get_client()`` encodes with when no encoding is named; None =
+    ``$FLASHTOKEN_ENCODING``, else ``"cl100k_base"`` (as for ``Client()``).
     ``client``: ``"auto"`` (asyncio workers get an ``AsyncClient``), ``"sync"`` or ``"async"``:
     which client ``post_fork`` makes ahead of the first request.
     ``client_options``: keyword arguments for every ``Client`` / ``AsyncClient`` (``timeout_ms``,
     ``l1_bytes``, ...). ``max_bytes`` (``"512MiB"`` or an int), ``encodings`` and
     ``daemon_args`` (more CLI flags) go to ``flashtoken-daemon serve``; None = its defaults.
+    ``warm_prefixes``: prompts (of ``encoding``, no special tokens allowed) that the master
+    encodes once at start; every worker's client begins with them in its in-process cache, so
+    no worker's first requests pay for them (a system prompt, the templates in use).
     ``daemon_log``: a file for the daemon's log; None = the master's stderr.
     ``start_timeout_s``: how long ``when_ready`` waits for the daemon's socket (workers start
     anyway afterwards: they encode locally until it answers). ``stop_timeout_s``: SIGTERM to
@@ -100,17 +103,21 @@ class SidecarSettings:
 
     address: str | None = None
     spawn: bool = True
-    encoding: str = "cl100k_base"
+    encoding: str | None = None
     client: str = "auto"
     client_options: dict = field(default_factory=dict)
     max_bytes: str | int | None = None
     encodings: Sequence[str] | None = None
     daemon_args: Sequence[str] = ()
+    warm_prefixes: Sequence[str] = ()
     daemon_log: str | None = None
     start_timeout_s: float = 10.0
     stop_timeout_s: float = 5.0
     restart_delay_s: float = 0.1
     max_restart_delay_s: float = 10.0
+
+    def encoding_name(self) -> str:
+        return self.encoding or os.environ.get("FLASHTOKEN_ENCODING") or "cl100k_base"
 
     def daemon_command(self, bind: str) -> list[str]:
         cmd = [
@@ -129,188 +136,6 @@ class SidecarSettings:
         return cmd + list(self.daemon_args)
 
 
-class Supervisor:
-    """The daemon as a child of this process, restarted whenever it exits, until ``stop()``.
-
-    A thread polls the child (``Popen.poll`` every 0.2 s) rather than waiting on SIGCHLD:
-    gunicorn's master owns SIGCHLD and reaps *every* child with ``waitpid(-1)``, ours included;
-    ``poll`` then sees ECHILD and reports the child gone (exit status unknown), which is all the
-    supervisor needs to know.
-    """
-
-    POLL_S = 0.2
-    HEALTHY_AFTER_S = 30.0  # a daemon that lived this long resets the back-off
-
-    def __init__(self, settings: SidecarSettings, bind: str, log: Any = None) -> None:
-        self.settings = settings
-        self.bind = bind
-        self.log = log
-        self.owner = os.getpid()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.started_at = 0.0
-        self.restarts = 0
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    # -- life cycle ---------------------------------------------------------------------------
-
-    def spawn(self) -> subprocess.Popen[bytes]:
-        cmd = self.settings.daemon_command(self.bind)
-        log_file = self.settings.daemon_log
-        out = open(log_file, "ab") if log_file else None  # noqa: SIM115 - handed to the child
-        try:
-            # Held against os.fork() in the master (see _SPAWN_LOCK), so that no worker forked at
-            # this moment inherits Popen's internal pipe and stalls it until that worker exits.
-            with _SPAWN_LOCK:
-                proc = subprocess.Popen(
-                    cmd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=out,
-                    close_fds=True,
-                    # Its own session: a Ctrl-C meant for gunicorn reaches the master, which stops
-                    # the daemon in on_exit; the terminal must not kill it behind the supervisor's
-                    # back. A dead master is noticed by the daemon itself (--exit-with-parent).
-                    start_new_session=True,
-                )
-        finally:
-            if out is not None:
-                out.close()
-        self.proc, self.started_at = proc, time.monotonic()
-        self._info("flashtoken-daemon started (pid %d) on %s", proc.pid, self.bind)
-        return proc
-
-    def wait_ready(self, timeout_s: float) -> bool:
-        """Wait until the daemon has bound its socket; False if it did not within ``timeout_s``.
-
-        The socket file appears once the daemon has loaded its encodings, taken its lock and
-        bound. A file older than this daemon is a stale one that the daemon is about to remove.
-        No zmq here: a zmq context made in the master would be inherited by every worker.
-        """
-        path = ipc_path(self.bind)
-        if path is None:
-            return True  # tcp://: nothing to watch; the clients' breakers cover the start
-        since = time.time() - 1.0
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            proc = self.proc
-            if proc is None or proc.poll() is not None:
-                return False
-            try:
-                if os.stat(path).st_ctime >= since:
-                    return True
-            except FileNotFoundError:
-                pass
-            time.sleep(0.02)
-        return False
-
-    def start_watching(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._watch, name="flashtoken-supervisor", daemon=True
-            )
-            self._thread.start()
-
-    def stop(self) -> int | None:
-        """Stop watching, then the daemon: SIGTERM, SIGKILL after ``stop_timeout_s``."""
-        if os.getpid() != self.owner:
-            return None  # a forked worker holds a copy of this object: never act from there
-        self._stopping.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=2.0)
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(self.settings.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                self._info("flashtoken-daemon (pid %d) ignored SIGTERM; killing it", proc.pid)
-                proc.kill()
-                proc.wait(self.settings.stop_timeout_s)
-        self._info("flashtoken-daemon (pid %d) stopped", proc.pid)
-        return proc.returncode
-
-    def _watch(self) -> None:
-        delay = self.settings.restart_delay_s
-        while not self._stopping.wait(self.POLL_S):
-            proc = self.proc
-            if proc is None or proc.poll() is None:
-                continue
-            lived = time.monotonic() - self.started_at
-            if lived > self.HEALTHY_AFTER_S:
-                delay = self.settings.restart_delay_s
-            self._warning(
-                "flashtoken-daemon (pid %d) exited (%s) after %.1f s; restarting in"
-                " %.1f s (workers encode locally meanwhile)",
-                proc.pid,
-                _status(proc.returncode),
-                lived,
-                delay,
-            )
-            if self._stopping.wait(delay):
-                return
-            try:
-                self.spawn()
-                self.restarts += 1
-            except OSError as exc:
-                self._warning("cannot start flashtoken-daemon: %s", exc)
-            delay = min(delay * 2, self.settings.max_restart_delay_s)
-
-    def _info(self, msg: str, *args: Any) -> None:
-        if self.log is not None:
-            self.log.info(msg, *args)
-
-    def _warning(self, msg: str, *args: Any) -> None:
-        if self.log is not None:
-            self.log.warning(msg, *args)
-
-
-def _status(code: int | None) -> str:
-    if code is None:
-        return "running"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    # 0 is also what Popen reports when gunicorn reaped the child first (ECHILD).
-    return f"status {code}" if code else "status 0 or reaped by gunicorn"
-
-
-# -- fork safety of the master's supervisor thread ----------------------------------------------
-#
-# gunicorn forks workers from the master's main thread while the supervisor thread may be inside
-# subprocess.Popen. A worker forked then inherits Popen's error pipe (CLOEXEC only helps at exec,
-# and workers never exec), and Popen in the master waits for that pipe's EOF, i.e. for the worker
-# to exit. An RLock held around Popen and taken before every os.fork() (register_at_fork) keeps
-# the two apart. Rejected: restarting from a gunicorn hook on the main thread (no hook runs
-# periodically in the master), and forking the daemon from the main thread only (it dies at any
-# time, not when a hook runs).
-
-_SPAWN_LOCK = threading.RLock()
-_fork_guard_installed = False
-
-
-def _install_fork_guard() -> None:
-    global _fork_guard_installed
-    if _fork_guard_installed:
-        return
-    _fork_guard_installed = True
-
-    def after_in_child() -> None:
-        global _SPAWN_LOCK, _CLIENTS_LOCK
-        _SPAWN_LOCK = threading.RLock()
-        _CLIENTS_LOCK = threading.Lock()
-
-    os.register_at_fork(
-        before=lambda: _SPAWN_LOCK.acquire(),
-        after_in_parent=lambda: _SPAWN_LOCK.release(),
-        after_in_child=after_in_child,
-    )
-
-
 # -- module state (the master's, inherited by every worker through fork) ------------------------
 
 
@@ -324,6 +149,7 @@ class _State:
         self.clients: dict[tuple[str, str], Any] = {}
         self.clients_pid = os.getpid()
         self.inherited: list[Any] = []  # clients made before a fork: kept, never closed here
+        self.warm: list[Any] = []  # FixedPrefixTokenCache of each warm prefix, made in the master
 
 
 _state = _State()
@@ -379,7 +205,7 @@ def _clients() -> dict[tuple[str, str], Any]:
 
 
 def _client(kind: str, encoding: str | None) -> Any:
-    name = encoding or _state.settings.encoding
+    name = encoding or _state.settings.encoding_name()
     clients = _clients()
     found = clients.get((kind, name))
     if found is not None:
@@ -438,6 +264,11 @@ def _is_async_worker(worker: Any) -> bool:
 # -- the hooks ----------------------------------------------------------------------------------
 
 
+def _reset_clients_lock() -> None:
+    global _CLIENTS_LOCK
+    _CLIENTS_LOCK = threading.Lock()  # a parent's thread may have held it at the fork
+
+
 def on_starting(server: Any) -> None:
     """Master, before anything else: start the daemon (unless ``spawn=False``)."""
     _state.configured = True
@@ -449,31 +280,86 @@ def on_starting(server: Any) -> None:
         return
     if _state.supervisor is not None:
         return  # already running (the config was re-read)
-    _install_fork_guard()
+    install_fork_guard(_reset_clients_lock)
     path = ipc_path(bind)
     if path is not None and not os.path.isdir(os.path.dirname(path)):
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     supervisor = _state.supervisor = Supervisor(_state.settings, bind, server.log)
+    _collect_before_gunicorn_reaps(server, supervisor)
     supervisor.spawn()
     atexit.register(_stop_at_exit)
 
 
+def _collect_before_gunicorn_reaps(server: Any, supervisor: Supervisor) -> None:
+    """Wrap the arbiter's ``reap_workers`` (called on every SIGCHLD) so that the daemon's exit
+    status is read before gunicorn's ``waitpid(-1)`` discards it. Rejected: our own SIGCHLD
+    handler (gunicorn installs its own, and replacing it breaks worker reaping), and a wrapper
+    process around the daemon (one more process whose status gunicorn would discard)."""
+    reap = getattr(server, "reap_workers", None)
+    if reap is None or getattr(reap, "flashtoken_collects", False):
+        return
+
+    def reap_workers() -> Any:
+        current = _state.supervisor
+        if current is not None:
+            current.collect()
+        return reap()
+
+    reap_workers.flashtoken_collects = True  # type: ignore[attr-defined]
+    server.reap_workers = reap_workers
+
+
 def _warm(server: Any) -> None:
-    """Load the default encoding (and its id, FlashToken's tables) once, in the master.
+    """Load every encoding the workers will use (``encoding`` and the daemon's ``encodings``),
+    with its id and FlashToken's tables, once, in the master.
 
     Every worker then inherits them through fork, sharing the pages: a worker boots in
-    milliseconds instead of loading the BPE file itself (~0.5 s, during which gunicorn's
-    SIGTERM is not yet handled and a shutdown waits for ``graceful_timeout``).
+    milliseconds instead of loading the BPE files itself (~0.5 s each, during which gunicorn's
+    SIGTERM is not yet handled), and its first request for a second encoding does not pay
+    0.7-1.1 s either.
     """
-    try:
-        from flashtoken import FixedPrefixTokenCache
-        from flashtoken.encodings import encoding_id, get_encoding
+    from flashtoken import AutoPrefixCache, FixedPrefixTokenCache
+    from flashtoken.encodings import encoding_id, get_encoding
 
-        enc = get_encoding(_state.settings.encoding)
-        encoding_id(enc)
-        FixedPrefixTokenCache(enc, "Warm-up: é 中文 👋 ").encode_ordinary(" ok")
-    except Exception as exc:  # noqa: BLE001 - the workers will report it on first use
-        server.log.warning("flashtoken: cannot load encoding %r: %s", _state.settings.encoding, exc)
+    for name in _warm_names(_state.settings):
+        try:
+            enc = get_encoding(name)
+            encoding_id(enc)
+            FixedPrefixTokenCache(enc, "Warm-up: é 中文 👋 ").encode_ordinary(" ok")
+            # Its per-encoding tables (token byte lengths: ~50 ms for o200k) are cached by
+            # encoding, so every client a worker makes finds them.
+            AutoPrefixCache(enc, max_bytes=1 << 20).encode_ordinary("Warm-up: é 中文 👋 ok")
+        except Exception as exc:  # noqa: BLE001 - the workers will report it on first use
+            server.log.warning("flashtoken: cannot load encoding %r: %s", name, exc)
+    settings = _state.settings
+    if settings.warm_prefixes and not _state.warm:
+        try:
+            enc = get_encoding(settings.encoding_name())
+            _state.warm = [FixedPrefixTokenCache(enc, p) for p in settings.warm_prefixes]
+        except Exception as exc:  # noqa: BLE001 - the workers encode them on first use
+            server.log.warning("flashtoken: cannot encode the warm prefixes: %s", exc)
+
+
+def _seed(client: Any) -> None:
+    """Put the master's warm prefixes into a new client's in-process cache (its L1), exactly
+    as its own first local encode of each would have."""
+    core = getattr(client, "_core", None)
+    if core is None or not _state.warm or client.encoding.name != _state.warm[0].encoding.name:
+        return
+    for cache in _state.warm:
+        core.l1_put(core.l1_key(cache.prefix, frozenset()), cache)
+
+
+def _warm_names(settings: SidecarSettings) -> list[str]:
+    from flashtoken.daemon.settings import DEFAULTS
+
+    names = [settings.encoding_name()]
+    configured = settings.encodings
+    if configured is None:
+        env = os.environ.get("FLASHTOKEN_ENCODINGS")
+        configured = env.split(",") if env else DEFAULTS["encodings"]
+    names += [n.strip() for n in configured if n.strip()]
+    return list(dict.fromkeys(names))
 
 
 def when_ready(server: Any) -> None:
@@ -492,11 +378,12 @@ def when_ready(server: Any) -> None:
 
 
 def post_fork(server: Any, worker: Any) -> None:
-    """Worker, just forked: make its client (encodings load here, not on the first request)."""
+    """Worker, just forked: make its client, its in-process cache seeded with the master's
+    warm prefixes (the encodings were loaded in the master)."""
     _clients()
     kind = "async" if _is_async_worker(worker) else "sync"
     try:
-        _client(kind, None)
+        _seed(_client(kind, None))
     except Exception as exc:  # noqa: BLE001 - the application will meet the same error itself
         server.log.warning("flashtoken: cannot make the worker's client: %s", exc)
 
@@ -539,11 +426,33 @@ def hooks(**settings: Any) -> Hooks:
     later; a running daemon keeps running. Raises TypeError for an unknown keyword and
     ValueError for an unusable value.
     """
-    new = replace(SidecarSettings(), **settings)
+    try:
+        new = replace(SidecarSettings(), **settings)
+    except TypeError as exc:
+        raise TypeError(f"hooks(): {exc}; see flashtoken.client.gunicorn.SidecarSettings") from None
     if new.client not in ("auto", "sync", "async"):
         raise ValueError(f"client must be 'auto', 'sync' or 'async', not {new.client!r}")
-    if new.address is not None and not new.address.startswith(("ipc://", "tcp://")):
-        raise ValueError(f"address must be ipc://PATH or tcp://HOST:PORT, not {new.address!r}")
+    # Checked here, when gunicorn reads its config, rather than in each worker or the daemon.
+    from flashtoken.daemon.settings import SETTINGS as DAEMON_SETTINGS
+
+    from flashtoken.settings import check_address
+
+    if new.address is not None:
+        check_address(new.address)
+    daemon = {s.name: s for s in DAEMON_SETTINGS}
+    if new.max_bytes is not None:
+        max_bytes = daemon["max_bytes"]
+        if isinstance(new.max_bytes, str):
+            max_bytes.parse(new.max_bytes)
+        else:
+            max_bytes.check(new.max_bytes)
+    if new.encodings is not None:
+        daemon["encodings"].check(new.encodings)
+    if isinstance(new.warm_prefixes, str) or not all(isinstance(p, str) for p in new.warm_prefixes):
+        raise TypeError("warm_prefixes must be a list of str, e.g. warm_prefixes=[SYSTEM_PROMPT]")
+    from .settings import client_settings
+
+    client_settings("hooks(client_options=...)", dict(new.client_options, encoding=new.encoding))
     _state.settings = new
     _state.configured = True
     return Hooks(on_starting, when_ready, post_fork, worker_exit, on_exit)

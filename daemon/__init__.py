@@ -3,11 +3,17 @@
 Run it with ``flashtoken-daemon`` (or ``python -m flashtoken.daemon``); read its counters with
 ``flashtoken-daemon stats``. The wire format is ``flashtoken.protocol`` (docs/PROTOCOL.md);
 workers talk to it through ``flashtoken.client.Client``.
+
+The server needs the ``[daemon]`` extra (pyzmq, msgpack); its names are imported on first use,
+so that ``flashtoken-daemon --help`` and the settings work without it and the server's import
+says which extra is missing.
 """
 
-from .server import Server, StartupError
+from __future__ import annotations
+
+from typing import Any
+
 from .settings import DEFAULTS, SETTINGS, Config, parse_size
-from .store import Entry, Store
 
 __all__ = [
     "DEFAULTS",
@@ -19,3 +25,24 @@ __all__ = [
     "Store",
     "parse_size",
 ]
+
+_LAZY = {"Server": ".server", "StartupError": ".server", "Entry": ".store", "Store": ".store"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    try:
+        value = getattr(importlib.import_module(module, __name__), name)
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("zmq", "msgpack", "xxhash"):
+            raise
+        raise ModuleNotFoundError(
+            f"flashtoken.daemon.{name} needs {exc.name}: pip install 'flashtoken[daemon]'",
+            name=exc.name,
+        ) from exc
+    globals()[name] = value
+    return value

@@ -1,62 +1,102 @@
-"""The daemon's settings: one table of defaults with units.
+"""The daemon's settings: one table of defaults with units, ranges and help.
 
-The same names are the CLI flags (``max_bytes`` is ``--max-bytes``), the keys of the
-``settings`` map in a STATS reply, and the names in docs/PROTOCOL.md.
+The same names are the CLI flags (``max_bytes`` is ``--max-bytes``), the environment variables
+(``FLASHTOKEN_MAX_BYTES``; ``bind`` is ``FLASHTOKEN_ADDRESS``, the clients' variable), the keys
+of the ``settings`` map in a STATS reply, and the names in docs/PROTOCOL.md; the table in
+docs/INTEGRATION.md is generated from this one. The ``Setting`` machinery is flashtoken/settings.py.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from flashtoken.protocol import MAX_PREFIX_BYTES
+from flashtoken.settings import GiB, KiB, MiB, Setting, format_size, parse_size, resolve
 
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
+__all__ = [
+    "DEFAULTS",
+    "SETTINGS",
+    "Config",
+    "GiB",
+    "KiB",
+    "MiB",
+    "Setting",
+    "format_size",
+    "parse_size",
+]
 
-
-@dataclass(frozen=True)
-class Setting:
-    name: str
-    default: Any
-    unit: str
-    help: str
-
+# == flashtoken.protocol.MAX_PREFIX_BYTES (tests/test_cli.py checks): not imported from there,
+# because the protocol needs msgpack and `flashtoken-daemon --help` must work without it.
+MAX_PREFIX_BYTES = 4 * MiB
 
 SETTINGS: tuple[Setting, ...] = (
     Setting(
         "bind",
         None,
         "address",
-        "address to bind; default ipc://$XDG_RUNTIME_DIR/flashtoken/daemon.sock (or"
-        " {tempdir}/flashtoken-{uid}/daemon.sock). tcp:// only when given: TCP has no"
+        "address to bind (the clients' `address`); tcp:// only when given: TCP has no"
         " authentication",
+        env_name="FLASHTOKEN_ADDRESS",
+        default_text="ipc://$XDG_RUNTIME_DIR/flashtoken/daemon.sock, else"
+        " ipc://$TMPDIR/flashtoken-$UID/daemon.sock",
     ),
     Setting(
         "max_bytes",
         512 * MiB,
-        "bytes",
+        "size",
         "budget of the store: token bytes + prefix bytes + a fixed overhead per entry;"
         " never exceeded (LRU eviction)",
+        low=0,
+        high=1024 * GiB,
     ),
     Setting(
         "encodings",
         ("cl100k_base", "o200k_base"),
         "names",
-        "encodings to load at start (others load on their first fill)",
+        "encodings to load at start (others load on their first fill); '' for none",
     ),
-    Setting("fill_threads", 2, "threads", "threads encoding prefixes for fills"),
-    Setting("max_prefix_bytes", MAX_PREFIX_BYTES, "bytes", "largest prefix a GET may carry"),
+    Setting("fill_threads", 2, "count", "threads encoding prefixes for fills", low=1, high=256),
+    Setting(
+        "max_prefix_bytes",
+        MAX_PREFIX_BYTES,
+        "size",
+        "largest prefix a GET may carry",
+        low=1,
+        high=MAX_PREFIX_BYTES,
+    ),
     Setting(
         "max_pending_fills",
         64,
-        "fills",
+        "count",
         "fills queued or running at once; a miss beyond that is answered without a fill",
+        low=1,
+        high=1_000_000,
     ),
-    Setting("hwm", 1000, "messages", "ZeroMQ send and receive high-water marks"),
-    Setting("log_level", "INFO", "level", "logging level (DEBUG, INFO, WARNING, ERROR)"),
+    Setting(
+        "hwm", 1000, "count", "ZeroMQ send and receive high-water marks", low=1, high=1_000_000
+    ),
+    Setting(
+        "log_level",
+        "INFO",
+        "choice",
+        "logging level",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+    ),
+    Setting(
+        "log_format",
+        "text",
+        "choice",
+        "text: one line per record; json: one JSON object per line (time, level, pid, message)",
+        choices=("text", "json"),
+    ),
+    Setting(
+        "metrics_port",
+        0,
+        "count",
+        "serve GET /metrics (Prometheus) on 127.0.0.1 at this port; 0: no endpoint",
+        low=0,
+        high=65535,
+    ),
     Setting(
         "exit_with_parent",
         False,
@@ -88,8 +128,33 @@ class Config:
     hwm: int = DEFAULTS["hwm"]
     log_level: str = DEFAULTS["log_level"]
     exit_with_parent: bool = DEFAULTS["exit_with_parent"]
+    log_format: str = DEFAULTS["log_format"]
+    metrics_port: int = DEFAULTS["metrics_port"]
     # Test-only (hidden flag --debug-key-bytes): truncate keys to force collisions.
     debug_key_bytes: int | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        # The table's checks, so that a Config made in code fails here, with a message that
+        # says the fix, and not inside the server's loop (or as a traceback at bind).
+        table = {s.name: s for s in SETTINGS}
+        for f in fields(self):
+            if f.name in table:
+                object.__setattr__(self, f.name, table[f.name].check(getattr(self, f.name)))
+        if self.bind is None:
+            raise TypeError("Config needs bind=ADDRESS (flashtoken.protocol.default_address())")
+
+    @classmethod
+    def from_settings(cls, given: dict[str, Any], **extra: Any) -> Config:
+        """A Config from keywords (None: not given), else ``FLASHTOKEN_*``, else the defaults;
+        ``bind`` None becomes the default address. Raises TypeError / ValueError (naming an
+        environment variable when it is the culprit) and PermissionError for an unsafe default
+        directory."""
+        values = resolve(SETTINGS, given, owner="flashtoken-daemon")
+        if values["bind"] is None:
+            from flashtoken.protocol import default_address
+
+            values["bind"] = default_address()
+        return cls(**values, **extra)
 
     def report(self) -> dict[str, Any]:
         """The settings as a STATS reply carries them."""
@@ -98,22 +163,3 @@ class Config:
         if self.debug_key_bytes is None:
             del out["debug_key_bytes"]
         return out
-
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": GiB}
-
-
-def parse_size(text: str) -> int:
-    """Bytes from ``"512MiB"``, ``"1GiB"``, ``"64k"`` or ``"1048576"`` (K, M, G are binary).
-
-    >>> parse_size("512MiB"), parse_size("1GiB"), parse_size("4096")
-    (536870912, 1073741824, 4096)
-
-    Raises ValueError for anything else.
-    """
-    match = _SIZE.match(text)
-    if not match:
-        raise ValueError(f"not a size: {text!r} (examples: 512MiB, 1GiB, 65536)")
-    unit = (match.group(2) or "").lower()[:1]
-    return int(match.group(1)) * _UNITS[unit]

@@ -237,6 +237,8 @@ def test_daemon_killed_during_load(server: GunicornProcess) -> None:
     assert not failures, failures[:5]
     assert statuses[200] > 50 and set(statuses) == {200}, statuses
     assert "restarting" in server.log_text()
+    # gunicorn reaps every child itself; the supervisor still knows what killed the daemon.
+    assert "exited (killed by SIGKILL)" in server.log_text()
 
     # Hits resume: prefixes no worker has seen; after the first fill, the other workers' L1
     # misses are answered by the new daemon (the clients' breakers close again on their own).

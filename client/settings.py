@@ -1,0 +1,146 @@
+"""The settings of ``Client`` and ``AsyncClient``: one table, with units, ranges and help.
+
+Each is a keyword of both constructors and an environment variable (``timeout_ms`` is
+``FLASHTOKEN_TIMEOUT_MS``); an explicit keyword wins over the variable, the variable over the
+default. docs/INTEGRATION.md's "Settings" table is generated from this one (a test checks it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flashtoken.auto import DEFAULT_BLOCK_BYTES
+from flashtoken.protocol import MAX_PREFIX_BYTES
+from flashtoken.settings import MiB, Setting, resolve
+
+__all__ = ["CLIENT_DEFAULTS", "CLIENT_SETTINGS", "client_settings"]
+
+_HOUR_MS = 3_600_000
+
+CLIENT_SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "address",
+        None,
+        "address",
+        "the daemon's address (also the daemon's `--bind`)",
+        default_text="ipc://$XDG_RUNTIME_DIR/flashtoken/daemon.sock, else"
+        " ipc://$TMPDIR/flashtoken-$UID/daemon.sock",
+    ),
+    Setting("encoding", "cl100k_base", "text", "the encoding's name (or a tiktoken.Encoding)"),
+    Setting(
+        "namespace",
+        b"",
+        "salt",
+        "a salt for the daemon's keys: clients with different namespaces share nothing",
+    ),
+    # Not less than 20 ms by default: with more busy workers than cores, a healthy daemon's
+    # replies take 5-15 ms to be scheduled; at 5 ms the breaker stayed open under such load and
+    # the daemon was never filled (8 workers, 2 cores).
+    Setting(
+        "timeout_ms",
+        20,
+        "ms",
+        "how long one round trip to the daemon may take before the call encodes locally",
+        above=0,
+        high=_HOUR_MS,
+    ),
+    Setting(
+        "l1_bytes",
+        64 * MiB,
+        "size",
+        "approximate memory of the in-process cache of declared prefixes",
+        low=0,
+    ),
+    Setting(
+        "breaker_failures",
+        3,
+        "count",
+        "consecutive failures that open the circuit breaker",
+        low=1,
+        high=1_000_000,
+    ),
+    Setting(
+        "breaker_cooldown_ms",
+        250,
+        "ms",
+        "the breaker's first open period; doubles per failed probe",
+        low=0,
+        high=_HOUR_MS,
+    ),
+    Setting(
+        "breaker_max_cooldown_ms",
+        5_000,
+        "ms",
+        "the breaker's longest open period (a restarted daemon is seen within it)",
+        low=0,
+        high=_HOUR_MS,
+    ),
+    Setting(
+        "max_prefix_bytes",
+        MAX_PREFIX_BYTES,
+        "size",
+        "longer prefixes (or texts) are encoded locally, never sent",
+        low=0,
+        high=MAX_PREFIX_BYTES,
+    ),
+    Setting(
+        "auto_l1_bytes",
+        64 * MiB,
+        "size",
+        "memory of the in-process AutoPrefixCache (texts with no prefix)",
+        low=0,
+    ),
+    Setting(
+        "auto_block_bytes",
+        DEFAULT_BLOCK_BYTES,
+        "size",
+        "block size of automatic reuse, also of the daemon's chains",
+        low=16,
+        high=MAX_PREFIX_BYTES,
+    ),
+    # On a busy host a round trip costs about as much as encoding 4 KiB, and the chain up to
+    # the previous request usually arrives by publication.
+    Setting(
+        "auto_local_bytes",
+        4096,
+        "size",
+        "a text with at most this much after the in-process chain is encoded here and the"
+        " daemon only told (no reply awaited)",
+        low=0,
+    ),
+    Setting(
+        "follow",
+        True,
+        "flag",
+        "take the chain blocks the daemon publishes into the in-process cache (a thread)",
+    ),
+    Setting("fill", True, "flag", "ask the daemon to fill its store on a miss"),
+)
+
+# What ClientCore takes (address and encoding belong to Client / AsyncClient).
+CLIENT_DEFAULTS: dict[str, Any] = {
+    s.name: s.default for s in CLIENT_SETTINGS if s.name not in ("address", "encoding")
+}
+
+
+def client_settings(owner: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """All of a client's settings from its keywords, ``FLASHTOKEN_*`` and the defaults, checked.
+
+    Raises TypeError for an unknown keyword or a value of the wrong type, ValueError for one out
+    of range (also from an environment variable), each naming the setting and a valid value.
+    """
+    given = dict(given)
+    encoding = given.get("encoding")
+    if encoding is not None and not isinstance(encoding, str):
+        given.pop("encoding")  # a tiktoken.Encoding: resolve_encoding checks it
+    out = resolve(CLIENT_SETTINGS, given, owner=owner)
+    if encoding is not None and not isinstance(encoding, str):
+        out["encoding"] = encoding
+    if out["breaker_max_cooldown_ms"] < out["breaker_cooldown_ms"]:
+        raise ValueError(
+            f"breaker_max_cooldown_ms ({out['breaker_max_cooldown_ms']}) must be at least"
+            f" breaker_cooldown_ms ({out['breaker_cooldown_ms']}); raise the first or lower"
+            " the second"
+        )
+    return out
