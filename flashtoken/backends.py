@@ -141,10 +141,18 @@ class _Gigatoken:
         # hold no special token outside ``allowed`` are its to take.
         self._raw = tok.backend.encode
         self._specials = frozenset(enc._special_tokens)
-        self._starts = tuple({s[0] for s in self._specials})
+        # Most texts hold no special token's text, and cheap tests tell: each character of the
+        # tokens' common prefix ("<|" for OpenAI's) on its own (~1 us on 32 KiB), then the
+        # prefix (a two-character search is ~30 us on 32 KiB stored 4 bytes a character), and
+        # only then the regex search (~50-100 us, a character at a time).
+        common = os.path.commonprefix(sorted(self._specials)) if self._specials else ""
+        self._chars = tuple(dict.fromkeys(common))
+        self._starts = (common,) if common else tuple({s[0] for s in self._specials})
         self._patterns: dict[frozenset[str], re.Pattern[str]] = {}
 
     def _takes(self, text: str, allowed: frozenset[str]) -> bool:
+        if not all(ch in text for ch in self._chars):
+            return True
         if not any(start in text for start in self._starts):
             return True
         pattern = self._patterns.get(allowed)
