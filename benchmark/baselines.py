@@ -63,7 +63,7 @@ def _toktok(name: str) -> Peer | None:
 
 def _gigatoken(name: str) -> Peer | None:
     try:
-        from flashtoken.backends import gigatoken_tokenizer
+        from flashtoken.backend_adapters import gigatoken_tokenizer
 
         tokenizer = gigatoken_tokenizer(flashtoken.get_encoding(name))
     except Exception:  # noqa: BLE001 - not installed, or no such encoding in gigatoken
