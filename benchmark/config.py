@@ -13,7 +13,8 @@ KiB = 1024
 class Settings:
     mode: str
     seed: int = 20240601
-    encodings: tuple[str, ...] = ("cl100k_base", "o200k_base")
+    # The open models' encodings need flashtoken[llama] and [mistral] (both in [bench]).
+    encodings: tuple[str, ...] = ("cl100k_base", "o200k_base", "llama3", "llama4", "tekken")
     # Timing: warm-up calls excluded, then repetitions until the budget (seconds) or the cap.
     warmup: int = 3
     # At least 3 blocks of 8 per strategy: with 20+ strategies in a cell (peers, backends) the

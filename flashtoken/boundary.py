@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import regex
 import tiktoken
 
-from flashtoken import unicode
+from flashtoken import models, unicode
 from flashtoken.specials import SpecialPolicy
 
 # The patterns whose behaviour under appending is proven in docs/ALGORITHM.md, with the number
@@ -46,7 +46,15 @@ _O200K = "|".join(
         r"""\s+""",
     ]
 )
-PROVEN_PIECES = {_R50K: 2, _CL100K: 1, _O200K: 2}
+PROVEN_PIECES = {
+    _R50K: 2,
+    _CL100K: 1,
+    _O200K: 2,  # also Llama 4's pattern, character for character
+    # The open models' patterns (flashtoken/models.py; docs/ALGORITHM.md, "The open models").
+    models.LLAMA3_PATTERN: 2,
+    models.TEKKEN_PATTERN: 2,
+    models.KIMI_PATTERN: 2,
+}
 
 DEFAULT_BACKTRACK_PIECES = 3
 """Pieces re-encoded by default: one more than any proof needs, as a margin."""
@@ -166,10 +174,58 @@ def _warn_uncached(name: str, pat_str: str) -> None:
     )
 
 
+# Inside a character class: a set operator Rust's regex has but regex reads otherwise ("||" is
+# a union in regex's V1 and two "|" in Rust), and a POSIX class (ASCII in Rust, Unicode in regex).
+_DIVERGENT_IN_CLASS = regex.compile(r"\|\||\[:\^?[a-z]+:\]")
+
+
 @functools.lru_cache(maxsize=32)
 def _compile(pat_str: str) -> regex.Pattern[str]:
-    # Python's ``$`` also matches before a final newline; Rust's only at the very end.
-    return regex.compile(regex.sub(r"(?<!\\)\$", r"\\Z", pat_str))
+    """``pat_str`` compiled so that ``regex`` splits text exactly as tiktoken's Rust regex does.
+
+    - ``$``: Python's also matches before a final newline, Rust's only at the very end: ``\\Z``.
+    - Classes: Rust's nest and take ``&&``, ``--`` and ``~~`` as set operations (Kimi's
+      ``[\\p{Lu}&&[^\\p{Han}]]``); ``regex`` reads them so only in its V1 mode (V0 reads the
+      ``&&`` as two ampersands and closes the class at the first ``]``).
+    - V1 turns on *full* case folding under ``(?i)`` (``ss`` matches ``ß``); Rust folds simply,
+      so ``-f`` turns it off again.
+
+    Raises ValueError for a construct that means something else in the two engines (see
+    ``_DIVERGENT_IN_CLASS``): no cut found with it could be trusted. tests/test_model_patterns.py
+    compares the pieces with tiktoken's own, observed through tiktoken itself.
+    """
+    for cls in _classes(pat_str):
+        bad = _DIVERGENT_IN_CLASS.search(cls)
+        if bad:
+            raise ValueError(
+                f"the pattern's class {cls!r} holds {bad.group()!r}, which Rust's regex (tiktoken)"
+                " and Python's regex read differently; escape it to mean the characters"
+            )
+    return regex.compile("(?V1-f)" + regex.sub(r"(?<!\\)\$", r"\\Z", pat_str))
+
+
+def _classes(pat_str: str) -> list[str]:
+    """The text of each outermost character class of ``pat_str``, escapes kept."""
+    found, depth, start, i = [], 0, 0, 0
+    while i < len(pat_str):
+        char = pat_str[i]
+        if char == "\\":
+            i += 2
+            continue
+        if char == "[":
+            if depth == 0:
+                start = i
+            depth += 1
+            if pat_str.startswith("^", i + 1):
+                i += 1
+            if pat_str.startswith("]", i + 1):  # a leading "]" is a literal in both engines
+                i += 1
+        elif char == "]" and depth:
+            depth -= 1
+            if depth == 0:
+                found.append(pat_str[start : i + 1])
+        i += 1
+    return found
 
 
 def find_cut(

@@ -4,15 +4,16 @@ tiktoken downloads its BPE files on first use, and many deployments have no inte
 ``get_encoding`` returns tiktoken's own ``Encoding``, built by tiktoken's own constructor; only the
 bytes of the BPE file come from an installed package when one ships it (``bpe-openai`` carries
 cl100k_base and o200k_base, and o200k_harmony reuses o200k_base's file), checked against the
-sha256 that tiktoken itself expects. Other encodings go through ``tiktoken.get_encoding`` (its
-cache, then its download).
+sha256 that tiktoken itself expects. The open models' encodings (``llama3``, ``llama4``,
+``tekken``) are built by ``flashtoken.models`` from their packages' files. Other encodings go
+through ``tiktoken.get_encoding`` (its cache, then its download). Every encoding loaded here is
+registered with tiktoken's registry, so ``tiktoken.get_encoding`` then finds it, offline too.
 
 ``encoding_id`` names an encoding by its content, for cache keys.
 """
 
 from __future__ import annotations
 
-import base64
 import gzip
 import hashlib
 import importlib.util
@@ -26,7 +27,9 @@ from typing import Any
 
 import tiktoken
 
+from flashtoken import models
 from flashtoken.errors import EncodingUnavailable
+from flashtoken.models import parse_tiktoken_bpe
 
 __all__ = ["encoding_id", "get_encoding", "resolve_encoding"]
 
@@ -150,19 +153,25 @@ def _compute_encoding_id(enc: tiktoken.Encoding) -> bytes:
 
 
 def _load(name: str) -> tiktoken.Encoding:
-    known = tiktoken.list_encoding_names()
-    if name not in known:
-        # tiktoken raises ValueError for an unknown name too; ours lists the names it knows.
-        raise ValueError(f"Unknown encoding {name!r}. Known encodings: {', '.join(known)}")
     # Reuse an Encoding that tiktoken has already built (the application may use tiktoken
     # directly): the same object, not a second copy of a vocabulary that can weigh 100 MB.
     loaded = getattr(tiktoken.registry, "ENCODINGS", {}).get(name)
     if loaded is not None:
         return loaded
+    model = models.ENCODING_CONSTRUCTORS.get(name)
+    if model is not None:
+        # Built here even where tiktoken found our plugin: its registry would only call the same
+        # constructor, and this way a missing plugin (a source checkout) changes nothing.
+        return _register(name, tiktoken.Encoding(**model()))
+    known = tiktoken.list_encoding_names()
+    if name not in known:
+        # tiktoken raises ValueError for an unknown name too; ours lists the names it knows.
+        known = sorted({*known, *models.ENCODING_CONSTRUCTORS})
+        raise ValueError(f"Unknown encoding {name!r}. Known encodings: {', '.join(known)}")
 
     offline_error: Exception | None = None
     try:
-        return _load_packaged(name)
+        return _register(name, _load_packaged(name))
     except _NotShipped:
         pass
     except Exception as exc:  # a corrupt or mismatching packaged file: try tiktoken's own way
@@ -172,6 +181,23 @@ def _load(name: str) -> tiktoken.Encoding:
         return tiktoken.get_encoding(name)
     except Exception as exc:
         raise EncodingUnavailable(_unavailable_message(name, exc, offline_error)) from exc
+
+
+def _register(name: str, enc: tiktoken.Encoding) -> tiktoken.Encoding:
+    """Hand ``enc`` to tiktoken's registry, so that ``tiktoken.get_encoding(name)`` finds it.
+
+    Code that calls tiktoken directly then works offline too once FlashToken has loaded the
+    encoding, and gets the same object. Nothing is replaced: tiktoken's constructors stay as
+    they are (OpenAI's still download where they can), and an ``Encoding`` tiktoken built first
+    is kept and returned. The registry's dict and lock have been in tiktoken since 0.1.
+    """
+    registry = tiktoken.registry
+    lock = getattr(registry, "_lock", None)
+    encodings = getattr(registry, "ENCODINGS", None)
+    if lock is None or not isinstance(encodings, dict):
+        return enc  # a tiktoken without them: nothing to register with
+    with lock:
+        return encodings.setdefault(name, enc)
 
 
 def _unavailable_message(name: str, exc: Exception, offline_error: Exception | None) -> str:
@@ -201,7 +227,7 @@ def _load_packaged(name: str) -> tiktoken.Encoding:
     cache (a write into a directory the user may share or may not own, relying on tiktoken's
     private cache-key scheme).
     """
-    from tiktoken_ext import openai_public
+    import tiktoken_ext.openai_public as openai_public
 
     constructor = openai_public.ENCODING_CONSTRUCTORS.get(name)
     if constructor is None:
@@ -255,16 +281,7 @@ def _read_packaged_bpe(tiktoken_bpe_file: str, expected_hash: str | None) -> dic
             f"{source} has sha256 {actual_hash}, but tiktoken expects {expected_hash} for"
             f" {tiktoken_bpe_file}"
         )
-    ranks: dict[bytes, int] = {}
-    for line in data.splitlines():
-        if not line:
-            continue
-        try:
-            token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
-        except ValueError as exc:  # binascii.Error is a ValueError too
-            raise ValueError(f"cannot parse line {line[:80]!r} of {source}") from exc
-    return ranks
+    return parse_tiktoken_bpe(data, source)
 
 
 def _read_packaged_file(filename: str) -> tuple[bytes, str] | None:
