@@ -33,8 +33,9 @@ _PACKAGES = (
 FIGURES = (
     (
         "speedup_vs_prefix_length.png",
-        "Speed-up of FixedPrefixTokenCache.encode_ordinary over tiktoken on the whole text, against prefix "
-        "length (suffix ~100 characters), per encoding: the saving grows with the prefix.",
+        "Speed-up over tiktoken on the whole text against prefix length (suffix ~100 characters), "
+        "per encoding: FlashToken's best list path and best count (any backend) and the fastest "
+        "peer; the saving grows with the prefix.",
     ),
     (
         "chat_per_turn_latency.png",
@@ -52,8 +53,8 @@ FIGURES = (
     ),
     (
         "memory_per_strategy.png",
-        "Resident memory per worker process (median) and of the daemon, per strategy, at the largest "
-        "worker count.",
+        "Resident memory per worker process (median), of the daemon, and the host's total (all "
+        "workers + the daemon), per strategy, at the largest worker count.",
     ),
     (
         "http_e2e.png",
@@ -65,11 +66,14 @@ FIGURES = (
         "auto_chat_per_turn_latency.png",
         "Automatic reuse: per-turn latency against history length for a 200-turn chat routed at random "
         "over 4 worker processes, each request the whole conversation with a rewritten generation "
-        "prompt: tiktoken, the declared-prefix API and the automatic API.",
+        "prompt: tiktoken, the declared-prefix API, the automatic API and the peers; the conversation "
+        "is played twice, so tiktoken is timed twice, beside each API.",
     ),
     (
         "fixed_prefix_heatmap.png",
-        "Speed-up over tiktoken for every prefix size x suffix size of the fixed-system-prompt workload.",
+        "For every prefix size x suffix size of the fixed-system-prompt workload, log colour scale: "
+        "FixedPrefixTokenCache.encode_ordinary over tiktoken, and FlashToken's best list path over "
+        "the fastest exact peer.",
     ),
 )
 
