@@ -43,7 +43,8 @@ TIKTOKEN = "tiktoken"
 DECLARED = "declared prefix (Client, prefix=history)"
 AUTO = "automatic (Client, no prefix)"
 STRATEGIES = (TIKTOKEN, DECLARED, AUTO)
-BASE_DECLARED = "tiktoken (declared pass)"  # the baseline timed alongside the declared API
+# tiktoken timed again, alongside the declared API in that API's own pass (see above).
+BASE_DECLARED = "tiktoken (timed in the declared-prefix pass)"
 COLUMNS = (TIKTOKEN, AUTO, BASE_DECLARED, DECLARED)
 BASELINE_OF = {
     TIKTOKEN: TIKTOKEN,
@@ -72,6 +73,7 @@ def _worker(args: dict[str, Any], inbox: Any, outbox: Any) -> None:
     from flashtoken.client import Client
 
     import flashtoken
+    from benchmark import baselines
 
     enc = flashtoken.get_encoding(args["encoding"])
     declared = Client(args["declared_address"], encoding=enc)
@@ -83,6 +85,10 @@ def _worker(args: dict[str, Any], inbox: Any, outbox: Any) -> None:
         declared.encode_ordinary(" ok", prefix=warm)
         auto.encode_ordinary(warm + " ok")
     conversations = {seed: conversation(args["turns"], seed) for seed in args["seeds"]}
+    peers = {label: baselines.peer_named(args["encoding"], label) for label in args["peers"]}
+    peers = {label: peer.encode_ordinary for label, peer in peers.items() if peer is not None}
+    for whole in peers.values():
+        whole(warm)
     outbox.put(("ready", args["worker"]))
     while True:
         message = inbox.get()
@@ -101,6 +107,8 @@ def _worker(args: dict[str, Any], inbox: Any, outbox: Any) -> None:
             DECLARED: lambda: declared.encode_ordinary(suffix, prefix=history),
             AUTO: lambda: auto.encode_ordinary(text),
         }
+        for label, whole in peers.items():
+            calls[label] = lambda whole=whole: _attempt(whole, text)
         order = strategies if turn % 2 else strategies[::-1]
         ns: dict[str, int] = {}
         got: dict[str, list[int]] = {}
@@ -132,7 +140,12 @@ def run(
     """The workload; a dict for ``results.json["workloads"]["auto_chat"]``."""
     if daemon_skip:
         return {"skipped": daemon_skip}
+    from benchmark import baselines
+
     turns, sequences = settings.chat_turns, max(1, settings.chat_sequences)
+    peers = tuple(label for label in baselines.peers(encoding) if "bpe-openai" not in label)
+    columns = (*COLUMNS, *peers)
+    baseline_of = {**BASELINE_OF, **dict.fromkeys(peers, TIKTOKEN)}
     seeds = [settings.seed + 600 + s for s in range(sequences)]
     ctx = mp.get_context("spawn")
     with (
@@ -151,6 +164,7 @@ def run(
                         turns=turns,
                         seeds=seeds,
                         worker=w,
+                        peers=peers,
                         declared_address=d_declared.address,
                         auto_address=d_auto.address,
                     ),
@@ -166,15 +180,15 @@ def run(
             for _ in procs:
                 _get(outbox, procs)
             warm_bytes = d_auto.stats()["stats"]["bytes"]
-            per_seq: dict[str, list[list[int]]] = {name: [] for name in COLUMNS}
-            mismatches = dict.fromkeys((DECLARED, AUTO), 0)
+            per_seq: dict[str, list[list[int]]] = {name: [] for name in columns}
+            mismatches = dict.fromkeys((DECLARED, AUTO, *peers), 0)
             chars: list[int] = []
             tokens: list[int] = []
             distinct = 0
             rng = random.Random(settings.seed + 601)
             for seq, seed in enumerate(seeds):
                 for strategies, base in (
-                    ((TIKTOKEN, AUTO), TIKTOKEN),
+                    ((TIKTOKEN, AUTO, *peers), TIKTOKEN),
                     ((TIKTOKEN, DECLARED), BASE_DECLARED),
                 ):
                     rows: dict[str, list[int]] = {name: [] for name in strategies}
@@ -189,6 +203,7 @@ def run(
                                     ok[name],
                                     True,
                                     f"{encoding} seq {seq} turn {turn}",
+                                    "baseline" if name in peers else "flashtoken",
                                 )
                                 mismatches[name] += not ok[name]
                         if seq == 0 and base == TIKTOKEN:
@@ -198,7 +213,8 @@ def run(
                         distinct += n_tokens  # the last request: every other one is its prefix
                     other = strategies[1]
                     per_seq[base].append(rows[TIKTOKEN])
-                    per_seq[other].append(rows[other])
+                    for name in strategies[1:]:
+                        per_seq[name].append(rows[name])
                     progress(
                         f"auto_chat: sequence {seq + 1}/{sequences}: {other}: "
                         f"{sum(rows[TIKTOKEN]) / max(1, sum(rows[other])):.1f}x tiktoken"
@@ -239,7 +255,7 @@ def run(
         },
         "total_ms": totals_ms,
         "total_ratio_vs_tiktoken": {
-            name: totals_ms[BASELINE_OF[name]] / t for name, t in totals_ms.items()
+            name: totals_ms[baseline_of[name]] / t for name, t in totals_ms.items()
         },
         "flatness_last_over_first": {
             name: _mean(us[-k:]) / _mean(us[1 : k + 1]) for name, us in per_turn_us.items()
@@ -276,6 +292,14 @@ def _get(outbox: Any, procs: list[Any]) -> Any:
                 raise RuntimeError(
                     f"auto_chat workers stopped answering (exit codes {dead})"
                 ) from None
+
+
+def _attempt(encode: Callable[[str], list[int]], text: str) -> object:
+    """A peer's answer, or the error it raised (then a mismatch, not a dead worker)."""
+    try:
+        return encode(text)
+    except Exception as exc:  # noqa: BLE001
+        return f"raised {type(exc).__name__}: {exc}"
 
 
 def _sum_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:

@@ -17,7 +17,9 @@ class Settings:
     encodings: tuple[str, ...] = ("cl100k_base", "o200k_base", "llama3", "llama4", "tekken")
     # Timing: warm-up calls excluded, then repetitions until the budget (seconds) or the cap.
     warmup: int = 3
-    min_reps: int = 5
+    # At least 3 blocks of 8 per strategy: with 20+ strategies in a cell (peers, backends) the
+    # budget alone gave the 32 KiB cells 5 calls each, one block, not interleaved at all.
+    min_reps: int = 24
     max_reps: int = 200
     cell_budget_s: float = 0.25
     # Correctness: random split points of corpus text per encoding, on top of the boundary corpus.

@@ -32,6 +32,7 @@ from benchmark.config import KiB, Settings
 TIKTOKEN = "tiktoken per request"
 LOCAL = "FixedPrefixTokenCache per process (LRU dict)"
 DAEMON = "shared daemon via Client (L1 + L2)"
+LOCAL_FAST = f"{LOCAL} [backend=fastest]"
 _CHECK_EVERY = 97
 _CHECK_MAX = 40
 
@@ -55,10 +56,21 @@ def _strategy(
     args: dict[str, Any], enc: Any
 ) -> tuple[Callable[[str, str], list[int]], Callable[[], dict]]:
     import flashtoken
+    from benchmark import baselines
 
     if args["strategy"] == TIKTOKEN:
         return (lambda p, s: enc.encode_ordinary(p + s)), dict
-    if args["strategy"] == LOCAL:
+    if args["strategy"] not in (LOCAL, LOCAL_FAST, DAEMON):
+        peer = baselines.peer_named(args["encoding"], args["strategy"])
+        if peer is None:
+            raise ValueError(f"no strategy or installed peer called {args['strategy']!r}")
+        whole = peer.encode_ordinary
+        return (lambda p, s: whole(p + s)), dict
+    if args["strategy"] in (LOCAL, LOCAL_FAST):
+        backend = "fastest" if args["strategy"] == LOCAL_FAST else "tiktoken"
+        from flashtoken.backends import get_encoder
+
+        get_encoder(enc, backend)  # the load-time gate: a start-up cost, before the cold window
         caches: OrderedDict[str, Any] = OrderedDict()
         cap = args["local_entries"]
         counters = {"hits": 0, "misses": 0}
@@ -67,7 +79,7 @@ def _strategy(
             cache = caches.get(p)
             if cache is None:
                 counters["misses"] += 1
-                cache = caches[p] = flashtoken.FixedPrefixTokenCache(enc, p)
+                cache = caches[p] = flashtoken.FixedPrefixTokenCache(enc, p, backend=backend)
                 if len(caches) > cap:
                     caches.popitem(last=False)
             else:
@@ -116,7 +128,7 @@ def _worker(args: dict[str, Any], barrier: Any, out: Any) -> None:
         encode, stats = _strategy(args, enc)
         barrier.wait(timeout=args["timeout_s"])
         cold = _window(encode, prefixes, suffixes, picks, 0, args["cold_s"], None)
-        if args["strategy"] != TIKTOKEN:
+        if args["strategy"] in (LOCAL, LOCAL_FAST, DAEMON):
             for p in range(len(prefixes)):  # prime every cache: the measured window is steady state
                 encode(prefixes[p], suffixes[p % len(suffixes)])
         barrier.wait(timeout=args["timeout_s"])
@@ -221,7 +233,11 @@ def run(
     daemon_skip: str | None,
 ) -> dict[str, Any]:
     """Every strategy at every worker count; the daemon strategy gets a fresh daemon each time."""
-    strategies = [TIKTOKEN, LOCAL] + ([] if daemon_skip else [DAEMON])
+    from benchmark import baselines, workloads
+
+    peers = [label for label in baselines.peers(encoding) if "bpe-openai" not in label]
+    fast = [LOCAL_FAST] if workloads.fast_backends(encoding) else []
+    strategies = [TIKTOKEN, *peers, LOCAL, *fast] + ([] if daemon_skip else [DAEMON])
     runs = []
     for strategy in strategies:
         for n in workers:
@@ -236,7 +252,7 @@ def run(
             else:
                 result = run_one(settings, strategy, n, encoding, None)
             runs.append(result)
-            kind = "flashtoken" if strategy != TIKTOKEN else "baseline"
+            kind = "baseline" if strategy == TIKTOKEN or strategy in peers else "flashtoken"
             entry = checker.by_strategy.setdefault(
                 f"multiworker: {strategy}",
                 {"kind": kind, "cases": 0, "mismatches": 0, "examples": []},

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmark import workloads  # noqa: E402
+
+
+def _wrap(label: str, width: int = 18) -> str:
+    return textwrap.fill(label, width)
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -32,24 +37,24 @@ def speedup_vs_prefix(results: dict[str, Any], out: Path) -> Path | None:
     sweep = results.get("sweeps", {}).get("prefix_length") or {}
     if not sweep:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for enc, fp in sweep.items():
+    fig, ax = plt.subplots(figsize=(11, 5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (enc, fp) in enumerate(sweep.items()):
+        # Per encoding, one colour: FlashToken's best list path and best count (any backend),
+        # and the fastest peer on the whole text, each the best of its kind at each size.
         xs = [c["prefix_kib"] for c in fp["cells"]]
-        for name, style in ((workloads.FT_ENCODE, "-o"), (workloads.FT_COUNT, "--s")):
-            ax.plot(
-                xs,
-                [c["ratio_vs_tiktoken"][name] for c in fp["cells"]],
-                style,
-                label=f"{name} ({enc})",
-            )
-        for name in fp["cells"][0]["stats"]:
-            if "whole text" in name:
-                ax.plot(
-                    xs,
-                    [c["ratio_vs_tiktoken"][name] for c in fp["cells"]],
-                    ":^",
-                    label=f"{name} ({enc})",
-                )
+        colour = colours[i % len(colours)]
+        for kind, style, label in (
+            ("list", "-o", "FlashToken, best list path"),
+            ("count", "--s", "FlashToken, best count"),
+            ("peer list", ":^", "fastest peer, whole text"),
+        ):
+            ys = []
+            for c in fp["cells"]:
+                names = [n for n, k in c.get("kinds", {}).items() if k == kind]
+                ys.append(max((c["ratio_vs_tiktoken"][n] for n in names), default=float("nan")))
+            if any(y == y for y in ys):
+                ax.plot(xs, ys, style, color=colour, label=f"{label} ({enc})")
     ax.axhline(1, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -57,8 +62,12 @@ def speedup_vs_prefix(results: dict[str, Any], out: Path) -> Path | None:
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.set_xlabel("prefix length (KiB of text)")
     ax.set_ylabel("speed-up over tiktoken (x, median)")
-    ax.set_title("Fixed prefix + ~100-char suffix: speed-up vs prefix length")
-    ax.legend(fontsize=7)
+    ax.set_title(
+        "Fixed prefix + ~100-char suffix: speed-up over tiktoken vs prefix length\n"
+        "(best over backends at each size; the strategies one by one are in details.md)",
+        fontsize=10,
+    )
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(True, which="both", alpha=0.3)
     return _save(fig, out / "speedup_vs_prefix_length.png")
 
@@ -67,7 +76,7 @@ def chat_latency(results: dict[str, Any], out: Path) -> Path | None:
     chat = results.get("workloads", {}).get("chat")
     if not chat:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     for name, us in chat["per_turn_median_us"].items():
         ax.plot(range(1, len(us) + 1), us, label=name, lw=1)
     ax.set_yscale("log")
@@ -75,9 +84,10 @@ def chat_latency(results: dict[str, Any], out: Path) -> Path | None:
     ax.set_ylabel("latency per turn (µs, median of sequences, log)")
     ax.set_title(
         f"{chat['turns']}-turn chat ({chat['encoding']}): per-turn cost vs history "
-        f"(ends at {chat['history_tokens'][-1]:,} tokens)"
+        f"(ends at {chat['history_tokens'][-1]:,} tokens)",
+        fontsize=10,
     )
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(True, which="both", alpha=0.3)
     return _save(fig, out / "chat_per_turn_latency.png")
 
@@ -90,15 +100,19 @@ def throughput(results: dict[str, Any], out: Path) -> Path | None:
     runs = _runs(results)
     if not runs:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for strategy in dict.fromkeys(r["strategy"] for r in runs):
+    fig, ax = plt.subplots(figsize=(10, 5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, strategy in enumerate(dict.fromkeys(r["strategy"] for r in runs)):
         rs = [r for r in runs if r["strategy"] == strategy]
-        ax.plot([r["workers"] for r in rs], [r["requests_per_s"] for r in rs], "-o", label=strategy)
+        colour = colours[i % len(colours)]
+        xs = [r["workers"] for r in rs]
+        ax.plot(xs, [r["requests_per_s"] for r in rs], "-o", color=colour, label=strategy)
         ax.plot(
-            [r["workers"] for r in rs],
+            xs,
             [r["cold_requests_per_s"] for r in rs],
             ":x",
-            alpha=0.6,
+            color=colour,
+            alpha=0.7,
             label=f"{strategy}, cold start",
         )
     ax.set_yscale("log")
@@ -107,8 +121,12 @@ def throughput(results: dict[str, Any], out: Path) -> Path | None:
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.set_xlabel("worker processes")
     ax.set_ylabel("aggregate throughput (requests/s, log)")
-    ax.set_title(f"Multi-worker throughput ({results['machine']['cores']} cores)")
-    ax.legend(fontsize=7)
+    ax.set_title(
+        f"Multi-worker throughput ({results['machine']['cores']} cores); "
+        "solid: steady state, dotted: cold start (same colour, same strategy)",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(True, which="both", alpha=0.3)
     return _save(fig, out / "multiworker_throughput.png")
 
@@ -124,7 +142,7 @@ def latency_percentiles(results: dict[str, Any], out: Path) -> Path | None:
     if not runs:
         return None
     chosen = _reference_runs(runs)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     width = 0.25
     for i, (key, label) in enumerate((("median_us", "p50"), ("p90_us", "p90"), ("p99_us", "p99"))):
         ax.bar(
@@ -133,9 +151,7 @@ def latency_percentiles(results: dict[str, Any], out: Path) -> Path | None:
             width,
             label=label,
         )
-    ax.set_xticks(
-        range(len(chosen)), [r["strategy"].replace(" (", "\n(") for r in chosen], fontsize=7
-    )
+    ax.set_xticks(range(len(chosen)), [_wrap(r["strategy"]) for r in chosen], fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel("request latency (µs, log)")
     ax.set_title(f"Latency percentiles, {chosen[0]['workers']} workers")
@@ -145,51 +161,87 @@ def latency_percentiles(results: dict[str, Any], out: Path) -> Path | None:
 
 
 def memory(results: dict[str, Any], out: Path) -> Path | None:
+    """Per worker, the daemon, and the host's total (every worker + the daemon), per strategy."""
     runs = _runs(results)
     if not runs:
         return None
     chosen = _reference_runs(
         [r for r in runs if r["workers"] == max(x["workers"] for x in runs)] or runs
     )
-    labels, worker_mib, daemon_mib = [], [], []
+    labels, worker_mib, daemon_mib, host_mib = [], [], [], []
     for r in chosen:
-        labels.append(r["strategy"].replace(" (", "\n("))
+        labels.append(_wrap(r["strategy"]))
         worker_mib.append(r["rss_mib_median_worker"] or 0)
         daemon_mib.append((r.get("daemon_rss_kib") or 0) / 1024)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+        per_worker = r.get("rss_kib_per_worker") or []
+        host_mib.append((sum(per_worker) + (r.get("daemon_rss_kib") or 0)) / 1024)
+    fig, ax = plt.subplots(figsize=(10, 5))
     xs = range(len(labels))
-    ax.bar([x - 0.2 for x in xs], worker_mib, 0.4, label="RSS per worker (median)")
-    ax.bar([x + 0.2 for x in xs], daemon_mib, 0.4, label="daemon RSS")
+    ax.bar([x - 0.27 for x in xs], worker_mib, 0.27, label="RSS per worker (median)")
+    ax.bar([x for x in xs], daemon_mib, 0.27, label="daemon RSS (0: no daemon)")
+    ax.bar(
+        [x + 0.27 for x in xs],
+        host_mib,
+        0.27,
+        label=f"host total: all {chosen[0]['workers']} workers + the daemon",
+    )
+    for x, total in zip(xs, host_mib, strict=False):
+        ax.text(x + 0.27, total, f"{total:.0f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(list(xs), labels, fontsize=7)
     ax.set_ylabel("resident memory (MiB)")
-    ax.set_title(f"Memory per strategy, {chosen[0]['workers']} workers")
-    ax.set_ylim(0, 1.3 * max(worker_mib + daemon_mib + [1]))
-    ax.legend(loc="upper left")
+    ax.set_title(
+        f"Memory per strategy, {chosen[0]['workers']} workers (RSS counts shared pages in "
+        "every process that maps them)",
+        fontsize=9,
+    )
+    ax.set_ylim(0, 1.2 * max(host_mib + worker_mib + daemon_mib + [1]))
+    ax.legend(loc="upper left", fontsize=8)
     return _save(fig, out / "memory_per_strategy.png")
 
 
 def heatmap(results: dict[str, Any], out: Path) -> Path | None:
+    """Two panels, log colour scale: over tiktoken, and FlashToken's best over the fastest peer."""
+    from matplotlib.colors import LogNorm
+
+    from benchmark import headline
+
     fp = results.get("workloads", {}).get("fixed_prefix")
     if not fp or not fp.get("cells"):
         return None
     pks = sorted({c["prefix_kib"] for c in fp["cells"]})
     sks = sorted({c["suffix_chars"] for c in fp["cells"]})
-    grid = [[float("nan")] * len(sks) for _ in pks]
+    bad = headline.inexact_tools(results, "fixed_prefix")
+    vs_tiktoken = [[float("nan")] * len(sks) for _ in pks]
+    vs_peer = [[float("nan")] * len(sks) for _ in pks]
     for c in fp["cells"]:
-        grid[pks.index(c["prefix_kib"])][sks.index(c["suffix_chars"])] = c["ratio_vs_tiktoken"][
-            workloads.FT_ENCODE
-        ]
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    im = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
-    for i in range(len(pks)):
-        for j in range(len(sks)):
-            ax.text(j, i, f"{grid[i][j]:.0f}x", ha="center", va="center", color="white", fontsize=8)
-    ax.set_xticks(range(len(sks)), [str(s) for s in sks])
-    ax.set_yticks(range(len(pks)), [str(p) for p in pks])
-    ax.set_xlabel("suffix length (characters)")
-    ax.set_ylabel("prefix length (KiB)")
-    ax.set_title(f"{workloads.FT_ENCODE}\nspeed-up over tiktoken ({fp['encoding']})", fontsize=9)
-    fig.colorbar(im, label="speed-up (x)")
+        i, j = pks.index(c["prefix_kib"]), sks.index(c["suffix_chars"])
+        vs_tiktoken[i][j] = c["ratio_vs_tiktoken"][workloads.FT_ENCODE]
+        ours, theirs = headline._forms(c, "list")
+        best = headline._best(c["stats"], ours)
+        peer = headline._fastest(c["stats"], theirs, bad)
+        if best and peer:
+            vs_peer[i][j] = peer[1] / best[1]
+    panels = [
+        (vs_tiktoken, f"{workloads.FT_ENCODE} (tiktoken backend)\nover tiktoken"),
+        (vs_peer, "FlashToken's best list path (any backend)\nover the fastest exact peer"),
+    ]
+    panels = [(g, t) for g, t in panels if any(v == v for row in g for v in row)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (grid, title) in zip(axes[0], panels, strict=False):
+        values = [v for row in grid for v in row if v == v and v > 0]
+        norm = LogNorm(vmin=min(values + [1]), vmax=max(values + [1.01]))
+        im = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower", norm=norm)
+        for i in range(len(pks)):
+            for j in range(len(sks)):
+                v = grid[i][j]
+                colour = "white" if v == v and norm(v) < 0.6 else "black"
+                ax.text(j, i, f"{v:.1f}x", ha="center", va="center", color=colour, fontsize=8)
+        ax.set_xticks(range(len(sks)), [str(s) for s in sks])
+        ax.set_yticks(range(len(pks)), [str(p) for p in pks])
+        ax.set_xlabel("suffix length (characters)")
+        ax.set_ylabel("prefix length (KiB)")
+        ax.set_title(f"{title} ({fp['encoding']})", fontsize=9)
+        fig.colorbar(im, ax=ax, label="speed-up (x, log scale)")
     return _save(fig, out / "fixed_prefix_heatmap.png")
 
 
@@ -234,14 +286,18 @@ def auto_chat_latency(results: dict[str, Any], out: Path) -> Path | None:
     ac = results.get("workloads", {}).get("auto_chat")
     if not ac or "per_turn_median_us" not in ac:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     for name, us in ac["per_turn_median_us"].items():
         ax.plot(ac["history_tokens"][: len(us)], us, label=name, lw=1)
     ax.set_yscale("log")
     ax.set_xlabel("history length (tokens)")
     ax.set_ylabel("latency per turn (µs, log)")
-    ax.set_title("Automatic reuse: chat over 4 workers, per-turn cost vs history")
-    ax.legend(fontsize=7)
+    ax.set_title(
+        "Automatic reuse: chat over 4 workers, per-turn cost vs history\n(the conversation is "
+        "played twice; tiktoken is timed in both passes, beside each API)",
+        fontsize=10,
+    )
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(True, which="both", alpha=0.3)
     return _save(fig, out / "auto_chat_per_turn_latency.png")
 

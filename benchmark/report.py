@@ -11,8 +11,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchmark import auto_chat, multiworker, workloads
+from benchmark import auto_chat, workloads
 from benchmark.auto_chat import WORKERS
+from benchmark.headline import headlines, verdict_line
 
 _PACKAGES = (
     "tiktoken",
@@ -25,14 +26,16 @@ _PACKAGES = (
     "matplotlib",
     "bpe-openai",
     "toktok-rs",
+    "gigatoken",
 )
 
 # The figures plot.py draws from results.json, each with the one line summary.md prints for it.
 FIGURES = (
     (
         "speedup_vs_prefix_length.png",
-        "Speed-up of FixedPrefixTokenCache.encode_ordinary over tiktoken on the whole text, against prefix "
-        "length (suffix ~100 characters), per encoding: the saving grows with the prefix.",
+        "Speed-up over tiktoken on the whole text against prefix length (suffix ~100 characters), "
+        "per encoding: FlashToken's best list path and best count (any backend) and the fastest "
+        "peer; the saving grows with the prefix.",
     ),
     (
         "chat_per_turn_latency.png",
@@ -50,8 +53,8 @@ FIGURES = (
     ),
     (
         "memory_per_strategy.png",
-        "Resident memory per worker process (median) and of the daemon, per strategy, at the largest "
-        "worker count.",
+        "Resident memory per worker process (median), of the daemon, and the host's total (all "
+        "workers + the daemon), per strategy, at the largest worker count.",
     ),
     (
         "http_e2e.png",
@@ -63,20 +66,16 @@ FIGURES = (
         "auto_chat_per_turn_latency.png",
         "Automatic reuse: per-turn latency against history length for a 200-turn chat routed at random "
         "over 4 worker processes, each request the whole conversation with a rewritten generation "
-        "prompt: tiktoken, the declared-prefix API and the automatic API.",
+        "prompt: tiktoken, the declared-prefix API, the automatic API and the peers; the conversation "
+        "is played twice, so tiktoken is timed twice, beside each API.",
     ),
     (
         "fixed_prefix_heatmap.png",
-        "Speed-up over tiktoken for every prefix size x suffix size of the fixed-system-prompt workload.",
+        "For every prefix size x suffix size of the fixed-system-prompt workload, log colour scale: "
+        "FixedPrefixTokenCache.encode_ordinary over tiktoken, and FlashToken's best list path over "
+        "the fastest exact peer.",
     ),
 )
-
-TARGETS = {
-    "fixed_prefix_32k_100": 100.0,
-    "multiworker_4_daemon": 20.0,
-    "chat_total": 50.0,
-    "auto_chat": 50.0,
-}
 
 
 def machine() -> dict[str, Any]:
@@ -113,51 +112,16 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def headlines(results: dict[str, Any]) -> dict[str, Any]:
-    """The three figures the design promises, each with its target and whether it was met."""
-    out: dict[str, Any] = {}
-    fp = results["workloads"].get("fixed_prefix", {})
-    for cell in fp.get("cells", []):
-        if cell["prefix_kib"] == 32 and cell["suffix_chars"] == 100:
-            out["fixed_prefix_32k_100"] = {
-                "value": cell["ratio_vs_tiktoken"][workloads.FT_ENCODE],
-                "what": "FixedPrefixTokenCache.encode_ordinary, 32 KiB prefix + 100 chars",
-            }
-    mw = results["workloads"].get("multiworker", {})
-    for run in mw.get("runs", []):
-        if run["strategy"] == multiworker.DAEMON and run["workers"] == 4:
-            out["multiworker_4_daemon"] = {
-                "value": run["throughput_ratio_vs_tiktoken"],
-                "what": "4 workers, shared daemon via Client, aggregate req/s",
-            }
-    chat = results["workloads"].get("chat", {})
-    if chat:
-        out["chat_total"] = {
-            "value": chat["total_ratio_vs_tiktoken"][workloads.CHAT_APPEND],
-            "what": f"{chat['turns']}-turn chat total, AppendOnlyPieceTokenCache.append_ordinary",
-            "flatness_last_over_first": chat["flatness_last_over_first"][workloads.CHAT_APPEND],
-        }
-    ac = results["workloads"].get("auto_chat", {})
-    if "total_ratio_vs_tiktoken" in ac:
-        out["auto_chat"] = {
-            "value": ac["total_ratio_vs_tiktoken"][auto_chat.AUTO],
-            "what": "automatic reuse (Client, no prefix), chat routed over 4 workers, total",
-            "flatness_last_over_first": ac["flatness_last_over_first"][auto_chat.AUTO],
-            "memory_ratio": ac["memory"]["ratio_vs_4_bytes_per_token"],
-        }
-    for key, entry in out.items():
-        entry["target"] = TARGETS[key]
-        entry["met"] = entry["value"] is not None and entry["value"] >= TARGETS[key]
-    return out
-
-
 def write(results: dict[str, Any], out_dir: Path) -> Path:
+    """results.json, summary.md (the headline, scannable) and details.md (every table)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results["machine"]["loadavg_end"] = _loadavg()
     results["headlines"] = headlines(results)
+    results["summary_path"] = str(out_dir / "summary.md")
     path = out_dir / "results.json"
     path.write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
     (out_dir / "summary.md").write_text(summary(results))
+    (out_dir / "details.md").write_text(details(results))
     return path
 
 
@@ -174,55 +138,109 @@ def _f(x: float | None, digits: int = 1) -> str:
 
 
 def summary(results: dict[str, Any]) -> str:
-    m, c, w = results["machine"], results["correctness"], results["workloads"]
+    """One screen: the headline table first, the run's noise, correctness in a sentence."""
+    m, c = results["machine"], results["correctness"]
     lines = [
         "# FlashToken benchmark",
         "",
-        f"Mode `{results['settings']['mode']}`, seed {results['settings']['seed']}, "
-        f"{results['duration_s']:.0f} s. {m['cpu']}, {m['cores']} cores, {m['os']}, Python {m['python']}; "
+        "| figure | target | measured | verdict | why |",
+        "|---|---:|---:|---|---|",
+    ]
+    for h in results["headlines"].values():
+        verdict = "-" if h["met"] is None else ("met" if h["met"] else "**MISSED**")
+        lines.append(
+            f"| {h['what']} | {h['target']:.2f}x | {_f(h['value'], 2)}x | {verdict} | {h['reason']} |"
+        )
+    if not results["headlines"]:
+        lines.append("| (no headline section was run) | | | | |")
+    bad = [
+        f"{n} ({e['mismatches']} of {e['cases']:,})"
+        for n, e in sorted(c["by_strategy"].items())
+        if e["kind"] == "flashtoken" and e["mismatches"]
+    ]
+    peers_bad = [
+        f"{n} ({e['mismatches']} of {e['cases']:,})"
+        for n, e in sorted(c["by_strategy"].items())
+        if e["kind"] == "baseline" and e["mismatches"]
+    ]
+    settings = results["settings"]
+    lines += [
+        "",
+        f"**Correctness: {c['mismatches']} mismatches in {c['cases']:,} FlashToken cases**"
+        + (f" — FAILED: {'; '.join(bad)}" if bad else "")
+        + (
+            f". Control `naive encode(p)+encode(s)`: {c['control_mismatches']:,} mismatches in "
+            f"{c['control_cases']:,} cases (expected > 0)"
+            if c["control_cases"]
+            else " (the boundary corpus was not run: `--only` without correctness)"
+        )
+        + f". Peers: {c['baseline_mismatches']} "
+        f"mismatches in {c['baseline_cases']:,} cases, {c.get('baseline_refusals', 0):,} texts "
+        "refused (the peer raised: a user of it would get an error there)"
+        + (
+            f" (wrong ids: {'; '.join(peers_bad)}; a peer counts as exact only on the workloads "
+            "where it matched every text)"
+            if peers_bad
+            else ""
+        )
+        + ".",
+        "",
+        "**Noise.** Ratios are medians measured in the same run, strategies interleaved in blocks "
+        f"({settings['warmup']} warm-up calls, then {settings['min_reps']}-{settings['max_reps']} "
+        f"repetitions or {settings['cell_budget_s'] * 1e3:.0f} ms per cell); each row's `n` and "
+        "p90/p50 spread are in results.json (`headlines`). "
+        f"Load average {m['loadavg_start']} at the start, {m.get('loadavg_end')} at the end "
+        f"on {m['cores']} cores: on a shared machine a ratio can move by tens of percent between "
+        "runs; compare runs by their ratios, not their microseconds.",
+        "",
+        f"Mode `{settings['mode']}`, seed {settings['seed']}, {results['duration_s']:.0f} s "
+        f"(sections: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in results.get("section_seconds", {}).items())
+        + f"). {m['cpu']}, {m['os']}, Python {m['python']}; "
         + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
         + ".",
-        f"Load average at start {m['loadavg_start']}, at end {m.get('loadavg_end')}: on a shared machine "
-        "absolute times are noisy; ratios measured in the same run are what to compare.",
+    ]
+    if results.get("daemon_skipped"):
+        lines.append(f"\nDaemon strategies skipped: {results['daemon_skipped']}")
+    if results.get("errors"):
+        lines += ["", "## Errors", ""] + [f"- {e}" for e in results["errors"]]
+    lines += [
+        "",
+        "Every table: details.md. Figures: "
+        + ", ".join(f"`{name}`" for name, _ in FIGURES)
+        + " (described in details.md). How this was measured and what it does not show: "
+        "docs/METHODOLOGY.md.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def details(results: dict[str, Any]) -> str:
+    """Every measurement as tables, after the headline's own lines."""
+    c, w = results["correctness"], results["workloads"]
+    lines = [
+        "# FlashToken benchmark: details",
+        "",
+        "The headline is in summary.md. Here: the headline's noise, the correctness of every "
+        "strategy, then each workload's and sweep's tables.",
+        "",
+        "## Headline figures, with their noise",
+        "",
+    ]
+    lines += [
+        f"- {h['what']}: {verdict_line(h)} ({h['noise'] or 'n/a'})"
+        for h in results["headlines"].values()
+    ]
+    lines += [
         "",
         "## Correctness",
         "",
-        f"**{c['mismatches']} mismatches in {c['cases']:,} FlashToken cases** (every strategy on every "
-        "workload and on the boundary corpus, token by token against tiktoken on the whole text). "
-        f"Control `naive encode(p)+encode(s)`: {c['control_mismatches']:,} mismatches in "
-        f"{c['control_cases']:,} cases (expected > 0). Other tokenizers (baselines): "
-        f"{c['baseline_mismatches']} mismatches in {c['baseline_cases']:,} cases.",
-        "",
-        "| strategy | kind | cases | mismatches |",
-        "|---|---|---:|---:|",
+        "| strategy | kind | cases | mismatches | examples |",
+        "|---|---|---:|---:|---|",
     ]
     for name, e in sorted(c["by_strategy"].items()):
-        lines.append(f"| {name} | {e['kind']} | {e['cases']:,} | {e['mismatches']:,} |")
-    lines += [
-        "",
-        "## Headline figures",
-        "",
-        "| figure | measured | target | met |",
-        "|---|---:|---:|---|",
-    ]
-    for h in results["headlines"].values():
-        extra = (
-            f" (last/first per-turn cost {h['flatness_last_over_first']:.2f})"
-            if "flatness_last_over_first" in h
-            else ""
-        )
-        lines.append(
-            f"| {h['what']}{extra} | {_f(h['value'])}x | {h['target']:.0f}x | {'yes' if h['met'] else 'NO'} |"
-        )
-    for name in ("fixed_prefix", "multiworker"):
-        skipped = (
-            (w.get(name) or {}).get("daemon_skipped")
-            if name == "multiworker"
-            else results.get("daemon_skipped")
-        )
-        if skipped:
-            lines.append(f"\nDaemon strategies skipped: {skipped}")
-            break
+        ex = "; ".join(e["examples"][:2]) if e["mismatches"] else ""
+        lines.append(f"| {name} | {e['kind']} | {e['cases']:,} | {e['mismatches']:,} | {ex} |")
     lines += _fixed_prefix_tables(w.get("fixed_prefix"))
     lines += _chat_table(w.get("chat"))
     lines += _auto_chat_table(w.get("auto_chat"))
@@ -230,15 +248,8 @@ def summary(results: dict[str, Any]) -> str:
     lines += _multiworker_table(w.get("multiworker"))
     lines += _http_e2e_table(w.get("http_e2e"))
     lines += _sweep_tables(results.get("sweeps", {}))
-    if results.get("errors"):
-        lines += ["", "## Errors", ""] + [f"- {e}" for e in results["errors"]]
     lines += ["", "## Figures", ""] + [f"- `{name}`: {what}" for name, what in FIGURES]
-    lines += [
-        "",
-        "See docs/METHODOLOGY.md for how these were measured and what they do not show.",
-        "",
-    ]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def _fixed_prefix_tables(

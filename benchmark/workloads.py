@@ -15,7 +15,8 @@ from typing import Any
 import flashtoken
 from benchmark import baselines, corpus, sidecar, timing
 from benchmark.config import KiB, Settings
-from benchmark.correctness import BASELINE, Checker
+from benchmark.correctness import BASELINE, Checker, outcome
+from flashtoken.backends import get_encoder
 
 Progress = Callable[[str], None]
 
@@ -23,11 +24,15 @@ TIKTOKEN = "tiktoken"
 FT_ENCODE = "FixedPrefixTokenCache.encode_ordinary"
 FT_COUNT = "FixedPrefixTokenCache.count_ordinary"
 FT_ARRAY = "FixedPrefixTokenCache.encode_ordinary_array"
+FT_MISS = "FixedPrefixTokenCache miss (a new cache per call)"
+FT_WHOLE = "Encoder.encode_ordinary of the whole text (a Client's miss; fill off the request path)"
 CLIENT_L1 = "Client L1 hit (in-process)"
 CLIENT_L2 = "Client L2 hit (daemon round trip, L1 off)"
 CHAT_APPEND = "AppendOnlyPieceTokenCache.append_ordinary"
 CHAT_SET_TEXT = "AppendOnlyPieceTokenCache.set_text (template rewrites generation prompt)"
 GENERATION_PROMPT = "<|im_start|>assistant\n"
+RAG_SHARED = "FixedPrefixTokenCache(instruction); document re-encoded"
+RAG_PER_DOC = "FixedPrefixTokenCache per instruction+document (dict, misses included)"
 
 
 def _cycler(items: list[str]) -> Callable[[], str]:
@@ -37,6 +42,23 @@ def _cycler(items: list[str]) -> Callable[[], str]:
 
 def _stats(samples: dict[str, list[int]]) -> dict[str, dict[str, float]]:
     return {name: timing.summarize(xs) for name, xs in samples.items()}
+
+
+def fast_backends(encoding: str) -> list[str]:
+    """The fast backends that passed FlashToken's gate for ``encoding`` here (none installed: [])."""
+    found = []
+    for name in ("toktok", "gigatoken"):
+        try:
+            if get_encoder(encoding, name).backend == name:
+                found.append(name)
+        except ImportError:
+            pass
+    return found
+
+
+def with_backend(name: str, backend: str) -> str:
+    """A strategy's label with the backend that encodes its uncached part (tiktoken: unmarked)."""
+    return name if backend == "tiktoken" else f"{name} [backend={backend}]"
 
 
 def fixed_prefix(
@@ -49,33 +71,68 @@ def fixed_prefix(
     suffix_chars: tuple[int, ...],
     scope: str = "fixed_prefix",
 ) -> dict[str, Any]:
-    """Prefix sizes x suffix sizes: each strategy's latency and its speed-up over tiktoken."""
+    """Prefix sizes x suffix sizes: each strategy's latency and its speed-up over tiktoken.
+
+    Strategies: tiktoken and every peer on the whole text (list, count and array forms where the
+    peer has them); FixedPrefixTokenCache with each backend (list, count, array, and a miss: a
+    new cache for the prefix on every call); the Client's hits when a daemon runs.
+    """
     enc = flashtoken.get_encoding(encoding)
     rng = random.Random(settings.seed)
-    others = baselines.available(encoding)
+    peers = baselines.peers(encoding)
+    backends = ["tiktoken", *fast_backends(encoding)]
     cells = []
     for kib in prefix_kib:
         prefix = corpus.system_prompt(kib * KiB, rng)
-        cache = flashtoken.FixedPrefixTokenCache(enc, prefix)
+        caches = {b: flashtoken.FixedPrefixTokenCache(enc, prefix, backend=b) for b in backends}
         clients = _clients(daemon, encoding, prefix)
         try:
             for n in suffix_chars:
                 suffixes = [corpus.suffix(n, rng) for _ in range(8)]
-                fns: dict[str, Callable[[], object]] = {}
                 encoders: dict[str, Callable[[str], object]] = {
-                    TIKTOKEN: lambda s: enc.encode_ordinary(prefix + s),
-                    FT_ENCODE: cache.encode_ordinary,
-                    FT_COUNT: cache.count_ordinary,
-                    FT_ARRAY: cache.encode_ordinary_array,
+                    TIKTOKEN: lambda s: enc.encode_ordinary(prefix + s)
                 }
-                for label, base in others.items():
-                    encoders[label] = lambda s, base=base: base(prefix + s)
+                kinds: dict[str, str] = {}
+                for b, cache in caches.items():
+                    for name, fn, kind in (
+                        (FT_ENCODE, cache.encode_ordinary, "list"),
+                        (FT_COUNT, cache.count_ordinary, "count"),
+                        (FT_ARRAY, cache.encode_ordinary_array, "array"),
+                        (
+                            FT_MISS,
+                            lambda s, b=b: flashtoken.FixedPrefixTokenCache(
+                                enc, prefix, backend=b
+                            ).encode_ordinary(s),
+                            "miss",
+                        ),
+                    ):
+                        encoders[with_backend(name, b)] = fn
+                        kinds[with_backend(name, b)] = kind
+                for b in backends[1:]:  # a Client's miss: the whole text, filled elsewhere
+                    whole = get_encoder(enc, b).encode_ordinary
+                    encoders[with_backend(FT_WHOLE, b)] = lambda s, whole=whole: whole(prefix + s)
+                    kinds[with_backend(FT_WHOLE, b)] = "miss"
+                for label, peer in peers.items():
+                    forms = (
+                        (label, peer.encode_ordinary, "list"),
+                        (baselines.count_label(label), peer.count, "count"),
+                        (baselines.array_label(label), peer.to_array, "array"),
+                    )
+                    for name, fn, kind in forms:
+                        if fn is not None:
+                            encoders[name] = lambda s, fn=fn: fn(prefix + s)
+                            kinds[name] = "peer " + kind
                 for label, client in clients.items():
                     encoders[label] = lambda s, client=client: client.encode_ordinary(
                         s, prefix=prefix
                     )
+                    kinds[label] = "list"
+                fns: dict[str, Callable[[], object]] = {}
                 for name, encode in encoders.items():
-                    _check_outputs(checker, scope, name, encode, enc, prefix, suffixes, others)
+                    if name != TIKTOKEN:
+                        _check_outputs(
+                            checker, scope, name, kinds[name], encode, enc, prefix, suffixes
+                        )
                     nxt = _cycler(suffixes)
                     fns[name] = lambda encode=encode, nxt=nxt: encode(nxt())
                 samples = timing.interleaved(
@@ -90,8 +147,9 @@ def fixed_prefix(
                     {
                         "prefix_kib": kib,
                         "suffix_chars": n,
-                        "prefix_tokens": len(cache.prefix_tokens),
+                        "prefix_tokens": len(caches["tiktoken"].prefix_tokens),
                         "stats": stats,
+                        "kinds": kinds,
                         "ratio_vs_tiktoken": timing.ratios(stats, TIKTOKEN),
                     }
                 )
@@ -104,6 +162,8 @@ def fixed_prefix(
                 client.close()
     return {
         "encoding": encoding,
+        "backends": backends,
+        "peers": list(peers),
         "cells": cells,
         "strategies": sorted(cells[0]["stats"]) if cells else [],
     }
@@ -124,25 +184,31 @@ def _check_outputs(
     checker: Checker,
     scope: str,
     name: str,
+    kind: str,
     encode: Callable[[str], object],
     enc: Any,
     prefix: str,
     suffixes: list[str],
-    others: dict[str, Any],
 ) -> None:
-    kind = BASELINE if name in others else "flashtoken"
-    if name == TIKTOKEN:
-        return
+    """Every output of one strategy against tiktoken: ids, or their number for a count."""
     for s in suffixes:
         want = enc.encode_ordinary(prefix + s)
-        got = encode(s)
-        if name == FT_COUNT:
+        try:
+            got = encode(s)
+        except Exception as exc:  # noqa: BLE001 - a peer that cannot take a text: a refusal
+            checker.check_peer(f"{scope}: {name}", ("raises", type(exc).__name__), want, scope)
+            continue
+        if kind.endswith("count"):
             want_value: object = len(want)
         else:
             want_value = want
             got = got.tolist() if hasattr(got, "tolist") else list(got)  # type: ignore[union-attr]
         checker.check(
-            f"{scope}: {name}", got, want_value, f"{enc.name} {scope} suffix={s[:30]!r}", kind
+            f"{scope}: {name}",
+            got,
+            want_value,
+            f"{enc.name} {scope} suffix={s[:30]!r}",
+            BASELINE if kind.startswith("peer") else "flashtoken",
         )
 
 
@@ -159,9 +225,10 @@ def chat(settings: Settings, checker: Checker, progress: Progress, encoding: str
     rng = random.Random(settings.seed + 2)
     turns = list(corpus.chat_turns(settings.chat_turns, rng))
     others = baselines.available(encoding)
-    names = [TIKTOKEN, CHAT_APPEND, CHAT_SET_TEXT, *others]
+    appends = {with_backend(CHAT_APPEND, b): b for b in ["tiktoken", *fast_backends(encoding)]}
+    names = [TIKTOKEN, *appends, CHAT_SET_TEXT, *others]
     histories = list(itertools.accumulate(turns))
-    _check_chat(enc, turns, histories, others, checker, encoding)
+    _check_chat(enc, turns, histories, others, checker, encoding, appends)
     history_chars = [len(h) for h in histories]
     history_tokens = [len(enc.encode_ordinary(h)) for h in histories]
 
@@ -173,8 +240,8 @@ def chat(settings: Settings, checker: Checker, progress: Progress, encoding: str
                 t0 = clock()
                 enc.encode_ordinary(history)
                 row.append(clock() - t0)
-        elif name == CHAT_APPEND:
-            cache = flashtoken.AppendOnlyPieceTokenCache(enc)
+        elif name in appends:
+            cache = flashtoken.AppendOnlyPieceTokenCache(enc, backend=appends[name])
             for turn in turns:
                 t0 = clock()
                 cache.append_ordinary(turn)
@@ -238,20 +305,23 @@ def _check_chat(
     others: dict[str, Any],
     checker: Checker,
     encoding: str,
+    appends: dict[str, str],
 ) -> None:
     """Every turn's delta, applied, against tiktoken on the whole history (untimed)."""
-    append = flashtoken.AppendOnlyPieceTokenCache(enc)
+    append = {n: flashtoken.AppendOnlyPieceTokenCache(enc, backend=b) for n, b in appends.items()}
     rewrite = flashtoken.AppendOnlyPieceTokenCache(enc)
-    held_a: list[int] = []
+    held_a: dict[str, list[int]] = {name: [] for name in appends}
     held_r: list[int] = []
     for i, (turn, history) in enumerate(zip(turns, histories, strict=False)):
         want = enc.encode_ordinary(history)
-        delta = append.append_ordinary(turn)
         delta_r = rewrite.set_text(history + GENERATION_PROMPT)
-        held_a[len(held_a) - delta.rollback_tokens :] = delta.tokens_to_append
         held_r[len(held_r) - delta_r.rollback_tokens :] = delta_r.tokens_to_append
         where = f"{encoding} chat turn {i}"
-        checker.check(f"chat: {CHAT_APPEND} (delta applied)", held_a, want, where)
+        for name, cache in append.items():
+            delta = cache.append_ordinary(turn)
+            held = held_a[name]
+            held[len(held) - delta.rollback_tokens :] = delta.tokens_to_append
+            checker.check(f"chat: {name} (delta applied)", held, want, where)
         checker.check(
             f"chat: {CHAT_SET_TEXT} (delta applied)",
             held_r,
@@ -259,7 +329,7 @@ def _check_chat(
             where,
         )
         for label, base in others.items():
-            checker.check(f"chat: {label}", list(base(history)), want, where, BASELINE)
+            checker.check_peer(f"chat: {label}", outcome(lambda: list(base(history))), want, where)
 
 
 def _mean(xs: list[float]) -> float:
@@ -281,26 +351,30 @@ def rag(
     picks = corpus.zipf_indices(rng, len(docs), settings.rag_requests, 1.1)
     questions = [rng.choice(corpus.QUESTIONS) for _ in picks]
     others = baselines.available(encoding)
-    shared = flashtoken.FixedPrefixTokenCache(enc, instruction)
-    per_doc: dict[int, flashtoken.FixedPrefixTokenCache] = {}
     client = sidecar.make_client(daemon, encoding) if daemon else None
 
     def doc_part(d: int) -> str:
         return "\n\n" + docs[d] + "\n\n"
 
-    def per_doc_cache(d: int, q: str) -> list[int]:
-        cache = per_doc.get(d)
-        if cache is None:  # a first request for a document pays the whole encode
-            cache = per_doc[d] = flashtoken.FixedPrefixTokenCache(enc, instruction + doc_part(d))
-        return cache.encode_ordinary(q)
-
     strategies: dict[str, Callable[[int, str], object]] = {
         TIKTOKEN: lambda d, q: enc.encode_ordinary(instruction + doc_part(d) + q),
-        "FixedPrefixTokenCache(instruction); document re-encoded": lambda d, q: (
-            shared.encode_ordinary(doc_part(d) + q)
-        ),
-        "FixedPrefixTokenCache per instruction+document (dict, misses included)": per_doc_cache,
     }
+    for b in ["tiktoken", *fast_backends(encoding)]:
+        shared = flashtoken.FixedPrefixTokenCache(enc, instruction, backend=b)
+        per_doc: dict[int, flashtoken.FixedPrefixTokenCache] = {}
+
+        def per_doc_cache(d: int, q: str, per_doc: dict = per_doc, b: str = b) -> list[int]:
+            cache = per_doc.get(d)
+            if cache is None:  # a first request for a document pays the whole encode
+                cache = per_doc[d] = flashtoken.FixedPrefixTokenCache(
+                    enc, instruction + doc_part(d), backend=b
+                )
+            return cache.encode_ordinary(q)
+
+        strategies[with_backend(RAG_SHARED, b)] = lambda d, q, shared=shared: (
+            shared.encode_ordinary(doc_part(d) + q)
+        )
+        strategies[with_backend(RAG_PER_DOC, b)] = per_doc_cache
     if client is not None:
         strategies["Client(prefix=instruction+document), cold start included"] = lambda d, q: (
             client.encode_ordinary(q, prefix=instruction + doc_part(d))

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import tiktoken
 
+from flashtoken.backends import Encoder, get_encoder
 from flashtoken.boundary import CutRule, cut_rule, stable_offset
 from flashtoken.encodings import resolve_encoding
 from flashtoken.prefix import EncodingLike, _require_str, token_list
@@ -164,7 +165,8 @@ class AutoPrefixCache:
     True
 
     ``max_bytes`` bounds the memory of the stored blocks (least recently used blocks go first,
-    never a block before the blocks that extend it); ``block_bytes`` is the reuse granularity.
+    never a block before the blocks that extend it); ``block_bytes`` is the reuse granularity;
+    ``backend`` encodes the part not found cached (see :class:`FixedPrefixTokenCache`).
     Safe to share between threads.
     """
 
@@ -175,6 +177,7 @@ class AutoPrefixCache:
         max_bytes: int = DEFAULT_MAX_BYTES,
         block_bytes: int = DEFAULT_BLOCK_BYTES,
         backtrack_pieces: int | None = None,
+        backend: str | Encoder = "tiktoken",
     ) -> None:
         import xxhash  # here, not at the top: `import flashtoken` stays light
 
@@ -183,6 +186,7 @@ class AutoPrefixCache:
         if not isinstance(max_bytes, int) or max_bytes < 0:
             raise ValueError(f"max_bytes must be an int >= 0, not {max_bytes!r}")
         self._enc = resolve_encoding(encoding)
+        self._encoder = get_encoder(self._enc, backend)  # encodes what is not found cached
         self._rule = cut_rule(self._enc, backtrack_pieces)
         self._hasher = xxhash.xxh3_128
         self._block = block_bytes
@@ -251,9 +255,9 @@ class AutoPrefixCache:
     def _encode(self, text: str, policy: SpecialPolicy) -> list[int]:
         plan = self._plan(text, policy)
         if plan is None:  # lone surrogates (tiktoken repairs them) or no proof: step aside
-            return encode_with(self._enc, text, policy)
+            return encode_with(self._encoder, text, policy)
         head = self._head(plan)
-        tail = encode_with(self._enc, text[plan.cut :], policy)
+        tail = encode_with(self._encoder, text[plan.cut :], policy)
         self._finish(plan, policy, text, tail)
         head += tail  # not head + tail: one copy of the prefix's tokens, not two
         return head

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import tiktoken
 
+from flashtoken.backends import Encoder, get_encoder
 from flashtoken.boundary import cut_rule, find_cut
 from flashtoken.encodings import resolve_encoding
 from flashtoken.prefix import ORDINARY, EncodingLike, TokenDelta, _require_str
@@ -46,7 +47,8 @@ class AppendOnlyPieceTokenCache:
 
     Only the last few regex pieces are ever re-encoded (``backtrack_pieces``, default 3); the text
     before them is final. Use :meth:`set_text` when the new text is not a pure append (a chat
-    template that rewrites its trailing generation prompt).
+    template that rewrites its trailing generation prompt). ``backend`` encodes the re-encoded
+    tail and each appended text (see :class:`FixedPrefixTokenCache`).
     """
 
     def __init__(
@@ -57,8 +59,10 @@ class AppendOnlyPieceTokenCache:
         *,
         allowed_special: SpecialArg | None = None,
         disallowed_special: SpecialArg | None = None,
+        backend: str | Encoder = "tiktoken",
     ) -> None:
         self._enc = resolve_encoding(encoding)
+        self._encoder = get_encoder(self._enc, backend)
         self._rule = cut_rule(self._enc, backtrack_pieces)
         if allowed_special is None and disallowed_special is None:
             self._policy = ORDINARY
@@ -179,7 +183,7 @@ class AppendOnlyPieceTokenCache:
         remembered too: the next rewrite (a template redoing its generation prompt each turn)
         most likely keeps that much, and can restart there instead of turns earlier.
         """
-        tokens = encode_with(self._enc, tail, self._policy)
+        tokens = encode_with(self._encoder, tail, self._policy)
         same = _common_prefix_length(held, tokens)
         delta = TokenDelta(len(held) - same, tokens[same:])
         if changed_at:

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import tiktoken
 
+from flashtoken.backends import Encoder, get_encoder
 from flashtoken.boundary import CutRule, cut_rule, find_cut
 from flashtoken.encodings import resolve_encoding
 from flashtoken.specials import ORDINARY, SpecialArg, SpecialPolicy, encode_with
@@ -40,8 +41,11 @@ def split_prefix(
     *,
     allowed_special: SpecialArg = frozenset(),
     backtrack_pieces: int | None = None,
+    backend: str | Encoder = "tiktoken",
 ) -> PrefixSplit:
     """Encode ``prefix`` once and split it at its stable cut.
+
+    ``backend`` encodes the prefix (flashtoken/backends.py: a fast exact tokenizer, gated).
 
     >>> split_prefix("cl100k_base", "You are a helpful assistant.")
     PrefixSplit(head=[2675, 527, 264], cut=9)
@@ -49,13 +53,18 @@ def split_prefix(
     enc = resolve_encoding(encoding)
     _require_str(prefix, "prefix")
     policy = SpecialPolicy.of(enc, allowed_special, ())
-    return _split(enc, cut_rule(enc, backtrack_pieces), policy, prefix)
+    encoder = get_encoder(enc, backend)
+    return _split(enc, cut_rule(enc, backtrack_pieces), policy, prefix, encoder)
 
 
 def _split(
-    enc: tiktoken.Encoding, rule: CutRule, policy: SpecialPolicy, prefix: str
+    enc: tiktoken.Encoding,
+    rule: CutRule,
+    policy: SpecialPolicy,
+    prefix: str,
+    encoder: Encoder | tiktoken.Encoding | None = None,
 ) -> PrefixSplit:
-    tokens = encode_with(enc, prefix, policy)
+    tokens = encode_with(encoder or enc, prefix, policy)
     cut, kept = find_cut(enc, rule, policy, prefix, 0, tokens)
     return PrefixSplit(token_list(tokens[:kept]), cut)
 
@@ -103,14 +112,23 @@ class FixedPrefixTokenCache:
 
     ``backtrack_pieces`` sets the number of pieces re-encoded (default 3; 8 for a pattern no
     proof covers); a value below what the encoding's pattern is proven to need is raised to it.
+    ``backend`` encodes what is not cached (the prefix once, then each tail + suffix):
+    ``"tiktoken"`` (default), ``"toktok"``, ``"gigatoken"``, ``"fastest"`` or an
+    :class:`~flashtoken.backends.Encoder`; a fast one is used only once it has passed the
+    exactness gate against tiktoken (docs/BACKENDS.md).
     """
 
     def __init__(
-        self, encoding: EncodingLike, prefix: str, *, backtrack_pieces: int | None = None
+        self,
+        encoding: EncodingLike,
+        prefix: str,
+        *,
+        backtrack_pieces: int | None = None,
+        backend: str | Encoder = "tiktoken",
     ) -> None:
         _require_str(prefix, "prefix")
         enc = resolve_encoding(encoding)
-        self._setup(enc, prefix, cut_rule(enc, backtrack_pieces))
+        self._setup(enc, prefix, cut_rule(enc, backtrack_pieces), backend)
         self._use_ordinary(self._split_for(ORDINARY))
 
     @classmethod
@@ -121,6 +139,7 @@ class FixedPrefixTokenCache:
         split: PrefixSplit,
         *,
         allowed_special: SpecialArg = frozenset(),
+        backend: str | Encoder = "tiktoken",
     ) -> FixedPrefixTokenCache:
         """A cache whose split for ``allowed_special`` was computed elsewhere (by the daemon).
 
@@ -130,7 +149,7 @@ class FixedPrefixTokenCache:
         """
         self = cls.__new__(cls)
         enc = resolve_encoding(encoding)
-        self._setup(enc, prefix, cut_rule(enc))
+        self._setup(enc, prefix, cut_rule(enc), backend)
         policy = SpecialPolicy.of(enc, allowed_special, ())
         if not isinstance(split.head, list):
             split = PrefixSplit(token_list(split.head), split.cut)
@@ -140,8 +159,12 @@ class FixedPrefixTokenCache:
         # Otherwise the ordinary split is computed if encode_ordinary is ever called (__getattr__).
         return self
 
-    def _setup(self, enc: tiktoken.Encoding, prefix: str, rule: CutRule) -> None:
+    def _setup(
+        self, enc: tiktoken.Encoding, prefix: str, rule: CutRule, backend: str | Encoder
+    ) -> None:
         self._enc = enc
+        # What is not cached is encoded by this object (tiktoken's own methods by default).
+        self._encoder = get_encoder(enc, backend)
         self._prefix = prefix
         self._rule = rule
         self._splits: dict[frozenset[str], PrefixSplit] = {}
@@ -191,7 +214,7 @@ class FixedPrefixTokenCache:
         if held is None:
             split = self._split_for(policy)
             held = self._held_tails[policy.allowed] = encode_with(
-                self._enc, self._prefix[split.cut :], policy
+                self._encoder, self._prefix[split.cut :], policy
             )
         return held
 
@@ -215,18 +238,18 @@ class FixedPrefixTokenCache:
 
     def encode_ordinary(self, suffix: str) -> list[int]:
         """``encoding.encode_ordinary(prefix + suffix)``, without re-encoding the prefix."""
-        return self._head + self._enc.encode_ordinary(self._tail + suffix)
+        return self._head + self._encoder.encode_ordinary(self._tail + suffix)
 
     def encode_ordinary_array(self, suffix: str) -> array[int]:
         """The same tokens as an ``array('I')`` (uint32): one memcpy for the prefix's part.
 
         Wrap it without copying with ``numpy.frombuffer(a, dtype=numpy.uint32)``.
         """
-        return self._head_array + array("I", self._enc.encode_ordinary(self._tail + suffix))
+        return self._head_array + array("I", self._encoder.encode_ordinary(self._tail + suffix))
 
     def count_ordinary(self, suffix: str) -> int:
         """``len(encode_ordinary(suffix))``, without building the list."""
-        return len(self._head) + len(self._enc.encode_ordinary(self._tail + suffix))
+        return len(self._head) + self._encoder.count_ordinary(self._tail + suffix)
 
     def encode_ordinary_delta(self, suffix: str) -> TokenDelta:
         """For callers holding ``prefix_tokens`` (a KV cache): what to drop and what to add.
@@ -235,7 +258,7 @@ class FixedPrefixTokenCache:
         >>> cache.prefix_tokens, cache.encode_ordinary_delta("3")
         ((7749, 25, 220, 717), TokenDelta(rollback_tokens=1, tokens_to_append=[4513]))
         """
-        return self._delta(ORDINARY, self._enc.encode_ordinary(self._tail + suffix))
+        return self._delta(ORDINARY, self._encoder.encode_ordinary(self._tail + suffix))
 
     # -- encode, with special tokens ----------------------------------------------------------
 
@@ -295,7 +318,7 @@ class FixedPrefixTokenCache:
                 disallowed_special=disallowed_special,
             )
         split = self._split_for(policy)
-        return split, encode_with(self._enc, self._prefix[split.cut :] + suffix, policy)
+        return split, encode_with(self._encoder, self._prefix[split.cut :] + suffix, policy)
 
     def _policy(self, allowed_special: object, disallowed_special: object) -> SpecialPolicy | None:
         """The policy of these arguments (memoised), or None: hand the call to tiktoken."""
@@ -318,7 +341,7 @@ class FixedPrefixTokenCache:
         split = self._splits.get(policy.allowed)
         if split is None:
             split = self._splits[policy.allowed] = _split(
-                self._enc, self._rule, policy, self._prefix
+                self._enc, self._rule, policy, self._prefix, self._encoder
             )
         return split
 

@@ -20,10 +20,13 @@ import functools
 from collections.abc import Collection
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import regex
 import tiktoken
+
+if TYPE_CHECKING:  # an Encoder has the two calls used here (flashtoken/backends.py)
+    from flashtoken.backends import Encoder
 
 SpecialArg = Literal["all"] | AbstractSet[str] | Collection[str]
 
@@ -139,7 +142,7 @@ def _is_all(value: object) -> bool:
     return isinstance(value, str) and value == "all"
 
 
-def encode_with(enc: tiktoken.Encoding, text: str, policy: SpecialPolicy) -> list[int]:
+def encode_with(enc: tiktoken.Encoding | Encoder, text: str, policy: SpecialPolicy) -> list[int]:
     """tiktoken's encoding of ``text`` with ``policy.allowed`` as special tokens (no check for
     disallowed ones: the caller made it), and tiktoken's own outcome where it fails.
 

@@ -1,0 +1,282 @@
+"""Fast backends: exact or not used. Every answer is compared with tiktoken's."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flashtoken import backends, get_encoding
+from flashtoken.backend_gate import gate_texts
+from flashtoken.backends import Encoder, get_encoder
+from tests.corpus import CORPUS, SPECIALS
+from tests.strategies import texts
+
+INSTALLED = [
+    name
+    for name, module in (("toktok", "toktok"), ("gigatoken", "gigatoken"))
+    if importlib.util.find_spec(module) is not None
+]
+needs_fast = pytest.mark.skipif(not INSTALLED, reason="no fast backend installed (the dev extra)")
+
+
+@pytest.fixture(params=INSTALLED or [pytest.param("none", marks=needs_fast)], scope="session")
+def fast(request, enc):
+    encoder = Encoder(enc, request.param)
+    assert encoder.backend == request.param, encoder.stats()
+    return encoder
+
+
+def _wait_for(condition, what, deadline_s=30.0):
+    end = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def test_default_is_tiktoken_itself(enc):
+    encoder = get_encoder(enc)
+    assert encoder.backend == "tiktoken"
+    assert encoder.encode_ordinary == enc.encode_ordinary  # no wrapper on the default path
+    assert get_encoder(enc) is encoder
+    assert get_encoder(enc, encoder) is encoder
+
+
+def test_gate_corpus_is_fixed_and_reaches_the_specials(enc):
+    first, second = list(gate_texts(enc)), list(gate_texts(enc))
+    assert first == second and len(first) > 500
+    assert any(token in text for text in first for token in enc.special_tokens_set)
+    assert any(len(text) >= 20000 and not text.strip() for text in first)
+
+
+def test_fast_backend_matches_on_the_boundary_corpus(fast, enc):
+    everything = frozenset(enc.special_tokens_set)
+    for text in CORPUS:
+        for joined in (text, "word " + text + " next", text * 3):
+            assert fast.encode_ordinary(joined) == enc.encode_ordinary(joined), joined
+            assert fast.count_ordinary(joined) == len(enc.encode_ordinary(joined)), joined
+            want = enc.encode(joined, allowed_special=everything, disallowed_special=())
+            assert fast.encode(joined, allowed_special=everything, disallowed_special=()) == want
+
+
+@given(text=texts, pick=st.sets(st.sampled_from(SPECIALS)))
+def test_fast_backend_matches_tiktoken(fast, enc, text, pick):
+    assert fast.encode_ordinary(text) == enc.encode_ordinary(text)
+    assert fast.count_ordinary(text) == len(enc.encode_ordinary(text))
+    allowed = frozenset(pick) & enc.special_tokens_set
+    want = enc.encode(text, allowed_special=allowed, disallowed_special=())
+    assert fast.encode(text, allowed_special=allowed, disallowed_special=()) == want
+    # Anything disallowed: tiktoken's own answer or error, whatever the backend.
+    try:
+        want = enc.encode(text, allowed_special=allowed)
+    except ValueError:
+        with pytest.raises(ValueError, match="disallowed special token"):
+            fast.encode(text, allowed_special=allowed, disallowed_special="all")
+    else:
+        assert fast.encode(text, allowed_special=allowed, disallowed_special="all") == want
+
+
+def test_text_a_backend_cannot_take_goes_to_tiktoken(fast, enc):
+    # gigatoken cannot treat special-token text as ordinary; toktok rejects lone surrogates.
+    for text in ("a <|endoftext|> b", "x\ud83dy", "\udc00z <|endoftext|>"):
+        assert fast.encode_ordinary(text) == enc.encode_ordinary(text)
+    stats = fast.stats()
+    assert stats["routed_to_tiktoken"] >= 1
+    assert stats["backend"] == fast.backend
+
+
+def test_code_points_the_backend_classifies_otherwise_go_to_tiktoken(fast, enc):
+    # Unicode 17 code points tiktoken 0.14 (Unicode 16) does not know: found by the gate.
+    for text in ("\U000323b0:A", "word next\U000323b0:A", "x\ua7ce:B", "\U00016ea0 1a"):
+        assert fast.encode_ordinary(text) == enc.encode_ordinary(text)
+        assert fast.count_ordinary(text) == len(enc.encode_ordinary(text))
+    assert fast.stats()["backend_avoided_code_points"] >= 0
+
+
+def test_long_whitespace_runs_give_tiktoken_s_outcome(fast, enc):
+    # tiktoken's regex overflows its stack near a million spaces (PanicException, a
+    # BaseException): the backend must give that outcome too, not ids.
+    for text in ("x" + " " * 200_000 + "y", " " * 1_000_000):
+        try:
+            want: object = enc.encode_ordinary(text)
+        except BaseException as exc:  # noqa: BLE001 - the outcome compared is the type
+            want = type(exc)
+        try:
+            got: object = fast.encode_ordinary(text)
+        except BaseException as exc:  # noqa: BLE001
+            got = type(exc)
+        assert got == want
+
+
+def _wrong_on(marker):
+    """A backend that is tiktoken except on texts holding ``marker``: stands for a real bug."""
+
+    class Wrong:
+        def __init__(self, enc):
+            self._enc = enc
+
+        def ordinary(self, text):
+            ids = self._enc.encode_ordinary(text)
+            return ids[:-1] if marker in text else ids
+
+        def special(self, text, allowed):
+            return self._enc.encode(text, allowed_special=allowed, disallowed_special=())
+
+        def count_ordinary(self, text):
+            return len(self.ordinary(text))
+
+    return Wrong
+
+
+@pytest.fixture
+def fake_backend(monkeypatch):
+    def install(name, factory):
+        monkeypatch.setitem(backends._FACTORIES, name, factory)
+        monkeypatch.setattr(backends, "BACKENDS", (*backends.BACKENDS, name))
+
+    return install
+
+
+def test_a_backend_that_fails_the_gate_is_not_used(fake_backend):
+    enc = get_encoding("cl100k_base")
+    fake_backend("wrong-on-digits", _wrong_on("1"))
+    with pytest.warns(RuntimeWarning, match=r"'wrong-on-digits'.*cl100k_base.*encode_ordinary of"):
+        encoder = Encoder(enc, "wrong-on-digits")
+    assert encoder.backend == "tiktoken"
+    assert "failed the exactness gate" in encoder.stats()["backend_disabled"]
+    assert encoder.encode_ordinary("x 12345 y") == enc.encode_ordinary("x 12345 y")
+
+
+def test_shadow_disagreement_disables_the_backend(fake_backend, caplog):
+    enc = get_encoding("cl100k_base")
+    fake_backend("wrong-in-production", _wrong_on("RARE-MARKER"))
+    encoder = Encoder(enc, "wrong-in-production", shadow_fraction=1.0)
+    assert encoder.backend == "wrong-in-production"  # the gate never saw the marker
+    assert encoder.encode_ordinary("fine") == enc.encode_ordinary("fine")
+    encoder.encode_ordinary("a RARE-MARKER b")  # wrong, and caught only by the shadow check
+    _wait_for(lambda: encoder.stats()["shadow_mismatches"] == 1, "the shadow check")
+    stats = encoder.stats()
+    assert stats["backend"] == "tiktoken"
+    assert "RARE-MARKER" in stats["backend_disabled"]
+    assert "RARE-MARKER" in caplog.text
+    assert encoder.encode_ordinary("a RARE-MARKER b") == enc.encode_ordinary("a RARE-MARKER b")
+
+
+@needs_fast
+def test_shadow_checks_agreeing_calls(enc):
+    encoder = Encoder(enc, INSTALLED[0], shadow_fraction=1.0)
+    for text in CORPUS:
+        encoder.encode_ordinary(text)
+    _wait_for(
+        lambda: (
+            encoder.stats()["shadow_checked"] + encoder.stats()["shadow_dropped"]
+            == encoder.stats()["shadow_offered"]
+        ),
+        "every sampled call to be checked",
+    )
+    stats = encoder.stats()
+    assert stats["shadow_checked"] > 0 and stats["shadow_mismatches"] == 0
+    assert encoder.backend == INSTALLED[0]
+
+
+def test_fastest_never_raises(enc):
+    encoder = Encoder(enc, "fastest")
+    assert encoder.backend in (*INSTALLED, "tiktoken")
+    assert encoder.encode_ordinary("hello world") == enc.encode_ordinary("hello world")
+
+
+def test_fastest_takes_the_second_backend_for_large_texts(enc):
+    encoder = Encoder(enc, "fastest")
+    large = "".join(CORPUS) * 8  # > _LARGE characters, special-token text and surrogates too
+    assert len(large) >= backends._LARGE
+    for text in (large, large.replace("<|", "<"), large.encode("utf-8", "replace").decode()):
+        want = enc.encode_ordinary(text)
+        assert encoder.encode_ordinary(text) == want
+        assert encoder.count_ordinary(text) == len(want)
+    if len(INSTALLED) == 2:
+        assert encoder.stats()["backend_large_texts"] == "gigatoken"
+
+
+def test_bad_arguments_are_refused(fake_backend):
+    with pytest.raises(ValueError, match="unknown backend 'fast'.*tiktoken, toktok"):
+        Encoder("cl100k_base", "fast")
+    with pytest.raises(ValueError, match="shadow_fraction"):
+        Encoder("cl100k_base", "tiktoken", shadow_fraction=2)
+
+    def missing(enc):
+        raise ImportError("No module named 'nothing'")
+
+    fake_backend("missing", missing)
+    with pytest.raises(ImportError, match=r"pip install 'flashtoken\[missing\]'"):
+        Encoder("cl100k_base", "missing")
+    with pytest.raises(ValueError, match="the Encoder is for 'o200k_base'"):
+        get_encoder("cl100k_base", Encoder("o200k_base"))
+
+
+# -- the caches, with a fast backend for what they do not find cached ----------------------------
+
+
+@pytest.fixture(params=INSTALLED + ["fastest"], scope="session")
+def backend(request):
+    return request.param
+
+
+@given(prefix=texts, suffix=texts)
+def test_fixed_prefix_cache_with_backend_is_exact(enc, backend, prefix, suffix):
+    from flashtoken import FixedPrefixTokenCache
+
+    cache = FixedPrefixTokenCache(enc, prefix, backend=backend)
+    text = prefix + suffix
+    want = enc.encode_ordinary(text)
+    assert cache.encode_ordinary(suffix) == want
+    assert cache.count_ordinary(suffix) == len(want)
+    assert cache.encode_ordinary_array(suffix).tolist() == want
+    assert cache.encode(suffix, allowed_special="all") == enc.encode(text, allowed_special="all")
+    try:
+        want = enc.encode(text)
+    except ValueError:
+        with pytest.raises(ValueError, match="disallowed special token"):
+            cache.encode(suffix)
+    else:
+        assert cache.encode(suffix) == want
+
+
+@given(turns=st.lists(texts, max_size=6))
+def test_append_only_cache_with_backend_is_exact(enc, backend, turns):
+    from flashtoken import AppendOnlyPieceTokenCache
+
+    chat = AppendOnlyPieceTokenCache(enc, backend=backend)
+    held: list[int] = []
+    text = ""
+    for turn in turns:
+        delta = chat.append_ordinary(turn)
+        text += turn
+        held[len(held) - delta.rollback_tokens :] = delta.tokens_to_append
+        assert held == enc.encode_ordinary(text)
+
+
+@given(texts_=st.lists(texts, min_size=1, max_size=4), shared=st.sampled_from(CORPUS))
+def test_auto_prefix_cache_with_backend_is_exact(enc, backend, texts_, shared):
+    from flashtoken import AutoPrefixCache
+
+    cache = AutoPrefixCache(enc, block_bytes=16, backend=backend)
+    for text in texts_:
+        full = shared * 4 + text
+        assert cache.encode_ordinary(full) == enc.encode_ordinary(full)
+        assert cache.encode(full, allowed_special="all") == enc.encode(full, allowed_special="all")
+
+
+def test_a_cache_takes_an_encoder_of_its_encoding():
+    from flashtoken import FixedPrefixTokenCache
+
+    encoder = get_encoder("cl100k_base", "fastest")
+    cache = FixedPrefixTokenCache("cl100k_base", "You are a helpful assistant.", backend=encoder)
+    assert cache.encode_ordinary(" Hi") == encoder.encoding.encode_ordinary(
+        "You are a helpful assistant. Hi"
+    )
+    with pytest.raises(ValueError, match="the Encoder is for 'cl100k_base'"):
+        FixedPrefixTokenCache("o200k_base", "x", backend=encoder)
