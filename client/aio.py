@@ -172,13 +172,13 @@ class AsyncClient:
     async def _auto(self, text: str, policy: SpecialPolicy) -> list[int]:
         _require_str(text, "text")
         core = self._core
+        self._check_fork()  # before any lock (the L1's): see client/sockets.py
         plan = core.auto_plan(text, policy)
         if plan is None:  # lone surrogates: not UTF-8, the daemon could not take them
             return _encode(core.enc, text, policy)
         route = core.auto_route(plan)
         if route == AUTO_L1 or self._closed:
             return core.auto_finish(text, policy, plan, None)
-        self._check_fork()
         core.follow_chains(CONTEXT.get(), self.address, policy.allowed)
         if route == AUTO_TELL:
             tokens = core.auto_finish(text, policy, plan, None)
@@ -228,13 +228,17 @@ class AsyncClient:
             lock.release()
 
     def _check_fork(self) -> None:
-        core = self._core
-        if core.pid != os.getpid():
-            if self._sock is not None:
-                abandon(self._sock)
-            self._sock = self._ctx = None
-            self._lock = None
-            core.after_fork()
+        if self._core.pid != os.getpid():
+            self._after_fork()
+
+    def _after_fork(self) -> None:
+        # The parent's socket and context must not be touched here; its asyncio lock belongs
+        # to the parent's loop. Also run by client/sockets.py's fork hook.
+        if self._sock is not None:
+            abandon(self._sock)
+        self._sock = self._ctx = None
+        self._lock = None
+        self._core.after_fork()
 
     # -- L1, then the daemon, then local ------------------------------------------------------
 

@@ -232,14 +232,21 @@ class ClientCore(ChainCore):
         )
 
     def after_fork(self) -> None:
-        """In a child process: the same L1 (plain data), a fresh breaker and lock.
+        """In a child process: the same L1 (plain data), a fresh breaker and locks.
 
-        The counters carry on from the parent's values at the fork, like all inherited memory
-        (the first calls in the child may already have counted L1 hits).
+        Run by ``os.register_at_fork`` before the child runs any code (client/sockets.py), and
+        by the pid check of a call if a fork bypassed that (a C-level ``fork()``). A lock a
+        parent's thread held at the fork would never be released: it is made anew, and the L1
+        it guarded emptied (that thread was half way through an update). The counters carry on
+        from the parent's values at the fork, like all inherited memory.
         """
         self.pid = os.getpid()
+        if self._l1_lock.locked():
+            self.l1 = OrderedDict()
+            self.l1_bytes = 0
         self._l1_lock = threading.Lock()
-        self.auto._lock = threading.Lock()  # a parent's thread may have held it at the fork
+        if self.auto._lock.locked():  # not done yet by flashtoken.auto's own fork hook
+            self.auto._after_fork()
         self.breaker.reset()
         if self.follower is not None:  # its thread is the parent's: leave its socket alone
             abandon(self.follower)

@@ -1,5 +1,6 @@
 """Sockets and contexts of the clients, per process: the DEALER's options, one zmq.Context
-per process (made lazily, new after a fork), and closing everything at interpreter exit."""
+per process (made lazily, new after a fork), every client's locks and sockets reset in a forked
+child, and closing everything at interpreter exit."""
 
 from __future__ import annotations
 
@@ -73,6 +74,20 @@ _clients: weakref.WeakSet[Any] = weakref.WeakSet()
 
 def register(client: Any) -> None:
     _clients.add(client)
+
+
+def _after_fork_in_child() -> None:
+    # Before the child runs any code of its own: a lock a parent's thread held at the fork
+    # (ours, a client's, its L1's) would otherwise never be released in the child. A pid check
+    # inside a call comes too late when the call takes a lock first (the hang of issue 11).
+    CONTEXT.lock = threading.Lock()
+    for client in list(_clients):
+        if client._core.pid != os.getpid():
+            client._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @atexit.register

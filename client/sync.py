@@ -198,14 +198,14 @@ class Client:
     def _auto(self, text: str, policy: SpecialPolicy) -> list[int]:
         _require_str(text, "text")
         core = self._core
+        if core.pid != os.getpid():  # before any lock (the L1's): see client/sockets.py
+            self._after_fork()
         plan = core.auto_plan(text, policy)
         if plan is None:  # lone surrogates: not UTF-8, the daemon could not take them
             return _encode(core.enc, text, policy)
         route = core.auto_route(plan)
         if route == AUTO_L1 or self._closed:
             return core.auto_finish(text, policy, plan, None)
-        if core.pid != os.getpid():
-            self._after_fork()
         core.follow_chains(CONTEXT.get(), self.address, policy.allowed)
         if route == AUTO_TELL:
             tokens = core.auto_finish(text, policy, plan, None)
