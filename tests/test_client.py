@@ -7,7 +7,6 @@ import random
 import subprocess
 import sys
 import threading
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,10 @@ pytestmark = pytest.mark.timeout(90)
 
 ENCODINGS = ["cl100k_base", "o200k_base"]
 # Generous: tests on a loaded CI machine must not fall back for want of a few ms.
-TIMEOUT_MS = 250
+# ms: a real daemon's answer is awaited this long; it comes in ms, only a hang waits it out.
+# Not less: on a loaded machine a reply can take longer than 250 ms, and a test counting
+# hits then failed for want of a few ms (a timing assertion in disguise).
+TIMEOUT_MS = 5000
 
 
 def _utf8(text: str) -> bool:
@@ -278,9 +280,7 @@ def test_a_daemon_answering_garbage_changes_no_token(daemon_dir: Path) -> None:
     enc = get_encoding("cl100k_base")
     fake = FakeDaemon(f"ipc://{daemon_dir}/fake.sock")
     try:
-        with Client(
-            fake.address, timeout_ms=TIMEOUT_MS, l1_bytes=0, breaker_failures=10**6
-        ) as client:
+        with Client(fake.address, timeout_ms=1000, l1_bytes=0, breaker_failures=10**6) as client:
             for i in range(120):
                 prefix = f"Garbage in, {i} exact tokens out. " * 20
                 assert client.encode_ordinary(" ok", prefix=prefix) == enc.encode_ordinary(
@@ -380,11 +380,10 @@ def test_interpreter_exit_never_hangs(
             "assert d.count_ordinary('x', prefix='z' * 1000) > 0\n"
             "print('done')\n"  # and exit without close()
         )
-        start = time.monotonic()
+        # A hang at exit raises TimeoutExpired (a generous deadline, not a timing).
         proc = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
         )
         assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr
-        assert time.monotonic() - start < 15
     finally:
         daemon.signal(__import__("signal").SIGCONT)

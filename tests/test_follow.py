@@ -182,7 +182,7 @@ def test_a_special_id_spelling_ordinary_text_is_refused() -> None:
 
 
 def client(daemon: DaemonProcess, name: str = "cl100k_base", **options: Any) -> Client:
-    return Client(daemon.address, name, timeout_ms=250, auto_block_bytes=BLOCK, **options)
+    return Client(daemon.address, name, timeout_ms=5000, auto_block_bytes=BLOCK, **options)
 
 
 def play(clients: list[Any], enc: Any, texts: list[str], rng: random.Random) -> None:
@@ -458,7 +458,7 @@ def test_daemon_memory_is_linear_in_the_distinct_text(daemon: DaemonProcess) -> 
     token for a chat, whose requests all share their history (default block size)."""
     enc = get_encoding("cl100k_base")
     texts = chat(60, 40)
-    with Client(daemon.address, "cl100k_base", timeout_ms=250) as c:
+    with Client(daemon.address, "cl100k_base", timeout_ms=5000) as c:
         for text in texts:
             assert c.encode_ordinary(text) == enc.encode_ordinary(text)
     wait_until(lambda: daemon.stats()["fills_pending"] == 0, 30, "fills never finished")
