@@ -32,6 +32,7 @@ from flashtoken.errors import ProtocolError
 from flashtoken.prefix import FixedPrefixTokenCache, PrefixSplit, token_list
 from flashtoken.protocol import (
     MAX_PREFIX_BYTES,
+    MIN_BLOCK_BYTES,
     SERVER_ERROR,
     make_key,
     pack_get,
@@ -181,6 +182,12 @@ class ClientCore(ChainCore):
             raise ValueError("auto_l1_bytes must be >= 0")
         if auto_local_bytes < 0:
             raise ValueError("auto_local_bytes must be >= 0")
+        if isinstance(auto_block_bytes, int) and auto_block_bytes < MIN_BLOCK_BYTES:
+            raise ValueError(
+                f"auto_block_bytes={auto_block_bytes} is below the daemon's minimum of"
+                f" {MIN_BLOCK_BYTES} bytes (each block costs it a lookup and an entry);"
+                f" pass auto_block_bytes >= {MIN_BLOCK_BYTES}"
+            )
         self.enc = resolve_encoding(encoding)
         self.namespace = namespace
         self.timeout = timeout_ms / 1000

@@ -11,6 +11,7 @@ the PUB socket to the clients that follow chains (client/follow.py; docs/PROTOCO
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from array import array
 from collections import deque
@@ -40,7 +41,18 @@ from .store import Entry
 
 log = logging.getLogger("flashtoken.daemon")
 
-_PARKED_TELLS = 256  # TELLs that wait for their parent's fill
+_PARKED_TELLS = 256  # TELLs that wait for their parent's fill ...
+_PARKED_BYTES = 16 * 1024 * 1024  # ... and the bytes of their spans, at most
+# Blocks one chain fill records at most: the loop stores (and publishes) a fill's blocks in one
+# go, so this bounds the loop's work per fill; a longer text is filled further by its next
+# request. 2048 blocks of 512 bytes: 1 MiB of text.
+MAX_FILL_BLOCKS = 2048
+
+
+def _block_key(seed: bytes, blocks: int, block: bytes) -> tuple[bytes, int, bytes]:
+    """The key of a chain fill (one at a time, failures remembered): a digest of the first new
+    block, not its bytes (up to 1 MiB each, in a set and a memo of a thousand)."""
+    return seed, blocks, hashlib.blake2b(block, digest_size=16).digest()
 
 
 @dataclass(frozen=True)
@@ -80,14 +92,13 @@ class ChainHandlers:
     _filling: set[Any]
     _failed_auto: Any
     _parked: deque[TellRequest]
+    _parked_bytes: int
     _publisher: zmq.Socket | None
-    _results: Any
 
     if TYPE_CHECKING:
 
         def _check_encoding(self, request: Any) -> None: ...
-        def _submit(self, key: Any, fn: Any, *args: Any) -> None: ...
-        def _wake(self) -> None: ...
+        def _submit(self, key: Any, fn: Any, *args: Any) -> bool: ...
 
     def on_auto(self, request: Request) -> list[Any]:
         """The longest confirmed chain of blocks that starts the text; its tokens after the
@@ -110,15 +121,14 @@ class ChainHandlers:
         blocks = len(path)
         filling = False
         if request.fill and blocks < len(data) // block:
-            key = (request.seed, blocks, data[blocks * block : (blocks + 1) * block])
+            key = _block_key(request.seed, blocks, data[blocks * block : (blocks + 1) * block])
             filling = key in self._filling
             if (
                 not filling
                 and key not in self._failed_auto
                 and len(self._filling) < self.config.max_pending_fills
             ):
-                self._submit(key, self._fill_chain, key, request, path)
-                filling = True
+                filling = self._submit(key, self._fill_chain, key, request, path)
         start = path[skip - 1].cut_byte if 0 < skip <= blocks else 0
         if blocks > skip and path[-1].cut_byte > start:
             frame = b"".join([entry.tokens for entry in path[skip:]])
@@ -154,7 +164,7 @@ class ChainHandlers:
         request, path = self._skip_known(request, path)
         if not request.digests:
             return []  # every block is here already
-        key = (request.seed, request.first, request.digests[0])
+        key = _block_key(request.seed, request.first, request.digests[0])
         if (
             key not in self._filling
             and key not in self._failed_auto
@@ -168,14 +178,15 @@ class ChainHandlers:
         (a client that tells faster than the daemon fills); the oldest go first when many wait."""
         assert request.parent is not None
         self._parked.append(request)
-        while len(self._parked) > _PARKED_TELLS:
-            self._parked.popleft()
+        self._parked_bytes += len(request.span)
+        while len(self._parked) > _PARKED_TELLS or self._parked_bytes > _PARKED_BYTES:
+            self._parked_bytes -= len(self._parked.popleft().span)
             self.counters["tells_unplaced"] += 1
 
     def _unpark(self) -> None:
         """After a fill: retry the parked TELLs (each is parked again, or dropped as unplaced
         once no fill is in flight)."""
-        parked, self._parked = self._parked, deque()
+        parked, self._parked, self._parked_bytes = self._parked, deque(), 0
         for request in parked:
             self.on_tell(request)
 
@@ -218,7 +229,9 @@ class ChainHandlers:
         )
         return told, [parent]
 
-    def _fill_chain(self, key: Any, request: AutoRequest | TellRequest, path: list[Entry]) -> None:
+    def _fill_chain(
+        self, key: Any, request: AutoRequest | TellRequest, path: list[Entry]
+    ) -> ChainResult:
         """On a pool thread: encode the text after a chain's cut and cut the new blocks, as
         ``flashtoken.AutoPrefixCache`` does; hand them to the loop. Never raises.
 
@@ -227,6 +240,8 @@ class ChainHandlers:
         bytes give the new blocks' digests; for a TELL, ``path`` is the told parent block (or
         empty) and the digests are the client's: a digest only locates, and every block is
         confirmed by its own bytes. Reads of ``path`` are safe here: a block's cut never changes.
+        At most ``MAX_FILL_BLOCKS`` blocks, and only the text up to the last of them is encoded
+        (its cut is stable whatever follows, so its tokens are those of the whole text).
         """
         try:
             loaded = self._encodings.get(request.enc) or load(request.enc)
@@ -240,6 +255,11 @@ class ChainHandlers:
             else:
                 first, span = request.first, request.span
                 stop = first + len(request.digests)
+            stop = min(stop, first + MAX_FILL_BLOCKS)
+            end = stop * block - start
+            while end < len(span) and span[end] & 0xC0 == 0x80:
+                end += 1  # to a character boundary: the text handed to tiktoken must decode
+            span = span[:end]
             policy = SpecialPolicy(frozenset(request.allowed), frozenset())
             text = span.decode("utf-8")
             tail = _encode(loaded.enc, text, policy)
@@ -284,13 +304,11 @@ class ChainHandlers:
                 )
                 taken = n
             chain = Chain(path, first, start, span, entries, digests, state, parent_digest)
-            result = ChainResult(key, request, chain=chain, loaded=loaded)
+            return ChainResult(key, request, chain=chain, loaded=loaded)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:  # noqa: B036 - pyo3's PanicException is a BaseException
-            result = ChainResult(key, request, error=f"{type(exc).__name__}: {exc}"[:300])
-        self._results.put(result)
-        self._wake()
+            return ChainResult(key, request, error=f"{type(exc).__name__}: {exc}"[:300])
 
     def _on_chain_done(self, result: ChainResult) -> None:
         request = result.request
@@ -302,9 +320,7 @@ class ChainHandlers:
                 request.enc,
                 result.error,
             )
-            self._failed_auto[result.key] = result.error
-            while len(self._failed_auto) > FAILED_FILLS_KEPT:
-                self._failed_auto.popitem(last=False)
+            self._remember_failed_chain(result.key, result.error)
             return
         chain = result.chain
         assert chain is not None and result.loaded is not None
@@ -322,6 +338,11 @@ class ChainHandlers:
             )
         if stored:
             self._publish(request, chain, stored)
+
+    def _remember_failed_chain(self, key: Any, error: str) -> None:
+        self._failed_auto[key] = error
+        while len(self._failed_auto) > FAILED_FILLS_KEPT:
+            self._failed_auto.popitem(last=False)
 
     def _publish(self, request: Any, chain: Chain, stored: list[Entry]) -> None:
         """Send the blocks just stored to the clients following this seed's chains."""

@@ -5,10 +5,13 @@ PUB socket's publications are daemon/chains.py's, a mixin of ``Server``.
 
 Threading model. The loop thread owns the socket and the store: it receives every request,
 answers GETs straight from the store (a dict lookup, a memcmp and a send: a GET never waits for
-an encode) and sends every reply. A miss that asks for a fill submits the encode to a small
-``ThreadPoolExecutor`` (tiktoken releases the GIL while it encodes); the worker puts its result on
-a queue and writes one byte to a pipe the loop polls next to the socket, and the loop stores the
+an encode) and sends every reply. A miss that asks for a fill submits the encode to a small pool
+(daemon/fills.py; tiktoken releases the GIL while it encodes); the worker hands its result back
+and writes one byte to a pipe the loop polls next to the socket, and the loop stores the
 result. So the store needs no lock, and ZeroMQ's rule that a socket belongs to one thread holds.
+A fill that runs past its time budget is abandoned (``fills_abandoned``). Nothing the loop does
+waits on a library lock: encodings are loaded on the pool only (tiktoken's registry lock can be
+held for as long as a download takes).
 Rejected: an inproc PAIR socket per worker (a socket per thread, for what a pipe byte does), and
 a lock around the store (every GET would pay for it, and replies would still have to be sent
 from the loop thread).
@@ -26,14 +29,12 @@ import fcntl
 import hashlib
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
 import time
 from array import array
 from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,7 @@ from flashtoken.protocol import (
 
 from .chains import ChainHandlers, ChainResult
 from .encodings import Loaded, check_loaded, load
+from .fills import FillPool
 from .settings import FAILED_FILLS_KEPT, Config
 from .store import Entry, Store
 
@@ -100,9 +102,10 @@ class Server(ChainHandlers):
         # on every request: keyed by (seed, blocks found, the first new block's bytes).
         self._failed_auto: OrderedDict[Any, str] = OrderedDict()
         self._parked: deque[TellRequest] = deque()  # TELLs whose parent is being filled
+        self._parked_bytes = 0
         self._failed: OrderedDict[bytes, tuple[str, tuple[str, ...], bytes, str]] = OrderedDict()
-        self._results: queue.SimpleQueue[_FillResult | ChainResult] = queue.SimpleQueue()
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool = FillPool(config.fill_threads, self._wake)
+        self._known_encodings: frozenset[str] = frozenset()
         self._stopping = False
         self._started = time.monotonic()
         self._parent = os.getppid()
@@ -123,6 +126,8 @@ class Server(ChainHandlers):
             "blocks_published": 0,
             "tells_unplaced": 0,
             "server_errors": 0,
+            "fills_abandoned": 0,
+            "fills_refused": 0,
         }
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -137,6 +142,9 @@ class Server(ChainHandlers):
                 self._encodings[name] = load(name)
             except Exception as exc:
                 raise StartupError(f"cannot load encoding {name!r}: {exc}") from exc
+        # Once, before the loop: asking tiktoken on the loop would wait on its registry lock,
+        # which a fill loading an encoding holds for as long as its download takes.
+        self._known_encodings = frozenset(tiktoken.list_encoding_names())
         address = self.config.bind
         path = ipc_path(address)
         if path is not None:
@@ -252,9 +260,9 @@ class Server(ChainHandlers):
         self._wake()
 
     def _close(self) -> None:
-        if self._pool is not None:
-            # A running encode cannot be interrupted; queued ones are dropped.
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        # A running encode cannot be interrupted; queued ones are dropped, and the threads are
+        # daemon threads: stopping never waits on one.
+        self._pool.close()
         for sock in (self._router, self._publisher):
             if sock is not None:
                 sock.close(linger=0)
@@ -291,12 +299,10 @@ class Server(ChainHandlers):
             pass
 
     def _housekeeping(self) -> None:
-        while True:
-            try:
-                result = self._results.get_nowait()
-            except queue.Empty:
-                break
+        for _, result in self._pool.done():
             self._on_fill_done(result)
+        for key, args in self._pool.overdue():
+            self._abandon(key, args[1])
         self.store.compact()
         if self.config.exit_with_parent and os.getppid() != self._parent:
             log.info("parent process %d exited; stopping", self._parent)
@@ -374,8 +380,7 @@ class Server(ChainHandlers):
             and len(self._filling) < self.config.max_pending_fills
         ):
             # peek: a key held by another prefix (a collision) is not refilled; see Store.
-            self._submit_fill(key, request)
-            filling = True
+            filling = self._submit(key, self._fill, key, request)
         return pack_miss(request.id, filling)
 
     def _check_encoding(self, request: GetRequest | AutoRequest | TellRequest) -> None:
@@ -383,24 +388,45 @@ class Server(ChainHandlers):
         same as the client's (its identity) with the allowed specials among its own."""
         loaded = self._encodings.get(request.enc)
         if loaded is None:
-            if request.enc not in tiktoken.list_encoding_names():
-                raise ProtocolError(f"unknown encoding {request.enc!r}")
+            if request.enc not in self._known_encodings:
+                raise ProtocolError(
+                    f"unknown encoding {request.enc!r}; this daemon knows"
+                    f" {', '.join(sorted(self._known_encodings))}"
+                )
         else:
             check_loaded(loaded, request)
 
     # -- fills --------------------------------------------------------------------------------
 
-    def _submit_fill(self, key: bytes, request: GetRequest) -> None:
-        self._submit(key, self._fill, key, request)
-
-    def _submit(self, key: Any, fn: Any, *args: Any) -> None:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.config.fill_threads, "flashtoken-fill")
+    def _submit(self, key: Any, fn: Any, *args: Any) -> bool:
+        """Queue a fill on the pool; False if the pool refuses it (too many fills stuck)."""
+        if not self._pool.submit(key, fn, *args):
+            self.counters["fills_refused"] += 1
+            return False
         self._filling.add(key)
-        self._pool.submit(fn, *args)
+        return True
 
-    def _fill(self, key: bytes, request: GetRequest) -> None:
-        """On a pool thread: encode the prefix, hand the result to the loop. Never raises."""
+    def _abandon(self, key: Any, request: Any) -> None:
+        """A fill ran past its budget: forget it, and do not try that text again."""
+        self._filling.discard(key)
+        self.counters["fills_abandoned"] += 1
+        error = f"abandoned after {self._pool.budget:g} s (the fill time budget)"
+        log.warning("fill of a %s text %s", request.enc, error)
+        if isinstance(request, GetRequest):
+            self._remember_failed(key, request, error)
+        else:
+            self._remember_failed_chain(key, error)
+        if self._parked:
+            self._unpark()
+
+    def _remember_failed(self, key: bytes, request: GetRequest, error: str) -> None:
+        # A digest of the prefix, not the prefix: the memo stays small whatever was sent.
+        self._failed[key] = (request.enc, request.allowed, _digest(request.prefix), error)
+        while len(self._failed) > FAILED_FILLS_KEPT:
+            self._failed.popitem(last=False)
+
+    def _fill(self, key: bytes, request: GetRequest) -> _FillResult:
+        """On a pool thread: encode the prefix; the result goes to the loop. Never raises."""
         try:
             loaded = self._encodings.get(request.enc) or load(request.enc)
             check_loaded(loaded, request)
@@ -415,13 +441,11 @@ class Server(ChainHandlers):
                 split.cut,
                 cut_byte=len(prefix[: split.cut].encode("utf-8")),
             )
-            result = _FillResult(key, request, entry=entry, loaded=loaded)
+            return _FillResult(key, request, entry=entry, loaded=loaded)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:  # noqa: B036 - pyo3's PanicException is a BaseException
-            result = _FillResult(key, request, error=f"{type(exc).__name__}: {exc}"[:300])
-        self._results.put(result)
-        self._wake()
+            return _FillResult(key, request, error=f"{type(exc).__name__}: {exc}"[:300])
 
     def _on_fill_done(self, result: _FillResult | ChainResult) -> None:
         self._filling.discard(result.key)
@@ -439,14 +463,7 @@ class Server(ChainHandlers):
                 request.enc,
                 result.error,
             )
-            self._failed[result.key] = (
-                request.enc,
-                request.allowed,
-                _digest(request.prefix),
-                result.error,
-            )
-            while len(self._failed) > FAILED_FILLS_KEPT:
-                self._failed.popitem(last=False)
+            self._remember_failed(result.key, request, result.error)
             return
         assert result.entry is not None and result.loaded is not None
         self._encodings.setdefault(request.enc, result.loaded)
@@ -467,6 +484,7 @@ class Server(ChainHandlers):
         out.update(self.store.stats())
         out.update(self.counters)
         out["fills_pending"] = len(self._filling)
+        out["fills_running"] = self._pool.running()
         out["encodings_loaded"] = sorted(self._encodings)
         return out
 

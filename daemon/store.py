@@ -30,6 +30,11 @@ from .settings import ENTRY_OVERHEAD
 # ``bytes`` (a memo holds a view of the text it was found for), so bounded on its own.
 _MEMOS = 16
 _MEMO_BYTES = 32 * 1024 * 1024
+# New blocks one walk steps through at most (a hash and a lookup each, on the loop thread): the
+# rest of a longer text is a miss this time. Without it one AUTO request of 4 MiB in 16-byte
+# blocks held the loop for half a second, and lookups of that text 16 bytes shorter (no memo
+# matches them) did so again and again (issue 11).
+MAX_WALK_BLOCKS = 4096
 
 
 @dataclass(eq=False)
@@ -260,7 +265,8 @@ class Store:
         state = xxhash.xxh3_128() if state is None else state.copy()
         known = len(path)
         view = memoryview(data)
-        for end in range((len(path) + 1) * block, len(data) + 1, block):
+        last = min(len(data), (known + MAX_WALK_BLOCKS) * block)
+        for end in range((len(path) + 1) * block, last + 1, block):
             before = state.copy()
             state.update(view[end - block : end])
             node = self._entries.get(self._key(seed, state.digest()))

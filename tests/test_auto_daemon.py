@@ -43,7 +43,7 @@ ENCODINGS = ["cl100k_base", "o200k_base"]
 # Not less: on a loaded machine a reply can take longer than 250 ms, and a test counting
 # hits then failed for want of a few ms (a timing assertion in disguise).
 TIMEOUT_MS = 5000
-BLOCK = 32  # small blocks: many block boundaries inside short texts
+BLOCK = 64  # small blocks (the least a daemon takes): many block boundaries in short texts
 POLICIES = [(frozenset(), "all"), ("all", ()), (frozenset(), ()), ({"<|endoftext|>"}, "all")]
 
 
