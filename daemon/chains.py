@@ -35,6 +35,7 @@ from flashtoken.protocol import (
 )
 from flashtoken.specials import SpecialPolicy
 
+from .budget import PARKED_BYTES
 from .encodings import Loaded, check_loaded, load
 from .settings import FAILED_FILLS_KEPT
 from .store import Entry
@@ -42,7 +43,6 @@ from .store import Entry
 log = logging.getLogger("flashtoken.daemon")
 
 _PARKED_TELLS = 256  # TELLs that wait for their parent's fill ...
-_PARKED_BYTES = 16 * 1024 * 1024  # ... and the bytes of their spans, at most
 # Blocks one chain fill records at most: the loop stores (and publishes) a fill's blocks in one
 # go, so this bounds the loop's work per fill; a longer text is filled further by its next
 # request. 2048 blocks of 512 bytes: 1 MiB of text.
@@ -94,6 +94,7 @@ class ChainHandlers:
     _parked: deque[TellRequest]
     _parked_bytes: int
     _publisher: zmq.Socket | None
+    _publications: Any  # daemon/budget.py's Outstanding
 
     if TYPE_CHECKING:
 
@@ -179,7 +180,7 @@ class ChainHandlers:
         assert request.parent is not None
         self._parked.append(request)
         self._parked_bytes += len(request.span)
-        while len(self._parked) > _PARKED_TELLS or self._parked_bytes > _PARKED_BYTES:
+        while len(self._parked) > _PARKED_TELLS or self._parked_bytes > PARKED_BYTES:
             self._parked_bytes -= len(self._parked.popleft().span)
             self.counters["tells_unplaced"] += 1
 
@@ -352,21 +353,22 @@ class ChainHandlers:
         end = (chain.first + len(stored)) * request.block - chain.start
         while end < len(span) and span[end] & 0xC0 == 0x80:
             end += 1  # to a character boundary: subscribers decode the span
+        message = pack_blocks(
+            request.seed,
+            chain.first,
+            chain.parent_digest,
+            chain.start,
+            chain.digests[: len(stored)],
+            [entry.cut_byte for entry in stored],
+            span[:end],
+            [entry.tokens for entry in stored],
+        )
+        size = sum(len(frame) for frame in message)
+        if not self._publications.admit(None, size):
+            return  # subscribers hold the publication budget: they miss these (encode locally)
         try:
-            self._publisher.send_multipart(
-                pack_blocks(
-                    request.seed,
-                    chain.first,
-                    chain.parent_digest,
-                    chain.start,
-                    chain.digests[: len(stored)],
-                    [entry.cut_byte for entry in stored],
-                    span[:end],
-                    [entry.tokens for entry in stored],
-                ),
-                zmq.NOBLOCK,
-                copy=False,
-            )
+            tracker = self._publisher.send_multipart(message, zmq.NOBLOCK, copy=False, track=True)
+            self._publications.sent(None, size, tracker)
             self.counters["blocks_published"] += len(stored)
         except zmq.ZMQError as exc:  # a slow subscriber's queue is full: it misses these
             log.debug("blocks not published: %s", exc)

@@ -63,6 +63,8 @@ from flashtoken.protocol import (
     tokens_to_frame,
 )
 
+from . import budget
+from .budget import Outstanding
 from .chains import ChainHandlers, ChainResult
 from .encodings import Loaded, check_loaded, load
 from .fills import FillPool
@@ -105,6 +107,9 @@ class Server(ChainHandlers):
         self._parked_bytes = 0
         self._failed: OrderedDict[bytes, tuple[str, tuple[str, ...], bytes, str]] = OrderedDict()
         self._pool = FillPool(config.fill_threads, self._wake)
+        self._pending_bytes: dict[Any, int] = {}  # bytes of the requests waiting for a fill
+        self._replies = Outstanding(budget.REPLY_BYTES_PER_PEER, budget.REPLY_BYTES_TOTAL)
+        self._publications = Outstanding(budget.PUBLISH_BYTES, budget.PUBLISH_BYTES)
         self._known_encodings: frozenset[str] = frozenset()
         self._stopping = False
         self._started = time.monotonic()
@@ -151,9 +156,8 @@ class Server(ChainHandlers):
             self._take_lock(path, address)
         self._ctx = zmq.Context()
         router = self._router = self._ctx.socket(zmq.ROUTER)
-        router.setsockopt(zmq.LINGER, 0)
-        router.setsockopt(zmq.SNDHWM, self.config.hwm)
-        router.setsockopt(zmq.RCVHWM, self.config.hwm)
+        _bounded(router, self.config.hwm)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full queue is EAGAIN (counted), not silent
         # libzmq drops a peer that sends a frame larger than this, before we ever see it.
         router.setsockopt(zmq.MAXMSGSIZE, self.config.max_prefix_bytes + MAX_HEADER_BYTES)
         try:
@@ -246,8 +250,7 @@ class Server(ChainHandlers):
             return
         assert self._ctx is not None
         pub = self._publisher = self._ctx.socket(zmq.PUB)
-        pub.setsockopt(zmq.LINGER, 0)
-        pub.setsockopt(zmq.SNDHWM, self.config.hwm)
+        _bounded(pub, self.config.hwm)
         try:
             self._publish_path = _bind_private(pub, where)
         except zmq.ZMQError as exc:
@@ -263,6 +266,7 @@ class Server(ChainHandlers):
         # A running encode cannot be interrupted; queued ones are dropped, and the threads are
         # daemon threads: stopping never waits on one.
         self._pool.close()
+        self._pending_bytes.clear()
         for sock in (self._router, self._publisher):
             if sock is not None:
                 sock.close(linger=0)
@@ -299,10 +303,14 @@ class Server(ChainHandlers):
             pass
 
     def _housekeeping(self) -> None:
-        for _, result in self._pool.done():
+        for key, result in self._pool.done():
+            self._pending_bytes.pop(key, None)
             self._on_fill_done(result)
         for key, args in self._pool.overdue():
+            self._pending_bytes.pop(key, None)
             self._abandon(key, args[1])
+        self._replies.reap()
+        self._publications.reap()
         self.store.compact()
         if self.config.exit_with_parent and os.getppid() != self._parent:
             log.info("parent process %d exited; stopping", self._parent)
@@ -315,19 +323,52 @@ class Server(ChainHandlers):
         assert router is not None
         for _ in range(_RECV_BATCH):
             try:
-                frames = router.recv_multipart(zmq.NOBLOCK)
+                identity, body, refused = self._recv(router)
             except zmq.Again:
                 return
-            identity, body = frames[0], frames[1:]
-            reply = self._handle(body)
+            if refused:
+                self.counters["protocol_errors"] += 1
+                reply = pack_error(request_id_of(body), CLIENT_ERROR, refused)
+            else:
+                reply = self._handle(body)
             if not reply:
                 continue  # a request that asked for no reply
+            size = sum(len(frame) for frame in reply)
+            if not self._replies.admit(identity, size):
+                continue  # that client does not read its replies: it falls back, as on a timeout
             try:
-                router.send_multipart([identity, *reply], zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                pass  # that client's queue is full: it will time out and fall back
-            except zmq.ZMQError as exc:
+                tracker = router.send_multipart(
+                    [identity, *reply], zmq.NOBLOCK, copy=False, track=True
+                )
+                self._replies.sent(identity, size, tracker)
+            except zmq.Again:  # that client's queue is full: it will time out and fall back
+                self._replies.dropped += 1
+            except zmq.ZMQError as exc:  # EHOSTUNREACH: that client is gone
+                self._replies.dropped += 1
                 log.debug("reply dropped: %s", exc)
+
+    def _recv(self, router: zmq.Socket) -> tuple[bytes, list[Any], str | None]:
+        """One request, its frames checked as they come: of a message with more frames or more
+        bytes than a request can have, only the header is kept and the rest is read and dropped
+        uncopied (``recv_multipart`` copied every frame of a 200-frame, 800 MiB message first).
+        Returns the identity, the frames and why the message is refused (None: it is not).
+        Raises zmq.Again when there is none."""
+        identity = router.recv(zmq.NOBLOCK, copy=False)
+        more = identity.more
+        body: list[Any] = []
+        frames, size, limit = 0, 0, self.config.max_prefix_bytes + MAX_HEADER_BYTES
+        while more:
+            frame = router.recv(copy=False)  # the rest of a message is there (atomic delivery)
+            more = frame.more
+            frames, size = frames + 1, size + len(frame)
+            if frames <= 2 and size <= limit:
+                body.append(frame.buffer)
+        refused = None
+        if frames > 2:
+            refused = f"a request has 1 or 2 frames, not {frames}"
+        elif size > limit:
+            refused = f"a request of {size} bytes exceeds the limit of {limit}"
+        return identity.bytes, body, refused
 
     def _handle(self, body: list[bytes]) -> list[Any]:
         request_id = 0
@@ -399,11 +440,23 @@ class Server(ChainHandlers):
     # -- fills --------------------------------------------------------------------------------
 
     def _submit(self, key: Any, fn: Any, *args: Any) -> bool:
-        """Queue a fill on the pool; False if the pool refuses it (too many fills stuck)."""
-        if not self._pool.submit(key, fn, *args):
+        """Queue a fill on the pool; False if refused: too many fills stuck, or the requests
+        waiting for fills hold ``PENDING_FILL_BYTES`` already."""
+        request = args[1]
+        size = len(
+            request.prefix
+            if isinstance(request, GetRequest)
+            else request.text
+            if isinstance(request, AutoRequest)
+            else request.span
+        )
+        if sum(self._pending_bytes.values()) + size > budget.PENDING_FILL_BYTES or (
+            not self._pool.submit(key, fn, *args)
+        ):
             self.counters["fills_refused"] += 1
             return False
         self._filling.add(key)
+        self._pending_bytes[key] = size
         return True
 
     def _abandon(self, key: Any, request: Any) -> None:
@@ -473,6 +526,9 @@ class Server(ChainHandlers):
 
     # -- stats --------------------------------------------------------------------------------
 
+    def _peer_cap(self) -> int:
+        return 1024  # replaced by daemon/limits.py's descriptor cap
+
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "pid": os.getpid(),
@@ -485,8 +541,44 @@ class Server(ChainHandlers):
         out.update(self.counters)
         out["fills_pending"] = len(self._filling)
         out["fills_running"] = self._pool.running()
+        out["replies_dropped"] = self._replies.dropped
+        out["publications_dropped"] = self._publications.dropped
+        out["reply_bytes_queued"] = self._replies.total
+        out["fill_bytes_pending"] = sum(self._pending_bytes.values())
+        out["parked_bytes"] = self._parked_bytes
+        out.update(_memory())
+        out["limit_rss_bytes"] = self.config.max_bytes + budget.overhead_bytes(
+            self.config.fill_threads, self.config.max_prefix_bytes, self._peer_cap()
+        )
         out["encodings_loaded"] = sorted(self._encodings)
         return out
+
+
+def _bounded(sock: zmq.Socket, hwm: int) -> None:
+    """A daemon socket's queues, bounded (daemon/budget.py): in messages per peer, in bytes by
+    tracking zero-copy frames, and a peer that stops reading is dropped by ZMTP heartbeats (its
+    I/O thread no longer answers once its queue is full), which frees what was queued for it."""
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, min(hwm, budget.SEND_HWM))
+    sock.setsockopt(zmq.RCVHWM, min(hwm, budget.RECEIVE_HWM))
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10_000)
+    sock.copy_threshold = budget.TRACKED_FRAME_BYTES  # larger frames are zero-copy, tracked
+
+
+def _memory() -> dict[str, int]:
+    """This process's resident memory now and at its peak (Linux; 0 elsewhere)."""
+    out = {"rss_bytes": 0, "rss_max_bytes": 0}
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmRSS:"):
+                    out["rss_bytes"] = int(line.split()[1]) * 1024
+                elif line.startswith(b"VmHWM:"):
+                    out["rss_max_bytes"] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
 
 
 def _bind_private(sock: zmq.Socket, address: str) -> str | None:

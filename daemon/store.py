@@ -24,7 +24,12 @@ from typing import Any, NamedTuple
 
 import xxhash
 
-from .settings import ENTRY_OVERHEAD
+# Bytes an entry costs beyond its token and prefix bytes: the Entry object, its key (twice: the
+# dict's and the entry's), its dict slot, its LRU heap pairs (stale ones included, up to four an
+# entry before ``compact``) and the allocator's rounding. Measured: ~410 bytes of RSS a small
+# entry; 512 leaves room for the stale heap pairs. (It was 256, and small entries then cost 2.9x
+# the budget in RSS: issue 11.) Fixed, so that accounting is deterministic.
+ENTRY_OVERHEAD = 512
 
 # Recent chains remembered, to walk a growing text in O(new blocks): working memory outside
 # ``bytes`` (a memo holds a view of the text it was found for), so bounded on its own.

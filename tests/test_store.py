@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
-from flashtoken.daemon.settings import ENTRY_OVERHEAD, parse_size
-from flashtoken.daemon.store import Entry, Store
+from flashtoken.daemon.settings import parse_size
+from flashtoken.daemon.store import ENTRY_OVERHEAD, Entry, Store
 
 
 def _entry(prefix: bytes, n_tokens: int = 4, enc: str = "cl100k_base") -> Entry:
