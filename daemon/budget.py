@@ -29,18 +29,22 @@ PUBLISH_BYTES = 32 * MiB
 PARKED_BYTES = 16 * MiB
 PENDING_FILL_BYTES = 64 * MiB
 # Replies smaller than this are copied by pyzmq and not tracked: at most SEND_HWM of them per peer.
-TRACKED_FRAME_BYTES = 4096
+TRACKED_FRAME_BYTES = 2048
 SEND_HWM = 16  # messages queued per peer (a client has one request in flight)
 RECEIVE_HWM = 8  # requests queued per peer before ZeroMQ stops reading that peer's socket
+MAX_PEERS = 4096  # connections at once, whatever the descriptor limit allows (daemon/limits.py)
+# What libzmq keeps per connection (its engine's buffers, pipes, session), measured and rounded.
+PEER_BYTES = 32 * 1024
 # The interpreter, ZeroMQ, two loaded encodings (cl100k_base and o200k_base: ~100 MiB as Python
 # dicts) and the fill threads' working memory (a 4 MiB text's tokens as Python ints: ~60 MiB a
 # thread), measured and rounded up.
 BASE_BYTES = 256 * MiB
 
 
-def overhead_bytes(fill_threads: int, max_prefix_bytes: int, peers: int) -> int:
-    """The fixed overhead above ``max_bytes`` (docs/INTEGRATION.md, "Memory")."""
-    untracked = peers * SEND_HWM * TRACKED_FRAME_BYTES
+def overhead_bytes(fill_threads: int, peers: int) -> int:
+    """The fixed overhead above ``max_bytes`` (docs/INTEGRATION.md, "Memory"), for at most
+    ``peers`` connections."""
+    untracked = peers * (SEND_HWM * TRACKED_FRAME_BYTES + PEER_BYTES)
     return (
         BASE_BYTES
         + max(0, fill_threads - 2) * 64 * MiB

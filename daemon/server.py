@@ -68,6 +68,7 @@ from .budget import Outstanding
 from .chains import ChainHandlers, ChainResult
 from .encodings import Loaded, check_loaded, load
 from .fills import FillPool
+from .limits import PeerLimit, peer_cap, raise_nofile
 from .settings import FAILED_FILLS_KEPT, Config
 from .store import Entry, Store
 
@@ -111,6 +112,7 @@ class Server(ChainHandlers):
         self._replies = Outstanding(budget.REPLY_BYTES_PER_PEER, budget.REPLY_BYTES_TOTAL)
         self._publications = Outstanding(budget.PUBLISH_BYTES, budget.PUBLISH_BYTES)
         self._known_encodings: frozenset[str] = frozenset()
+        self._limit = PeerLimit(peer_cap(1024))
         self._stopping = False
         self._started = time.monotonic()
         self._parent = os.getppid()
@@ -154,6 +156,7 @@ class Server(ChainHandlers):
         path = ipc_path(address)
         if path is not None:
             self._take_lock(path, address)
+        self._limit = PeerLimit(peer_cap(raise_nofile()))
         self._ctx = zmq.Context()
         router = self._router = self._ctx.socket(zmq.ROUTER)
         _bounded(router, self.config.hwm)
@@ -175,6 +178,9 @@ class Server(ChainHandlers):
         self._poller = zmq.Poller()
         self._poller.register(router, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
+        for sock, path in ((router, self._socket_path), (self._publisher, self._publish_path)):
+            if sock is not None:
+                self._poller.register(self._limit.watch(sock, path), zmq.POLLIN)
         log.info(
             "flashtoken-daemon %s (pid %d) serving %s, max_bytes=%d, encodings=%s",
             flashtoken.__version__,
@@ -237,6 +243,9 @@ class Server(ChainHandlers):
                     self._drain_router()
                 if self._wake_r in events:
                     self._drain_wake()
+                for monitor in self._limit.monitors:
+                    if monitor in events:
+                        self._limit.drain(monitor)
                 self._housekeeping()
         finally:
             self._close()
@@ -267,6 +276,7 @@ class Server(ChainHandlers):
         # daemon threads: stopping never waits on one.
         self._pool.close()
         self._pending_bytes.clear()
+        self._limit.close()
         for sock in (self._router, self._publisher):
             if sock is not None:
                 sock.close(linger=0)
@@ -526,9 +536,6 @@ class Server(ChainHandlers):
 
     # -- stats --------------------------------------------------------------------------------
 
-    def _peer_cap(self) -> int:
-        return 1024  # replaced by daemon/limits.py's descriptor cap
-
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "pid": os.getpid(),
@@ -547,8 +554,9 @@ class Server(ChainHandlers):
         out["fill_bytes_pending"] = sum(self._pending_bytes.values())
         out["parked_bytes"] = self._parked_bytes
         out.update(_memory())
+        out.update(self._limit.stats())
         out["limit_rss_bytes"] = self.config.max_bytes + budget.overhead_bytes(
-            self.config.fill_threads, self.config.max_prefix_bytes, self._peer_cap()
+            self.config.fill_threads, self._limit.cap
         )
         out["encodings_loaded"] = sorted(self._encodings)
         return out
@@ -564,6 +572,9 @@ def _bounded(sock: zmq.Socket, hwm: int) -> None:
     sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10_000)
     sock.copy_threshold = budget.TRACKED_FRAME_BYTES  # larger frames are zero-copy, tracked
+    # Connections the kernel queues before libzmq accepts them: past the door (daemon/limits.py)
+    # these still get in, so few.
+    sock.setsockopt(zmq.BACKLOG, 16)
 
 
 def _memory() -> dict[str, int]:
