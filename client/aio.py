@@ -31,7 +31,7 @@ from .core import (
     ClientCore,
     Pending,
 )
-from .sockets import CONTEXT, abandon, configure_dealer, register
+from .sockets import CONTEXT, SOCKET_ERRORS, abandon, configure_dealer, register, trusted
 from .sync import request_stats
 
 __all__ = ["AsyncClient"]
@@ -196,8 +196,12 @@ class AsyncClient:
             return
         if self._loop_lock().locked():
             return
+        try:
+            sock = self._socket()
+        except SOCKET_ERRORS:
+            return
         # With NOBLOCK, zmq.asyncio's future is done at once: sent, or failed.
-        sent: Any = self._socket().send_multipart(frames, zmq.NOBLOCK)
+        sent: Any = sock.send_multipart(frames, zmq.NOBLOCK)
         if not sent.done():
             sent.add_done_callback(lambda f: f.cancelled() or f.exception())
             return
@@ -220,7 +224,7 @@ class AsyncClient:
             if pending is None:
                 return None
             return await self._round_trip(pending)
-        except zmq.ZMQError:
+        except SOCKET_ERRORS:
             core.unavailable()
             self._close_socket()
             return None
@@ -260,9 +264,10 @@ class AsyncClient:
             cache = await self._ask(prefix, allowed, key)
             if cache is not None and cache is core.l1.get(key, (None,))[0]:
                 return cache  # another task fetched it while this one waited for the socket
+        from_daemon = cache is not None
         if cache is None:
             cache = core.build_local(prefix, allowed)
-        core.l1_put(key, cache)
+        core.l1_put(key, cache, from_daemon)
         return cache
 
     async def _ask(self, prefix: str, allowed: frozenset, key: Any) -> FixedPrefixTokenCache | None:
@@ -281,7 +286,7 @@ class AsyncClient:
             if pending is None:
                 return None
             return await self._round_trip(pending)
-        except zmq.ZMQError:
+        except SOCKET_ERRORS:
             core.unavailable()
             self._close_socket()
             return None
@@ -333,6 +338,7 @@ class AsyncClient:
             if self._ctx is None:
                 # A shadow: the asyncio face of this process's one context, not a second one.
                 self._ctx = zmq.asyncio.Context.shadow(CONTEXT.get().underlying)
+            trusted(self.address, self._core.counters)
             sock = self._ctx.socket(zmq.DEALER)
             configure_dealer(sock, self.address)
             self._sock = sock

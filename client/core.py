@@ -34,7 +34,7 @@ from flashtoken.protocol import (
     MAX_PREFIX_BYTES,
     MIN_BLOCK_BYTES,
     SERVER_ERROR,
-    make_key,
+    namespace_tag,
     pack_get,
     parse_reply,
 )
@@ -190,6 +190,7 @@ class ClientCore(ChainCore):
             )
         self.enc = resolve_encoding(encoding)
         self.namespace = namespace
+        self._ns = namespace_tag(namespace)  # the daemon derives the key from it and the bytes
         self.timeout = timeout_ms / 1000
         self.l1_limit = l1_bytes
         self.max_prefix_bytes = min(max_prefix_bytes, MAX_PREFIX_BYTES)
@@ -199,6 +200,7 @@ class ClientCore(ChainCore):
         )
         self.l1: OrderedDict[L1Key, tuple[FixedPrefixTokenCache, int]] = OrderedDict()
         self.l1_bytes = 0
+        self._from_daemon: set[L1Key] = set()  # L1 keys whose split the daemon gave
         self._l1_lock = threading.Lock()
         self._eid: bytes | None = None
         # A special token's id decodes to its text, so a hit could spell the prefix with a
@@ -234,6 +236,7 @@ class ClientCore(ChainCore):
                 "auto_hit_bytes",
                 "auto_told",  # TELLs sent on the client's own socket (no follower)
                 "published_refused",
+                "untrusted",  # sockets not connected: not the daemon's (owner, mode, directory)
             ),
             0,
         )
@@ -296,7 +299,7 @@ class ClientCore(ChainCore):
         self.counters["l1_hits"] += 1
         return found[0]
 
-    def l1_put(self, key: L1Key, cache: FixedPrefixTokenCache) -> None:
+    def l1_put(self, key: L1Key, cache: FixedPrefixTokenCache, from_daemon: bool = False) -> None:
         size = _BYTES_PER_ENTRY + 2 * len(cache.prefix) + _BYTES_PER_TOKEN * cache.cut // 3
         # cut // 3: a cheap token-count estimate (~3-4 chars a token), without a len() of head.
         if size > self.l1_limit:
@@ -306,9 +309,29 @@ class ClientCore(ChainCore):
             if old is not None:
                 self.l1_bytes -= old[1]
             while self.l1 and self.l1_bytes + size > self.l1_limit:
-                self.l1_bytes -= self.l1.popitem(last=False)[1][1]
+                gone, (_, gone_size) = self.l1.popitem(last=False)
+                self.l1_bytes -= gone_size
+                self._from_daemon.discard(gone)
             self.l1[key] = (cache, size)
             self.l1_bytes += size
+            if from_daemon:
+                self._from_daemon.add(key)
+            else:
+                self._from_daemon.discard(key)
+
+    def distrust(self) -> None:
+        """A reply of the daemon was found wrong: drop from the L1 everything it gave before
+        (declared prefixes it answered, every block of the automatic L1), not only that reply.
+        What the client cannot check (that a spelling is tiktoken's own tokenization) it took
+        on trust; a daemon caught answering wrong is not trusted with what it said before."""
+        with self._l1_lock:
+            for key in self._from_daemon:
+                old = self.l1.pop(key, None)
+                if old is not None:
+                    self.l1_bytes -= old[1]
+            self._from_daemon = set()
+        with self.auto._lock:
+            self.auto._empty()
 
     def build_local(self, prefix: str, allowed: frozenset) -> FixedPrefixTokenCache:
         """One local encode of the prefix: the same cost as tiktoken on it, once per process."""
@@ -336,9 +359,8 @@ class ClientCore(ChainCore):
         if self._eid is None:
             self._eid = encoding_id(self.enc)  # ~40 ms once per process: not in __init__
         ordered = tuple(sorted(allowed))
-        key = make_key(self.namespace, self._eid, ordered, data)
         request_id = self.next_id()
-        frames = pack_get(request_id, key, self.enc.name, self._eid, ordered, self.fill, data)
+        frames = pack_get(request_id, self._ns, self.enc.name, self._eid, ordered, self.fill, data)
         return Pending(request_id, prefix, allowed, frames)
 
     def next_id(self) -> int:
@@ -397,6 +419,7 @@ class ClientCore(ChainCore):
             cache = self._check_hit(pending, reply.fields["cut"], reply.tokens)
         if cache is None:
             self.counters["rejected_hits"] += 1
+            self.distrust()
             return self._failed()
         self.breaker.success()
         self.counters["l2_hits"] += 1

@@ -12,9 +12,36 @@ from typing import Any
 
 import zmq
 
-from flashtoken.protocol import MAX_HEADER_BYTES, MAX_PREFIX_BYTES
+from flashtoken.errors import DaemonUnavailable
+from flashtoken.protocol import MAX_HEADER_BYTES, MAX_PREFIX_BYTES, check_daemon_socket, ipc_path
 
-__all__ = ["CONTEXT", "MAX_REPLY_BYTES", "abandon", "configure_dealer", "register"]
+__all__ = [
+    "CONTEXT",
+    "MAX_REPLY_BYTES",
+    "SOCKET_ERRORS",
+    "abandon",
+    "configure_dealer",
+    "register",
+    "trusted",
+]
+
+# What making or using a client socket may raise: ZeroMQ's errors, and ours for a socket that
+# is not the daemon's (``trusted``). The client falls back to local encoding on either.
+SOCKET_ERRORS = (zmq.ZMQError, DaemonUnavailable)
+
+
+def trusted(address: str, counters: dict[str, int]) -> None:
+    """Check who may be the daemon at ``address`` before a socket connects to it
+    (``check_daemon_socket``: owner, mode, directory); counts ``untrusted`` and raises
+    DaemonUnavailable if the check fails."""
+    try:
+        check_daemon_socket(address)
+    except DaemonUnavailable:
+        path = ipc_path(address)
+        if path is not None and os.path.lexists(path):  # there, but not the daemon's
+            counters["untrusted"] += 1
+        raise
+
 
 # Reply size limit: a header plus 4 bytes a token, and a prefix never has more tokens than bytes.
 MAX_REPLY_BYTES = MAX_HEADER_BYTES + 4 * MAX_PREFIX_BYTES

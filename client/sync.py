@@ -18,7 +18,7 @@ import zmq
 
 from flashtoken.errors import DaemonError, DaemonTimeout, DaemonUnavailable, ProtocolError
 from flashtoken.prefix import ORDINARY, FixedPrefixTokenCache, _encode, _require_str
-from flashtoken.protocol import default_address, pack_simple, parse_reply
+from flashtoken.protocol import check_daemon_socket, default_address, pack_simple, parse_reply
 from flashtoken.specials import SpecialArg, SpecialPolicy
 
 from .chains import AUTO_L1, AUTO_TELL, AutoPending
@@ -29,7 +29,7 @@ from .core import (
     ClientCore,
     Pending,
 )
-from .sockets import CONTEXT, abandon, configure_dealer, register
+from .sockets import CONTEXT, SOCKET_ERRORS, abandon, configure_dealer, register, trusted
 
 __all__ = ["Client", "request_stats"]
 
@@ -231,7 +231,7 @@ class Client:
             self._core.counters["auto_told"] += 1
         except zmq.Again:
             pass  # no daemon connected (IMMEDIATE), or its queue is full: it misses this text
-        except zmq.ZMQError:
+        except SOCKET_ERRORS:
             self._close_socket()
         finally:
             self._lock.release()
@@ -257,9 +257,10 @@ class Client:
             pending = core.prepare(prefix, allowed)
             if pending is not None:
                 cache = self._ask(pending)
+        from_daemon = cache is not None
         if cache is None:
             cache = core.build_local(prefix, allowed)
-        core.l1_put(key, cache)
+        core.l1_put(key, cache, from_daemon)
         return cache
 
     def _after_fork(self) -> None:
@@ -278,7 +279,7 @@ class Client:
             return None
         try:
             return self._round_trip(pending)
-        except zmq.ZMQError:
+        except SOCKET_ERRORS:
             core.unavailable()
             self._close_socket()
             return None
@@ -310,6 +311,7 @@ class Client:
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
+            trusted(self.address, self._core.counters)
             sock = CONTEXT.get().socket(zmq.DEALER)
             configure_dealer(sock, self.address)
             self._sock = sock
@@ -361,6 +363,7 @@ def request_stats(address: str, *, timeout_ms: int = 1000) -> dict[str, Any]:
     socket fails; DaemonError for an error reply or a malformed one.
     """
     request_id = next(_stats_ids)
+    check_daemon_socket(address)  # DaemonUnavailable: not a socket only our user could serve
     sock = CONTEXT.get().socket(zmq.DEALER)
     try:
         configure_dealer(sock, address)

@@ -67,6 +67,7 @@ class Chain:
     digests: list
     state: Any  # the xxh3 state after the new blocks (AUTO), None (TELL)
     parent_digest: bytes | None  # of block first - 1: subscribers find their block by it
+    refused: bool = False  # a TELL whose digests are not those of its bytes (from that block on)
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ class ChainHandlers:
                 or not parent.chain
                 or parent.enc != request.enc
                 or parent.allowed != request.allowed
+                or parent.ns != request.seed
                 or parent.cut_byte != request.start
             ):
                 # Evicted, or never here (a restart): the one answer a TELL gets, so that the
@@ -209,7 +211,7 @@ class ChainHandlers:
             if (
                 entry is None
                 or not entry.extends(
-                    parent, request.enc, request.allowed, span, start, (i + 1) * block
+                    parent, request.enc, request.allowed, span, start, (i + 1) * block, request.seed
                 )
                 or loaded.enc.decode_bytes(tokens_from_frame(entry.tokens))
                 != span[at - start : entry.cut_byte - start]
@@ -288,7 +290,10 @@ class ChainHandlers:
                     state.update(memoryview(request.text)[i * block : (i + 1) * block])
                     digests.append(state.digest())
             else:
-                parent_digest, digests = request.parent, request.digests[: len(cuts)]
+                parent_digest = request.parent
+                digests = _told_digests(loaded, request, parent, span, len(cuts))
+            refused = len(digests) < len(cuts)
+            cuts = cuts[: len(digests)]
             entries: list[Entry] = []
             taken = 0
             for i, (_, cut, n) in enumerate(cuts, first):
@@ -301,10 +306,11 @@ class ChainHandlers:
                         start + cut,  # chain blocks use cut_byte only
                         entries[-1] if entries else parent,
                         start + cut,
+                        request.seed,
                     )
                 )
                 taken = n
-            chain = Chain(path, first, start, span, entries, digests, state, parent_digest)
+            chain = Chain(path, first, start, span, entries, digests, state, parent_digest, refused)
             return ChainResult(key, request, chain=chain, loaded=loaded)
         except (SystemExit, KeyboardInterrupt):
             raise
@@ -327,6 +333,8 @@ class ChainHandlers:
         assert chain is not None and result.loaded is not None
         self._encodings.setdefault(request.enc, result.loaded)
         self.counters["auto_fills"] += 1
+        if chain.refused:
+            self.counters["tells_refused"] += 1
         stored = self.store.put_chain(request.seed, chain.digests, chain.entries)
         if stored and len(stored) == len(chain.entries) and isinstance(request, AutoRequest):
             # The next request of a growing text starts its walk here.
@@ -372,3 +380,35 @@ class ChainHandlers:
             self.counters["blocks_published"] += len(stored)
         except zmq.ZMQError as exc:  # a slow subscriber's queue is full: it misses these
             log.debug("blocks not published: %s", exc)
+
+
+def _told_digests(
+    loaded: Loaded, request: TellRequest, parent: Entry | None, span: bytes, blocks: int
+) -> list[bytes]:
+    """The TELL's digests that are those of its bytes, up to the first that is not.
+
+    A digest is a block's key: a client's is never trusted, or anyone could store other bytes
+    under the key of a block of someone else's text and deny it its cache. The digest of block
+    ``i`` covers the whole text up to its end, so the bytes before ``span`` are rebuilt from the
+    parent chain (the tokens of each block spell its text): on the pool, once per TELL.
+    """
+    head = b""
+    if parent is not None:
+        frames = []
+        node: Entry | None = parent
+        while node is not None:
+            frames.append(node.tokens)
+            node = node.parent
+        head = loaded.enc.decode_bytes(tokens_from_frame(b"".join(reversed(frames))))
+        if len(head) != request.start:
+            return []
+    text = memoryview(head + span)
+    block, first = request.block, request.first
+    state = xxhash.xxh3_128(text[: first * block])
+    out = []
+    for i, told in enumerate(request.digests[:blocks], first):
+        state.update(text[i * block : (i + 1) * block])
+        if state.digest() != told:
+            break
+        out.append(told)
+    return out

@@ -30,6 +30,7 @@ import hashlib
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 import time
@@ -53,6 +54,7 @@ from flashtoken.protocol import (
     Request,
     TellRequest,
     ipc_path,
+    make_key,
     pack_error,
     pack_hit,
     pack_miss,
@@ -113,6 +115,9 @@ class Server(ChainHandlers):
         self._publications = Outstanding(budget.PUBLISH_BYTES, budget.PUBLISH_BYTES)
         self._known_encodings: frozenset[str] = frozenset()
         self._limit = PeerLimit(peer_cap(1024))
+        # Salts this daemon's keys: crafting texts whose keys collide needs it (it never leaves
+        # the process), so no one can aim a collision at another's prefix to deny it its entry.
+        self._salt = os.urandom(16)
         self._stopping = False
         self._started = time.monotonic()
         self._parent = os.getppid()
@@ -132,6 +137,7 @@ class Server(ChainHandlers):
             "tokens_served": 0,
             "blocks_published": 0,
             "tells_unplaced": 0,
+            "tells_refused": 0,
             "server_errors": 0,
             "fills_abandoned": 0,
             "fills_refused": 0,
@@ -205,7 +211,25 @@ class Server(ChainHandlers):
         directory = os.path.dirname(path) or "."
         if not os.path.isdir(directory):
             raise StartupError(f"directory {directory} of {address} does not exist")
-        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # O_NOFOLLOW: in a shared directory, another user could have planted a symlink here to
+        # make the daemon write its pid into a file of its own. And it must be ours.
+        try:
+            fd = os.open(
+                path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+            )
+        except OSError as exc:
+            raise StartupError(
+                f"cannot open the lock file {path}.lock ({exc.strerror}; a symlink is refused);"
+                " remove it, or choose another --bind"
+            ) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            os.close(fd)
+            raise StartupError(
+                f"the lock file {path}.lock is not a private file of uid {os.geteuid()} (uid"
+                f" {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); remove it, or choose"
+                " another --bind"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -221,9 +245,18 @@ class Server(ChainHandlers):
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
-        if os.path.lexists(path):
-            log.info("removing stale socket %s", path)
-            os.unlink(path)
+        for stale in (path, path + ".full"):  # .full: moved aside by daemon/limits.py
+            try:
+                st = os.lstat(stale)
+            except FileNotFoundError:
+                continue
+            if st.st_uid != os.geteuid():
+                raise StartupError(
+                    f"{stale} belongs to uid {st.st_uid}, not to this daemon's; remove it, or"
+                    " choose another --bind"
+                )
+            log.info("removing stale socket %s", stale)
+            os.unlink(stale)
 
     def serve(self, *, install_signals: bool = True) -> None:
         """Start (if not started) and run the loop until stopped; always cleans up."""
@@ -406,7 +439,8 @@ class Server(ChainHandlers):
     def on_get(self, request: Request) -> list[Any]:
         assert isinstance(request, GetRequest)
         self._check_encoding(request)
-        key = request.key
+        # The key is the daemon's own, from the bytes it received: a client never names it.
+        key = make_key(self._salt + request.ns, request.eid, request.allowed, request.prefix)
         if self.config.debug_key_bytes is not None:
             key = key[: self.config.debug_key_bytes]  # test-only: force collisions
         failed = self._failed.get(key)
@@ -419,7 +453,7 @@ class Server(ChainHandlers):
             return pack_error(
                 request.id, SERVER_ERROR, f"this prefix cannot be encoded: {failed[3]}"
             )
-        entry = self.store.get(key, request.prefix, request.enc, request.allowed)
+        entry = self.store.get(key, request.prefix, request.enc, request.allowed, request.ns)
         if entry is not None:
             self.counters["tokens_served"] += len(entry.tokens) // 4
             return pack_hit(request.id, entry.cut, entry.tokens)
@@ -503,6 +537,7 @@ class Server(ChainHandlers):
                 tokens_to_frame(array("I", split.head)),
                 split.cut,
                 cut_byte=len(prefix[: split.cut].encode("utf-8")),
+                ns=request.ns,
             )
             return _FillResult(key, request, entry=entry, loaded=loaded)
         except (SystemExit, KeyboardInterrupt):

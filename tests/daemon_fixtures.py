@@ -21,7 +21,7 @@ import msgpack
 import pytest
 import zmq
 
-from flashtoken.protocol import MAGIC, VERSION, pack_simple, parse_reply
+from flashtoken.protocol import ALGORITHM, MAGIC, VERSION, pack_simple, parse_reply
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
@@ -143,7 +143,7 @@ def request(address: str, frames: list[bytes], *, timeout_ms: int = 2000) -> lis
 
 
 def header(**fields: Any) -> bytes:
-    return msgpack.packb({"m": MAGIC, "v": VERSION, **fields}, use_bin_type=True)
+    return msgpack.packb({"m": MAGIC, "v": VERSION, "a": ALGORITHM, **fields}, use_bin_type=True)
 
 
 def short_tempdir() -> Path:

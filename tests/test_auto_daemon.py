@@ -10,6 +10,7 @@ Following published chains and TELL are in tests/test_follow.py.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import threading
 from array import array
@@ -26,7 +27,9 @@ from hypothesis import strategies as st
 from flashtoken import get_encoding
 from flashtoken.encodings import encoding_id
 from flashtoken.protocol import (
+    ALGORITHM,
     MAGIC,
+    VERSION,
     make_chain_seed,
     parse_reply,
     parse_request,
@@ -303,6 +306,7 @@ class LyingDaemon:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(address)
+        os.chmod(address[len("ipc://") :], 0o600)  # a private socket, as the daemon's: trusted
         self.stop = threading.Event()
         self.n = 0
         self.thread = threading.Thread(target=self.run)
@@ -327,7 +331,8 @@ class LyingDaemon:
         self.n += 1
         head = {
             "m": MAGIC,
-            "v": 1,
+            "v": VERSION,
+            "a": ALGORITHM,
             "id": req.id,
             "ok": True,
             "hit": True,

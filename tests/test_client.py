@@ -19,8 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flashtoken import get_encoding, split_prefix
-from flashtoken.errors import DaemonTimeout
-from flashtoken.protocol import MAGIC, parse_request, tokens_to_frame
+from flashtoken.errors import DaemonUnavailable
+from flashtoken.protocol import ALGORITHM, MAGIC, VERSION, parse_request, tokens_to_frame
 from tests.corpus import CORPUS, splits
 from tests.daemon_fixtures import DaemonProcess, wait_until
 from tests.strategies import texts
@@ -67,7 +67,7 @@ def test_exact_on_every_corpus_split(shared_daemon: DaemonProcess, name: str) ->
             assert warm.count_ordinary(suffix, prefix=prefix) == len(expected)
             assert warm.encode_ordinary_array(suffix, prefix=prefix).tolist() == expected
         stats = warm.stats()
-    assert stats["l2_hits"] == len({p for p, _ in pairs if _utf8(p)})
+    assert stats["l2_hits"] == len({p for p, _ in pairs if _utf8(p)}), stats
     assert stats["errors"] == stats["timeouts"] == stats["rejected_hits"] == 0
 
 
@@ -158,9 +158,10 @@ def test_no_daemon_is_exact_and_opens_the_breaker(daemon_dir: Path) -> None:
             prefix = f"prefix {i} " * 50
             assert client.encode_ordinary("x", prefix=prefix) == enc.encode_ordinary(prefix + "x")
         stats = client.stats()
-        assert stats["timeouts"] == 3 and stats["fallbacks"] == 20
-        assert stats["breaker"] == "open"
-        with pytest.raises(DaemonTimeout):
+        # No socket file: not even a connect (and no wait); three failures open the breaker.
+        assert stats["errors"] == 3 and stats["fallbacks"] == 20 and stats["timeouts"] == 0
+        assert stats["breaker"] == "open" and stats["untrusted"] == 0
+        with pytest.raises(DaemonUnavailable):
             client.daemon_stats(timeout_ms=50)
 
 
@@ -207,6 +208,7 @@ class FakeDaemon:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(address)
+        os.chmod(address[len("ipc://") :], 0o600)  # a private socket, as the daemon's: trusted
         self.stop = threading.Event()
         self.answered = 0
         self.thread = threading.Thread(target=self.run)
@@ -222,7 +224,8 @@ class FakeDaemon:
         def hit(id_: int, cut: int, frame: bytes, n: int | None = None) -> list[bytes]:
             head = {
                 "m": MAGIC,
-                "v": 1,
+                "v": VERSION,
+                "a": ALGORITHM,
                 "id": id_,
                 "ok": True,
                 "hit": True,
@@ -242,12 +245,17 @@ class FakeDaemon:
             hit(rid, split.cut, tokens_to_frame(__import__("array").array("I", [100257]))),
             hit(rid, split.cut, good[:-2]),  # truncated
             hit(rid + 1, split.cut, good),  # someone else's id
-            [msgpack.packb({"m": MAGIC, "v": 1, "id": rid, "ok": True, "hit": "yes"})],
+            [
+                msgpack.packb(
+                    {"m": MAGIC, "v": VERSION, "a": ALGORITHM, "id": rid, "ok": True, "hit": "yes"}
+                )
+            ],
             [
                 msgpack.packb(
                     {
                         "m": MAGIC,
-                        "v": 1,
+                        "v": VERSION,
+                        "a": ALGORITHM,
                         "id": rid,
                         "ok": False,
                         "error": "CLIENT_ERROR",

@@ -20,6 +20,7 @@ from typing import Any
 
 import msgpack
 import pytest
+import xxhash
 import zmq
 from flashtoken.client import AsyncClient, Client
 
@@ -319,11 +320,13 @@ class LyingPublisher:
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.bind(address)
+        os.chmod(address[len("ipc://") :], 0o600)  # a private socket, as the daemon's: trusted
         where = publish_address(address)
         assert where is not None
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.bind(where)
+        os.chmod(where[len("ipc://") :], 0o600)  # a private socket, as the daemon's: trusted
         self.messages = messages
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run)
@@ -445,7 +448,13 @@ def test_the_daemon_answers_a_bad_tell_and_an_unplaced_one(daemon: DaemonProcess
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(daemon.address)
-        sock.send_multipart(tell_frames(first=0, parent=None, start=0, span=b"y" * BLOCK))
+        # A digest that is not that of its bytes: refused (a client's key is never trusted).
+        sock.send_multipart(tell_frames(first=0, parent=None, start=0, span=b"z" * BLOCK))
+        wait_until(lambda: daemon.stats()["tells_refused"] == 1, 10, "a lying TELL was taken")
+        assert daemon.stats()["blocks"] == 0
+        digest = xxhash.xxh3_128(b"y" * BLOCK).digest()
+        tell = tell_frames(first=0, parent=None, start=0, span=b"y" * BLOCK, digests=[digest])
+        sock.send_multipart(tell)
         wait_until(lambda: daemon.stats()["blocks"] == 1, 10, "a root TELL was not filled")
         assert not sock.poll(200)  # placed: no answer
     finally:

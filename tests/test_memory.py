@@ -16,7 +16,7 @@ from flashtoken.client import Client
 
 from flashtoken import get_encoding
 from flashtoken.encodings import encoding_id
-from flashtoken.protocol import make_chain_seed, make_key, pack_auto, pack_get
+from flashtoken.protocol import make_chain_seed, namespace_tag, pack_auto, pack_get
 from tests.daemon_fixtures import DaemonProcess, wait_until
 
 MiB = 1024 * 1024
@@ -77,7 +77,7 @@ def test_auto_and_get_floods_that_never_read_stay_within_the_budget(
     flooders = [_flooder(daemon) for _ in range(9)]
     try:
         auto = pack_auto(1, seed, enc.name, EID, (), False, 512, 0, data)
-        get = pack_get(2, make_key(b"", EID, (), data), enc.name, EID, (), False, data)
+        get = pack_get(2, namespace_tag(b""), enc.name, EID, (), False, data)
         for _ in range(300):
             flooders[0].send_multipart(auto)  # one AUTO flooder, as in the issue ...
         for sock in flooders[1:]:  # ... and eight GET flooders

@@ -98,7 +98,7 @@ def test_a_walk_steps_through_at_most_max_walk_blocks_new_blocks() -> None:
         digests.append(state.digest())
         # A block cut at its end whose "tokens" are its bytes (decode: the identity).
         chunk = data[i * block : (i + 1) * block]
-        entries.append(Entry(b"", "e", (), chunk, (i + 1) * block, None, (i + 1) * block))
+        entries.append(Entry(b"", "e", (), chunk, (i + 1) * block, None, (i + 1) * block, seed))
     store = Store(1 << 30)
     assert len(store.put_chain(seed, digests, entries)) == len(entries)
     path, _ = store.walk(seed, data, block, "e", (), lambda frame: frame)
