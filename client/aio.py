@@ -31,7 +31,7 @@ from .core import (
     Pending,
 )
 from .settings import client_settings
-from .sockets import CONTEXT, abandon, configure_dealer, register
+from .sockets import CONTEXT, SOCKET_ERRORS, abandon, configure_dealer, register, trusted
 from .sync import request_stats
 
 __all__ = ["AsyncClient"]
@@ -64,6 +64,7 @@ class AsyncClient:
         address = options.pop("address")
         self._core = ClientCore(options.pop("encoding"), **options)
         self.address = address or default_address()
+        self._core.attach_map(self.address)
         self._sock: zmq.asyncio.Socket | None = None
         self._ctx: zmq.asyncio.Context | None = None
         self._lock: asyncio.Lock | None = None
@@ -172,13 +173,13 @@ class AsyncClient:
     async def _auto(self, text: str, policy: SpecialPolicy) -> list[int]:
         _require_str(text, "text")
         core = self._core
+        self._check_fork()  # before any lock (the L1's): see client/sockets.py
         plan = core.auto_plan(text, policy)
         if plan is None:  # lone surrogates: not UTF-8, the daemon could not take them
             return encode_with(core.enc, text, policy)
         route = core.auto_route(plan)
         if route == AUTO_L1 or self._closed:
             return core.auto_finish(text, policy, plan, None)
-        self._check_fork()
         core.follow_chains(CONTEXT.get(), self.address, policy.allowed)
         if route == AUTO_TELL:
             tokens = core.auto_finish(text, policy, plan, None)
@@ -196,8 +197,12 @@ class AsyncClient:
             return
         if self._loop_lock().locked():
             return
+        try:
+            sock = self._socket()
+        except SOCKET_ERRORS:
+            return
         # With NOBLOCK, zmq.asyncio's future is done at once: sent, or failed.
-        sent: Any = self._socket().send_multipart(frames, zmq.NOBLOCK)
+        sent: Any = sock.send_multipart(frames, zmq.NOBLOCK)
         if not sent.done():
             sent.add_done_callback(lambda f: f.cancelled() or f.exception())
             return
@@ -220,7 +225,7 @@ class AsyncClient:
             if pending is None:
                 return None
             return await self._round_trip(pending)
-        except zmq.ZMQError:
+        except SOCKET_ERRORS:
             core.unavailable()
             self._close_socket()
             return None
@@ -228,13 +233,17 @@ class AsyncClient:
             lock.release()
 
     def _check_fork(self) -> None:
-        core = self._core
-        if core.pid != os.getpid():
-            if self._sock is not None:
-                abandon(self._sock)
-            self._sock = self._ctx = None
-            self._lock = None
-            core.after_fork()
+        if self._core.pid != os.getpid():
+            self._after_fork()
+
+    def _after_fork(self) -> None:
+        # The parent's socket and context must not be touched here; its asyncio lock belongs
+        # to the parent's loop. Also run by client/sockets.py's fork hook.
+        if self._sock is not None:
+            abandon(self._sock)
+        self._sock = self._ctx = None
+        self._lock = None
+        self._core.after_fork()
 
     # -- L1, then the daemon, then local ------------------------------------------------------
 
@@ -251,14 +260,19 @@ class AsyncClient:
     async def _fetch(self, prefix: str, allowed: frozenset, key: Any) -> FixedPrefixTokenCache:
         core = self._core
         self._check_fork()
-        cache = None
+        cache = core.from_map(prefix, allowed)  # the host's map first: no round trip
+        if cache is not None:
+            core.l1_put(key, cache, True)
+            await self._touch()
+            return cache
         if not self._closed:
             cache = await self._ask(prefix, allowed, key)
             if cache is not None and cache is core.l1.get(key, (None,))[0]:
                 return cache  # another task fetched it while this one waited for the socket
+        from_daemon = cache is not None
         if cache is None:
             cache = core.build_local(prefix, allowed)
-        core.l1_put(key, cache)
+        core.l1_put(key, cache, from_daemon)
         return cache
 
     async def _ask(self, prefix: str, allowed: frozenset, key: Any) -> FixedPrefixTokenCache | None:
@@ -277,12 +291,23 @@ class AsyncClient:
             if pending is None:
                 return None
             return await self._round_trip(pending)
-        except zmq.ZMQError:
+        except SOCKET_ERRORS:
             core.unavailable()
             self._close_socket()
             return None
         finally:
             lock.release()
+
+    async def _touch(self) -> None:
+        """Report map hits to the daemon (fire-and-forget, never waiting for the socket)."""
+        frames = self._core.touch_frames()
+        lock = self._loop_lock()
+        if frames is None or self._closed or lock.locked():
+            return
+        try:
+            await self._socket().send_multipart(frames, zmq.NOBLOCK)
+        except SOCKET_ERRORS:
+            pass  # not connected, or its queue is full: the daemon's LRU order is approximate
 
     def _loop_lock(self) -> asyncio.Lock:
         # asyncio.Lock belongs to one event loop; a client may outlive one (asyncio.run twice).
@@ -329,6 +354,7 @@ class AsyncClient:
             if self._ctx is None:
                 # A shadow: the asyncio face of this process's one context, not a second one.
                 self._ctx = zmq.asyncio.Context.shadow(CONTEXT.get().underlying)
+            trusted(self.address, self._core.counters)
             sock = self._ctx.socket(zmq.DEALER)
             configure_dealer(sock, self.address)
             self._sock = sock

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from flashtoken.encodings import encoding_id
-from flashtoken.errors import ProtocolError
+from flashtoken.errors import DaemonUnavailable, ProtocolError
 from flashtoken.prefix import token_list
 from flashtoken.protocol import (
     make_chain_seed,
@@ -28,7 +28,10 @@ from flashtoken.protocol import (
 )
 from flashtoken.specials import SpecialPolicy, encode_with
 
-from .sockets import configure_dealer
+# At import, not on first use: a fork while a thread was inside that first import left the
+# module's import lock held in the child, which then hung on its first AUTO (test_fork).
+from .follow import Follower
+from .sockets import configure_dealer, trusted
 
 __all__ = ["AUTO_ASK", "AUTO_L1", "AUTO_TELL", "AutoPending", "ChainCore"]
 
@@ -167,8 +170,11 @@ class ChainCore:
             if where is None:
                 self.follow = False
                 return
-            from .follow import Follower
-
+            try:
+                trusted(address, self.counters)
+                trusted(where, self.counters)
+            except DaemonUnavailable:
+                return  # not the daemon's sockets (or none yet): asked again next time
             self.follower = Follower(
                 context, address, where, self.take_published, self.note_frames, configure_dealer
             )

@@ -32,14 +32,17 @@ from flashtoken.errors import ProtocolError
 from flashtoken.prefix import FixedPrefixTokenCache, PrefixSplit, token_list
 from flashtoken.protocol import (
     MAX_PREFIX_BYTES,
+    MIN_BLOCK_BYTES,
     SERVER_ERROR,
-    make_key,
+    namespace_tag,
     pack_get,
+    pack_touch,
     parse_reply,
 )
 from flashtoken.specials import SpecialArg, SpecialPolicy
 
 from .chains import AutoPending, ChainCore
+from .hostmap import HostMapView
 from .settings import CLIENT_DEFAULTS, client_settings
 from .sockets import abandon
 
@@ -172,6 +175,13 @@ class ClientCore(ChainCore):
         )
         self.enc = resolve_encoding(encoding)
         self.namespace: bytes = checked["namespace"]  # a str is taken as UTF-8
+        if auto_block_bytes < MIN_BLOCK_BYTES:
+            raise ValueError(
+                f"auto_block_bytes={auto_block_bytes} is below the daemon's minimum of"
+                f" {MIN_BLOCK_BYTES} bytes (each block costs it a lookup and an entry);"
+                f" pass auto_block_bytes >= {MIN_BLOCK_BYTES}"
+            )
+        self._ns = namespace_tag(self.namespace)  # the daemon derives the key from it and the bytes
         self.timeout = timeout_ms / 1000
         self.l1_limit = l1_bytes
         self.max_prefix_bytes = min(max_prefix_bytes, MAX_PREFIX_BYTES)
@@ -181,8 +191,10 @@ class ClientCore(ChainCore):
         )
         self.l1: OrderedDict[L1Key, tuple[FixedPrefixTokenCache, int]] = OrderedDict()
         self.l1_bytes = 0
+        self._from_daemon: set[L1Key] = set()  # L1 keys whose split the daemon gave
         self._l1_lock = threading.Lock()
         self._eid: bytes | None = None
+        self.hostmap: HostMapView | None = None  # attach_map: the client gives the address
         # A special token's id decodes to its text, so a hit could spell the prefix with a
         # special id where the policy does not allow one. It can only do so where the text holds
         # a special token's first character (for OpenAI's encodings, "<"): a memchr tells.
@@ -216,19 +228,30 @@ class ClientCore(ChainCore):
                 "auto_hit_bytes",
                 "auto_told",  # TELLs sent on the client's own socket (no follower)
                 "published_refused",
+                "map_hits",  # prefixes taken from the host's map, no round trip
+                "untrusted",  # sockets not connected: not the daemon's (owner, mode, directory)
             ),
             0,
         )
 
     def after_fork(self) -> None:
-        """In a child process: the same L1 (plain data), a fresh breaker and lock.
+        """In a child process: the same L1 (plain data), a fresh breaker and locks.
 
-        The counters carry on from the parent's values at the fork, like all inherited memory
-        (the first calls in the child may already have counted L1 hits).
+        Run by ``os.register_at_fork`` before the child runs any code (client/sockets.py), and
+        by the pid check of a call if a fork bypassed that (a C-level ``fork()``). A lock a
+        parent's thread held at the fork would never be released: it is made anew, and the L1
+        it guarded emptied (that thread was half way through an update). The counters carry on
+        from the parent's values at the fork, like all inherited memory.
         """
         self.pid = os.getpid()
+        if self.hostmap is not None:
+            self.hostmap.after_fork()
+        if self._l1_lock.locked():
+            self.l1 = OrderedDict()
+            self.l1_bytes = 0
         self._l1_lock = threading.Lock()
-        self.auto._lock = threading.Lock()  # a parent's thread may have held it at the fork
+        if self.auto._lock.locked():  # not done yet by flashtoken.auto's own fork hook
+            self.auto._after_fork()
         self.breaker.reset()
         if self.follower is not None:  # its thread is the parent's: leave its socket alone
             abandon(self.follower)
@@ -271,7 +294,7 @@ class ClientCore(ChainCore):
         self.counters["l1_hits"] += 1
         return found[0]
 
-    def l1_put(self, key: L1Key, cache: FixedPrefixTokenCache) -> None:
+    def l1_put(self, key: L1Key, cache: FixedPrefixTokenCache, from_daemon: bool = False) -> None:
         size = _BYTES_PER_ENTRY + 2 * len(cache.prefix) + _BYTES_PER_TOKEN * cache.cut // 3
         # cut // 3: a cheap token-count estimate (~3-4 chars a token), without a len() of head.
         if size > self.l1_limit:
@@ -281,9 +304,60 @@ class ClientCore(ChainCore):
             if old is not None:
                 self.l1_bytes -= old[1]
             while self.l1 and self.l1_bytes + size > self.l1_limit:
-                self.l1_bytes -= self.l1.popitem(last=False)[1][1]
+                gone, (_, gone_size) = self.l1.popitem(last=False)
+                self.l1_bytes -= gone_size
+                self._from_daemon.discard(gone)
             self.l1[key] = (cache, size)
             self.l1_bytes += size
+            if from_daemon:
+                self._from_daemon.add(key)
+            else:
+                self._from_daemon.discard(key)
+
+    def distrust(self) -> None:
+        """A reply of the daemon was found wrong: drop from the L1 everything it gave before
+        (declared prefixes it answered, every block of the automatic L1), not only that reply.
+        What the client cannot check (that a spelling is tiktoken's own tokenization) it took
+        on trust; a daemon caught answering wrong is not trusted with what it said before."""
+        with self._l1_lock:
+            for key in self._from_daemon:
+                old = self.l1.pop(key, None)
+                if old is not None:
+                    self.l1_bytes -= old[1]
+            self._from_daemon = set()
+        with self.auto._lock:
+            self.auto._empty()
+
+    def attach_map(self, address: str) -> None:
+        """Read the host's map beside the daemon's socket at ``address`` (ipc:// only)."""
+        try:
+            self.hostmap = HostMapView(address)
+        except ImportError:  # lmdb missing: every prefix is asked for, as before the map
+            self.hostmap = None
+
+    def from_map(self, prefix: str, allowed: frozenset) -> FixedPrefixTokenCache | None:
+        """The L1 entry for ``prefix`` from the host's map, with no round trip, or None.
+
+        Works while the daemon is down, frozen or restarting: the map is a file."""
+        if self.hostmap is None:
+            return None
+        try:
+            data = prefix.encode("utf-8")
+        except UnicodeEncodeError:
+            return None
+        if len(data) > self.max_prefix_bytes:
+            return None
+        if self._eid is None:
+            self._eid = encoding_id(self.enc)  # ~40 ms once per process: not in __init__
+        cache = self.hostmap.lookup(self.enc, self._ns, self._eid, allowed, prefix, data)
+        if cache is not None:
+            self.counters["map_hits"] += 1
+        return cache
+
+    def touch_frames(self) -> list[bytes] | None:
+        """A TOUCH to send now (fire-and-forget) for the map hits taken, or None."""
+        keys = None if self.hostmap is None else self.hostmap.touches_due()
+        return None if keys is None else pack_touch(keys)
 
     def build_local(self, prefix: str, allowed: frozenset) -> FixedPrefixTokenCache:
         """One local encode of the prefix: the same cost as tiktoken on it, once per process."""
@@ -311,9 +385,8 @@ class ClientCore(ChainCore):
         if self._eid is None:
             self._eid = encoding_id(self.enc)  # ~40 ms once per process: not in __init__
         ordered = tuple(sorted(allowed))
-        key = make_key(self.namespace, self._eid, ordered, data)
         request_id = self.next_id()
-        frames = pack_get(request_id, key, self.enc.name, self._eid, ordered, self.fill, data)
+        frames = pack_get(request_id, self._ns, self.enc.name, self._eid, ordered, self.fill, data)
         return Pending(request_id, prefix, allowed, frames)
 
     def next_id(self) -> int:
@@ -372,6 +445,7 @@ class ClientCore(ChainCore):
             cache = self._check_hit(pending, reply.fields["cut"], reply.tokens)
         if cache is None:
             self.counters["rejected_hits"] += 1
+            self.distrust()
             return self._failed()
         self.breaker.success()
         self.counters["l2_hits"] += 1

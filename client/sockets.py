@@ -1,5 +1,6 @@
 """Sockets and contexts of the clients, per process: the DEALER's options, one zmq.Context
-per process (made lazily, new after a fork), and closing everything at interpreter exit."""
+per process (made lazily, new after a fork), every client's locks and sockets reset in a forked
+child, and closing everything at interpreter exit."""
 
 from __future__ import annotations
 
@@ -11,9 +12,36 @@ from typing import Any
 
 import zmq
 
-from flashtoken.protocol import MAX_HEADER_BYTES, MAX_PREFIX_BYTES
+from flashtoken.errors import DaemonUnavailable
+from flashtoken.protocol import MAX_HEADER_BYTES, MAX_PREFIX_BYTES, check_daemon_socket, ipc_path
 
-__all__ = ["CONTEXT", "MAX_REPLY_BYTES", "abandon", "configure_dealer", "register"]
+__all__ = [
+    "CONTEXT",
+    "MAX_REPLY_BYTES",
+    "SOCKET_ERRORS",
+    "abandon",
+    "configure_dealer",
+    "register",
+    "trusted",
+]
+
+# What making or using a client socket may raise: ZeroMQ's errors, and ours for a socket that
+# is not the daemon's (``trusted``). The client falls back to local encoding on either.
+SOCKET_ERRORS = (zmq.ZMQError, DaemonUnavailable)
+
+
+def trusted(address: str, counters: dict[str, int]) -> None:
+    """Check who may be the daemon at ``address`` before a socket connects to it
+    (``check_daemon_socket``: owner, mode, directory); counts ``untrusted`` and raises
+    DaemonUnavailable if the check fails."""
+    try:
+        check_daemon_socket(address)
+    except DaemonUnavailable:
+        path = ipc_path(address)
+        if path is not None and os.path.lexists(path):  # there, but not the daemon's
+            counters["untrusted"] += 1
+        raise
+
 
 # Reply size limit: a header plus 4 bytes a token, and a prefix never has more tokens than bytes.
 MAX_REPLY_BYTES = MAX_HEADER_BYTES + 4 * MAX_PREFIX_BYTES
@@ -73,6 +101,20 @@ _clients: weakref.WeakSet[Any] = weakref.WeakSet()
 
 def register(client: Any) -> None:
     _clients.add(client)
+
+
+def _after_fork_in_child() -> None:
+    # Before the child runs any code of its own: a lock a parent's thread held at the fork
+    # (ours, a client's, its L1's) would otherwise never be released in the child. A pid check
+    # inside a call comes too late when the call takes a lock first (the hang of issue 11).
+    CONTEXT.lock = threading.Lock()
+    for client in list(_clients):
+        if client._core.pid != os.getpid():
+            client._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @atexit.register

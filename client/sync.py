@@ -18,7 +18,7 @@ import zmq
 
 from flashtoken.errors import DaemonError, DaemonTimeout, DaemonUnavailable, ProtocolError
 from flashtoken.prefix import ORDINARY, FixedPrefixTokenCache, _require_str
-from flashtoken.protocol import default_address, pack_simple, parse_reply
+from flashtoken.protocol import check_daemon_socket, default_address, pack_simple, parse_reply
 from flashtoken.specials import SpecialArg, SpecialPolicy, encode_with
 
 from .chains import AUTO_L1, AUTO_TELL, AutoPending
@@ -29,7 +29,7 @@ from .core import (
     Pending,
 )
 from .settings import client_settings
-from .sockets import CONTEXT, abandon, configure_dealer, register
+from .sockets import CONTEXT, SOCKET_ERRORS, abandon, configure_dealer, register, trusted
 
 __all__ = ["Client", "request_stats"]
 
@@ -86,6 +86,7 @@ class Client:
         address = options.pop("address")
         self._core = ClientCore(options.pop("encoding"), **options)
         self.address = address or default_address()
+        self._core.attach_map(self.address)
         self._sock: zmq.Socket | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -198,14 +199,14 @@ class Client:
     def _auto(self, text: str, policy: SpecialPolicy) -> list[int]:
         _require_str(text, "text")
         core = self._core
+        if core.pid != os.getpid():  # before any lock (the L1's): see client/sockets.py
+            self._after_fork()
         plan = core.auto_plan(text, policy)
         if plan is None:  # lone surrogates: not UTF-8, the daemon could not take them
             return encode_with(core.enc, text, policy)
         route = core.auto_route(plan)
         if route == AUTO_L1 or self._closed:
             return core.auto_finish(text, policy, plan, None)
-        if core.pid != os.getpid():
-            self._after_fork()
         core.follow_chains(CONTEXT.get(), self.address, policy.allowed)
         if route == AUTO_TELL:
             tokens = core.auto_finish(text, policy, plan, None)
@@ -231,7 +232,7 @@ class Client:
             self._core.counters["auto_told"] += 1
         except zmq.Again:
             pass  # no daemon connected (IMMEDIATE), or its queue is full: it misses this text
-        except zmq.ZMQError:
+        except SOCKET_ERRORS:
             self._close_socket()
         finally:
             self._lock.release()
@@ -252,15 +253,32 @@ class Client:
         core = self._core
         if core.pid != os.getpid():
             self._after_fork()
-        cache = None
+        cache = core.from_map(prefix, allowed)  # the host's map first: no round trip
+        if cache is not None:
+            core.l1_put(key, cache, True)
+            self._touch()
+            return cache
         if not self._closed:
             pending = core.prepare(prefix, allowed)
             if pending is not None:
                 cache = self._ask(pending)
+        from_daemon = cache is not None
         if cache is None:
             cache = core.build_local(prefix, allowed)
-        core.l1_put(key, cache)
+        core.l1_put(key, cache, from_daemon)
         return cache
+
+    def _touch(self) -> None:
+        """Report map hits to the daemon (fire-and-forget, never waiting for the socket)."""
+        frames = self._core.touch_frames()
+        if frames is None or self._closed or not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._socket().send_multipart(frames, zmq.NOBLOCK)
+        except SOCKET_ERRORS:
+            pass  # not connected, or its queue is full: the daemon's LRU order is approximate
+        finally:
+            self._lock.release()
 
     def _after_fork(self) -> None:
         # The parent's socket must not be touched here: keep it from being collected (which
@@ -278,7 +296,7 @@ class Client:
             return None
         try:
             return self._round_trip(pending)
-        except zmq.ZMQError:
+        except SOCKET_ERRORS:
             core.unavailable()
             self._close_socket()
             return None
@@ -310,6 +328,7 @@ class Client:
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
+            trusted(self.address, self._core.counters)
             sock = CONTEXT.get().socket(zmq.DEALER)
             configure_dealer(sock, self.address)
             self._sock = sock
@@ -361,6 +380,7 @@ def request_stats(address: str, *, timeout_ms: int = 1000) -> dict[str, Any]:
     socket fails; DaemonError for an error reply or a malformed one.
     """
     request_id = next(_stats_ids)
+    check_daemon_socket(address)  # DaemonUnavailable: not a socket only our user could serve
     sock = CONTEXT.get().socket(zmq.DEALER)
     try:
         configure_dealer(sock, address)

@@ -11,6 +11,7 @@ the PUB socket to the clients that follow chains (client/follow.py; docs/PROTOCO
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from array import array
 from collections import deque
@@ -33,13 +34,24 @@ from flashtoken.protocol import (
 )
 from flashtoken.specials import SpecialPolicy, encode_with
 
+from .budget import PARKED_BYTES
 from .encodings import Loaded, check_loaded, load
 from .settings import FAILED_FILLS_KEPT
 from .store import Entry
 
 log = logging.getLogger("flashtoken.daemon")
 
-_PARKED_TELLS = 256  # TELLs that wait for their parent's fill
+_PARKED_TELLS = 256  # TELLs that wait for their parent's fill ...
+# Blocks one chain fill records at most: the loop stores (and publishes) a fill's blocks in one
+# go, so this bounds the loop's work per fill; a longer text is filled further by its next
+# request. 2048 blocks of 512 bytes: 1 MiB of text.
+MAX_FILL_BLOCKS = 2048
+
+
+def _block_key(seed: bytes, blocks: int, block: bytes) -> tuple[bytes, int, bytes]:
+    """The key of a chain fill (one at a time, failures remembered): a digest of the first new
+    block, not its bytes (up to 1 MiB each, in a set and a memo of a thousand)."""
+    return seed, blocks, hashlib.blake2b(block, digest_size=16).digest()
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,7 @@ class Chain:
     digests: list
     state: Any  # the xxh3 state after the new blocks (AUTO), None (TELL)
     parent_digest: bytes | None  # of block first - 1: subscribers find their block by it
+    refused: bool = False  # a TELL whose digests are not those of its bytes (from that block on)
 
 
 @dataclass(frozen=True)
@@ -79,14 +92,14 @@ class ChainHandlers:
     _filling: set[Any]
     _failed_auto: Any
     _parked: deque[TellRequest]
+    _parked_bytes: int
     _publisher: zmq.Socket | None
-    _results: Any
+    _publications: Any  # daemon/budget.py's Outstanding
 
     if TYPE_CHECKING:
 
         def _check_encoding(self, request: Any) -> None: ...
-        def _submit(self, key: Any, fn: Any, *args: Any) -> None: ...
-        def _wake(self) -> None: ...
+        def _submit(self, key: Any, fn: Any, *args: Any) -> bool: ...
 
     def on_auto(self, request: Request) -> list[Any]:
         """The longest confirmed chain of blocks that starts the text; its tokens after the
@@ -109,15 +122,14 @@ class ChainHandlers:
         blocks = len(path)
         filling = False
         if request.fill and blocks < len(data) // block:
-            key = (request.seed, blocks, data[blocks * block : (blocks + 1) * block])
+            key = _block_key(request.seed, blocks, data[blocks * block : (blocks + 1) * block])
             filling = key in self._filling
             if (
                 not filling
                 and key not in self._failed_auto
                 and len(self._filling) < self.config.max_pending_fills
             ):
-                self._submit(key, self._fill_chain, key, request, path)
-                filling = True
+                filling = self._submit(key, self._fill_chain, key, request, path)
         start = path[skip - 1].cut_byte if 0 < skip <= blocks else 0
         if blocks > skip and path[-1].cut_byte > start:
             frame = b"".join([entry.tokens for entry in path[skip:]])
@@ -143,6 +155,7 @@ class ChainHandlers:
                 or not parent.chain
                 or parent.enc != request.enc
                 or parent.allowed != request.allowed
+                or parent.ns != request.seed
                 or parent.cut_byte != request.start
             ):
                 # Evicted, or never here (a restart): the one answer a TELL gets, so that the
@@ -153,7 +166,7 @@ class ChainHandlers:
         request, path = self._skip_known(request, path)
         if not request.digests:
             return []  # every block is here already
-        key = (request.seed, request.first, request.digests[0])
+        key = _block_key(request.seed, request.first, request.digests[0])
         if (
             key not in self._filling
             and key not in self._failed_auto
@@ -167,14 +180,15 @@ class ChainHandlers:
         (a client that tells faster than the daemon fills); the oldest go first when many wait."""
         assert request.parent is not None
         self._parked.append(request)
-        while len(self._parked) > _PARKED_TELLS:
-            self._parked.popleft()
+        self._parked_bytes += len(request.span)
+        while len(self._parked) > _PARKED_TELLS or self._parked_bytes > PARKED_BYTES:
+            self._parked_bytes -= len(self._parked.popleft().span)
             self.counters["tells_unplaced"] += 1
 
     def _unpark(self) -> None:
         """After a fill: retry the parked TELLs (each is parked again, or dropped as unplaced
         once no fill is in flight)."""
-        parked, self._parked = self._parked, deque()
+        parked, self._parked, self._parked_bytes = self._parked, deque(), 0
         for request in parked:
             self.on_tell(request)
 
@@ -196,7 +210,7 @@ class ChainHandlers:
             if (
                 entry is None
                 or not entry.extends(
-                    parent, request.enc, request.allowed, span, start, (i + 1) * block
+                    parent, request.enc, request.allowed, span, start, (i + 1) * block, request.seed
                 )
                 or loaded.enc.decode_bytes(tokens_from_frame(entry.tokens))
                 != span[at - start : entry.cut_byte - start]
@@ -217,7 +231,9 @@ class ChainHandlers:
         )
         return told, [parent]
 
-    def _fill_chain(self, key: Any, request: AutoRequest | TellRequest, path: list[Entry]) -> None:
+    def _fill_chain(
+        self, key: Any, request: AutoRequest | TellRequest, path: list[Entry]
+    ) -> ChainResult:
         """On a pool thread: encode the text after a chain's cut and cut the new blocks, as
         ``flashtoken.AutoPrefixCache`` does; hand them to the loop. Never raises.
 
@@ -226,6 +242,8 @@ class ChainHandlers:
         bytes give the new blocks' digests; for a TELL, ``path`` is the told parent block (or
         empty) and the digests are the client's: a digest only locates, and every block is
         confirmed by its own bytes. Reads of ``path`` are safe here: a block's cut never changes.
+        At most ``MAX_FILL_BLOCKS`` blocks, and only the text up to the last of them is encoded
+        (its cut is stable whatever follows, so its tokens are those of the whole text).
         """
         try:
             loaded = self._encodings.get(request.enc) or load(request.enc)
@@ -239,6 +257,11 @@ class ChainHandlers:
             else:
                 first, span = request.first, request.span
                 stop = first + len(request.digests)
+            stop = min(stop, first + MAX_FILL_BLOCKS)
+            end = stop * block - start
+            while end < len(span) and span[end] & 0xC0 == 0x80:
+                end += 1  # to a character boundary: the text handed to tiktoken must decode
+            span = span[:end]
             policy = SpecialPolicy(frozenset(request.allowed), frozenset())
             text = span.decode("utf-8")
             tail = encode_with(loaded.enc, text, policy)
@@ -266,7 +289,10 @@ class ChainHandlers:
                     state.update(memoryview(request.text)[i * block : (i + 1) * block])
                     digests.append(state.digest())
             else:
-                parent_digest, digests = request.parent, request.digests[: len(cuts)]
+                parent_digest = request.parent
+                digests = _told_digests(loaded, request, parent, span, len(cuts))
+            refused = len(digests) < len(cuts)
+            cuts = cuts[: len(digests)]
             entries: list[Entry] = []
             taken = 0
             for i, (_, cut, n) in enumerate(cuts, first):
@@ -279,17 +305,16 @@ class ChainHandlers:
                         start + cut,  # chain blocks use cut_byte only
                         entries[-1] if entries else parent,
                         start + cut,
+                        request.seed,
                     )
                 )
                 taken = n
-            chain = Chain(path, first, start, span, entries, digests, state, parent_digest)
-            result = ChainResult(key, request, chain=chain, loaded=loaded)
+            chain = Chain(path, first, start, span, entries, digests, state, parent_digest, refused)
+            return ChainResult(key, request, chain=chain, loaded=loaded)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:  # noqa: B036 - pyo3's PanicException is a BaseException
-            result = ChainResult(key, request, error=f"{type(exc).__name__}: {exc}"[:300])
-        self._results.put(result)
-        self._wake()
+            return ChainResult(key, request, error=f"{type(exc).__name__}: {exc}"[:300])
 
     def _on_chain_done(self, result: ChainResult) -> None:
         request = result.request
@@ -301,14 +326,14 @@ class ChainHandlers:
                 request.enc,
                 result.error,
             )
-            self._failed_auto[result.key] = result.error
-            while len(self._failed_auto) > FAILED_FILLS_KEPT:
-                self._failed_auto.popitem(last=False)
+            self._remember_failed_chain(result.key, result.error)
             return
         chain = result.chain
         assert chain is not None and result.loaded is not None
         self._encodings.setdefault(request.enc, result.loaded)
         self.counters["auto_fills"] += 1
+        if chain.refused:
+            self.counters["tells_refused"] += 1
         stored = self.store.put_chain(request.seed, chain.digests, chain.entries)
         if stored and len(stored) == len(chain.entries) and isinstance(request, AutoRequest):
             # The next request of a growing text starts its walk here.
@@ -322,6 +347,11 @@ class ChainHandlers:
         if stored:
             self._publish(request, chain, stored)
 
+    def _remember_failed_chain(self, key: Any, error: str) -> None:
+        self._failed_auto[key] = error
+        while len(self._failed_auto) > FAILED_FILLS_KEPT:
+            self._failed_auto.popitem(last=False)
+
     def _publish(self, request: Any, chain: Chain, stored: list[Entry]) -> None:
         """Send the blocks just stored to the clients following this seed's chains."""
         if self._publisher is None:
@@ -330,21 +360,54 @@ class ChainHandlers:
         end = (chain.first + len(stored)) * request.block - chain.start
         while end < len(span) and span[end] & 0xC0 == 0x80:
             end += 1  # to a character boundary: subscribers decode the span
+        message = pack_blocks(
+            request.seed,
+            chain.first,
+            chain.parent_digest,
+            chain.start,
+            chain.digests[: len(stored)],
+            [entry.cut_byte for entry in stored],
+            span[:end],
+            [entry.tokens for entry in stored],
+        )
+        size = sum(len(frame) for frame in message)
+        if not self._publications.admit(None, size):
+            return  # subscribers hold the publication budget: they miss these (encode locally)
         try:
-            self._publisher.send_multipart(
-                pack_blocks(
-                    request.seed,
-                    chain.first,
-                    chain.parent_digest,
-                    chain.start,
-                    chain.digests[: len(stored)],
-                    [entry.cut_byte for entry in stored],
-                    span[:end],
-                    [entry.tokens for entry in stored],
-                ),
-                zmq.NOBLOCK,
-                copy=False,
-            )
+            tracker = self._publisher.send_multipart(message, zmq.NOBLOCK, copy=False, track=True)
+            self._publications.sent(None, size, tracker)
             self.counters["blocks_published"] += len(stored)
         except zmq.ZMQError as exc:  # a slow subscriber's queue is full: it misses these
             log.debug("blocks not published: %s", exc)
+
+
+def _told_digests(
+    loaded: Loaded, request: TellRequest, parent: Entry | None, span: bytes, blocks: int
+) -> list[bytes]:
+    """The TELL's digests that are those of its bytes, up to the first that is not.
+
+    A digest is a block's key: a client's is never trusted, or anyone could store other bytes
+    under the key of a block of someone else's text and deny it its cache. The digest of block
+    ``i`` covers the whole text up to its end, so the bytes before ``span`` are rebuilt from the
+    parent chain (the tokens of each block spell its text): on the pool, once per TELL.
+    """
+    head = b""
+    if parent is not None:
+        frames = []
+        node: Entry | None = parent
+        while node is not None:
+            frames.append(node.tokens)
+            node = node.parent
+        head = loaded.enc.decode_bytes(tokens_from_frame(b"".join(reversed(frames))))
+        if len(head) != request.start:
+            return []
+    text = memoryview(head + span)
+    block, first = request.block, request.first
+    state = xxhash.xxh3_128(text[: first * block])
+    out = []
+    for i, told in enumerate(request.digests[:blocks], first):
+        state.update(text[i * block : (i + 1) * block])
+        if state.digest() != told:
+            break
+        out.append(told)
+    return out

@@ -5,10 +5,13 @@ PUB socket's publications are daemon/chains.py's, a mixin of ``Server``.
 
 Threading model. The loop thread owns the socket and the store: it receives every request,
 answers GETs straight from the store (a dict lookup, a memcmp and a send: a GET never waits for
-an encode) and sends every reply. A miss that asks for a fill submits the encode to a small
-``ThreadPoolExecutor`` (tiktoken releases the GIL while it encodes); the worker puts its result on
-a queue and writes one byte to a pipe the loop polls next to the socket, and the loop stores the
+an encode) and sends every reply. A miss that asks for a fill submits the encode to a small pool
+(daemon/fills.py; tiktoken releases the GIL while it encodes); the worker hands its result back
+and writes one byte to a pipe the loop polls next to the socket, and the loop stores the
 result. So the store needs no lock, and ZeroMQ's rule that a socket belongs to one thread holds.
+A fill that runs past its time budget is abandoned (``fills_abandoned``). Nothing the loop does
+waits on a library lock: encodings are loaded on the pool only (tiktoken's registry lock can be
+held for as long as a download takes).
 Rejected: an inproc PAIR socket per worker (a socket per thread, for what a pipe byte does), and
 a lock around the store (every GET would pay for it, and replies would still have to be sent
 from the loop thread).
@@ -26,14 +29,13 @@ import fcntl
 import hashlib
 import logging
 import os
-import queue
 import signal
+import stat
 import sys
 import threading
 import time
 from array import array
 from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +43,7 @@ import tiktoken
 import zmq
 
 import flashtoken
+from flashtoken.boundary import uncached_encodings
 from flashtoken.errors import ProtocolError
 from flashtoken.prefix import split_prefix
 from flashtoken.protocol import (
@@ -51,7 +54,9 @@ from flashtoken.protocol import (
     GetRequest,
     Request,
     TellRequest,
+    TouchRequest,
     ipc_path,
+    make_key,
     pack_error,
     pack_hit,
     pack_miss,
@@ -62,9 +67,14 @@ from flashtoken.protocol import (
     tokens_to_frame,
 )
 
+from . import budget
+from .budget import Outstanding
 from .chains import ChainHandlers, ChainResult
 from .encodings import Loaded, check_loaded, load
+from .fills import FillPool
 from .fleet import FleetConfigError, FleetTier, Found
+from .hostmap import HostMap
+from .limits import PeerLimit, peer_cap, raise_nofile
 from .settings import FAILED_FILLS_KEPT, Config
 from .store import Entry, Store
 
@@ -82,7 +92,7 @@ class StartupError(Exception):
 
 @dataclass(frozen=True)
 class _Deferred:
-    """A GET answered when its fill's fleet lookup is done, or at ``deadline`` (see on_get)."""
+    """A GET answered when its fill is done, or at ``deadline`` (see on_get)."""
 
     key: bytes
     id: int
@@ -110,12 +120,21 @@ class Server(ChainHandlers):
         # on every request: keyed by (seed, blocks found, the first new block's bytes).
         self._failed_auto: OrderedDict[Any, str] = OrderedDict()
         self._parked: deque[TellRequest] = deque()  # TELLs whose parent is being filled
-        # GETs waiting for their fill's fleet lookup: key -> [(identity, request id, deadline)].
-        self._waiting: dict[bytes, list[tuple[bytes, int, float]]] = {}
+        self._parked_bytes = 0
         self._failed: OrderedDict[bytes, tuple[str, tuple[str, ...], bytes, str]] = OrderedDict()
-        self._results: queue.SimpleQueue[_FillResult | ChainResult] = queue.SimpleQueue()
-        self._pool: ThreadPoolExecutor | None = None
+        # GETs waiting for their fill: key -> [(identity, request id, deadline)].
+        self._waiting: dict[bytes, list[tuple[bytes, int, float]]] = {}
         self.fleet: FleetTier | None = None  # the fleet tier (daemon/fleet.py), if configured
+        self.hostmap: HostMap | None = None  # the host's shared map (ipc:// only)
+        self._pool = FillPool(config.fill_threads, self._wake)
+        self._pending_bytes: dict[Any, int] = {}  # bytes of the requests waiting for a fill
+        self._replies = Outstanding(budget.REPLY_BYTES_PER_PEER, budget.REPLY_BYTES_TOTAL)
+        self._publications = Outstanding(budget.PUBLISH_BYTES, budget.PUBLISH_BYTES)
+        self._known_encodings: frozenset[str] = frozenset()
+        self._limit = PeerLimit(peer_cap(1024))
+        # Salts this daemon's keys: crafting texts whose keys collide needs it (it never leaves
+        # the process), so no one can aim a collision at another's prefix to deny it its entry.
+        self._salt = os.urandom(16)
         self._stopping = False
         self._started = time.monotonic()
         self._parent = os.getppid()
@@ -135,9 +154,12 @@ class Server(ChainHandlers):
             "tokens_served": 0,
             "blocks_published": 0,
             "tells_unplaced": 0,
+            "tells_refused": 0,
             "server_errors": 0,
-            "waited_hits": 0,  # GET misses answered with their fill's tokens (the fleet tier)
-            "waited_misses": 0,  # ... answered as misses after waiting (see on_get)
+            "fills_abandoned": 0,
+            "fills_refused": 0,
+            "waited_hits": 0,  # GET misses answered with their fill's tokens (see on_get)
+            "waited_misses": 0,  # ... answered as misses after waiting
         }
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -152,6 +174,9 @@ class Server(ChainHandlers):
                 self._encodings[name] = load(name)
             except Exception as exc:
                 raise StartupError(f"cannot load encoding {name!r}: {exc}") from exc
+        # Once, before the loop: asking tiktoken on the loop would wait on its registry lock,
+        # which a fill loading an encoding holds for as long as its download takes.
+        self._known_encodings = frozenset(tiktoken.list_encoding_names())
         try:
             self.fleet = FleetTier.from_config(self.config)
         except FleetConfigError as exc:
@@ -160,11 +185,14 @@ class Server(ChainHandlers):
         path = ipc_path(address)
         if path is not None:
             self._take_lock(path, address)
+            # Test-only forced collisions exercise the in-memory store's checks: no map then.
+            if self.config.debug_key_bytes is None:
+                self.hostmap = self._open_map(path)
+        self._limit = PeerLimit(peer_cap(raise_nofile()))
         self._ctx = zmq.Context()
         router = self._router = self._ctx.socket(zmq.ROUTER)
-        router.setsockopt(zmq.LINGER, 0)
-        router.setsockopt(zmq.SNDHWM, self.config.hwm)
-        router.setsockopt(zmq.RCVHWM, self.config.hwm)
+        _bounded(router, self.config.hwm)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full queue is EAGAIN (counted), not silent
         # libzmq drops a peer that sends a frame larger than this, before we ever see it.
         router.setsockopt(zmq.MAXMSGSIZE, self.config.max_prefix_bytes + MAX_HEADER_BYTES)
         try:
@@ -182,6 +210,9 @@ class Server(ChainHandlers):
         self._poller = zmq.Poller()
         self._poller.register(router, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
+        for sock, path in ((router, self._socket_path), (self._publisher, self._publish_path)):
+            if sock is not None:
+                self._poller.register(self._limit.watch(sock, path), zmq.POLLIN)
         log.info(
             "flashtoken-daemon %s (pid %d) serving %s, max_bytes=%d, encodings=%s",
             flashtoken.__version__,
@@ -190,6 +221,15 @@ class Server(ChainHandlers):
             self.config.max_bytes,
             ",".join(self._encodings) or "-",
         )
+
+    def _open_map(self, path: str) -> HostMap | None:
+        import lmdb
+
+        try:
+            return HostMap(path, self.config.max_bytes)
+        except (lmdb.Error, OSError) as exc:
+            log.warning("no shared map (workers will ask for every prefix): %s", exc)
+            return None
 
     def _take_lock(self, path: str, address: str) -> None:
         """One daemon per socket path: an exclusive flock on ``{path}.lock``, held for life.
@@ -206,7 +246,25 @@ class Server(ChainHandlers):
         directory = os.path.dirname(path) or "."
         if not os.path.isdir(directory):
             raise StartupError(f"directory {directory} of {address} does not exist")
-        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # O_NOFOLLOW: in a shared directory, another user could have planted a symlink here to
+        # make the daemon write its pid into a file of its own. And it must be ours.
+        try:
+            fd = os.open(
+                path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+            )
+        except OSError as exc:
+            raise StartupError(
+                f"cannot open the lock file {path}.lock ({exc.strerror}; a symlink is refused);"
+                " remove it, or choose another --bind"
+            ) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            os.close(fd)
+            raise StartupError(
+                f"the lock file {path}.lock is not a private file of uid {os.geteuid()} (uid"
+                f" {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); remove it, or choose"
+                " another --bind"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -222,9 +280,18 @@ class Server(ChainHandlers):
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
-        if os.path.lexists(path):
-            log.info("removing stale socket %s", path)
-            os.unlink(path)
+        for stale in (path, path + ".full"):  # .full: moved aside by daemon/limits.py
+            try:
+                st = os.lstat(stale)
+            except FileNotFoundError:
+                continue
+            if st.st_uid != os.geteuid():
+                raise StartupError(
+                    f"{stale} belongs to uid {st.st_uid}, not to this daemon's; remove it, or"
+                    " choose another --bind"
+                )
+            log.info("removing stale socket %s", stale)
+            os.unlink(stale)
 
     def serve(self, *, install_signals: bool = True) -> None:
         """Start (if not started) and run the loop until stopped; always cleans up."""
@@ -244,6 +311,9 @@ class Server(ChainHandlers):
                     self._drain_router()
                 if self._wake_r in events:
                     self._drain_wake()
+                for monitor in self._limit.monitors:
+                    if monitor in events:
+                        self._limit.drain(monitor)
                 self._housekeeping()
         finally:
             self._close()
@@ -257,8 +327,7 @@ class Server(ChainHandlers):
             return
         assert self._ctx is not None
         pub = self._publisher = self._ctx.socket(zmq.PUB)
-        pub.setsockopt(zmq.LINGER, 0)
-        pub.setsockopt(zmq.SNDHWM, self.config.hwm)
+        _bounded(pub, self.config.hwm)
         try:
             self._publish_path = _bind_private(pub, where)
         except zmq.ZMQError as exc:
@@ -271,11 +340,15 @@ class Server(ChainHandlers):
         self._wake()
 
     def _close(self) -> None:
-        if self._pool is not None:
-            # A running encode cannot be interrupted; queued ones are dropped.
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        # A running encode cannot be interrupted; queued ones are dropped, and the threads are
+        # daemon threads: stopping never waits on one.
+        self._pool.close()
+        self._pending_bytes.clear()
+        self._limit.close()
         if self.fleet is not None:
             self.fleet.close()
+        if self.hostmap is not None:
+            self.hostmap.close()
         for sock in (self._router, self._publisher):
             if sock is not None:
                 sock.close(linger=0)
@@ -312,14 +385,18 @@ class Server(ChainHandlers):
             pass
 
     def _housekeeping(self) -> None:
-        while True:
-            try:
-                result = self._results.get_nowait()
-            except queue.Empty:
-                break
+        for key, result in self._pool.done():
+            self._pending_bytes.pop(key, None)
             self._on_fill_done(result)
+        for key, args in self._pool.overdue():
+            self._pending_bytes.pop(key, None)
+            self._abandon(key, args[1])
+        self._replies.reap()
+        self._publications.reap()
         if self._waiting:
             self._expire_waiting()
+        if self.hostmap is not None:
+            self.hostmap.housekeeping()
         self.store.compact()
         if self.config.exit_with_parent and os.getppid() != self._parent:
             log.info("parent process %d exited; stopping", self._parent)
@@ -332,11 +409,14 @@ class Server(ChainHandlers):
         assert router is not None
         for _ in range(_RECV_BATCH):
             try:
-                frames = router.recv_multipart(zmq.NOBLOCK)
+                identity, body, refused = self._recv(router)
             except zmq.Again:
                 return
-            identity, body = frames[0], frames[1:]
-            reply = self._handle(body)
+            if refused:
+                self.counters["protocol_errors"] += 1
+                reply = pack_error(request_id_of(body), CLIENT_ERROR, refused)
+            else:
+                reply = self._handle(body)
             if isinstance(reply, _Deferred):
                 self._waiting.setdefault(reply.key, []).append((identity, reply.id, reply.deadline))
                 continue
@@ -345,13 +425,42 @@ class Server(ChainHandlers):
             self._send(identity, reply)
 
     def _send(self, identity: bytes, reply: list[Any]) -> None:
-        assert self._router is not None
+        router = self._router
+        assert router is not None
+        size = sum(len(frame) for frame in reply)
+        if not self._replies.admit(identity, size):
+            return  # that client does not read its replies: it falls back, as on a timeout
         try:
-            self._router.send_multipart([identity, *reply], zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            pass  # that client's queue is full: it will time out and fall back
-        except zmq.ZMQError as exc:
+            tracker = router.send_multipart([identity, *reply], zmq.NOBLOCK, copy=False, track=True)
+            self._replies.sent(identity, size, tracker)
+        except zmq.Again:  # that client's queue is full: it will time out and fall back
+            self._replies.dropped += 1
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: that client is gone
+            self._replies.dropped += 1
             log.debug("reply dropped: %s", exc)
+
+    def _recv(self, router: zmq.Socket) -> tuple[bytes, list[Any], str | None]:
+        """One request, its frames checked as they come: of a message with more frames or more
+        bytes than a request can have, only the header is kept and the rest is read and dropped
+        uncopied (``recv_multipart`` copied every frame of a 200-frame, 800 MiB message first).
+        Returns the identity, the frames and why the message is refused (None: it is not).
+        Raises zmq.Again when there is none."""
+        identity = router.recv(zmq.NOBLOCK, copy=False)
+        more = identity.more
+        body: list[Any] = []
+        frames, size, limit = 0, 0, self.config.max_prefix_bytes + MAX_HEADER_BYTES
+        while more:
+            frame = router.recv(copy=False)  # the rest of a message is there (atomic delivery)
+            more = frame.more
+            frames, size = frames + 1, size + len(frame)
+            if frames <= 2 and size <= limit:
+                body.append(frame.buffer)
+        refused = None
+        if frames > 2:
+            refused = f"a request has 1 or 2 frames, not {frames}"
+        elif size > limit:
+            refused = f"a request of {size} bytes exceeds the limit of {limit}"
+        return identity.bytes, body, refused
 
     def _handle(self, body: list[bytes]) -> list[Any] | _Deferred:
         request_id = 0
@@ -359,7 +468,7 @@ class Server(ChainHandlers):
             request = parse_request(body, max_prefix_bytes=self.config.max_prefix_bytes)
             request_id = request.id
             handler = getattr(self, "on_" + request.op.lower())
-            reply: list[Any] | _Deferred = handler(request)  # [] for a TELL: no answer
+            reply: list[Any] | _Deferred = handler(request)  # []: no answer (TELL, TOUCH)
             return reply
         except ProtocolError as exc:
             self.counters["protocol_errors"] += 1
@@ -376,10 +485,24 @@ class Server(ChainHandlers):
     def on_stats(self, request: Request) -> list[Any]:
         return pack_ok(request.id, stats=self.stats(), settings=self.config.report())
 
+    def on_touch(self, request: Request) -> list[Any]:
+        """Hits workers took from the map themselves: most recently used now, and counted."""
+        assert isinstance(request, TouchRequest)
+        if self.hostmap is not None:
+            self.store.count_hits(self.hostmap.touch(request.keys))
+        return []
+
     def on_get(self, request: Request) -> list[Any] | _Deferred:
         assert isinstance(request, GetRequest)
         self._check_encoding(request)
-        key = request.key
+        if self.hostmap is not None:
+            held = self.hostmap.get(request.ns, request.eid, request.allowed, request.prefix)
+            if held is not None:  # stored since the worker looked, or a worker without the map
+                self.store.count_hits(1)
+                self.counters["tokens_served"] += len(held[1]) // 4
+                return pack_hit(request.id, *held)
+        # The key is the daemon's own, from the bytes it received: a client never names it.
+        key = make_key(self._salt + request.ns, request.eid, request.allowed, request.prefix)
         if self.config.debug_key_bytes is not None:
             key = key[: self.config.debug_key_bytes]  # test-only: force collisions
         failed = self._failed.get(key)
@@ -392,7 +515,7 @@ class Server(ChainHandlers):
             return pack_error(
                 request.id, SERVER_ERROR, f"this prefix cannot be encoded: {failed[3]}"
             )
-        entry = self.store.get(key, request.prefix, request.enc, request.allowed)
+        entry = self.store.get(key, request.prefix, request.enc, request.allowed, request.ns)
         if entry is not None:
             self.counters["tokens_served"] += len(entry.tokens) // 4
             return pack_hit(request.id, entry.cut, entry.tokens)
@@ -404,8 +527,7 @@ class Server(ChainHandlers):
             and len(self._filling) < self.config.max_pending_fills
         ):
             # peek: a key held by another prefix (a collision) is not refilled; see Store.
-            self._submit_fill(key, request)
-            filling = True
+            filling = self._submit(key, self._fill, key, request)
         if filling and request.fill and self.fleet is not None:
             # The fill asks the fleet tier first: a late host's first request for a prefix the
             # fleet holds is answered from it, not encoded by the worker. Waited for at most what
@@ -422,11 +544,10 @@ class Server(ChainHandlers):
         return max(0, min(_POLL_MS, int((first - time.monotonic()) * 1000) + 1))
 
     def _answer_waiting(self, key: Any, entry: Entry | None) -> None:
-        """Answer the GETs waiting for ``key``: a hit if its fill stored ``entry``, else a miss
+        """Answer the GETs waiting for ``key``: a hit if its fill made ``entry``, else a miss
         (their workers encode locally, as they would have without waiting)."""
         for identity, request_id, _ in self._waiting.pop(key, ()):
-            # The store counted the GET as the miss it was; these say how the wait ended.
-            if entry is not None and entry.alive:
+            if entry is not None:
                 self.counters["waited_hits"] += 1
                 self.counters["tokens_served"] += len(entry.tokens) // 4
                 self._send(identity, pack_hit(request_id, entry.cut, entry.tokens))
@@ -452,32 +573,64 @@ class Server(ChainHandlers):
         same as the client's (its identity) with the allowed specials among its own."""
         loaded = self._encodings.get(request.enc)
         if loaded is None:
-            if request.enc not in tiktoken.list_encoding_names():
-                raise ProtocolError(f"unknown encoding {request.enc!r}")
+            if request.enc not in self._known_encodings:
+                raise ProtocolError(
+                    f"unknown encoding {request.enc!r}; this daemon knows"
+                    f" {', '.join(sorted(self._known_encodings))}"
+                )
         else:
             check_loaded(loaded, request)
 
     # -- fills --------------------------------------------------------------------------------
 
-    def _submit_fill(self, key: bytes, request: GetRequest) -> None:
-        self._submit(key, self._fill, key, request)
-
-    def _submit(self, key: Any, fn: Any, *args: Any) -> None:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.config.fill_threads, "flashtoken-fill")
+    def _submit(self, key: Any, fn: Any, *args: Any) -> bool:
+        """Queue a fill on the pool; False if refused: too many fills stuck, or the requests
+        waiting for fills hold ``PENDING_FILL_BYTES`` already."""
+        request = args[1]
+        size = len(
+            request.prefix
+            if isinstance(request, GetRequest)
+            else request.text
+            if isinstance(request, AutoRequest)
+            else request.span
+        )
+        if sum(self._pending_bytes.values()) + size > budget.PENDING_FILL_BYTES or (
+            not self._pool.submit(key, fn, *args)
+        ):
+            self.counters["fills_refused"] += 1
+            return False
         self._filling.add(key)
-        self._pool.submit(fn, *args)
+        self._pending_bytes[key] = size
+        return True
 
-    def _fill(self, key: bytes, request: GetRequest) -> None:
-        """On a pool thread: encode the prefix, hand the result to the loop. Never raises."""
+    def _abandon(self, key: Any, request: Any) -> None:
+        """A fill ran past its budget: forget it, and do not try that text again."""
+        self._filling.discard(key)
+        self.counters["fills_abandoned"] += 1
+        error = f"abandoned after {self._pool.budget:g} s (the fill time budget)"
+        log.warning("fill of a %s text %s", request.enc, error)
+        if isinstance(request, GetRequest):
+            self._remember_failed(key, request, error)
+        else:
+            self._remember_failed_chain(key, error)
+        if self._parked:
+            self._unpark()
+
+    def _remember_failed(self, key: bytes, request: GetRequest, error: str) -> None:
+        # A digest of the prefix, not the prefix: the memo stays small whatever was sent.
+        self._failed[key] = (request.enc, request.allowed, _digest(request.prefix), error)
+        while len(self._failed) > FAILED_FILLS_KEPT:
+            self._failed.popitem(last=False)
+
+    def _fill(self, key: bytes, request: GetRequest) -> _FillResult:
+        """On a pool thread: encode the prefix; the result goes to the loop. Never raises."""
         try:
             loaded = self._encodings.get(request.enc) or load(request.enc)
             check_loaded(loaded, request)
             prefix = request.prefix.decode("utf-8")
             # The fleet tier first (its own timeout; a checked value or None), then tiktoken.
-            # request.key stands for the namespace: it is derived from the client's salt.
             fleet, scope = self.fleet, (loaded, request.allowed, request.prefix)
-            found = fleet.lookup(request.key, *scope, prefix) if fleet else None
+            found = fleet.lookup(request.ns, *scope, prefix) if fleet else None
             if found is None:
                 split = split_prefix(loaded.enc, prefix, allowed_special=frozenset(request.allowed))
                 # cut_byte too: a declared prefix is a root block, usable as a chain's first block.
@@ -487,7 +640,7 @@ class Server(ChainHandlers):
                     len(prefix[: split.cut].encode("utf-8")),
                 )
                 if fleet:
-                    fleet.put(request.key, *scope, found)  # queued: written behind
+                    fleet.put(request.ns, *scope, found)  # queued: written behind
             entry = Entry(
                 request.prefix,
                 request.enc,
@@ -495,14 +648,13 @@ class Server(ChainHandlers):
                 found.tokens,
                 found.cut,
                 cut_byte=found.cut_byte,
+                ns=request.ns,
             )
-            result = _FillResult(key, request, entry=entry, loaded=loaded)
+            return _FillResult(key, request, entry=entry, loaded=loaded)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:  # noqa: B036 - pyo3's PanicException is a BaseException
-            result = _FillResult(key, request, error=f"{type(exc).__name__}: {exc}"[:300])
-        self._results.put(result)
-        self._wake()
+            return _FillResult(key, request, error=f"{type(exc).__name__}: {exc}"[:300])
 
     def _on_fill_done(self, result: _FillResult | ChainResult) -> None:
         self._filling.discard(result.key)
@@ -520,22 +672,20 @@ class Server(ChainHandlers):
                 request.enc,
                 result.error,
             )
-            self._failed[result.key] = (
-                request.enc,
-                request.allowed,
-                _digest(request.prefix),
-                result.error,
-            )
-            while len(self._failed) > FAILED_FILLS_KEPT:
-                self._failed.popitem(last=False)
+            self._remember_failed(result.key, request, result.error)
             self._answer_waiting(result.key, None)
             return
         assert result.entry is not None and result.loaded is not None
         self._encodings.setdefault(request.enc, result.loaded)
         self.counters["fills"] += 1
-        if not self.store.put(result.key, result.entry):
+        entry = result.entry
+        # A declared prefix lives in the host map, where workers read it: once, not also here.
+        stored = self.hostmap is not None and self.hostmap.store(
+            request.ns, request.eid, request.allowed, request.prefix, entry.cut, entry.tokens
+        )
+        if not stored and not self.store.put(result.key, entry):
             log.debug("fill of a %d-byte prefix not stored", len(request.prefix))
-        self._answer_waiting(result.key, result.entry)
+        self._answer_waiting(result.key, entry)
 
     # -- stats --------------------------------------------------------------------------------
 
@@ -552,8 +702,52 @@ class Server(ChainHandlers):
         out["fills_pending"] = len(self._filling)
         if self.fleet is not None:
             out.update(self.fleet.stats())
+        if self.hostmap is not None:
+            out.update(self.hostmap.stats())
+        out["uncached_encodings"] = uncached_encodings()
+        out["fills_running"] = self._pool.running()
+        out["replies_dropped"] = self._replies.dropped
+        out["publications_dropped"] = self._publications.dropped
+        out["reply_bytes_queued"] = self._replies.total
+        out["fill_bytes_pending"] = sum(self._pending_bytes.values())
+        out["parked_bytes"] = self._parked_bytes
+        out.update(_memory())
+        out.update(self._limit.stats())
+        out["limit_rss_bytes"] = self.config.max_bytes + budget.overhead_bytes(
+            self.config.fill_threads, self._limit.cap
+        )
         out["encodings_loaded"] = sorted(self._encodings)
         return out
+
+
+def _bounded(sock: zmq.Socket, hwm: int) -> None:
+    """A daemon socket's queues, bounded (daemon/budget.py): in messages per peer, in bytes by
+    tracking zero-copy frames, and a peer that stops reading is dropped by ZMTP heartbeats (its
+    I/O thread no longer answers once its queue is full), which frees what was queued for it."""
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, min(hwm, budget.SEND_HWM))
+    sock.setsockopt(zmq.RCVHWM, min(hwm, budget.RECEIVE_HWM))
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10_000)
+    sock.copy_threshold = budget.TRACKED_FRAME_BYTES  # larger frames are zero-copy, tracked
+    # Connections the kernel queues before libzmq accepts them: past the door (daemon/limits.py)
+    # these still get in, so few.
+    sock.setsockopt(zmq.BACKLOG, 16)
+
+
+def _memory() -> dict[str, int]:
+    """This process's resident memory now and at its peak (Linux; 0 elsewhere)."""
+    out = {"rss_bytes": 0, "rss_max_bytes": 0}
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmRSS:"):
+                    out["rss_bytes"] = int(line.split()[1]) * 1024
+                elif line.startswith(b"VmHWM:"):
+                    out["rss_max_bytes"] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
 
 
 def _bind_private(sock: zmq.Socket, address: str) -> str | None:

@@ -217,4 +217,3 @@ def _redact(url: str | None) -> str | None:
     from .fleet import redact_url  # imports no redis: that happens when a tier is made
 
     return redact_url(url)
-

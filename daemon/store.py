@@ -24,23 +24,36 @@ from typing import Any, NamedTuple
 
 import xxhash
 
-from .settings import ENTRY_OVERHEAD
+# Bytes an entry costs beyond its token and prefix bytes: the Entry object, its key (twice: the
+# dict's and the entry's), its dict slot, its LRU heap pairs (stale ones included, up to four an
+# entry before ``compact``) and the allocator's rounding. Measured: ~410 bytes of RSS a small
+# entry; 512 leaves room for the stale heap pairs. (It was 256, and small entries then cost 2.9x
+# the budget in RSS: issue 11.) Fixed, so that accounting is deterministic.
+ENTRY_OVERHEAD = 512
 
 # Recent chains remembered, to walk a growing text in O(new blocks): working memory outside
 # ``bytes`` (a memo holds a view of the text it was found for), so bounded on its own.
 _MEMOS = 16
 _MEMO_BYTES = 32 * 1024 * 1024
+# New blocks one walk steps through at most (a hash and a lookup each, on the loop thread): the
+# rest of a longer text is a miss this time. Without it one AUTO request of 4 MiB in 16-byte
+# blocks held the loop for half a second, and lookups of that text 16 bytes shorter (no memo
+# matches them) did so again and again (issue 11).
+MAX_WALK_BLOCKS = 4096
 
 
 @dataclass(eq=False)
 class Entry:
     """One block: ``tokens`` (little-endian uint32 bytes) are its tokens before ``cut``.
 
-    ``prefix``, ``enc``, ``allowed`` and ``parent`` are kept to confirm a hit: a key only
-    locates. For a declared prefix ``prefix`` is its bytes and ``cut`` an offset into it in code
-    points. For a chain block ``cut`` / ``cut_byte`` are offsets into the whole text, ``tokens``
-    start at the parent's cut, and ``prefix`` holds only the bytes from ``cut_byte`` to the
-    block's end: the bytes before are those its tokens decode to.
+    ``prefix``, ``enc``, ``allowed``, ``ns`` and ``parent`` are kept to confirm a hit: a key
+    only locates. ``ns`` is the namespace: a GET's ``namespace_tag``, a chain's seed (which
+    the namespace, encoding, policy and block size make): compared, so that tenants are kept
+    apart by what is stored, not by the hash alone. For a declared prefix ``prefix`` is its
+    bytes and ``cut`` an offset into it in code points. For a chain block ``cut`` /
+    ``cut_byte`` are offsets into the whole text, ``tokens`` start at the parent's cut, and
+    ``prefix`` holds only the bytes from ``cut_byte`` to the block's end: the bytes before are
+    those its tokens decode to.
     """
 
     __slots__ = (
@@ -56,6 +69,7 @@ class Entry:
         "alive",
         "key",
         "chain",
+        "ns",
     )
 
     prefix: bytes
@@ -70,6 +84,7 @@ class Entry:
     alive: bool
     key: bytes
     chain: bool
+    ns: bytes
 
     def __init__(
         self,
@@ -80,6 +95,7 @@ class Entry:
         cut: int,
         parent: Entry | None = None,
         cut_byte: int = -1,
+        ns: bytes = b"",
     ) -> None:
         self.prefix, self.enc, self.allowed, self.tokens, self.cut = (
             prefix,
@@ -88,21 +104,23 @@ class Entry:
             tokens,
             cut,
         )
-        self.parent, self.cut_byte = parent, cut_byte
+        self.parent, self.cut_byte, self.ns = parent, cut_byte, ns
         self.children, self.used, self.alive, self.key, self.chain = 0, 0, False, b"", False
 
     @property
     def size(self) -> int:
         return len(self.tokens) + len(self.prefix) + ENTRY_OVERHEAD
 
-    def matches(self, prefix: bytes, enc: str, allowed: tuple[str, ...]) -> bool:
-        """A declared prefix's confirmation: a root holding exactly these bytes and policy."""
-        # enc and allowed first: cheap; the prefix comparison is a memcmp.
+    def matches(self, prefix: bytes, enc: str, allowed: tuple[str, ...], ns: bytes = b"") -> bool:
+        """A declared prefix's confirmation: a root holding exactly these bytes, policy and
+        namespace."""
+        # enc, allowed and ns first: cheap; the prefix comparison is a memcmp.
         return (
             self.parent is None
             and not self.chain
             and self.enc == enc
             and self.allowed == allowed
+            and self.ns == ns
             and self.prefix == prefix
         )
 
@@ -114,17 +132,19 @@ class Entry:
         data: bytes,
         origin: int,
         end: int,
+        ns: bytes = b"",
     ) -> bool:
         """Whether this chain block may follow ``parent`` in a text whose bytes from ``origin``
         on are ``data``, its block ending at ``end``: the same parent, encoding and policy, its
         cut between the parent's and ``end``, and its stored bytes the text's after that cut.
-        Its tokens are checked apart (decoded: see ``Store.walk``)."""
+        Its tokens are checked apart (decoded: see ``Store.walk``). ``ns``: the chain's seed."""
         start = parent.cut_byte if parent is not None else 0
         return (
             self.parent is parent
             and self.chain
             and self.enc == enc
             and self.allowed == allowed
+            and self.ns == ns
             and start <= self.cut_byte <= end
             and self.prefix == data[self.cut_byte - origin : end - origin]
         )
@@ -191,18 +211,25 @@ class Store:
 
     # -- declared prefixes (GET) ------------------------------------------------------------------
 
-    def get(self, key: bytes, prefix: bytes, enc: str, allowed: tuple[str, ...]) -> Entry | None:
+    def get(
+        self, key: bytes, prefix: bytes, enc: str, allowed: tuple[str, ...], ns: bytes = b""
+    ) -> Entry | None:
         """The confirmed entry for this prefix, or None; counts a get and a hit or a miss."""
         self.cmd_get += 1
         entry = self._entries.get(key)
         if entry is not None:
-            if entry.matches(prefix, enc, allowed):
+            if entry.matches(prefix, enc, allowed, ns):
                 self._use(entry)
                 self.get_hits += 1
                 return entry
             self.collisions_detected += 1
         self.get_misses += 1
         return None
+
+    def count_hits(self, hits: int) -> None:
+        """Count gets served from the host map (by the daemon, or by workers reading it)."""
+        self.cmd_get += hits
+        self.get_hits += hits
 
     def count_miss(self) -> None:
         """Count a get answered without a lookup (the daemon refused the prefix's fill before)."""
@@ -220,7 +247,7 @@ class Store:
             return False
         old = self._entries.get(key)
         if old is not None:
-            if not old.matches(entry.prefix, entry.enc, entry.allowed) or old.children:
+            if not old.matches(entry.prefix, entry.enc, entry.allowed, entry.ns) or old.children:
                 return False
             self._remove(old)
         return self._insert(key, entry)
@@ -260,12 +287,13 @@ class Store:
         state = xxhash.xxh3_128() if state is None else state.copy()
         known = len(path)
         view = memoryview(data)
-        for end in range((len(path) + 1) * block, len(data) + 1, block):
+        last = min(len(data), (known + MAX_WALK_BLOCKS) * block)
+        for end in range((len(path) + 1) * block, last + 1, block):
             before = state.copy()
             state.update(view[end - block : end])
             node = self._entries.get(self._key(seed, state.digest()))
             if node is not None:
-                if node.extends(path[-1] if path else None, enc, allowed, data, 0, end):
+                if node.extends(path[-1] if path else None, enc, allowed, data, 0, end, seed):
                     path.append(node)
                     continue
                 self.collisions_detected += 1
@@ -346,6 +374,7 @@ class Store:
                     and old.tokens == entry.tokens
                     and old.enc == entry.enc
                     and old.allowed == entry.allowed
+                    and old.ns == entry.ns
                 ):
                     stored.append(old)  # recorded meanwhile by another fill: the same block
                     continue

@@ -18,6 +18,7 @@ import bisect
 import collections
 import heapq
 import itertools
+import os
 import threading
 import weakref
 from collections.abc import Sequence
@@ -192,6 +193,13 @@ class AutoPrefixCache:
         self._block = block_bytes
         self._max_bytes = max_bytes
         self._lengths = token_byte_lengths(self._enc)
+        self._lock = threading.Lock()
+        self._counts = collections.Counter[str]()
+        self._forbidden_ids: dict[frozenset[str], frozenset[int]] = {}
+        self._empty()
+        _live.add(self)
+
+    def _empty(self) -> None:
         self._nodes: dict[tuple[frozenset[str], int], _Node] = {}
         # Eviction takes the least recently used *leaf*: a block is never evicted while blocks
         # extending it remain. Candidates sit in a heap of (used, key), invalidated lazily.
@@ -199,12 +207,24 @@ class AutoPrefixCache:
         self._memos: dict[frozenset[str], _Memo] = {}
         self._tick = 0
         self._bytes = 0
-        self._lock = threading.Lock()
-        self._counts = collections.Counter[str]()
-        self._forbidden_ids: dict[frozenset[str], frozenset[int]] = {}
         self._frontier: collections.OrderedDict[tuple[frozenset[str], int], None] = (
             collections.OrderedDict()
         )
+
+    def _after_fork(self) -> None:
+        """In a forked child (``os.register_at_fork``, before any code of the child runs).
+
+        The parent's threads are gone, but a lock one of them held at the fork is still held:
+        it is made anew, never waited on (a pid check at the start of a call would come too
+        late, as the call takes the lock first). A lock held means a parent's thread was half
+        way through an update, so the store is emptied too (it refills; an id never depends on
+        what it held). Rejected: taking every lock before the fork (``before=``), which would
+        make ``fork()`` wait on the parent's lookups and deadlock if the forking thread held one.
+        """
+        held = self._lock.locked()
+        self._lock = threading.Lock()
+        if held:
+            self._empty()
 
     @property
     def encoding(self) -> tiktoken.Encoding:
@@ -671,3 +691,16 @@ def token_byte_lengths(enc: tiktoken.Encoding) -> list[int]:
             lengths[rank] = size if lengths[rank] in (0, size) else AMBIGUOUS
         _lengths_cache[enc] = lengths
     return lengths
+
+
+# Every AutoPrefixCache of this process, for ``_after_fork`` in a forked child.
+_live: weakref.WeakSet[AutoPrefixCache] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for cache in list(_live):
+        cache._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)

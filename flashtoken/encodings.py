@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import os
 import threading
 import weakref
 from array import array
@@ -44,6 +45,17 @@ _loader_lock = threading.Lock()
 
 _ids: weakref.WeakKeyDictionary[tiktoken.Encoding, bytes] = weakref.WeakKeyDictionary()
 _ids_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # A lock a parent's thread held at the fork (a 40 ms encoding_id, a load) is never released
+    # in the child; the dicts they guard are only written once a value is complete.
+    global _encodings_lock, _loader_lock, _ids_lock
+    _encodings_lock, _loader_lock, _ids_lock = threading.Lock(), threading.Lock(), threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _NotShipped(Exception):

@@ -21,7 +21,7 @@ import msgpack
 import pytest
 import zmq
 
-from flashtoken.protocol import MAGIC, VERSION, pack_simple, parse_reply
+from flashtoken.protocol import ALGORITHM, MAGIC, VERSION, pack_simple, parse_reply
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
@@ -36,12 +36,14 @@ class DaemonProcess:
         *args: str,
         encodings: str = "cl100k_base",
         env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.directory = directory
         self.path = directory / "d.sock"
         self.address = f"ipc://{self.path}"
         self.args = ["--encodings", encodings, *args]
         self.env = env
+        self.preexec_fn = preexec_fn  # e.g. a lowered descriptor limit (tests/test_descriptors.py)
         self.log = directory / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -59,7 +61,11 @@ class DaemonProcess:
     def start(self) -> DaemonProcess:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.env
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                preexec_fn=self.preexec_fn,
             )
         wait_until(self.answers, START_TIMEOUT, f"daemon never answered; log:\n{self.log_text()}")
         return self
@@ -137,7 +143,7 @@ def request(address: str, frames: list[bytes], *, timeout_ms: int = 2000) -> lis
 
 
 def header(**fields: Any) -> bytes:
-    return msgpack.packb({"m": MAGIC, "v": VERSION, **fields}, use_bin_type=True)
+    return msgpack.packb({"m": MAGIC, "v": VERSION, "a": ALGORITHM, **fields}, use_bin_type=True)
 
 
 def short_tempdir() -> Path:

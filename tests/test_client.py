@@ -7,7 +7,6 @@ import random
 import subprocess
 import sys
 import threading
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +19,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flashtoken import get_encoding, split_prefix
-from flashtoken.errors import DaemonTimeout
-from flashtoken.protocol import MAGIC, parse_request, tokens_to_frame
+from flashtoken.errors import DaemonUnavailable
+from flashtoken.protocol import ALGORITHM, MAGIC, VERSION, parse_request, tokens_to_frame
 from tests.corpus import CORPUS, splits
 from tests.daemon_fixtures import DaemonProcess, wait_until
 from tests.strategies import texts
@@ -30,7 +29,10 @@ pytestmark = pytest.mark.timeout(90)
 
 ENCODINGS = ["cl100k_base", "o200k_base"]
 # Generous: tests on a loaded CI machine must not fall back for want of a few ms.
-TIMEOUT_MS = 250
+# ms: a real daemon's answer is awaited this long; it comes in ms, only a hang waits it out.
+# Not less: on a loaded machine a reply can take longer than 250 ms, and a test counting
+# hits then failed for want of a few ms (a timing assertion in disguise).
+TIMEOUT_MS = 5000
 
 
 def _utf8(text: str) -> bool:
@@ -65,7 +67,7 @@ def test_exact_on_every_corpus_split(shared_daemon: DaemonProcess, name: str) ->
             assert warm.count_ordinary(suffix, prefix=prefix) == len(expected)
             assert warm.encode_ordinary_array(suffix, prefix=prefix).tolist() == expected
         stats = warm.stats()
-    assert stats["l2_hits"] == len({p for p, _ in pairs if _utf8(p)})
+    assert stats["l2_hits"] == len({p for p, _ in pairs if _utf8(p)}), stats
     assert stats["errors"] == stats["timeouts"] == stats["rejected_hits"] == 0
 
 
@@ -156,9 +158,10 @@ def test_no_daemon_is_exact_and_opens_the_breaker(daemon_dir: Path) -> None:
             prefix = f"prefix {i} " * 50
             assert client.encode_ordinary("x", prefix=prefix) == enc.encode_ordinary(prefix + "x")
         stats = client.stats()
-        assert stats["timeouts"] == 3 and stats["fallbacks"] == 20
-        assert stats["breaker"] == "open"
-        with pytest.raises(DaemonTimeout):
+        # No socket file: not even a connect (and no wait); three failures open the breaker.
+        assert stats["errors"] == 3 and stats["fallbacks"] == 20 and stats["timeouts"] == 0
+        assert stats["breaker"] == "open" and stats["untrusted"] == 0
+        with pytest.raises(DaemonUnavailable):
             client.daemon_stats(timeout_ms=50)
 
 
@@ -205,6 +208,7 @@ class FakeDaemon:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(address)
+        os.chmod(address[len("ipc://") :], 0o600)  # a private socket, as the daemon's: trusted
         self.stop = threading.Event()
         self.answered = 0
         self.thread = threading.Thread(target=self.run)
@@ -220,7 +224,8 @@ class FakeDaemon:
         def hit(id_: int, cut: int, frame: bytes, n: int | None = None) -> list[bytes]:
             head = {
                 "m": MAGIC,
-                "v": 1,
+                "v": VERSION,
+                "a": ALGORITHM,
                 "id": id_,
                 "ok": True,
                 "hit": True,
@@ -240,12 +245,17 @@ class FakeDaemon:
             hit(rid, split.cut, tokens_to_frame(__import__("array").array("I", [100257]))),
             hit(rid, split.cut, good[:-2]),  # truncated
             hit(rid + 1, split.cut, good),  # someone else's id
-            [msgpack.packb({"m": MAGIC, "v": 1, "id": rid, "ok": True, "hit": "yes"})],
+            [
+                msgpack.packb(
+                    {"m": MAGIC, "v": VERSION, "a": ALGORITHM, "id": rid, "ok": True, "hit": "yes"}
+                )
+            ],
             [
                 msgpack.packb(
                     {
                         "m": MAGIC,
-                        "v": 1,
+                        "v": VERSION,
+                        "a": ALGORITHM,
                         "id": rid,
                         "ok": False,
                         "error": "CLIENT_ERROR",
@@ -278,9 +288,7 @@ def test_a_daemon_answering_garbage_changes_no_token(daemon_dir: Path) -> None:
     enc = get_encoding("cl100k_base")
     fake = FakeDaemon(f"ipc://{daemon_dir}/fake.sock")
     try:
-        with Client(
-            fake.address, timeout_ms=TIMEOUT_MS, l1_bytes=0, breaker_failures=10**6
-        ) as client:
+        with Client(fake.address, timeout_ms=1000, l1_bytes=0, breaker_failures=10**6) as client:
             for i in range(120):
                 prefix = f"Garbage in, {i} exact tokens out. " * 20
                 assert client.encode_ordinary(" ok", prefix=prefix) == enc.encode_ordinary(
@@ -380,11 +388,10 @@ def test_interpreter_exit_never_hangs(
             "assert d.count_ordinary('x', prefix='z' * 1000) > 0\n"
             "print('done')\n"  # and exit without close()
         )
-        start = time.monotonic()
+        # A hang at exit raises TimeoutExpired (a generous deadline, not a timing).
         proc = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
         )
         assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr
-        assert time.monotonic() - start < 15
     finally:
         daemon.signal(__import__("signal").SIGCONT)

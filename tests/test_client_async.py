@@ -11,13 +11,16 @@ import pytest
 from flashtoken.client import AsyncClient
 
 from flashtoken import get_encoding
-from flashtoken.errors import DaemonTimeout
+from flashtoken.errors import DaemonUnavailable
 from tests.corpus import CORPUS, splits
 from tests.daemon_fixtures import DaemonProcess, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
-TIMEOUT_MS = 250
+# ms: a real daemon's answer is awaited this long; it comes in ms, only a hang waits it out.
+# Not less: on a loaded machine a reply can take longer than 250 ms, and a test counting
+# hits then failed for want of a few ms (a timing assertion in disguise).
+TIMEOUT_MS = 5000
 
 
 @pytest.mark.parametrize("name", ["cl100k_base", "o200k_base"])
@@ -95,12 +98,12 @@ def test_no_daemon(daemon_dir: Path) -> None:
                 assert await c.encode_ordinary("?", prefix=prefix) == enc.encode_ordinary(
                     prefix + "?"
                 )
-            with pytest.raises(DaemonTimeout):
+            with pytest.raises(DaemonUnavailable):  # no socket file: not even a connect
                 await c.daemon_stats(timeout_ms=50)
             return c.stats()
 
     stats = asyncio.run(run())
-    assert stats["timeouts"] == 3 and stats["breaker"] == "open"
+    assert stats["errors"] == 3 and stats["timeouts"] == 0 and stats["breaker"] == "open"
 
 
 def test_usable_across_event_loops(start_daemon: Callable[..., DaemonProcess]) -> None:

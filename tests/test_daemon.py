@@ -16,7 +16,7 @@ import zmq
 
 from flashtoken import get_encoding, split_prefix
 from flashtoken.encodings import encoding_id
-from flashtoken.protocol import make_key, pack_get, pack_simple, parse_reply, tokens_from_frame
+from flashtoken.protocol import namespace_tag, pack_get, pack_simple, parse_reply, tokens_from_frame
 from tests.daemon_fixtures import DaemonProcess, header, request, wait_until
 from tests.test_protocol import HOSTILE_FRAMES
 
@@ -37,7 +37,7 @@ def get(
     encoding = get_encoding(enc)
     data = prefix.encode("utf-8")
     eid = encoding_id(encoding)
-    frames = pack_get(request_id, make_key(b"", eid, allowed, data), enc, eid, allowed, fill, data)
+    frames = pack_get(request_id, namespace_tag(b""), enc, eid, allowed, fill, data)
     reply = parse_reply(request(daemon.address, frames))
     assert reply.id == request_id
     return reply
@@ -80,7 +80,7 @@ def test_allowed_specials_and_o200k(daemon: DaemonProcess) -> None:
 def test_invalid_gets_get_client_errors(daemon: DaemonProcess) -> None:
     data = b"prefix"
     eid = encoding_id(get_encoding("cl100k_base"))
-    key = make_key(b"", eid, (), data)
+    key = namespace_tag(b"")
     cases = {
         "unknown encoding": pack_get(3, key, "no_such_encoding", eid, (), True, data),
         "encoding id mismatch": pack_get(3, key, "cl100k_base", bytes(32), (), True, data),
@@ -107,7 +107,7 @@ def test_hostile_frames_leave_the_daemon_serving(
             if frames:  # ZeroMQ cannot send a message of no frames; "empty header" covers it
                 hostile.send_multipart(frames)
                 sent += 1
-        hostile.send_multipart([header(op="GET", id=1, key=b"k" * 16), b"x" * (65 * 1024)])
+        hostile.send_multipart([header(op="GET", id=1, ns=b"k" * 16), b"x" * (65 * 1024)])
         sent += 1
         replies = 0
         while hostile.poll(2000, zmq.POLLIN):
@@ -280,12 +280,7 @@ def test_token_frame_is_little_endian(daemon: DaemonProcess) -> None:
         daemon.address,
         pack_get(
             5,
-            make_key(
-                b"",
-                encoding_id(get_encoding("cl100k_base")),
-                (),
-                b"hello world, hello world, hello world",
-            ),
+            namespace_tag(b""),
             "cl100k_base",
             encoding_id(get_encoding("cl100k_base")),
             (),

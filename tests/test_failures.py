@@ -1,11 +1,10 @@
 """Failure is normal: a daemon killed, frozen or restarted under load changes no token and raises
-nothing to the caller, and each call stays within local-encode time plus a small budget."""
+nothing to the caller, and each call waits at most one budget (counted by the client)."""
 
 from __future__ import annotations
 
 import json
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ prefixes = ["".join(rng.choice(words) for _ in range(rng.randrange(1, 400))) for
 suffixes = ["", " x", "s", "'t", "4567", "\n\n", "中", " ", "e\u0301"]
 client = Client(address, name, timeout_ms=20, l1_bytes=0)  # no L1: every call exercises L2
 mismatches = exceptions = calls = 0
-at_restart = None
+at_restart = down = None
 while not os.path.exists(os.path.join(control, "stop")):
     prefix, suffix = rng.choice(prefixes), rng.choice(suffixes)
     try:
@@ -44,6 +43,10 @@ while not os.path.exists(os.path.join(control, "stop")):
     except BaseException:
         exceptions += 1
     calls += 1
+    if down is None and os.path.exists(os.path.join(control, "killed")):
+        down = client.stats()["fallbacks"]
+    if down is not None and client.stats()["fallbacks"] > down:  # it noticed the daemon gone
+        open(os.path.join(control, f"down-{seed}"), "w").close()
     if at_restart is None and os.path.exists(os.path.join(control, "restarted")):
         at_restart = client.stats()
     if at_restart is not None and client.stats()["l2_hits"] > at_restart["l2_hits"]:
@@ -72,7 +75,13 @@ def test_kill9_and_restart_under_multiprocess_load(
     try:
         wait_until(lambda: daemon.stats()["get_hits"] > 100, 30, "no hits before the kill")
         daemon.kill9()
-        time.sleep(1.0)
+        (control / "killed").touch()
+        # Restarted only once every worker has gone local for want of it (no fixed sleep).
+        wait_until(
+            lambda: len(list(control.glob("down-*"))) == len(workers),
+            30,
+            "some worker never noticed the daemon was gone",
+        )
         start_daemon(encodings=name)  # the same socket path: the clients are not told
         (control / "restarted").touch()
         # Each worker's breaker closes at its next probe (cool-downs of 0.25 s, 0.5 s, ...).
@@ -93,51 +102,53 @@ def test_kill9_and_restart_under_multiprocess_load(
         assert report["end"]["l2_hits"] > report["at_restart"]["l2_hits"]
 
 
-def test_sigstop_costs_each_call_at_most_local_time_plus_budget(
+def test_sigstop_costs_each_call_at_most_one_budget_and_the_breaker_opens(
     start_daemon: Callable[..., DaemonProcess],
 ) -> None:
+    """A frozen daemon: every answer exact, each call waits out at most one budget (a timeout
+    counted by the client), and after ``breaker_failures`` of them no call waits at all.
+
+    Behaviour, not timing (issue 10: this test once asserted wall-clock bounds and failed on a
+    loaded machine): the cool-down is longer than the test, so the count is exact.
+    """
     enc = get_encoding("cl100k_base")
     daemon = start_daemon()
     prefixes = [f"frozen daemon {i} " + "the quick brown fox jumps. " * 300 for i in range(8)]
-    local = []
-    for prefix in prefixes:
-        start = time.perf_counter()
-        enc.encode_ordinary(prefix + " tail")
-        local.append(time.perf_counter() - start)
-    budget_ms = 20  # the default: 5 ms proved too short for a resumed daemon on a loaded host
-    with Client(daemon.address, timeout_ms=budget_ms, l1_bytes=0) as client:
+    options = {"timeout_ms": 20, "l1_bytes": 0, "breaker_failures": 3}
+    with Client(daemon.address, breaker_cooldown_ms=600_000, **options) as client:
         for prefix in prefixes:  # fill the daemon
             client.encode_ordinary(" tail", prefix=prefix)
         wait_until(lambda: daemon.stats()["curr_items"] == len(prefixes), 20, "fills missing")
+        before = client.stats()
         daemon.signal(signal.SIGSTOP)
         try:
-            times = []
-            deadline = time.monotonic() + 3.0
-            i = 0
-            while time.monotonic() < deadline:
+            calls = 200
+            for i in range(calls):
                 prefix = prefixes[i % len(prefixes)]
-                i += 1
-                start = time.perf_counter()
-                tokens = client.encode_ordinary(" tail", prefix=prefix)
-                times.append(time.perf_counter() - start)
-                assert tokens == enc.encode_ordinary(prefix + " tail")
+                waited = client.stats()["timeouts"]
+                assert client.encode_ordinary(" tail", prefix=prefix) == enc.encode_ordinary(
+                    prefix + " tail"
+                )
+                assert client.stats()["timeouts"] - waited <= 1  # one budget, never a retry
             stats = client.stats()
         finally:
             daemon.signal(signal.SIGCONT)
-        # Generous for a loaded CI machine; the point is no call waits for the frozen daemon.
-        bound = max(local) * 3 + budget_ms / 1000 + 0.2
-        assert max(times) < bound, (max(times), bound)
-        # The breaker opened: a few timeouts in 3 s (3 to open, then a probe per cool-down),
-        # not one per call.
-        assert stats["timeouts"] <= 8 and len(times) > 100 and stats["breaker"] != "closed"
-        # Resumed: the breaker closes at its next probe and hits come back.
-        hits = stats["l2_hits"]
-        deadline = time.monotonic() + 20
-        while client.stats()["l2_hits"] == hits and time.monotonic() < deadline:
-            client.encode_ordinary(" tail", prefix=prefixes[0])
-            time.sleep(0.01)
-        assert client.stats()["l2_hits"] > hits and client.stats()["breaker"] == "closed"
-    assert statistics.median(times) < bound
+    # Three timeouts open the breaker; every later call goes local without asking.
+    assert stats["timeouts"] - before["timeouts"] == 3
+    assert stats["fallbacks"] - before["fallbacks"] == calls
+    assert stats["errors"] == before["errors"] and stats["breaker"] == "open"
+    # Resumed: a client's breaker closes at its first probe and hits come back.
+    with Client(daemon.address, **options) as client:
+        wait_until(
+            lambda: (
+                client.encode_ordinary(" tail", prefix=prefixes[0])
+                == enc.encode_ordinary(prefixes[0] + " tail")
+                and client.stats()["l2_hits"] > 0
+            ),
+            20,
+            "hits never came back after SIGCONT",
+        )
+        assert client.stats()["breaker"] == "closed"
 
 
 def test_daemon_down_from_the_start_then_up(

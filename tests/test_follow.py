@@ -20,6 +20,7 @@ from typing import Any
 
 import msgpack
 import pytest
+import xxhash
 import zmq
 from flashtoken.client import AsyncClient, Client
 
@@ -182,7 +183,7 @@ def test_a_special_id_spelling_ordinary_text_is_refused() -> None:
 
 
 def client(daemon: DaemonProcess, name: str = "cl100k_base", **options: Any) -> Client:
-    return Client(daemon.address, name, timeout_ms=250, auto_block_bytes=BLOCK, **options)
+    return Client(daemon.address, name, timeout_ms=5000, auto_block_bytes=BLOCK, **options)
 
 
 def play(clients: list[Any], enc: Any, texts: list[str], rng: random.Random) -> None:
@@ -319,11 +320,13 @@ class LyingPublisher:
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.bind(address)
+        os.chmod(address[len("ipc://") :], 0o600)  # a private socket, as the daemon's: trusted
         where = publish_address(address)
         assert where is not None
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.bind(where)
+        os.chmod(where[len("ipc://") :], 0o600)  # a private socket, as the daemon's: trusted
         self.messages = messages
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run)
@@ -445,7 +448,13 @@ def test_the_daemon_answers_a_bad_tell_and_an_unplaced_one(daemon: DaemonProcess
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(daemon.address)
-        sock.send_multipart(tell_frames(first=0, parent=None, start=0, span=b"y" * BLOCK))
+        # A digest that is not that of its bytes: refused (a client's key is never trusted).
+        sock.send_multipart(tell_frames(first=0, parent=None, start=0, span=b"z" * BLOCK))
+        wait_until(lambda: daemon.stats()["tells_refused"] == 1, 10, "a lying TELL was taken")
+        assert daemon.stats()["blocks"] == 0
+        digest = xxhash.xxh3_128(b"y" * BLOCK).digest()
+        tell = tell_frames(first=0, parent=None, start=0, span=b"y" * BLOCK, digests=[digest])
+        sock.send_multipart(tell)
         wait_until(lambda: daemon.stats()["blocks"] == 1, 10, "a root TELL was not filled")
         assert not sock.poll(200)  # placed: no answer
     finally:
@@ -458,7 +467,7 @@ def test_daemon_memory_is_linear_in_the_distinct_text(daemon: DaemonProcess) -> 
     token for a chat, whose requests all share their history (default block size)."""
     enc = get_encoding("cl100k_base")
     texts = chat(60, 40)
-    with Client(daemon.address, "cl100k_base", timeout_ms=250) as c:
+    with Client(daemon.address, "cl100k_base", timeout_ms=5000) as c:
         for text in texts:
             assert c.encode_ordinary(text) == enc.encode_ordinary(text)
     wait_until(lambda: daemon.stats()["fills_pending"] == 0, 30, "fills never finished")

@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -218,8 +218,12 @@ def test_daemon_killed_during_load(server: GunicornProcess) -> None:
     threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
+
+    def served_more(than: int) -> Callable[[], bool]:
+        return lambda: sum(statuses.values()) + len(failures) >= than + 20
+
     try:
-        time.sleep(1.0)
+        wait_until(served_more(0), 60, "the load never ran")  # a condition, not a fixed sleep
         old = server.daemon_stats()
         assert old is not None
         os.kill(old["pid"], signal.SIGKILL)
@@ -229,7 +233,8 @@ def test_daemon_killed_during_load(server: GunicornProcess) -> None:
             f"the daemon was not restarted:\n{server.log_text()}",
             interval=0.2,
         )
-        time.sleep(1.0)  # load against the restarted daemon too
+        # Load against the restarted daemon too.
+        wait_until(served_more(sum(statuses.values()) + len(failures)), 60, "no load after")
     finally:
         stop.set()
         for t in threads:

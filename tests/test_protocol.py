@@ -12,6 +12,7 @@ import pytest
 
 from flashtoken.errors import ProtocolError
 from flashtoken.protocol import (
+    ALGORITHM,
     MAGIC,
     MAX_HEADER_BYTES,
     VERSION,
@@ -39,9 +40,10 @@ def _get_header(**override: object) -> dict:
     fields = {
         "m": MAGIC,
         "v": VERSION,
+        "a": ALGORITHM,
         "op": "GET",
         "id": 1,
-        "key": KEY,
+        "ns": KEY,
         "enc": "cl100k_base",
         "eid": EID,
         "allowed": [],
@@ -64,7 +66,7 @@ def test_get_round_trip() -> None:
     assert request == GetRequest(
         "GET",
         42,
-        key=KEY,
+        ns=KEY,
         enc="o200k_base",
         eid=EID,
         allowed=("<|endoftext|>",),
@@ -83,7 +85,7 @@ BAD_FIELDS = {
     "wrong magic": {"m": b"XX"},
     "magic as str": {"m": "FT"},
     "no magic": {"m": _DROP},
-    "future version": {"v": 2},
+    "future version": {"v": VERSION + 1},
     "version as str": {"v": "1"},
     "unknown op": {"op": "SET"},
     "op as bytes": {"op": b"GET"},
@@ -92,9 +94,9 @@ BAD_FIELDS = {
     "id as bool": {"id": True},
     "id as float": {"id": 1.0},
     "no id": {"id": _DROP},
-    "short key": {"key": KEY[:15]},
-    "long key": {"key": KEY + b"x"},
-    "key as str": {"key": "k" * 16},
+    "short ns": {"ns": KEY[:15]},
+    "long ns": {"ns": KEY + b"x"},
+    "ns as str": {"ns": "k" * 16},
     "enc empty": {"enc": ""},
     "enc too long": {"enc": "x" * 65},
     "enc as bytes": {"enc": b"cl100k_base"},
@@ -270,3 +272,12 @@ def test_runtime_dir_without_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
     assert runtime_dir() == str(tmp_path / f"flashtoken-{os.getuid()}")
+
+
+def test_a_peer_of_another_flashtoken_version_is_refused() -> None:
+    """The version handshake: every header carries the code's version, and a client and a
+    daemon of different versions refuse each other's messages (rolling upgrades)."""
+    with pytest.raises(ProtocolError, match="different versions"):
+        parse_request([_pack(_get_header(a="0.0.1")), b"x"])
+    with pytest.raises(ProtocolError, match="different versions"):
+        parse_reply([_pack({"m": MAGIC, "v": VERSION, "a": "9.9", "id": 1, "ok": True})])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
-from flashtoken.daemon.settings import ENTRY_OVERHEAD, parse_size
-from flashtoken.daemon.store import Entry, Store
+from flashtoken.daemon.settings import parse_size
+from flashtoken.daemon.store import ENTRY_OVERHEAD, Entry, Store
 
 
 def _entry(prefix: bytes, n_tokens: int = 4, enc: str = "cl100k_base") -> Entry:
@@ -84,3 +84,24 @@ def test_parse_size() -> None:
     for bad in ("", "1.5GiB", "-1", "12 parsecs"):
         with pytest.raises(ValueError):
             parse_size(bad)
+
+
+def test_a_walk_steps_through_at_most_max_walk_blocks_new_blocks() -> None:
+    import xxhash
+    from flashtoken.daemon.store import MAX_WALK_BLOCKS
+
+    block, seed = 64, b"s" * 16
+    data = bytes(random.Random(5).randrange(256) for _ in range(block * (MAX_WALK_BLOCKS + 100)))
+    state, digests, entries = xxhash.xxh3_128(), [], []
+    for i in range(len(data) // block):
+        state.update(data[i * block : (i + 1) * block])
+        digests.append(state.digest())
+        # A block cut at its end whose "tokens" are its bytes (decode: the identity).
+        chunk = data[i * block : (i + 1) * block]
+        entries.append(Entry(b"", "e", (), chunk, (i + 1) * block, None, (i + 1) * block, seed))
+    store = Store(1 << 30)
+    assert len(store.put_chain(seed, digests, entries)) == len(entries)
+    path, _ = store.walk(seed, data, block, "e", (), lambda frame: frame)
+    assert len(path) == MAX_WALK_BLOCKS  # the rest is a miss this time
+    path, _ = store.walk(seed, data, block, "e", (), lambda frame: frame)
+    assert len(path) == len(entries)  # the next walk starts from the first one's end (a memo)

@@ -20,7 +20,7 @@ def test_in_process_mode_is_exact_and_reuses() -> None:
 def test_daemon_mode_is_exact_and_reuses() -> None:
     pytest.importorskip("zmq")
     out = stress_auto.run_daemon(
-        "cl100k_base", sequences=6, seed=3, workers=2, block=32, kill=True, down_seconds=0.3
+        "cl100k_base", sequences=6, seed=3, workers=2, block=64, kill=True, down_seconds=0.3
     )
     assert out["mismatches"] == out["errors"] == 0, out["problems"]
     assert out["daemon_starts"] == 2 and sum(out["cases"].values()) > 50
