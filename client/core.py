@@ -228,7 +228,7 @@ class ClientCore(ChainCore):
                 "auto_hit_bytes",
                 "auto_told",  # TELLs sent on the client's own socket (no follower)
                 "published_refused",
-                "map_hits",  # prefixes taken from the host's map, no round trip
+                "map_hits",  # of l2_hits, those read from the host's map (no round trip)
                 "untrusted",  # sockets not connected: not the daemon's (owner, mode, directory)
             ),
             0,
@@ -351,7 +351,8 @@ class ClientCore(ChainCore):
             self._eid = encoding_id(self.enc)  # ~40 ms once per process: not in __init__
         cache = self.hostmap.lookup(self.enc, self._ns, self._eid, allowed, prefix, data)
         if cache is not None:
-            self.counters["map_hits"] += 1
+            self.counters["l2_hits"] += 1  # a hit of the host's store, as one through the daemon
+            self.counters["map_hits"] += 1  # ... of those, read from the map with no round trip
         return cache
 
     def touch_frames(self) -> list[bytes] | None:

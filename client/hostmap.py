@@ -37,7 +37,7 @@ class HostMapView:
         path = ipc_path(address)
         self.reader = None if path is None else MapReader(map_path(os.path.dirname(path)))
         self._touched: list[bytes] = []
-        self._last_report = time.monotonic()
+        self._last_report = -TOUCH_EVERY_S  # a process's first hit is reported at once
 
     def lookup(
         self,
@@ -72,3 +72,4 @@ class HostMapView:
 
     def after_fork(self) -> None:
         self._touched = []  # the parent's hits are the parent's to report
+        self._last_report = -TOUCH_EVERY_S

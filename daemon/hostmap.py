@@ -59,6 +59,10 @@ class HostMap:
         self.counters["map_touched"] += held
         return held
 
+    def share(self, budget: int, used_elsewhere: int) -> None:
+        """Keep this map within what ``budget`` leaves beside the in-memory chains."""
+        self.writer.set_budget(budget - used_elsewhere)
+
     def housekeeping(self) -> None:
         now = time.monotonic()
         if now >= self._next_check:

@@ -396,6 +396,9 @@ class Server(ChainHandlers):
         if self._waiting:
             self._expire_waiting()
         if self.hostmap is not None:
+            # One budget for declared prefixes (the map) and chains (in memory): the chains'
+            # bytes are taken first, the map evicts to what is left.
+            self.hostmap.share(self.config.max_bytes, self.store.bytes)
             self.hostmap.housekeeping()
         self.store.compact()
         if self.config.exit_with_parent and os.getppid() != self._parent:
@@ -660,6 +663,8 @@ class Server(ChainHandlers):
         self._filling.discard(result.key)
         if isinstance(result, ChainResult):
             self._on_chain_done(result)
+            if self.hostmap is not None:
+                self.hostmap.share(self.config.max_bytes, self.store.bytes)
             if self._parked:
                 self._unpark()
             return
@@ -680,6 +685,8 @@ class Server(ChainHandlers):
         self.counters["fills"] += 1
         entry = result.entry
         # A declared prefix lives in the host map, where workers read it: once, not also here.
+        if self.hostmap is not None:
+            self.hostmap.share(self.config.max_bytes, self.store.bytes)
         stored = self.hostmap is not None and self.hostmap.store(
             request.ns, request.eid, request.allowed, request.prefix, entry.cut, entry.tokens
         )
@@ -703,7 +710,12 @@ class Server(ChainHandlers):
         if self.fleet is not None:
             out.update(self.fleet.stats())
         if self.hostmap is not None:
-            out.update(self.hostmap.stats())
+            held = self.hostmap.stats()
+            out.update(held)
+            # memcached's totals cover both: declared prefixes (the map), chains (in memory).
+            for name in ("curr_items", "bytes", "evictions"):
+                out[name] += held["map_" + name]
+            out["total_items"] = out.get("total_items", 0) + held["map_stores"]
         out["uncached_encodings"] = uncached_encodings()
         out["fills_running"] = self._pool.running()
         out["replies_dropped"] = self._replies.dropped

@@ -435,6 +435,11 @@ class MapWriter:
         self.bytes -= cost
         return True
 
+    def set_budget(self, max_bytes: int) -> None:
+        """A new byte budget (the daemon shares one between this map and its chains)."""
+        self.max_bytes = max(0, max_bytes)
+        self._evict_to(self.max_bytes)
+
     def _evict_to(self, limit: int) -> None:
         if self.bytes <= limit:
             return
