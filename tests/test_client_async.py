@@ -122,6 +122,6 @@ def test_usable_across_event_loops(start_daemon: Callable[..., DaemonProcess]) -
             "loop 0 ab"
         )
         assert client.stats()["errors"] == 0 and client.stats()["map_hits"] == 1
-        assert asyncio.run(client.daemon_stats())["stats"]["cmd_get"] == 3
+        assert asyncio.run(client.daemon_stats())["stats"]["get_misses"] == 3  # hits: TOUCHes
     finally:
         client.close()
