@@ -26,6 +26,13 @@ __all__ = ["HostMapView"]
 
 TOUCH_BATCH = 256  # keys per TOUCH: 4 KiB
 TOUCH_EVERY_S = 1.0  # a batch is sent at least this often while hits come
+FIRST_REPORT_AFTER_S = 0.05
+
+
+def _first_report() -> float:
+    # A process's first hits are reported soon after it starts (a worker recycled early still
+    # counts), but not within its first request: that would make the socket on its path.
+    return time.monotonic() - TOUCH_EVERY_S + FIRST_REPORT_AFTER_S
 
 
 class HostMapView:
@@ -36,8 +43,10 @@ class HostMapView:
 
         path = ipc_path(address)
         self.reader = None if path is None else MapReader(map_path(os.path.dirname(path)))
+        if self.reader is not None:
+            self.reader.open()  # here, not in the first request (a fork reopens it lazily)
         self._touched: list[bytes] = []
-        self._last_report = -TOUCH_EVERY_S  # a process's first hit is reported at once
+        self._last_report = _first_report()
 
     def lookup(
         self,
@@ -72,4 +81,4 @@ class HostMapView:
 
     def after_fork(self) -> None:
         self._touched = []  # the parent's hits are the parent's to report
-        self._last_report = -TOUCH_EVERY_S
+        self._last_report = _first_report()
