@@ -51,8 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="FlashToken benchmark: exactness against tiktoken, speed against tiktoken and "
         "the fastest exact peer (toktok-rs, gigatoken), multi-worker throughput with the daemon. "
         "Writes results.json, summary.md (headline first), details.md and PNGs.",
-        epilog="Exit status: 0 all exact and every target met; 1 a FlashToken mismatch; 2 a "
-        "headline target missed; 3 a section crashed.",
+        epilog="Exit status: 0 all exact (missed targets are reported, as MISSED, in the "
+        "headline); 1 a FlashToken mismatch; 2 a headline target missed, with --strict-targets; "
+        "3 a section crashed.",
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
@@ -82,6 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--no-plots", action="store_true", help="write results.json and summary.md only"
+    )
+    parser.add_argument(
+        "--strict-targets", action="store_true", help="exit 2 when a headline target is missed"
     )
     return parser.parse_args(argv)
 
@@ -126,6 +130,7 @@ def run(
     use_daemon: bool,
     plots: bool,
     only: frozenset[str] | None = None,
+    strict_targets: bool = False,
 ) -> int:
     progress = Progress()
     chosen = frozenset(SECTIONS) if only is None else only
@@ -238,10 +243,12 @@ def run(
             progress(
                 f"no figures: {exc} (install the 'bench' extra, then python -m benchmark.plot {path})"
             )
-    return _verdict(results, progress, settings.mode, "correctness" in chosen)
+    return _verdict(results, progress, settings.mode, "correctness" in chosen, strict_targets)
 
 
-def _verdict(results: dict[str, Any], progress: Progress, mode: str, corpus_ran: bool) -> int:
+def _verdict(
+    results: dict[str, Any], progress: Progress, mode: str, corpus_ran: bool, strict: bool
+) -> int:
     c = results["correctness"]
     missed = []
     for h in results["headlines"].values():
@@ -268,7 +275,7 @@ def _verdict(results: dict[str, Any], progress: Progress, mode: str, corpus_ran:
         return 3
     if missed and mode != "tiny":
         progress(f"MISSED {len(missed)} headline target(s): see {results['summary_path']}")
-        return 2
+        return 2 if strict else 0
     return 0
 
 
@@ -277,7 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     preset = config.TINY if args.tiny else config.QUICK if args.quick else config.FULL
     settings = dataclasses.replace(preset, seed=args.seed)
     return run(
-        settings, args.out, use_daemon=not args.no_daemon, plots=not args.no_plots, only=args.only
+        settings,
+        args.out,
+        use_daemon=not args.no_daemon,
+        plots=not args.no_plots,
+        only=args.only,
+        strict_targets=args.strict_targets,
     )
 
 
