@@ -63,7 +63,7 @@ class HostMapView:
         hit = self.reader.get(namespace, eid, tuple(sorted(allowed)), data)
         if hit is None or hit.cut > len(prefix):
             return None
-        self._touched.append(self.reader.last_key)
+        self._touched.append(hit.key)
         return FixedPrefixTokenCache.from_split(
             enc, prefix, PrefixSplit(hit.tokens, hit.cut), allowed_special=allowed
         )

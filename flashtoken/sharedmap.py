@@ -86,10 +86,12 @@ def pack_entry(
 
 @dataclass(frozen=True)
 class Hit:
-    """A confirmed entry: the prefix's tokens before offset ``cut`` (code points)."""
+    """A confirmed entry: the prefix's tokens before offset ``cut`` (code points), and the key
+    it was found under (what a worker reports as used)."""
 
     tokens: list[int]
     cut: int
+    key: bytes = b""
 
 
 def read_entry(
@@ -238,7 +240,6 @@ class MapReader:
     def __init__(self, path: str) -> None:
         self.path = path
         self._failed_pid = 0  # the pid that found no usable map (retried on reopen())
-        self.last_key = b""  # the key of the last hit (for the touches a worker reports)
 
     def get(
         self, namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes
@@ -258,8 +259,7 @@ class MapReader:
                     if value is None:
                         return None
                     hit = read_entry(value, namespace, eid, allowed, prefix)
-                    self.last_key = key
-                    return hit
+                    return None if hit is None else Hit(hit.tokens, hit.cut, key)
             except lmdb.Error:
                 self._failed_pid = os.getpid()
                 return None
