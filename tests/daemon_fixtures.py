@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import pytest
 import zmq
 
 from flashtoken.protocol import ALGORITHM, MAGIC, VERSION, pack_simple, parse_reply
+from tests.polling import wait_until
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
@@ -117,14 +117,6 @@ class DaemonProcess:
                 proc.kill()
                 proc.wait(STOP_TIMEOUT)
         return proc.returncode
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, message: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(message)
-        time.sleep(0.02)
 
 
 def request(address: str, frames: list[bytes], *, timeout_ms: int = 2000) -> list[bytes]:

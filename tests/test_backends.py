@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import time
 
 import pytest
 from hypothesis import given
@@ -13,6 +12,7 @@ from flashtoken import backends, get_encoding
 from flashtoken.backend_gate import gate_texts
 from flashtoken.backends import Encoder, get_encoder
 from tests.corpus import CORPUS, SPECIALS
+from tests.polling import wait_until
 from tests.strategies import texts
 
 INSTALLED = [
@@ -28,14 +28,6 @@ def fast(request, enc):
     encoder = Encoder(enc, request.param)
     assert encoder.backend == request.param, encoder.stats()
     return encoder
-
-
-def _wait_for(condition, what, deadline_s=30.0):
-    end = time.monotonic() + deadline_s
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def test_default_is_tiktoken_itself(enc):
@@ -158,7 +150,7 @@ def test_shadow_disagreement_disables_the_backend(fake_backend, caplog):
     assert encoder.backend == "wrong-in-production"  # the gate never saw the marker
     assert encoder.encode_ordinary("fine") == enc.encode_ordinary("fine")
     encoder.encode_ordinary("a RARE-MARKER b")  # wrong, and caught only by the shadow check
-    _wait_for(lambda: encoder.stats()["shadow_mismatches"] == 1, "the shadow check")
+    wait_until(lambda: encoder.stats()["shadow_mismatches"] == 1, 30, "no shadow check came")
     stats = encoder.stats()
     assert stats["backend"] == "tiktoken"
     assert "RARE-MARKER" in stats["backend_disabled"]
@@ -171,12 +163,13 @@ def test_shadow_checks_agreeing_calls(enc):
     encoder = Encoder(enc, INSTALLED[0], shadow_fraction=1.0)
     for text in CORPUS:
         encoder.encode_ordinary(text)
-    _wait_for(
+    wait_until(
         lambda: (
             encoder.stats()["shadow_checked"] + encoder.stats()["shadow_dropped"]
             == encoder.stats()["shadow_offered"]
         ),
-        "every sampled call to be checked",
+        30,
+        "not every sampled call was checked",
     )
     stats = encoder.stats()
     assert stats["shadow_checked"] > 0 and stats["shadow_mismatches"] == 0
