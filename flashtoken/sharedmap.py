@@ -23,6 +23,7 @@ daemon) holds. That costs microseconds, where decoding the head to check its spe
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import struct
@@ -33,6 +34,8 @@ from typing import Any
 
 import lmdb
 import xxhash
+
+log = logging.getLogger("flashtoken.sharedmap")
 
 FORMAT = b"FTM1"  # the format version is part of the magic
 _HEADER = struct.Struct("<4sBxxxIIIQ")  # magic, kind, cut, prefix bytes, tokens, checksum
@@ -92,18 +95,6 @@ class Hit:
     tokens: list[int]
     cut: int
     key: bytes = b""
-
-
-def read_entry(
-    value: Any, namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes
-) -> Hit | None:
-    """The hit ``value`` holds for exactly this asker, or None (another prefix, a collision, a
-    damaged entry). ``value`` may be a buffer into the mapping: nothing of it is kept."""
-    found = confirm(value, namespace, eid, allowed, prefix)
-    if found is None:
-        return None
-    cut, tokens = found
-    return Hit(tokens.cast("I").tolist(), cut)
 
 
 def confirm(
@@ -258,8 +249,11 @@ class MapReader:
                     value = txn.get(key)
                     if value is None:
                         return None
-                    hit = read_entry(value, namespace, eid, allowed, prefix)
-                    return None if hit is None else Hit(hit.tokens, hit.cut, key)
+                    found = confirm(value, namespace, eid, allowed, prefix)
+                    if found is None:  # another prefix's (a collision) or a damaged entry
+                        return None
+                    # Copied out of the mapping before the transaction ends.
+                    return Hit(found[1].cast("I").tolist(), found[0], key)
             except lmdb.Error:
                 self._failed_pid = os.getpid()
                 return None
@@ -354,6 +348,7 @@ class MapWriter:
 
     def _rebuild(self, why: str) -> None:
         """Start from an empty map: one we cannot trust is removed, never read."""
+        log.warning("rebuilding the host map %s: %s", self.path, why)
         self.rebuilds += 1
         self._order.clear()
         self.bytes = 0
