@@ -331,7 +331,7 @@ class ClientCore(ChainCore):
     def attach_map(self, address: str) -> None:
         """Read the host's map beside the daemon's socket at ``address`` (ipc:// only)."""
         try:
-            self.hostmap = HostMapView(address)
+            self.hostmap = HostMapView(address, self.enc)
         except ImportError:  # lmdb missing: every prefix is asked for, as before the map
             self.hostmap = None
 

@@ -19,6 +19,8 @@ import time
 
 import tiktoken
 
+from flashtoken.ids import token_list_from_bytes
+from flashtoken.ids import warm as warm_ids
 from flashtoken.prefix import FixedPrefixTokenCache, PrefixSplit
 from flashtoken.protocol import ipc_path
 
@@ -38,13 +40,18 @@ def _first_report() -> float:
 class HostMapView:
     """The host map as one worker sees it; ``None``-like (no hits) for a non-ipc daemon."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, enc: tiktoken.Encoding) -> None:
         from flashtoken.sharedmap import MapReader, map_path  # lmdb: imported by the client only
 
         path = ipc_path(address)
         self.reader = None if path is None else MapReader(map_path(os.path.dirname(path)))
         if self.reader is not None:
-            self.reader.open()  # here, not in the first request (a fork reopens it lazily)
+            # Here, not in the first request (a fork reopens the map lazily): the map opened,
+            # the shared ints made, and the first-use costs of a cache paid (~2 ms, once).
+            self.reader.open()
+            warm_ids(enc.n_vocab)
+            token_list_from_bytes(bytes(4))
+            FixedPrefixTokenCache.from_split(enc, "warm", PrefixSplit([], 0)).encode_ordinary("")
         self._touched: list[bytes] = []
         self._last_report = _first_report()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable
 from typing import NamedTuple
 
 import tiktoken
@@ -11,6 +10,7 @@ import tiktoken
 from flashtoken.backends import Encoder, get_encoder
 from flashtoken.boundary import CutRule, cut_rule, find_cut
 from flashtoken.encodings import resolve_encoding
+from flashtoken.ids import token_list
 from flashtoken.specials import ORDINARY, SpecialArg, SpecialPolicy, encode_with
 
 EncodingLike = str | tiktoken.Encoding
@@ -67,29 +67,6 @@ def _split(
     tokens = encode_with(encoder or enc, prefix, policy)
     cut, kept = find_cut(enc, rule, policy, prefix, 0, tokens)
     return PrefixSplit(token_list(tokens[:kept]), cut)
-
-
-_ints: list[int] = []
-_MAX_TOKEN_ID = 2**22  # far above any vocabulary; bounds the table against garbage ids
-
-
-def token_list(tokens: Iterable[int]) -> list[int]:
-    """``list(tokens)``, every id the one shared int object for its value.
-
-    A long-lived list of fresh ints costs 8 bytes a token for the list and ~32 for each int;
-    sharing the ints leaves the 8 (a 32 KiB prefix: ~60 KB instead of ~300 KB). Costs ~16 ns a
-    token, once per prefix.
-    """
-    global _ints
-    try:
-        return list(map(_ints.__getitem__, tokens))
-    except IndexError:  # an id above any seen so far: grow the table (for every encoding)
-        tokens = list(tokens)
-        top = max(tokens)
-        if top >= _MAX_TOKEN_ID or min(tokens) < 0:
-            raise ValueError(f"token ids must lie in [0, {_MAX_TOKEN_ID}), not {top}") from None
-        _ints = list(range(max(len(_ints), (top | 0xFFF) + 1)))
-        return list(map(_ints.__getitem__, tokens))
 
 
 def _require_str(value: object, name: str) -> None:

@@ -6,17 +6,7 @@ entry, copy the tokens out of the mapping. LMDB (one writer, many readers in man
 so a reader never sees a half-written or freed entry, crash-safe, zero-copy reads) does what a
 home-made shared-memory table would have to be debugged into doing.
 
-An entry (one value per 16-byte key)::
-
-    header   magic "FTM1", kind, cut (code points), prefix length, token count, checksum
-    meta     encoding id (32 bytes), namespace, allowed special tokens (NUL-joined)
-    prefix   the prefix's UTF-8 bytes
-    tokens   little-endian uint32 ids: the prefix's tokens before ``cut``
-
-A key only locates an entry (xxh3 has no collision resistance against crafted text, and prompts
-carry user text): a hit is used only if the stored namespace, encoding id, policy and prefix
-bytes equal the asker's, and the checksum (xxh3-64 over the rest of the entry, written by the
-daemon) holds. That costs microseconds, where decoding the head to check its spelling cost ~150 us.
+The entries' format is flashtoken/mapentry.py's.
 
 ``import flashtoken`` does not import this module (nor lmdb).
 """
@@ -26,29 +16,21 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import struct
 import threading
+import time
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any
 
 import lmdb
-import xxhash
+
+from flashtoken.ids import token_list_from_bytes
+from flashtoken.mapentry import FORMAT, Hit, confirm, entry_cost, entry_key, pack_entry
 
 log = logging.getLogger("flashtoken.sharedmap")
 
-FORMAT = b"FTM1"  # the format version is part of the magic
-_HEADER = struct.Struct("<4sBxxxIIIQ")  # magic, kind, cut, prefix bytes, tokens, checksum
-_META = struct.Struct("<32sHI")  # encoding id, namespace length, policy length
-KIND_PREFIX = 1
 _VERSION_KEY = b"\x00flashtoken-map-format"  # never a 16-byte entry key
 _SALT_KEY = b"\x00flashtoken-map-salt"
 """A random salt per map, in the map: keys cannot be aimed at from outside the daemon's private
 directory (a crafted xxh3 collision could only evict, never mislead, but not even that)."""
-# LMDB stores a value larger than about half a page on overflow pages of its own: a value costs
-# whole 4 KiB pages, plus its node (key, header) in a leaf page.
-_PAGE = 4096
-_NODE_OVERHEAD = 64
 
 MAP_DIRNAME = "map"
 
@@ -56,86 +38,6 @@ MAP_DIRNAME = "map"
 def map_path(directory: str) -> str:
     """Where the daemon whose private directory is ``directory`` keeps its map."""
     return os.path.join(directory, MAP_DIRNAME)
-
-
-def entry_key(
-    salt: bytes, namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes
-) -> bytes:
-    """The 16-byte key of a declared prefix: it locates, the entry's own fields confirm."""
-    h = xxhash.xxh3_128()
-    for part in (b"FT-map-1", salt, namespace, eid, _policy_bytes(allowed)):
-        h.update(len(part).to_bytes(4, "little"))
-        h.update(part)
-    h.update(prefix)
-    return h.digest()
-
-
-def _policy_bytes(allowed: tuple[str, ...]) -> bytes:
-    return "\x00".join(allowed).encode("utf-8")
-
-
-def pack_entry(
-    namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes, cut: int, tokens: bytes
-) -> bytes:
-    """An entry's value; ``tokens`` are little-endian uint32 bytes (``array('I').tobytes()``)."""
-    policy = _policy_bytes(allowed)
-    meta = _META.pack(eid, len(namespace), len(policy)) + namespace + policy
-    body = meta + prefix + tokens
-    checksum = xxhash.xxh3_64_intdigest(
-        _HEADER.pack(FORMAT, KIND_PREFIX, cut, len(prefix), len(tokens) // 4, 0) + body
-    )
-    return _HEADER.pack(FORMAT, KIND_PREFIX, cut, len(prefix), len(tokens) // 4, checksum) + body
-
-
-@dataclass(frozen=True)
-class Hit:
-    """A confirmed entry: the prefix's tokens before offset ``cut`` (code points), and the key
-    it was found under (what a worker reports as used)."""
-
-    tokens: list[int]
-    cut: int
-    key: bytes = b""
-
-
-def confirm(
-    value: Any, namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes
-) -> tuple[int, memoryview] | None:
-    """``(cut, token bytes)`` of ``value`` if it is this asker's entry and intact, else None."""
-    view = memoryview(value)
-    if len(view) < _HEADER.size + _META.size:
-        return None
-    magic, kind, cut, n_prefix, n_tokens, checksum = _HEADER.unpack_from(view)
-    if magic != FORMAT or kind != KIND_PREFIX or n_prefix != len(prefix):
-        return None
-    stored_eid, n_namespace, n_policy = _META.unpack_from(view, _HEADER.size)
-    at = _HEADER.size + _META.size
-    policy = _policy_bytes(allowed)
-    if stored_eid != eid or n_namespace != len(namespace) or n_policy != len(policy):
-        return None
-    end = at + n_namespace + n_policy + n_prefix + 4 * n_tokens
-    if end != len(view) or cut > n_prefix:
-        return None
-    if view[at : at + n_namespace] != namespace:
-        return None
-    at += n_namespace
-    if view[at : at + n_policy] != policy:
-        return None
-    at += n_policy
-    if view[at : at + n_prefix] != prefix:  # the confirmation: a memcmp of the prefix
-        return None
-    at += n_prefix
-    h = xxhash.xxh3_64()
-    h.update(_HEADER.pack(magic, kind, cut, n_prefix, n_tokens, 0))
-    h.update(view[_HEADER.size :])
-    if h.intdigest() != checksum:
-        return None
-    return cut, view[at:end]
-
-
-def entry_cost(key: bytes, value_len: int) -> int:
-    """Bytes an entry takes in the map, as counted against the budget (LMDB's pages)."""
-    total = len(key) + value_len + _NODE_OVERHEAD
-    return -(-total // _PAGE) * _PAGE if value_len > _PAGE // 2 else total
 
 
 # -- one environment per map per process --------------------------------------------------------
@@ -204,10 +106,14 @@ def environment(path: str, *, writer_map_size: int | None = None) -> lmdb.Enviro
 def forget_environment(path: str) -> None:
     """Close this process's environment for ``path`` (the daemon, before it rebuilds the map)."""
     with _envs_lock:
-        env = _envs.pop((os.getpid(), path), None)
-        _writers.discard(path)
-        if env is not None:
-            env.close()
+        _forget(path)
+
+
+def _forget(path: str) -> None:
+    env = _envs.pop((os.getpid(), path), None)
+    _writers.discard(path)
+    if env is not None:
+        env.close()
 
 
 def trusted(path: str) -> bool:
@@ -226,26 +132,35 @@ def trusted(path: str) -> bool:
 
 
 class MapReader:
-    """A worker's read-only view of the host's map (opened lazily, again after fork)."""
+    """A worker's read-only view of the host's map (opened lazily, again after fork).
+
+    The map's ownership and mode are checked when it is opened, not on every read: a check
+    then could not vouch for the file already mapped anyway. A map the daemon rebuilt (a new
+    file under the same name) is noticed within ``RECHECK_S`` and opened anew; until then the
+    old file is read, which stays intact (LMDB never rewrites an unlinked file) and holds only
+    what the daemon wrote.
+    """
+
+    RECHECK_S = 1.0
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._failed_pid = 0  # the pid that found no usable map (retried on reopen())
+        self._opened: tuple[lmdb.Environment, bytes, int] | None = None  # env, salt, inode
+        self._checked = 0.0
 
     def get(
         self, namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes
     ) -> Hit | None:
         """The confirmed hit for this prefix, or None (not there, not ours, not usable)."""
         with _envs_lock:
-            env = self._env()
-            if env is None:
+            opened = self._open_env()
+            if opened is None:
                 return None
+            env, salt, _ = opened
+            key = entry_key(salt, namespace, eid, allowed, prefix)
             try:
                 with env.begin(buffers=True) as txn:
-                    salt = txn.get(_SALT_KEY)
-                    if salt is None:
-                        return None
-                    key = entry_key(bytes(salt), namespace, eid, allowed, prefix)
                     value = txn.get(key)
                     if value is None:
                         return None
@@ -253,31 +168,61 @@ class MapReader:
                     if found is None:  # another prefix's (a collision) or a damaged entry
                         return None
                     # Copied out of the mapping before the transaction ends.
-                    return Hit(found[1].cast("I").tolist(), found[0], key)
+                    return Hit(token_list_from_bytes(found[1]), found[0], key)
             except lmdb.Error:
-                self._failed_pid = os.getpid()
+                self._fail()
                 return None
 
     def open(self) -> bool:
         """Open the map now rather than on the first lookup (~1 ms, once per process)."""
         with _envs_lock:
-            return self._env() is not None
+            return self._open_env() is not None
 
     def reopen(self) -> None:
         """Try again to open the map (after the daemon says it exists)."""
         self._failed_pid = 0
 
-    def _env(self) -> lmdb.Environment | None:
-        if self._failed_pid == os.getpid():
+    def _open_env(self) -> tuple[lmdb.Environment, bytes, int] | None:
+        pid = os.getpid()
+        if self._failed_pid == pid:
             return None
+        opened = self._opened
+        if opened is not None and _envs.get((pid, self.path)) is opened[0]:
+            now = time.monotonic()
+            if now - self._checked < self.RECHECK_S:
+                return opened
+            self._checked = now
+            if _inode(self.path) == opened[2]:
+                return opened
+            _forget(self.path)  # rebuilt under us: open the new file
+        self._opened = None
         if not trusted(self.path):
-            self._failed_pid = os.getpid()
+            self._failed_pid = pid
             return None
         try:
-            return environment(self.path)
+            env = environment(self.path)
+            with env.begin(buffers=True) as txn:
+                salt = txn.get(_SALT_KEY)
+                salt = None if salt is None else bytes(salt)
         except lmdb.Error:
-            self._failed_pid = os.getpid()
+            self._failed_pid = pid
             return None
+        if salt is None:  # the daemon has not finished creating it: look again next time
+            return None
+        self._opened = (env, salt, _inode(self.path))
+        self._checked = time.monotonic()
+        return self._opened
+
+    def _fail(self) -> None:
+        self._failed_pid = os.getpid()
+        self._opened = None
+
+
+def _inode(path: str) -> int:
+    try:
+        return os.stat(os.path.join(path, "data.mdb")).st_ino
+    except OSError:
+        return -1
 
 
 class MapWriter:

@@ -15,7 +15,8 @@ import pytest
 lmdb = pytest.importorskip("lmdb")
 
 from flashtoken import sharedmap  # noqa: E402
-from flashtoken.sharedmap import MapReader, MapWriter, pack_entry  # noqa: E402
+from flashtoken.mapentry import pack_entry  # noqa: E402
+from flashtoken.sharedmap import MapReader, MapWriter  # noqa: E402
 
 EID = bytes(range(32))
 NS = b"tenant-a"
@@ -229,3 +230,70 @@ def test_a_worker_killed_mid_read_does_not_block_the_writer(path) -> None:
     for i in range(200):  # many times the budget: pages are reused, the map never fills
         assert _put(writer, i)
     assert writer.bytes <= 30 * 4096
+
+
+SERVING_READER = textwrap.dedent(
+    """
+    import sys, json
+    sys.path.insert(0, {root!r})
+    from tests.test_sharedmap import _prefix, EID, NS, ALLOWED
+    from flashtoken.sharedmap import MapReader
+    reader = MapReader({path!r})
+    reader.RECHECK_S = 0.0  # look for a rebuilt map on every read, not once a second
+    for line in sys.stdin:
+        hits = {{}}
+        for i in json.loads(line):
+            hit = reader.get(NS, EID, ALLOWED, _prefix(i))
+            hits[i] = None if hit is None else [hit.cut, hit.tokens]
+        print(json.dumps(hits), flush=True)
+    """
+)
+
+
+def test_a_worker_follows_a_map_the_daemon_rebuilt(path) -> None:
+    """A worker that holds the old map open moves to the new one: it reads what the new daemon
+    wrote, and nothing of the old file (which it may go on reading until it notices)."""
+    import json
+
+    writer = MapWriter(path, 1 << 24)
+    _put(writer, 0)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", SERVING_READER.format(root=os.getcwd(), path=path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def ask(indices: list[int]) -> dict[int, list | None]:
+            worker.stdin.write(json.dumps(indices) + "\n")
+            worker.stdin.flush()
+            return {int(k): v for k, v in json.loads(worker.stdout.readline()).items()}
+
+        assert ask([0, 1]) == {0: _expected(0), 1: None}
+        writer.close()
+        os.chmod(os.path.join(path, "data.mdb"), 0o644)  # untrusted: the next daemon rebuilds
+        rebuilt = MapWriter(path, 1 << 24)
+        assert rebuilt.rebuilds == 1
+        _put(rebuilt, 1)
+        assert ask([0, 1]) == {0: None, 1: _expected(1)}
+    finally:
+        worker.stdin.close()
+        assert worker.wait(timeout=60) == 0
+        worker.stdout.close()
+
+
+def test_ids_come_out_of_the_map_as_shared_ints() -> None:
+    """A hit's list holds one int object per id value (8 bytes a token in a worker's L1, not
+    ~40), equal to the ids stored, including ids above any table made so far."""
+    from flashtoken import ids
+
+    stored = [0, 5, 100_000, 199_999, 5, 3_000_000]
+    got = ids.token_list_from_bytes(array("I", stored).tobytes())
+    assert got == stored
+    again = ids.token_list_from_bytes(memoryview(array("I", stored[::-1]).tobytes()))
+    assert again == stored[::-1]
+    assert all(a is b for a, b in zip(got, again[::-1], strict=True))
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        ids.token_list_from_bytes(array("I", [ids.MAX_TOKEN_ID]).tobytes())
+    assert ids.token_list([7, 200_001]) == [7, 200_001]

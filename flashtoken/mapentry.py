@@ -1,0 +1,115 @@
+"""The host map's entries: how a declared prefix's tokens are keyed, packed and confirmed.
+
+An entry (one value per 16-byte key)::
+
+    header   magic "FTM1", kind, cut (code points), prefix length, token count, checksum
+    meta     encoding id (32 bytes), namespace, allowed special tokens (NUL-joined)
+    prefix   the prefix's UTF-8 bytes
+    tokens   little-endian uint32 ids: the prefix's tokens before ``cut``
+
+A key only locates an entry (xxh3 has no collision resistance against crafted text, and prompts
+carry user text): a hit is used only if the stored namespace, encoding id, policy and prefix
+bytes equal the asker's, and the checksum (xxh3-64 over the rest of the entry, written by the
+daemon) holds. That costs microseconds, where decoding the head to check its spelling cost ~150 us.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import xxhash
+
+__all__ = ["FORMAT", "Hit", "confirm", "entry_cost", "entry_key", "pack_entry"]
+
+FORMAT = b"FTM1"  # the format version is part of the magic
+_HEADER = struct.Struct("<4sBxxxIIIQ")  # magic, kind, cut, prefix bytes, tokens, checksum
+_META = struct.Struct("<32sHI")  # encoding id, namespace length, policy length
+KIND_PREFIX = 1
+# LMDB stores a value larger than about half a page on overflow pages of its own: a value costs
+# whole 4 KiB pages, plus its node (key, header) in a leaf page.
+_PAGE = 4096
+_NODE_OVERHEAD = 64
+
+
+def entry_key(
+    salt: bytes, namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes
+) -> bytes:
+    """The 16-byte key of a declared prefix: it locates, the entry's own fields confirm."""
+    h = xxhash.xxh3_128()
+    for part in (b"FT-map-1", salt, namespace, eid, _policy_bytes(allowed)):
+        h.update(len(part).to_bytes(4, "little"))
+        h.update(part)
+    h.update(prefix)
+    return h.digest()
+
+
+def _policy_bytes(allowed: tuple[str, ...]) -> bytes:
+    return "\x00".join(allowed).encode("utf-8")
+
+
+def pack_entry(
+    namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes, cut: int, tokens: bytes
+) -> bytes:
+    """An entry's value; ``tokens`` are little-endian uint32 bytes (``array('I').tobytes()``)."""
+    policy = _policy_bytes(allowed)
+    meta = _META.pack(eid, len(namespace), len(policy)) + namespace + policy
+    body = meta + prefix + tokens
+    checksum = xxhash.xxh3_64_intdigest(
+        _HEADER.pack(FORMAT, KIND_PREFIX, cut, len(prefix), len(tokens) // 4, 0) + body
+    )
+    return _HEADER.pack(FORMAT, KIND_PREFIX, cut, len(prefix), len(tokens) // 4, checksum) + body
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A confirmed entry: the prefix's tokens before offset ``cut`` (code points), and the key
+    it was found under (what a worker reports as used)."""
+
+    tokens: list[int]
+    cut: int
+    key: bytes = b""
+
+
+def confirm(
+    value: Any, namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes
+) -> tuple[int, memoryview] | None:
+    """``(cut, token bytes)`` of ``value`` if it is this asker's entry and intact, else None."""
+    view = memoryview(value)
+    if len(view) < _HEADER.size + _META.size:
+        return None
+    magic, kind, cut, n_prefix, n_tokens, checksum = _HEADER.unpack_from(view)
+    if magic != FORMAT or kind != KIND_PREFIX or n_prefix != len(prefix):
+        return None
+    stored_eid, n_namespace, n_policy = _META.unpack_from(view, _HEADER.size)
+    at = _HEADER.size + _META.size
+    policy = _policy_bytes(allowed)
+    if stored_eid != eid or n_namespace != len(namespace) or n_policy != len(policy):
+        return None
+    end = at + n_namespace + n_policy + n_prefix + 4 * n_tokens
+    if end != len(view) or cut > n_prefix:
+        return None
+    # Compared as bytes: comparing a memoryview with bytes goes item by item (~2.5 ns a byte,
+    # 80 us for 32 KiB), a copy and a memcmp take about 1 us.
+    if bytes(view[at : at + n_namespace]) != namespace:
+        return None
+    at += n_namespace
+    if bytes(view[at : at + n_policy]) != policy:
+        return None
+    at += n_policy
+    if bytes(view[at : at + n_prefix]) != prefix:  # the confirmation: a memcmp of the prefix
+        return None
+    at += n_prefix
+    h = xxhash.xxh3_64()
+    h.update(_HEADER.pack(magic, kind, cut, n_prefix, n_tokens, 0))
+    h.update(view[_HEADER.size :])
+    if h.intdigest() != checksum:
+        return None
+    return cut, view[at:end]
+
+
+def entry_cost(key: bytes, value_len: int) -> int:
+    """Bytes an entry takes in the map, as counted against the budget (LMDB's pages)."""
+    total = len(key) + value_len + _NODE_OVERHEAD
+    return -(-total // _PAGE) * _PAGE if value_len > _PAGE // 2 else total
