@@ -1,6 +1,6 @@
 """Does the host's shared store pay for itself? The figures of the shared-store issue, measured.
 
-    python -m benchmark.hoststore [--quick] [--json PATH]
+    python -m benchmark.hoststore [--quick] [--json PATH] [--only first|throughput|recycling]
 
 1. A fresh worker's first request for a 32 KiB prefix the host holds (+ ~100 chars), against
    tiktoken on the whole text in the same process; again with the daemon SIGSTOPped. Each worker
@@ -9,12 +9,14 @@
 2. Cold start and warm throughput, 1/2/4/8 worker processes over 200 Zipf-distributed prefixes
    of 4-64 KiB: a per-process dict of FixedPrefixTokenCache, the shared store (Client), tiktoken.
    Cold: fresh daemon, fresh workers, the first requests; warm: the same workers again.
-3. Worker recycling (gunicorn ``--max-requests``): each worker replaced every N requests.
+3. Worker recycling (gunicorn ``--max-requests``): 4 worker slots, each worker replaced every
+   50 requests by a fresh process (empty caches): throughput and p99, per strategy.
 4. Host memory at 8 workers: the sum of PSS over the workers and the daemon (a shared mapping
    counts once, split between the processes that map it), per-process dict against shared store.
 
-Answers are checked against tiktoken after the clock stops (every one of the first requests, one
-in eight of the throughput runs'); a wrong id makes the run exit 1.
+Then each of the issue's targets: goal, measured, met or MISSED. Answers are checked against
+tiktoken after the clock stops (every one of the first requests, one in eight of the throughput
+and recycling runs'); a wrong id makes the run exit 1.
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ def _worker(spec: dict[str, Any], barrier: Any, out: Any) -> None:
         call = lambda p, s: enc.encode_ordinary(p + s)  # noqa: E731
     barrier.wait()
     phases, latencies, kept = [], [], []
-    for phase in range(2):  # cold, then warm
+    for phase in range(spec.get("phases", 2)):  # cold, then warm
         start = time.perf_counter()
         for n, i in enumerate(order):
             t = time.perf_counter()
@@ -174,27 +176,95 @@ def _worker(spec: dict[str, Any], barrier: Any, out: Any) -> None:
         client.close()
 
 
+def _orders(workers: int, prefixes: list[str], requests: int, seed: int) -> list[list[int]]:
+    weights = [1 / (k + 1) ** 1.1 for k in range(len(prefixes))]
+    return [
+        random.Random(seed + w).choices(range(len(prefixes)), weights, k=requests)
+        for w in range(workers)
+    ]
+
+
+def _spec(strategy: str, w: int, prefixes: list[str], order: list[int], address: str | None,
+          phases: int = 2) -> dict[str, Any]:  # fmt: skip
+    suffixes = {i: f" Question {w}-{i}: what does section {i} say?" for i in set(order)}
+    return {"strategy": strategy, "prefixes": prefixes, "order": order, "suffixes": suffixes,
+            "address": address, "phases": phases}  # fmt: skip
+
+
 def _run_workers(
     strategy: str, workers: int, prefixes: list[str], requests: int, seed: int,
     address: str | None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     ctx = mp.get_context("fork")
     barrier, out = ctx.Barrier(workers), ctx.Queue()
-    weights = [1 / (k + 1) ** 1.1 for k in range(len(prefixes))]
-    procs = []
-    for w in range(workers):
-        rng = random.Random(seed + w)
-        order = rng.choices(range(len(prefixes)), weights, k=requests)
-        suffixes = {i: f" Question {w}-{i}: what does section {i} say?" for i in set(order)}
-        spec = {"strategy": strategy, "prefixes": prefixes, "order": order,
-                "suffixes": suffixes, "address": address}  # fmt: skip
-        procs.append(ctx.Process(target=_worker, args=(spec, barrier, out)))
+    procs = [
+        ctx.Process(target=_worker, args=(_spec(strategy, w, prefixes, order, address), barrier, out))
+        for w, order in enumerate(_orders(workers, prefixes, requests, seed))
+    ]  # fmt: skip
     for p in procs:
         p.start()
     results = [out.get(timeout=600) for _ in procs]
     for p in procs:
         p.join(timeout=60)
     return results
+
+
+def _recycled_slot(spec: dict[str, Any], every: int, out: Any) -> None:
+    """One worker slot under gunicorn ``--max-requests=every``: a new process every ``every``
+    requests, forked from this slot process (which has imported the code and loaded the
+    encoding, as gunicorn's arbiter with ``--preload``), each starting with empty caches."""
+    from flashtoken import get_encoding
+    from flashtoken.encodings import encoding_id
+
+    if spec["strategy"] == "shared":
+        import flashtoken.client  # noqa: F401 - imported before fork, as an app preloads it
+    encoding_id(get_encoding(ENCODING))  # loaded before fork, as gunicorn --preload does
+    ctx = mp.get_context("fork")
+    start = time.perf_counter()
+    latencies, wrong = [], 0
+    order = spec["order"]
+    for at in range(0, len(order), every):
+        chunk = dict(spec, order=order[at : at + every], phases=1)
+        inner = ctx.Queue()
+        proc = ctx.Process(target=_worker, args=(chunk, ctx.Barrier(1), inner))
+        proc.start()
+        result = inner.get(timeout=600)
+        proc.join(timeout=60)
+        latencies += result["latencies"]
+        wrong += result["wrong"]
+    out.put({"seconds": time.perf_counter() - start, "latencies": latencies, "wrong": wrong})
+
+
+def recycling(
+    workers: int, prefixes: list[str], requests: int, every: int, seed: int
+) -> dict[str, Any]:
+    """Throughput and p99 with every worker replaced each ``every`` requests."""
+    row: dict[str, Any] = {"workers": workers, "max_requests": every}
+    ctx = mp.get_context("fork")
+    for strategy in ("tiktoken", "dict", "shared"):
+        daemon = Daemon(encodings=(ENCODING,)) if strategy == "shared" else None
+        with daemon or _nothing():
+            address = daemon.address if daemon else None
+            out = ctx.Queue()
+            slots = [
+                ctx.Process(
+                    target=_recycled_slot,
+                    args=(_spec(strategy, w, prefixes, order, address), every, out),
+                )
+                for w, order in enumerate(_orders(workers, prefixes, requests, seed))
+            ]
+            for p in slots:
+                p.start()
+            results = [out.get(timeout=1200) for _ in slots]
+            for p in slots:
+                p.join(timeout=60)
+            lat = sorted(x for r in results for x in r["latencies"])
+            row[strategy] = {
+                "rps": workers * requests / max(r["seconds"] for r in results),
+                "p99_ms": lat[int(0.99 * (len(lat) - 1))] * 1e3,
+                "wrong": sum(r["wrong"] for r in results),
+            }
+    return row
 
 
 def throughput(workers: int, prefixes: list[str], requests: int, seed: int) -> dict[str, Any]:
@@ -209,6 +279,8 @@ def throughput(workers: int, prefixes: list[str], requests: int, seed: int) -> d
             warm = total / max(r["phases"][1] for r in results)
             lat = sorted(x for r in results for x in r["latencies"][:requests])
             pss = sum(r["pss_kib"] for r in results) + (_pss_kib(daemon.pid) if daemon else 0)
+            if daemon is not None:
+                row["daemon"] = _daemon_bytes(daemon)
             row[strategy] = {
                 "cold_rps": cold,
                 "warm_rps": warm,
@@ -219,6 +291,20 @@ def throughput(workers: int, prefixes: list[str], requests: int, seed: int) -> d
     return row
 
 
+def _daemon_bytes(daemon: Daemon) -> dict[str, Any]:
+    """What the daemon holds for the prefixes it stored: map bytes (the file's pages, prefix
+    bytes and ids) and its own PSS, each per stored token."""
+    stats = daemon.stats()["stats"]
+    tokens = max(1, stats.get("map_tokens", 0))
+    pss = _pss_kib(daemon.pid) * 1024
+    return {
+        "stored_tokens": tokens,
+        "map_bytes": stats.get("map_bytes", 0),
+        "map_bytes_per_token": stats.get("map_bytes", 0) / tokens,
+        "daemon_pss_bytes_per_token": pss / tokens,
+    }
+
+
 class _nothing:
     def __enter__(self) -> None:
         return None
@@ -227,56 +313,151 @@ class _nothing:
         return None
 
 
+PARTS = ("first", "throughput", "recycling")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmark.hoststore", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer workers and requests")
     parser.add_argument("--json", help="write the results here as JSON")
+    parser.add_argument(
+        "--only", choices=PARTS, action="append", help="run only this part (repeatable)"
+    )
     args = parser.parse_args(argv)
+    parts = args.only or PARTS
     seed = 20261202
     prefix = _text(32 * 1024, seed)
     suffix = " User: summarise the above in two sentences, please, with one example each."
     results: dict[str, Any] = {"prefix_chars": len(prefix), "suffix_chars": len(suffix)}
-    with Daemon(encodings=(ENCODING,)) as daemon:
-        _hold(daemon, prefix)
-        results["first_request"] = first_request(daemon, prefix, suffix, 3 if args.quick else 7)
-        os.kill(daemon.pid, signal.SIGSTOP)
-        try:
-            results["first_request_frozen"] = first_request(
-                daemon, prefix, suffix, 3 if args.quick else 7
-            )
-        finally:
-            os.kill(daemon.pid, signal.SIGCONT)
+    if "first" in parts:
+        fresh = 3 if args.quick else 7
+        with Daemon(encodings=(ENCODING,)) as daemon:
+            _hold(daemon, prefix)
+            results["first_request"] = first_request(daemon, prefix, suffix, fresh)
+            os.kill(daemon.pid, signal.SIGSTOP)
+            try:
+                results["first_request_frozen"] = first_request(daemon, prefix, suffix, fresh)
+            finally:
+                os.kill(daemon.pid, signal.SIGCONT)
     prefixes = _prefixes(200, seed)
-    requests = 150 if args.quick else 400
-    results["throughput"] = [
-        throughput(w, prefixes, requests, seed) for w in ((1, 4) if args.quick else (1, 2, 4, 8))
-    ]
-    wrong = results["first_request"]["wrong"] + results["first_request_frozen"]["wrong"]
-    wrong += sum(row[s]["wrong"] for row in results["throughput"] for s in ("dict", "shared"))
-    results["wrong"] = wrong
+    if "throughput" in parts:
+        requests = 150 if args.quick else 400
+        results["throughput"] = [
+            throughput(w, prefixes, requests, seed)
+            for w in ((1, 4) if args.quick else (1, 2, 4, 8))
+        ]
+    if "recycling" in parts:
+        workers = 4
+        results["recycling"] = recycling(workers, prefixes, 150 if args.quick else 400, 50, seed)
+    results["wrong"] = _wrong(results)
+    results["targets"] = targets(results)
     _print(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
-    return 1 if wrong else 0
+    return 1 if results["wrong"] else 0
+
+
+def _wrong(results: dict[str, Any]) -> int:
+    wrong = sum(
+        results[k]["wrong"] for k in ("first_request", "first_request_frozen") if k in results
+    )
+    rows = results.get("throughput", []) + (
+        [results["recycling"]] if "recycling" in results else []
+    )
+    return wrong + sum(row[s]["wrong"] for row in rows for s in ("tiktoken", "dict", "shared"))
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The shared-store issue's figures: target, measured, met or missed."""
+    out = []
+
+    def check(name: str, measured: float, target: float, higher: bool, unit: str = "x") -> None:
+        met = measured >= target if higher else measured <= target
+        goal = f"{'>=' if higher else '<='} {target:g}{unit}"
+        out.append({"target": name, "goal": goal, "measured": round(measured, 2), "met": met})
+
+    if "first_request" in results:
+        check(
+            "fresh worker's first request vs tiktoken",
+            results["first_request"]["ratio_median"],
+            15,
+            True,
+        )  # noqa: E501
+        check(
+            "the same, daemon SIGSTOPped", results["first_request_frozen"]["ratio_median"], 10, True
+        )  # noqa: E501
+    for row in results.get("throughput", []):
+        w = row["workers"]
+        if w >= 4:
+            check(
+                f"cold req/s shared vs dict, {w} workers",
+                row["shared"]["cold_rps"] / row["dict"]["cold_rps"],
+                3,
+                True,
+            )  # noqa: E501
+            check(
+                f"warm req/s shared vs dict, {w} workers",
+                row["shared"]["warm_rps"] / row["dict"]["warm_rps"],
+                1,
+                True,
+            )  # noqa: E501
+        if w == 8:
+            check(
+                "host PSS shared vs dict, 8 workers",
+                row["shared"]["host_pss_mib"] / row["dict"]["host_pss_mib"],
+                0.5,
+                False,
+            )  # noqa: E501
+        if "daemon" in row and w == max(r["workers"] for r in results["throughput"]):
+            check(
+                f"daemon map bytes per stored token ({w} workers' run)",
+                row["daemon"]["map_bytes_per_token"],
+                5,
+                False,
+                " B",
+            )  # noqa: E501
+    return out
 
 
 def _print(results: dict[str, Any]) -> None:
     for key in ("first_request", "first_request_frozen"):
+        if key not in results:
+            continue
         r = results[key]
         print(
             f"{key}: {r['ratio_median']:.1f}x tiktoken (range {r['ratio_min']:.1f}-"
             f"{r['ratio_max']:.1f}, {r['workers']} fresh workers; ours {r['ours_us_median']:.0f}"
             f" us, tiktoken {r['tiktoken_us_median']:.0f} us), wrong {r['wrong']}"
         )
-    print("workers  strategy  cold req/s  warm req/s  cold p99 ms  host PSS MiB  wrong")
-    for row in results["throughput"]:
+    if "throughput" in results:
+        print("workers  strategy  cold req/s  warm req/s  cold p99 ms  host PSS MiB  wrong")
+        for row in results["throughput"]:
+            for s in ("tiktoken", "dict", "shared"):
+                r = row[s]
+                print(
+                    f"{row['workers']:>7}  {s:8}  {r['cold_rps']:10.0f}  {r['warm_rps']:10.0f}  "
+                    f"{r['cold_p99_ms']:11.1f}  {r['host_pss_mib']:12.0f}  {r['wrong']:5}"
+                )
+            if "daemon" in row:
+                d = row["daemon"]
+                print(
+                    f"         daemon: {d['stored_tokens']} tokens stored, map "
+                    f"{d['map_bytes_per_token']:.1f} B/token, own PSS "
+                    f"{d['daemon_pss_bytes_per_token']:.1f} B/token"
+                )
+    if "recycling" in results:
+        row = results["recycling"]
+        print(
+            f"recycling ({row['workers']} workers, each replaced every {row['max_requests']} requests)"
+        )
         for s in ("tiktoken", "dict", "shared"):
             r = row[s]
-            print(
-                f"{row['workers']:>7}  {s:8}  {r['cold_rps']:10.0f}  {r['warm_rps']:10.0f}  "
-                f"{r['cold_p99_ms']:11.1f}  {r['host_pss_mib']:12.0f}  {r['wrong']:5}"
-            )
+            print(f"  {s:8}  {r['rps']:8.0f} req/s  p99 {r['p99_ms']:7.1f} ms  wrong {r['wrong']}")
+    for t in results["targets"]:
+        print(
+            f"  {'met   ' if t['met'] else 'MISSED'}  {t['target']}: {t['measured']} (goal {t['goal']})"
+        )
     print(f"wrong ids in all: {results['wrong']}")
 
 

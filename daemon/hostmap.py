@@ -73,6 +73,7 @@ class HostMap:
         return {
             "map_curr_items": len(self.writer),
             "map_bytes": self.writer.bytes,
+            "map_tokens": self.writer.tokens,
             "map_limit_maxbytes": self.writer.max_bytes,
             "map_evictions": self.writer.evictions,
             "map_rebuilds": self.writer.rebuilds,

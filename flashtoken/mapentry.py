@@ -21,7 +21,7 @@ from typing import Any
 
 import xxhash
 
-__all__ = ["FORMAT", "Hit", "confirm", "entry_cost", "entry_key", "pack_entry"]
+__all__ = ["FORMAT", "Hit", "confirm", "entry_cost", "entry_key", "entry_tokens", "pack_entry"]
 
 FORMAT = b"FTM1"  # the format version is part of the magic
 _HEADER = struct.Struct("<4sBxxxIIIQ")  # magic, kind, cut, prefix bytes, tokens, checksum
@@ -107,6 +107,13 @@ def confirm(
     if h.intdigest() != checksum:
         return None
     return cut, view[at:end]
+
+
+def entry_tokens(value: Any) -> int:
+    """How many tokens an entry holds (0 for a value too short to be one)."""
+    if len(value) < _HEADER.size:
+        return 0
+    return int(_HEADER.unpack_from(value)[4])
 
 
 def entry_cost(key: bytes, value_len: int) -> int:

@@ -23,7 +23,15 @@ from collections import OrderedDict
 import lmdb
 
 from flashtoken.ids import token_list_from_bytes
-from flashtoken.mapentry import FORMAT, Hit, confirm, entry_cost, entry_key, pack_entry
+from flashtoken.mapentry import (
+    FORMAT,
+    Hit,
+    confirm,
+    entry_cost,
+    entry_key,
+    entry_tokens,
+    pack_entry,
+)
 
 log = logging.getLogger("flashtoken.sharedmap")
 
@@ -238,8 +246,10 @@ class MapWriter:
         self.max_bytes = max_bytes
         # Room for LMDB's own pages (branch pages, pages freed but still read by old snapshots).
         self._map_size = 2 * max_bytes + 64 * 1024 * 1024
-        self._order: OrderedDict[bytes, int] = OrderedDict()  # key -> cost, oldest first
+        # key -> (cost in bytes, tokens held), oldest first
+        self._order: OrderedDict[bytes, tuple[int, int]] = OrderedDict()
         self.bytes = 0
+        self.tokens = 0
         self.evictions = 0
         self.rebuilds = 0
         self.env = self._open()
@@ -282,9 +292,7 @@ class MapWriter:
                 if len(key) != 16 or bytes(value[:4]) != FORMAT:
                     damaged.append(key)
                     continue
-                cost = entry_cost(key, len(value))
-                self._order[key] = cost
-                self.bytes += cost
+                self._add(key, entry_cost(key, len(value)), entry_tokens(value))
         if damaged:
             with env.begin(write=True) as txn:
                 for key in damaged:
@@ -296,7 +304,7 @@ class MapWriter:
         log.warning("rebuilding the host map %s: %s", self.path, why)
         self.rebuilds += 1
         self._order.clear()
-        self.bytes = 0
+        self.bytes = self.tokens = 0
         for name in ("data.mdb", "lock.mdb"):
             try:
                 os.unlink(os.path.join(self.path, name))
@@ -324,8 +332,7 @@ class MapWriter:
                 self._evict_to(max(0, self.bytes // 2))  # LMDB's own pages took the room
         else:
             return False
-        self._order[key] = cost
-        self.bytes += cost
+        self._add(key, cost, entry_tokens(value))
         return True
 
     def touch(self, keys: list[bytes]) -> int:
@@ -373,11 +380,17 @@ class MapWriter:
     def __len__(self) -> int:
         return len(self._order)
 
+    def _add(self, key: bytes, cost: int, tokens: int) -> None:
+        self._order[key] = (cost, tokens)
+        self.bytes += cost
+        self.tokens += tokens
+
     def _drop_from_order(self, key: bytes) -> bool:
-        cost = self._order.pop(key, None)
-        if cost is None:
+        held = self._order.pop(key, None)
+        if held is None:
             return False
-        self.bytes -= cost
+        self.bytes -= held[0]
+        self.tokens -= held[1]
         return True
 
     def set_budget(self, max_bytes: int) -> None:
@@ -390,8 +403,9 @@ class MapWriter:
             return
         victims = []
         while self.bytes > limit and self._order:
-            key, cost = self._order.popitem(last=False)
+            key, (cost, tokens) = self._order.popitem(last=False)
             self.bytes -= cost
+            self.tokens -= tokens
             victims.append(key)
         with self.env.begin(write=True) as txn:
             for key in victims:

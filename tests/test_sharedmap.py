@@ -118,6 +118,7 @@ def test_the_budget_holds_and_recently_used_entries_stay(path) -> None:
     assert writer.evictions == 100 - len(writer)
     assert not writer.put(b"k" * 16, b"x" * (budget + 1))  # larger than the budget: refused
     held = [i for i, k in enumerate(keys) if k in writer]
+    assert writer.tokens == sum(len(_tokens(i)) for i in held)  # map_tokens in stats
     got = _read_elsewhere(path, list(range(100)))
     assert {i for i, v in got.items() if v is not None} == set(held)
     assert all(got[i] == _expected(i) for i in held)
