@@ -1,6 +1,6 @@
 """Does the host's shared store pay for itself? The figures of the shared-store issue, measured.
 
-    python -m benchmark.hoststore [--quick] [--json PATH] [--only first|throughput|recycling]
+    python -m benchmark.hoststore [--quick] [--json PATH] [--only first|changing|throughput|recycling]
 
 1. A fresh worker's first request for a 32 KiB prefix the host holds (+ ~100 chars), against
    tiktoken on the whole text in the same process; again with the daemon SIGSTOPped. Each worker
@@ -9,6 +9,8 @@
 2. Cold start and warm throughput, 1/2/4/8 worker processes over 200 Zipf-distributed prefixes
    of 4-64 KiB: a per-process dict of FixedPrefixTokenCache, the shared store (Client), tiktoken.
    Cold: fresh daemon, fresh workers, the first requests; warm: the same workers again.
+   A declared prefix that changes every request (a chat's whole history as ``prefix=``):
+   the client against tiktoken on the whole text (the miss path must cost nothing).
 3. Worker recycling (gunicorn ``--max-requests``): 4 worker slots, each worker replaced every
    50 requests by a fresh process (empty caches): throughput and p99, per strategy.
 4. Host memory at 8 workers: the sum of PSS over the workers and the daemon (a shared mapping
@@ -116,6 +118,50 @@ def first_request(daemon: Daemon, prefix: str, suffix: str, workers: int) -> dic
         "tiktoken_us_median": statistics.median(r["tiktoken"] for r in runs) * 1e6,
         "wrong": sum(not r["exact"] for r in runs),
         "last_stats": runs[-1]["stats"],
+    }
+
+
+# -- the miss path: a declared prefix that changes every request ---------------------------------
+
+
+def changing_prefix(daemon: Daemon, turns: int, repetitions: int) -> dict[str, Any]:
+    """A chat passing its whole history as ``prefix=`` (a new prefix every request, never seen
+    twice): the client against tiktoken on the whole text, in one process, one after the other
+    in each repetition. What the shared store may cost here is nothing (P6)."""
+    from flashtoken.client import Client
+
+    from flashtoken import get_encoding
+
+    enc = get_encoding(ENCODING)
+    rng = random.Random(5)
+    history, prompts = "", []
+    for _ in range(turns):
+        history += rng.choice(SENTENCES) * rng.randint(2, 12) + "\n"
+        prompts.append(history)
+    question = " Assistant:"
+    ours_s, theirs_s, wrong = [], [], 0
+    for rep in range(repetitions):
+        client = Client(address=daemon.address, encoding=ENCODING)
+        client.encode_ordinary(question, prefix=f"[warm-up {rep}]")  # a serving worker's state
+        tag = f"[run {rep}] "  # new prefixes for every repetition: none of them seen before
+        texts = [tag + p for p in prompts]
+        start = time.perf_counter()
+        got = [client.encode_ordinary(question, prefix=t) for t in texts]
+        ours_s.append(time.perf_counter() - start)
+        client.close()
+        start = time.perf_counter()
+        expected = [enc.encode_ordinary(t + question) for t in texts]
+        theirs_s.append(time.perf_counter() - start)
+        wrong += sum(a != b for a, b in zip(got, expected, strict=True))
+    ratios = [t / o for t, o in zip(theirs_s, ours_s, strict=True)]
+    return {
+        "turns": turns,
+        "last_prefix_chars": len(prompts[-1]),
+        "repetitions": repetitions,
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "wrong": wrong,
     }
 
 
@@ -313,7 +359,7 @@ class _nothing:
         return None
 
 
-PARTS = ("first", "throughput", "recycling")
+PARTS = ("first", "changing", "throughput", "recycling")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
                 results["first_request_frozen"] = first_request(daemon, prefix, suffix, fresh)
             finally:
                 os.kill(daemon.pid, signal.SIGCONT)
+    if "changing" in parts:
+        with Daemon(encodings=(ENCODING,)) as daemon:
+            results["changing_prefix"] = changing_prefix(
+                daemon, 60 if args.quick else 150, 3 if args.quick else 5
+            )
     prefixes = _prefixes(200, seed)
     if "throughput" in parts:
         requests = 150 if args.quick else 400
@@ -359,9 +410,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _wrong(results: dict[str, Any]) -> int:
-    wrong = sum(
-        results[k]["wrong"] for k in ("first_request", "first_request_frozen") if k in results
-    )
+    firsts = ("first_request", "first_request_frozen", "changing_prefix")
+    wrong = sum(results[k]["wrong"] for k in firsts if k in results)
     rows = results.get("throughput", []) + (
         [results["recycling"]] if "recycling" in results else []
     )
@@ -386,6 +436,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         )  # noqa: E501
         check(
             "the same, daemon SIGSTOPped", results["first_request_frozen"]["ratio_median"], 10, True
+        )  # noqa: E501
+    if "changing_prefix" in results:
+        check(
+            "a prefix new every request vs tiktoken",
+            results["changing_prefix"]["ratio_median"],
+            0.95,
+            True,
         )  # noqa: E501
     for row in results.get("throughput", []):
         w = row["workers"]
@@ -429,6 +486,13 @@ def _print(results: dict[str, Any]) -> None:
             f"{key}: {r['ratio_median']:.1f}x tiktoken (range {r['ratio_min']:.1f}-"
             f"{r['ratio_max']:.1f}, {r['workers']} fresh workers; ours {r['ours_us_median']:.0f}"
             f" us, tiktoken {r['tiktoken_us_median']:.0f} us), wrong {r['wrong']}"
+        )
+    if "changing_prefix" in results:
+        r = results["changing_prefix"]
+        print(
+            f"changing_prefix: {r['ratio_median']:.2f}x tiktoken (range {r['ratio_min']:.2f}-"
+            f"{r['ratio_max']:.2f}; {r['turns']} requests, each a new prefix of up to "
+            f"{r['last_prefix_chars']} chars, {r['repetitions']} runs), wrong {r['wrong']}"
         )
     if "throughput" in results:
         print("workers  strategy  cold req/s  warm req/s  cold p99 ms  host PSS MiB  wrong")

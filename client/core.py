@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 import tiktoken
+import xxhash
 
+from flashtoken.admission import SecondSight, WholeText
 from flashtoken.auto import AutoPrefixCache
 from flashtoken.encodings import encoding_id, resolve_encoding
 from flashtoken.errors import ProtocolError
@@ -52,6 +54,13 @@ _BYTES_PER_TOKEN = 12  # the head list (8, its ints shared) + tails and arrays m
 _BYTES_PER_ENTRY = 512
 
 L1Key = Union[str, "tuple[str, frozenset[str]]"]
+
+
+def _sighting(prefix: str, allowed: frozenset) -> bytes:
+    """What this worker remembers of a prefix it saw once (no map to keep it in)."""
+    h = xxhash.xxh3_128(prefix.encode("utf-8", "surrogatepass"))
+    h.update("\x00".join(sorted(allowed)).encode("utf-8"))
+    return h.digest()
 
 
 class Breaker:
@@ -153,6 +162,7 @@ class ClientCore(ChainCore):
         auto_local_bytes: int = CLIENT_DEFAULTS["auto_local_bytes"],
         follow: bool = CLIENT_DEFAULTS["follow"],
         fill: bool = CLIENT_DEFAULTS["fill"],
+        min_uses: int = CLIENT_DEFAULTS["min_uses"],
     ) -> None:
         # The table's checks (client/settings.py), for a core made without Client: the same
         # messages, and a str namespace taken as UTF-8.
@@ -171,6 +181,7 @@ class ClientCore(ChainCore):
                 auto_local_bytes=auto_local_bytes,
                 follow=follow,
                 fill=fill,
+                min_uses=min_uses,
             ),
         )
         self.enc = resolve_encoding(encoding)
@@ -195,6 +206,8 @@ class ClientCore(ChainCore):
         self._l1_lock = threading.Lock()
         self._eid: bytes | None = None
         self.hostmap: HostMapView | None = None  # attach_map: the client gives the address
+        # Prefixes this worker saw once (with no map to tell it), or None: cache from the first.
+        self.seen = SecondSight() if min_uses > 1 else None
         # A special token's id decodes to its text, so a hit could spell the prefix with a
         # special id where the policy does not allow one. It can only do so where the text holds
         # a special token's first character (for OpenAI's encodings, "<"): a memchr tells.
@@ -229,6 +242,7 @@ class ClientCore(ChainCore):
                 "auto_told",  # TELLs sent on the client's own socket (no follower)
                 "published_refused",
                 "map_hits",  # of l2_hits, those read from the host's map (no round trip)
+                "first_sights",  # prefixes encoded whole, not cached: seen once (admission)
                 "untrusted",  # sockets not connected: not the daemon's (owner, mode, directory)
             ),
             0,
@@ -294,7 +308,11 @@ class ClientCore(ChainCore):
         self.counters["l1_hits"] += 1
         return found[0]
 
-    def l1_put(self, key: L1Key, cache: FixedPrefixTokenCache, from_daemon: bool = False) -> None:
+    def l1_put(
+        self, key: L1Key, cache: FixedPrefixTokenCache | WholeText, from_daemon: bool = False
+    ) -> None:
+        if isinstance(cache, WholeText):
+            return  # a first sight: encoded whole, not kept (admission on the second sight)
         size = _BYTES_PER_ENTRY + 2 * len(cache.prefix) + _BYTES_PER_TOKEN * cache.cut // 3
         # cut // 3: a cheap token-count estimate (~3-4 chars a token), without a len() of head.
         if size > self.l1_limit:
@@ -335,8 +353,10 @@ class ClientCore(ChainCore):
         except ImportError:  # lmdb missing: every prefix is asked for, as before the map
             self.hostmap = None
 
-    def from_map(self, prefix: str, allowed: frozenset) -> FixedPrefixTokenCache | None:
-        """The L1 entry for ``prefix`` from the host's map, with no round trip, or None.
+    def from_map(self, prefix: str, allowed: frozenset) -> FixedPrefixTokenCache | WholeText | None:
+        """The L1 entry for ``prefix`` from the host's map, with no round trip; a
+        :class:`WholeText` for the host's first sight of it (not cached: admission on the second
+        sight); None when the daemon must be asked (or there is no map).
 
         Works while the daemon is down, frozen or restarting: the map is a file."""
         if self.hostmap is None:
@@ -349,19 +369,32 @@ class ClientCore(ChainCore):
             return None
         if self._eid is None:
             self._eid = encoding_id(self.enc)  # ~40 ms once per process: not in __init__
-        cache = self.hostmap.lookup(self.enc, self._ns, self._eid, allowed, prefix, data)
-        if cache is not None:
+        found = self.hostmap.lookup(self.enc, self._ns, self._eid, allowed, prefix, data)
+        if isinstance(found, FixedPrefixTokenCache):
             self.counters["l2_hits"] += 1  # a hit of the host's store, as one through the daemon
             self.counters["map_hits"] += 1  # ... of those, read from the map with no round trip
-        return cache
+            return found
+        if found is None or found.seen or self.seen is None:
+            return None  # no usable map, the host has seen it, or min_uses=1: ask the daemon
+        self.hostmap.sighted(found.key)
+        self.counters["first_sights"] += 1
+        return WholeText(self.enc, prefix)
 
     def touch_frames(self) -> list[bytes] | None:
         """A TOUCH to send now (fire-and-forget) for the map hits taken, or None."""
         keys = None if self.hostmap is None else self.hostmap.touches_due()
         return None if keys is None else pack_touch(keys)
 
-    def build_local(self, prefix: str, allowed: frozenset) -> FixedPrefixTokenCache:
-        """One local encode of the prefix: the same cost as tiktoken on it, once per process."""
+    def build_local(self, prefix: str, allowed: frozenset) -> FixedPrefixTokenCache | WholeText:
+        """One local encode of the prefix: the same cost as tiktoken on it, once per process.
+
+        Only for a prefix seen before (by the host, or without a map by this worker): a first
+        sight is encoded whole, not split and kept (flashtoken/admission.py)."""
+        reader = None if self.hostmap is None else self.hostmap.reader
+        if self.seen is not None and (reader is None or not reader.usable):
+            if not self.seen.seen_before(_sighting(prefix, allowed)):
+                self.counters["first_sights"] += 1
+                return WholeText(self.enc, prefix)
         cache = FixedPrefixTokenCache(self.enc, prefix)
         if allowed:
             # Compute the split for this policy now, not inside a later call.

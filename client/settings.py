@@ -116,6 +116,17 @@ CLIENT_SETTINGS: tuple[Setting, ...] = (
         "take the chain blocks the daemon publishes into the in-process cache (a thread)",
     ),
     Setting("fill", True, "flag", "ask the daemon to fill its store on a miss"),
+    # nginx's proxy_cache_min_uses: a prefix that changes every request is never cached, so the
+    # first request for one is encoded whole (flashtoken/admission.py).
+    Setting(
+        "min_uses",
+        2,
+        "count",
+        "requests for a declared prefix (on this host) before it is cached: 2 encodes the first"
+        " whole, as tiktoken does; 1 caches from the first",
+        low=1,
+        high=2,
+    ),
 )
 
 # What ClientCore takes (address and encoding belong to Client / AsyncClient).

@@ -30,6 +30,7 @@ class HostMap:
             "map_stores": 0,
             "map_refused": 0,
             "map_touched": 0,
+            "map_sightings": 0,
             "map_readers_cleared": 0,
         }
         self._next_check = time.monotonic() + _READER_CHECK_S
@@ -54,10 +55,14 @@ class HostMap:
         return stored
 
     def touch(self, keys: bytes) -> int:
-        """A worker's batch of hits: those entries become the most recently used."""
-        held = self.writer.touch([keys[i : i + 16] for i in range(0, len(keys), 16)])
-        self.counters["map_touched"] += held
-        return held
+        """A worker's batch of hits: those entries become the most recently used. A key not
+        held is a sighting (a worker encoded that prefix whole, seeing no marker) or a hit on an
+        entry evicted since: either way the host has now seen it, and says so in the map."""
+        listed = [keys[i : i + 16] for i in range(0, len(keys), 16)]
+        missing = self.writer.touch(listed)
+        self.counters["map_touched"] += len(listed) - len(missing)
+        self.counters["map_sightings"] += self.writer.mark_seen(missing)
+        return len(listed) - len(missing)
 
     def share(self, budget: int, used_elsewhere: int) -> None:
         """Keep this map within what ``budget`` leaves beside the in-memory chains."""
@@ -74,6 +79,7 @@ class HostMap:
             "map_curr_items": len(self.writer),
             "map_bytes": self.writer.bytes,
             "map_tokens": self.writer.tokens,
+            "map_seen": self.writer.seen,
             "map_limit_maxbytes": self.writer.max_bytes,
             "map_evictions": self.writer.evictions,
             "map_rebuilds": self.writer.rebuilds,

@@ -15,8 +15,13 @@ that comes back after it.
 from __future__ import annotations
 
 import threading
+from array import array
 
-__all__ = ["SecondSight"]
+import tiktoken
+
+from flashtoken.specials import SpecialArg
+
+__all__ = ["SecondSight", "WholeText"]
 
 
 class SecondSight:
@@ -46,3 +51,58 @@ class SecondSight:
 
     def __len__(self) -> int:
         return len(self._seen)
+
+
+class WholeText:
+    """A declared prefix not cached (yet): the calls of a :class:`FixedPrefixTokenCache`, each
+    answered by encoding ``prefix + suffix`` whole. For ``encode`` that is tiktoken's own call,
+    so its ids and its exceptions are tiktoken's by construction; for ``encode_ordinary``,
+    ``encoder`` (tiktoken, or a fast backend that passed its gate)."""
+
+    __slots__ = ("prefix", "_enc", "_encoder")
+
+    def __init__(self, enc: tiktoken.Encoding, prefix: str, encoder: object = None) -> None:
+        self.prefix = prefix
+        self._enc = enc
+        self._encoder = encoder or enc
+
+    def encode_ordinary(self, suffix: str) -> list[int]:
+        return self._encoder.encode_ordinary(self.prefix + _str(suffix))  # type: ignore[attr-defined]
+
+    def encode_ordinary_array(self, suffix: str) -> array[int]:
+        return array("I", self.encode_ordinary(suffix))
+
+    def count_ordinary(self, suffix: str) -> int:
+        return len(self.encode_ordinary(suffix))
+
+    def encode(
+        self,
+        suffix: str,
+        *,
+        allowed_special: SpecialArg = frozenset(),
+        disallowed_special: SpecialArg = "all",
+    ) -> list[int]:
+        return self._enc.encode(
+            self.prefix + _str(suffix),
+            allowed_special=allowed_special,  # type: ignore[arg-type]
+            disallowed_special=disallowed_special,  # type: ignore[arg-type]
+        )
+
+    def count(
+        self,
+        suffix: str,
+        *,
+        allowed_special: SpecialArg = frozenset(),
+        disallowed_special: SpecialArg = "all",
+    ) -> int:
+        return len(
+            self.encode(
+                suffix, allowed_special=allowed_special, disallowed_special=disallowed_special
+            )
+        )
+
+
+def _str(suffix: object) -> str:
+    if not isinstance(suffix, str):  # the message FixedPrefixTokenCache gives
+        raise TypeError(f"suffix must be a str, not {type(suffix).__name__}")
+    return suffix

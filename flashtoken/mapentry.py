@@ -1,6 +1,7 @@
 """The host map's entries: how a declared prefix's tokens are keyed, packed and confirmed.
 
-An entry (one value per 16-byte key)::
+An entry (one value per 16-byte key) is a declared prefix's tokens, or a sighting marker (the
+header alone, kind 2: the host saw the key once, see flashtoken/admission.py). A prefix's::
 
     header   magic "FTM1", kind, cut (code points), prefix length, token count, checksum
     meta     encoding id (32 bytes), namespace, allowed special tokens (NUL-joined)
@@ -21,12 +22,23 @@ from typing import Any
 
 import xxhash
 
-__all__ = ["FORMAT", "Hit", "confirm", "entry_cost", "entry_key", "entry_tokens", "pack_entry"]
+__all__ = [
+    "FORMAT",
+    "SEEN_MARKER",
+    "Hit",
+    "confirm",
+    "entry_cost",
+    "entry_key",
+    "entry_tokens",
+    "is_seen_marker",
+    "pack_entry",
+]
 
 FORMAT = b"FTM1"  # the format version is part of the magic
 _HEADER = struct.Struct("<4sBxxxIIIQ")  # magic, kind, cut, prefix bytes, tokens, checksum
 _META = struct.Struct("<32sHI")  # encoding id, namespace length, policy length
 KIND_PREFIX = 1
+KIND_SEEN = 2  # a sighting: the host was asked for this key once (flashtoken/admission.py)
 # LMDB stores a value larger than about half a page on overflow pages of its own: a value costs
 # whole 4 KiB pages, plus its node (key, header) in a leaf page.
 _PAGE = 4096
@@ -52,7 +64,8 @@ def _policy_bytes(allowed: tuple[str, ...]) -> bytes:
 def pack_entry(
     namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes, cut: int, tokens: bytes
 ) -> bytes:
-    """An entry's value; ``tokens`` are little-endian uint32 bytes (``array('I').tobytes()``)."""
+    """A declared prefix's value; ``tokens`` are little-endian uint32 bytes
+    (``array('I').tobytes()``)."""
     policy = _policy_bytes(allowed)
     meta = _META.pack(eid, len(namespace), len(policy)) + namespace + policy
     body = meta + prefix + tokens
@@ -60,6 +73,16 @@ def pack_entry(
         _HEADER.pack(FORMAT, KIND_PREFIX, cut, len(prefix), len(tokens) // 4, 0) + body
     )
     return _HEADER.pack(FORMAT, KIND_PREFIX, cut, len(prefix), len(tokens) // 4, checksum) + body
+
+
+SEEN_MARKER = _HEADER.pack(FORMAT, KIND_SEEN, 0, 0, 0, 0)
+"""The value stored for a key the host has seen once and not cached: no tokens, nothing to
+confirm. A marker under a colliding key costs a request, never an id: it only sends a worker to
+the daemon instead of encoding alone."""
+
+
+def is_seen_marker(value: Any) -> bool:
+    return len(value) == _HEADER.size and bytes(value[:5]) == SEEN_MARKER[:5]
 
 
 @dataclass(frozen=True)

@@ -19,22 +19,26 @@ import stat
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import lmdb
 
 from flashtoken.ids import token_list_from_bytes
 from flashtoken.mapentry import (
     FORMAT,
+    SEEN_MARKER,
     Hit,
     confirm,
     entry_cost,
     entry_key,
     entry_tokens,
+    is_seen_marker,
     pack_entry,
 )
 
 log = logging.getLogger("flashtoken.sharedmap")
 
+_MARKER_COST = entry_cost(b"k" * 16, len(SEEN_MARKER))
 _VERSION_KEY = b"\x00flashtoken-map-format"  # never a 16-byte entry key
 _SALT_KEY = b"\x00flashtoken-map-salt"
 """A random salt per map, in the map: keys cannot be aimed at from outside the daemon's private
@@ -139,6 +143,14 @@ def trusted(path: str) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class Absent:
+    """No tokens in the map for a prefix: its ``key``, and whether the host has ``seen`` it."""
+
+    key: bytes
+    seen: bool
+
+
 class MapReader:
     """A worker's read-only view of the host's map (opened lazily, again after fork).
 
@@ -161,6 +173,14 @@ class MapReader:
         self, namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes
     ) -> Hit | None:
         """The confirmed hit for this prefix, or None (not there, not ours, not usable)."""
+        found = self.lookup(namespace, eid, allowed, prefix)
+        return found if isinstance(found, Hit) else None
+
+    def lookup(
+        self, namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes
+    ) -> Hit | Absent | None:
+        """The confirmed hit for this prefix; else :class:`Absent` (with whether the host has
+        seen it), or None when there is no usable map."""
         with _envs_lock:
             opened = self._open_env()
             if opened is None:
@@ -171,15 +191,22 @@ class MapReader:
                 with env.begin(buffers=True) as txn:
                     value = txn.get(key)
                     if value is None:
-                        return None
+                        return Absent(key, False)
                     found = confirm(value, namespace, eid, allowed, prefix)
-                    if found is None:  # another prefix's (a collision) or a damaged entry
-                        return None
+                    if found is None:
+                        # A sighting, a collision (another prefix's entry) or a damaged entry:
+                        # the daemon is asked, and it encodes from the bytes it receives.
+                        return Absent(key, True)
                     # Copied out of the mapping before the transaction ends.
                     return Hit(token_list_from_bytes(found[1]), found[0], key)
             except lmdb.Error:
                 self._fail()
                 return None
+
+    @property
+    def usable(self) -> bool:
+        """Whether the last lookup found a map to read (it answers for what the host saw)."""
+        return self._opened is not None and self._failed_pid != os.getpid()
 
     def open(self) -> bool:
         """Open the map now rather than on the first lookup (~1 ms, once per process)."""
@@ -248,6 +275,10 @@ class MapWriter:
         self._map_size = 2 * max_bytes + 64 * 1024 * 1024
         # key -> (cost in bytes, tokens held), oldest first
         self._order: OrderedDict[bytes, tuple[int, int]] = OrderedDict()
+        # Sighting markers (keys the host saw once and has not cached), oldest first; at most
+        # one per 4 KiB of budget, so they take under 3% of it.
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self.seen_capacity = max(64, min(65536, max_bytes // 4096))
         self.bytes = 0
         self.tokens = 0
         self.evictions = 0
@@ -292,6 +323,10 @@ class MapWriter:
                 if len(key) != 16 or bytes(value[:4]) != FORMAT:
                     damaged.append(key)
                     continue
+                if is_seen_marker(value):
+                    self._seen[key] = None
+                    self.bytes += _MARKER_COST
+                    continue
                 self._add(key, entry_cost(key, len(value)), entry_tokens(value))
         if damaged:
             with env.begin(write=True) as txn:
@@ -304,6 +339,7 @@ class MapWriter:
         log.warning("rebuilding the host map %s: %s", self.path, why)
         self.rebuilds += 1
         self._order.clear()
+        self._seen.clear()
         self.bytes = self.tokens = 0
         for name in ("data.mdb", "lock.mdb"):
             try:
@@ -332,17 +368,46 @@ class MapWriter:
                 self._evict_to(max(0, self.bytes // 2))  # LMDB's own pages took the room
         else:
             return False
+        if self._seen.pop(key, 0) is None:  # the marker it replaced
+            self.bytes -= _MARKER_COST
         self._add(key, cost, entry_tokens(value))
         return True
 
-    def touch(self, keys: list[bytes]) -> int:
-        """Move these keys to most recently used (readers' hits); how many were held."""
-        held = 0
+    def touch(self, keys: list[bytes]) -> list[bytes]:
+        """Move these keys to most recently used (readers' hits); the keys not held (the
+        sightings of prefixes not cached, or hits on entries evicted since)."""
+        missing = []
         for key in keys:
             if key in self._order:
                 self._order.move_to_end(key)
-                held += 1
-        return held
+            else:
+                missing.append(key)
+        return missing
+
+    def mark_seen(self, keys: list[bytes]) -> int:
+        """Store a sighting marker under each key not held yet (flashtoken/admission.py):
+        workers that find one ask the daemon to fill, where a key with nothing under it is
+        encoded whole by the worker. Returns how many were new."""
+        new = [k for k in keys if k not in self._order and k not in self._seen]
+        if not new:
+            return 0
+        for key in new:
+            self._seen[key] = None
+        self.bytes += _MARKER_COST * len(new)
+        gone = []
+        while len(self._seen) > self.seen_capacity:
+            gone.append(self._seen.popitem(last=False)[0])
+        self.bytes -= _MARKER_COST * len(gone)
+        try:
+            with self.env.begin(write=True) as txn:
+                for key in new:
+                    if key in self._seen:
+                        txn.put(key, SEEN_MARKER)
+                for key in gone:
+                    txn.delete(key)
+        except lmdb.MapFullError:  # the markers are a hint: none is better than an error
+            pass
+        return len(new)
 
     def delete(self, key: bytes) -> None:
         if self._drop_from_order(key):
@@ -379,6 +444,11 @@ class MapWriter:
 
     def __len__(self) -> int:
         return len(self._order)
+
+    @property
+    def seen(self) -> int:
+        """How many sighting markers the map holds."""
+        return len(self._seen)
 
     def _add(self, key: bytes, cost: int, tokens: int) -> None:
         self._order[key] = (cost, tokens)

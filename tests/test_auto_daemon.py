@@ -67,6 +67,7 @@ def client(daemon: DaemonProcess, name: str = "cl100k_base", **options: Any) -> 
         "auto_l1_bytes": 0,
         "auto_block_bytes": BLOCK,
         "auto_local_bytes": 0,  # always ask: these tests are about the AUTO round trip
+        "min_uses": 1,  # and declared prefixes are filled from their first request
         **options,
     }
     return Client(daemon.address, name, **options)

@@ -265,7 +265,7 @@ _SAMPLE = re.compile(r"^flashtoken_[a-z0-9_]+(\{[a-z_]+=\"[^\"]*\"(,[a-z_]+=\"[^
 
 
 def test_stats_formats(shared_daemon: DaemonProcess) -> None:
-    with Client(shared_daemon.address, timeout_ms=2000) as client:
+    with Client(shared_daemon.address, timeout_ms=2000, min_uses=1) as client:
         client.encode_ordinary(" x", prefix="A prefix for the stats test.")
     memcached = cli("stats", "--bind", shared_daemon.address)
     assert memcached.returncode == 0, memcached.stderr
@@ -388,7 +388,7 @@ def test_metrics_endpoint(daemon_dir: Path) -> None:
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         daemon.start()
-        with Client(daemon.address, timeout_ms=2000) as client:
+        with Client(daemon.address, timeout_ms=2000, min_uses=1) as client:
             client.encode_ordinary(" x", prefix="A prefix for the metrics test.")
 
         def scraped() -> bool:

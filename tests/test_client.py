@@ -53,8 +53,8 @@ def test_exact_on_every_corpus_split(shared_daemon: DaemonProcess, name: str) ->
     pairs = [pair for text in CORPUS for pair in splits(text)]
     pairs += [(p + "\n" + p, s) for p, s in pairs[::7]]  # longer prefixes, same joins
     with (
-        Client(shared_daemon.address, name, timeout_ms=TIMEOUT_MS) as cold,
-        Client(shared_daemon.address, name, timeout_ms=TIMEOUT_MS) as warm,
+        Client(shared_daemon.address, name, timeout_ms=TIMEOUT_MS, min_uses=1) as cold,
+        Client(shared_daemon.address, name, timeout_ms=TIMEOUT_MS, min_uses=1) as warm,
     ):
         for prefix, suffix in pairs:  # misses: local encodes, fills requested
             assert cold.encode_ordinary(suffix, prefix=prefix) == enc.encode_ordinary(
@@ -125,12 +125,12 @@ def test_exact_on_random_splits(shared_daemon: DaemonProcess, name: str) -> None
 def test_miss_then_l1_then_daemon_hit(shared_daemon: DaemonProcess) -> None:
     enc = get_encoding("cl100k_base")
     prefix = f"System prompt {random.random()}: " + "be exact. " * 500
-    with Client(shared_daemon.address, timeout_ms=TIMEOUT_MS) as first:
+    with Client(shared_daemon.address, timeout_ms=TIMEOUT_MS, min_uses=1) as first:
         assert first.encode_ordinary(" hi", prefix=prefix) == enc.encode_ordinary(prefix + " hi")
         assert first.encode_ordinary(" yo", prefix=prefix) == enc.encode_ordinary(prefix + " yo")
         assert (first.stats()["misses"], first.stats()["l1_hits"]) == (1, 1)
     _wait_for_fills(shared_daemon)
-    with Client(shared_daemon.address, timeout_ms=TIMEOUT_MS) as second:
+    with Client(shared_daemon.address, timeout_ms=TIMEOUT_MS, min_uses=1) as second:
         assert second.encode_ordinary("!", prefix=prefix) == enc.encode_ordinary(prefix + "!")
         stats = second.stats()
     assert (stats["l2_hits"], stats["misses"], stats["fallbacks"], stats["breaker"]) == (
@@ -143,10 +143,10 @@ def test_miss_then_l1_then_daemon_hit(shared_daemon: DaemonProcess) -> None:
 
 def test_namespaces_share_nothing(shared_daemon: DaemonProcess) -> None:
     prefix = f"tenant data {random.random()}"
-    with Client(shared_daemon.address, namespace=b"a", timeout_ms=TIMEOUT_MS) as a:
+    with Client(shared_daemon.address, namespace=b"a", timeout_ms=TIMEOUT_MS, min_uses=1) as a:
         a.encode_ordinary("", prefix=prefix)
     _wait_for_fills(shared_daemon)
-    with Client(shared_daemon.address, namespace=b"b", timeout_ms=TIMEOUT_MS) as b:
+    with Client(shared_daemon.address, namespace=b"b", timeout_ms=TIMEOUT_MS, min_uses=1) as b:
         b.encode_ordinary("", prefix=prefix)
         assert (b.stats()["l2_hits"], b.stats()["misses"]) == (0, 1)
 
@@ -305,7 +305,7 @@ def test_a_daemon_answering_garbage_changes_no_token(daemon_dir: Path) -> None:
 def test_client_made_before_fork_works_in_the_child(shared_daemon: DaemonProcess) -> None:
     enc = get_encoding("cl100k_base")
     prefix = f"preloaded {random.random()} " * 40
-    client = Client(shared_daemon.address, timeout_ms=TIMEOUT_MS)
+    client = Client(shared_daemon.address, timeout_ms=TIMEOUT_MS, min_uses=1)
     client.encode_ordinary("x", prefix=prefix)  # the parent's socket is open now
     _wait_for_fills(shared_daemon)
     before = client.stats()
@@ -366,7 +366,7 @@ def test_threads_share_a_client(shared_daemon: DaemonProcess) -> None:
 
 def test_closed_client_still_answers(shared_daemon: DaemonProcess) -> None:
     enc = get_encoding("cl100k_base")
-    client = Client(shared_daemon.address, timeout_ms=TIMEOUT_MS)
+    client = Client(shared_daemon.address, timeout_ms=TIMEOUT_MS, min_uses=1)
     client.close()
     assert client.encode_ordinary("b", prefix="a closed client ") == enc.encode_ordinary(
         "a closed client b"

@@ -109,7 +109,7 @@ def test_no_daemon(daemon_dir: Path) -> None:
 def test_usable_across_event_loops(start_daemon: Callable[..., DaemonProcess]) -> None:
     daemon = start_daemon()
     enc = get_encoding("cl100k_base")
-    client = AsyncClient(daemon.address, timeout_ms=TIMEOUT_MS, l1_bytes=0)
+    client = AsyncClient(daemon.address, timeout_ms=TIMEOUT_MS, l1_bytes=0, min_uses=1)
     try:
         for i in range(3):  # asyncio.run makes a new loop each time; each asks the daemon
             prefix = f"loop {i} a"

@@ -32,7 +32,7 @@ rng = random.Random(seed)
 words = ["alpha", "beta", " ", "  ", "\n", "'s", "123", "中文", "é", "!!", "Z", "don't", "\t"]
 prefixes = ["".join(rng.choice(words) for _ in range(rng.randrange(1, 400))) for _ in range(60)]
 suffixes = ["", " x", "s", "'t", "4567", "\n\n", "中", " ", "e\u0301"]
-client = Client(address, name, timeout_ms=20, l1_bytes=0)  # no L1: every call exercises L2
+client = Client(address, name, timeout_ms=20, l1_bytes=0, min_uses=1)  # no L1: every call: L2
 mismatches = exceptions = calls = 0
 at_restart = down = None
 while not os.path.exists(os.path.join(control, "stop")):
@@ -120,7 +120,7 @@ def test_sigstop_costs_each_call_at_most_one_budget_and_the_breaker_opens(
     enc = get_encoding("cl100k_base")
     daemon = start_daemon()
     prefixes = [f"frozen daemon {i} " + "the quick brown fox jumps. " * 300 for i in range(8)]
-    options = {"timeout_ms": 20, "l1_bytes": 0, "breaker_failures": 3}
+    options = {"timeout_ms": 20, "l1_bytes": 0, "breaker_failures": 3, "min_uses": 1}
     with Client(
         daemon.address, breaker_cooldown_ms=600_000, breaker_max_cooldown_ms=600_000, **options
     ) as client:

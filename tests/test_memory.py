@@ -66,7 +66,7 @@ def test_auto_and_get_floods_that_never_read_stay_within_the_budget(
     data = TEXT.encode()
     seed = make_chain_seed(b"", EID, (), 512)
     # Fill the chain and the prefix first, so that every reply carries ~1 MiB of tokens.
-    with Client(daemon.address, timeout_ms=5000, auto_local_bytes=0) as client:
+    with Client(daemon.address, timeout_ms=5000, auto_local_bytes=0, min_uses=1) as client:
         client.encode_ordinary(TEXT)
         client.encode_ordinary("x", prefix=TEXT)
         wait_until(

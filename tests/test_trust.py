@@ -35,10 +35,10 @@ def test_a_client_cannot_squat_another_prompts_entry(daemon: DaemonProcess) -> N
         squat = [header(**fields, ns=namespace_tag(b""), key=victim_key), f"squat {i}".encode()]
         assert parse_reply(request(daemon.address, squat)).ok
     wait_until(lambda: daemon.stats()["fills"] == 20, 60, "squatting fills never ran")
-    with Client(daemon.address, timeout_ms=5000) as victim:
+    with Client(daemon.address, timeout_ms=5000, min_uses=1) as victim:
         victim.encode_ordinary("a", prefix=PROMPT)
         wait_until(lambda: daemon.stats()["fills"] == 21, 60, "the victim's fill never ran")
-    with Client(daemon.address, timeout_ms=5000) as other:
+    with Client(daemon.address, timeout_ms=5000, min_uses=1) as other:
         assert other.encode_ordinary("b", prefix=PROMPT) == enc.encode_ordinary(PROMPT + "b")
         assert other.stats()["l2_hits"] == 1
     assert daemon.stats()["collisions_detected"] == 0
