@@ -361,7 +361,7 @@ def test_settings_command_shows_the_environment() -> None:
 
 
 def test_the_master_loads_every_configured_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flashtoken.client.gunicorn import _warm_names
+    from flashtoken.client.warmup import encoding_names as _warm_names
 
     assert _warm_names(SidecarSettings()) == ["cl100k_base", "o200k_base"]
     chosen = SidecarSettings(encoding="o200k_harmony", encodings=["cl100k_base", "o200k_harmony"])
