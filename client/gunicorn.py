@@ -53,6 +53,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from flashtoken.protocol import default_address, ipc_path
+from flashtoken.settings import MAX_IPC_PATH_BYTES
 
 from . import warmup
 from .supervisor import Supervisor, install_fork_guard
@@ -77,7 +78,6 @@ __all__ = [
 # Set by the master for its children (and read by ``get_client`` where no hooks ran, e.g. under
 # ``uvicorn --workers`` with a daemon run by systemd).
 ADDRESS_ENV = "FLASHTOKEN_ADDRESS"
-_MAX_IPC_PATH_BYTES = 107  # sun_path, with its NUL
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,7 @@ def _private_dir() -> str:
         # mkdtemp's name is 8 random characters; the socket adds "/daemon.sock.lock".
         if (
             len(os.path.join(base, "flashtoken-gunicorn-xxxxxxxx", "daemon.sock").encode())
-            > _MAX_IPC_PATH_BYTES
+            > MAX_IPC_PATH_BYTES
         ):
             continue
         return tempfile.mkdtemp(prefix="flashtoken-gunicorn-", dir=base)

@@ -449,3 +449,27 @@ def test_metrics_sum_every_workers_counters(tmpdir_short: Path) -> None:
     finally:
         proc.stop()
     assert not directory.exists()
+
+
+def test_private_dir_fits_the_socket_path_limit_of_macos(
+    tmpdir_short: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forced on Linux: with macOS's 104-byte sun_path, a runtime directory that would fit
+    Linux's 108 is passed over for a shorter one, and the socket path fits."""
+    import flashtoken.client.gunicorn as g
+
+    # base + "/flashtoken-gunicorn-xxxxxxxx/daemon.sock" (41 bytes) = 105: over 103, within 107.
+    long_dir = tmpdir_short / ("r" * (105 - 41 - len(str(tmpdir_short)) - 1))
+    long_dir.mkdir()
+    linux_fit = len(os.path.join(long_dir, "flashtoken-gunicorn-xxxxxxxx", "daemon.sock").encode())
+    assert 103 < linux_fit <= 107, linux_fit
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(long_dir))
+    assert Path(g._private_dir()).parent == long_dir  # Linux's limit: it fits
+    monkeypatch.setattr(g, "MAX_IPC_PATH_BYTES", 103)
+    made = Path(g._private_dir())
+    try:
+        assert made.parent != long_dir
+        assert len(str(made / "daemon.sock").encode()) <= 103
+        assert made.stat().st_mode & 0o777 == 0o700
+    finally:
+        shutil.rmtree(made, ignore_errors=True)
