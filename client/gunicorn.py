@@ -281,11 +281,11 @@ def _reset_clients_lock() -> None:
 
 
 def on_starting(server: Any) -> None:
-    """Master, before anything else: start the daemon (unless ``spawn=False``)."""
+    """Master, before anything else: start the daemon (unless ``spawn=False``), then load the
+    workers' encodings and warm prefixes while the daemon loads its own."""
     _state.configured = True
     bind = address()
     os.environ[ADDRESS_ENV] = bind
-    _warm(server)
     if _state.settings.prometheus:
         from .prometheus import MULTIPROC_ENV
 
@@ -294,17 +294,18 @@ def on_starting(server: Any) -> None:
         )
     if not _state.settings.spawn:
         server.log.info("flashtoken: workers use the daemon at %s (not started here)", bind)
-        return
-    if _state.supervisor is not None:
-        return  # already running (the config was re-read)
-    install_fork_guard(_reset_clients_lock)
-    path = ipc_path(bind)
-    if path is not None and not os.path.isdir(os.path.dirname(path)):
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    supervisor = _state.supervisor = Supervisor(_state.settings, bind, server.log)
-    _collect_before_gunicorn_reaps(server, supervisor)
-    supervisor.spawn()
-    atexit.register(_stop_at_exit)
+    elif _state.supervisor is None:  # else already running (the config was re-read)
+        install_fork_guard(_reset_clients_lock)
+        path = ipc_path(bind)
+        if path is not None and not os.path.isdir(os.path.dirname(path)):
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        supervisor = _state.supervisor = Supervisor(_state.settings, bind, server.log)
+        _collect_before_gunicorn_reaps(server, supervisor)
+        supervisor.spawn()
+        atexit.register(_stop_at_exit)
+    # After the spawn: both load encodings at once (~0.5 s each), so when_ready's wait for the
+    # daemon's socket, during which gunicorn queues the first requests, is mostly over by then.
+    _warm(server)
 
 
 def _collect_before_gunicorn_reaps(server: Any, supervisor: Supervisor) -> None:
