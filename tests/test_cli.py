@@ -37,12 +37,14 @@ def cli(
     *args: str, env: dict[str, str] | None = None, **kwargs: Any
 ) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith("FLASHTOKEN_")}
+    kwargs.setdefault("stdout", subprocess.PIPE)  # or a file descriptor: a closed pipe's end
     return subprocess.run(
         [sys.executable, "-m", "flashtoken.daemon", *args],
-        capture_output=True,
+        stderr=subprocess.PIPE,
         text=True,
         timeout=60,
         env={**base, **(env or {})},
+        **kwargs,
     )
 
 
@@ -293,6 +295,18 @@ def test_stats_into_a_closed_pipe_is_quiet(shared_daemon: DaemonProcess) -> None
     os.close(read)  # every write now fails with EPIPE, as after `head` has exited
     try:
         proc = cli("stats", "--bind", shared_daemon.address, "--json", stdout=write)
+    finally:
+        os.close(write)
+    assert proc.returncode == 0
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_settings_into_a_closed_pipe_is_quiet() -> None:
+    """``settings | head -5``: the same, for the command that prints line by line."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = cli("settings", stdout=write)
     finally:
         os.close(write)
     assert proc.returncode == 0
