@@ -214,7 +214,7 @@ def run_one(
                     f"{strategy}: {workers} workers: no result within the timeout"
                 ) from None
         # Every worker is alive and idle now: one snapshot of the host's memory.
-        pss = [sidecar.pss_kib(proc.pid) for proc in procs]
+        pss = [sidecar.pss_kib(proc.pid) if proc.pid else None for proc in procs]
         daemon_pss = sidecar.pss_kib(daemon_pid) if daemon_pid is not None else None
     finally:
         measured.set()

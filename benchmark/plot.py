@@ -305,7 +305,7 @@ def http_e2e(results: dict[str, Any], out: Path) -> Path | None:
             left.text(x, r["requests_per_s"], f"{ratio:.1f}x", ha="center", va="bottom", fontsize=8)
     left.set_xticks(list(xs), labels, fontsize=8)
     left.set_ylabel("requests/s (all workers)")
-    left.set_title("Throughput")
+    left.set_title("Throughput (labels: x tiktoken with the same reply)", fontsize=10)
     width = 0.4
     for i, (key, label) in enumerate((("median_us", "p50"), ("p99_us", "p99"))):
         right.bar(
