@@ -109,23 +109,25 @@ def _is_multiprocess() -> bool:
 class _Exporter:
     """This process's copy of its clients' counters into prometheus-client (one per process)."""
 
-    def __init__(self, interval_s: float) -> None:
+    def __init__(self) -> None:
         self.pid = os.getpid()
-        self.interval_s = interval_s
+        self.interval_s = 0.0  # set by the first add() that asks for a thread
         self.lock = threading.Lock()
         self.clients: weakref.WeakSet[Any] = weakref.WeakSet()
         self.seen: weakref.WeakKeyDictionary[Any, dict[str, int]] = weakref.WeakKeyDictionary()
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
 
-    def add(self, client: Any) -> None:
+    def add(self, client: Any, interval_s: float) -> None:
         with self.lock:
             self.clients.add(client)
-        if self.thread is None and self.interval_s > 0:
+            if self.thread is not None or interval_s <= 0:
+                return
+            self.interval_s = interval_s
             self.thread = threading.Thread(
                 target=self._run, name="flashtoken-prometheus", daemon=True
             )
-            self.thread.start()
+        self.thread.start()
 
     def _run(self) -> None:
         while not self.stopped.wait(self.interval_s):
@@ -172,25 +174,26 @@ def _counter(name: str) -> Any:
     return found
 
 
-def _this_process(interval_s: float = INTERVAL_S) -> _Exporter:
+def _this_process() -> _Exporter:
     """The exporter of this process; after a fork, a new one (the parent's thread is not here)."""
     global _exporter
     with _EXPORTER_LOCK:
         if _exporter is None or _exporter.pid != os.getpid():
-            _exporter = _Exporter(interval_s)
+            _exporter = _Exporter()
         return _exporter
 
 
 def track(client: Any, *, interval_s: float = INTERVAL_S) -> Any:
     """Export ``client``'s counters (a ``Client`` or an ``AsyncClient``) from now on; returns it.
 
-    Starts this process's copying thread on first use (``interval_s=0``: none, copy only on
-    ``flush()`` and ``metrics_response()``). A client is held weakly: one that is dropped
+    Starts this process's copying thread, every ``interval_s``, unless one runs
+    (``interval_s=0``: no thread for this client; copies happen on ``flush()`` and
+    ``metrics_response()``). A client is held weakly: one that is dropped
     stops being copied, and what it counted stays in the totals. Raises ModuleNotFoundError,
     saying what to install, without prometheus-client.
     """
     _require()
-    _this_process(interval_s).add(client)
+    _this_process().add(client, interval_s)
     return client
 
 
