@@ -16,7 +16,8 @@ What each hook does:
 
 - ``on_starting`` (master): picks the socket (``address``, or ``daemon.sock`` in a fresh 0700
   directory of its own under ``$XDG_RUNTIME_DIR`` or the temp dir) and starts
-  ``python -m flashtoken.daemon serve --bind ... --exit-with-parent`` as a child process.
+  ``python -m flashtoken.daemon serve --bind ... --exit-with-parent`` as a child process;
+  then loads the workers' encodings and ``warm_prefixes`` (client/warmup.py).
 - ``when_ready`` (master): waits (bounded by ``start_timeout_s``) until the daemon has bound its
   socket, then starts the supervisor thread, which restarts the daemon whenever it exits
   (backing off from 0.1 s to 10 s while it keeps dying).
