@@ -1,6 +1,7 @@
 # Two commands set up everything on a fresh machine that has only python3:
 #   make test    create .venv, install the project with its dev extra, run pytest
 #   make bench   same environment, run the benchmark
+#   make pythons the built wheel installed and smoke-tested on every CPython 3.10-3.13 found
 # Pass arguments through PYTEST_ARGS / BENCH_ARGS, e.g. make test PYTEST_ARGS='-k encodings -x'.
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ VPY := $(VENV)/bin/python
 # the sources (new modules included) need no re-install.
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test bench install clean
+.PHONY: test bench pythons install clean
 
 test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
@@ -23,6 +24,11 @@ bench: $(STAMP)
 	$(VPY) -m benchmark.hoststore $(filter --quick,$(BENCH_ARGS)) --json benchmark/out/hoststore.json || status=$$?; \
 	$(VPY) -m benchmark.fleet $(filter --quick,$(BENCH_ARGS)) || status=$$?; \
 	exit $$status
+
+# The CI matrix: one fresh venv per CPython 3.10-3.13 on this machine (absent ones are listed
+# as SKIP; none found is a failure). Pass PYTHONS_ARGS='--require 3.10,3.13' to insist.
+pythons: $(STAMP)
+	$(VPY) tools/check_pythons.py $(PYTHONS_ARGS)
 
 install: $(STAMP)
 

@@ -1,6 +1,6 @@
 """The headline: each promised figure with its target, what was measured, met or MISSED, and why.
 
-Two kinds of target: against tiktoken (DESIGN §6), and against the *fastest exact peer* installed
+Two kinds of target: against tiktoken (docs/METHODOLOGY.md), and against the *fastest exact peer* installed
 (toktok-rs, gigatoken: the tokenizers a user could switch to instead; issue 14). A peer is exact if
 it matched tiktoken on every text of that workload in this run (see inexact_tools); the fastest is
 taken per workload (per cell, per worker count), so the comparison is always with the best

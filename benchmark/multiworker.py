@@ -13,6 +13,12 @@ build their inputs, then wait on a barrier so they all start together. Then each
 Requests draw a prefix from ``mw_prefixes`` distinct system prompts (Zipf popularity, 4-64 KiB,
 size independent of rank) and a short user suffix. A sample of responses is checked against
 tiktoken after the measured window, outside the timing.
+
+Memory: after the windows every worker reports and then waits, still alive, while the parent
+reads the PSS of all of them and of the daemon at one moment. PSS splits a shared page among
+the processes that map it, so their sum, the host's total, counts the daemon's map (and the
+pages inherited from a common parent) once; a worker that measured itself after another had
+exited would count that worker's share as its own.
 """
 
 from __future__ import annotations
@@ -118,8 +124,9 @@ def _window(
         i += 1
 
 
-def _worker(args: dict[str, Any], barrier: Any, out: Any) -> None:
-    """One worker process: set up, wait on the barrier, run the windows, report."""
+def _worker(args: dict[str, Any], barrier: Any, out: Any, measured: Any) -> None:
+    """One worker process: set up, wait on the barrier, run the windows, report, then stay
+    alive until the parent has ``measured`` every worker's memory."""
     try:
         import flashtoken
 
@@ -150,17 +157,24 @@ def _worker(args: dict[str, Any], barrier: Any, out: Any) -> None:
                 "strategy_stats": stats(),
             }
         )
+        measured.wait(timeout=args["timeout_s"])
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, never a hang
         out.put({"worker": args.get("worker"), "ok": False, "error": repr(exc)})
 
 
 def run_one(
-    settings: Settings, strategy: str, workers: int, encoding: str, address: str | None
+    settings: Settings,
+    strategy: str,
+    workers: int,
+    encoding: str,
+    address: str | None,
+    daemon_pid: int | None = None,
 ) -> dict[str, Any]:
     """``workers`` processes of one strategy; aggregate throughput, latency and memory."""
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(workers)
     out = ctx.Queue()
+    measured = ctx.Event()
     base = {
         "strategy": strategy,
         "encoding": encoding,
@@ -176,7 +190,9 @@ def run_one(
         "timeout_s": settings.mw_timeout_s,
     }
     procs = [
-        ctx.Process(target=_worker, args=(dict(base, worker=w), barrier, out), daemon=True)
+        ctx.Process(
+            target=_worker, args=(dict(base, worker=w), barrier, out, measured), daemon=True
+        )
         for w in range(workers)
     ]
     for proc in procs:
@@ -197,7 +213,11 @@ def run_one(
                 raise RuntimeError(
                     f"{strategy}: {workers} workers: no result within the timeout"
                 ) from None
+        # Every worker is alive and idle now: one snapshot of the host's memory.
+        pss = [sidecar.pss_kib(proc.pid) if proc.pid else None for proc in procs]
+        daemon_pss = sidecar.pss_kib(daemon_pid) if daemon_pid is not None else None
     finally:
+        measured.set()
         for proc in procs:
             proc.join(timeout=10)
             if proc.is_alive():
@@ -209,6 +229,7 @@ def run_one(
     measure = [x for r in results for x in array("q", r["measure_ns"])]
     cold = [x for r in results for x in array("q", r["cold_ns"])]
     rss = [r["rss_kib"] for r in results if r["rss_kib"] is not None]
+    known = [p for p in pss if p is not None]
     return {
         "strategy": strategy,
         "workers": workers,
@@ -218,6 +239,10 @@ def run_one(
         "cold_latency": timing.summarize(cold),
         "rss_kib_per_worker": rss,
         "rss_mib_median_worker": (sorted(rss)[len(rss) // 2] / 1024) if rss else None,
+        "pss_kib_per_worker": known,
+        "daemon_pss_kib": daemon_pss,
+        # Every worker + the daemon, a page shared among them counted once (None: no /proc).
+        "host_pss_mib": (sum(known) + (daemon_pss or 0)) / 1024 if len(known) == workers else None,
         "checked": sum(r["checked"] for r in results),
         "mismatches": sum(r["mismatches"] for r in results),
         "strategy_stats": [r["strategy_stats"] for r in results],
@@ -243,7 +268,7 @@ def run(
         for n in workers:
             if strategy == DAEMON:
                 with sidecar.Daemon(encodings=(encoding,)) as daemon:
-                    result = run_one(settings, strategy, n, encoding, daemon.address)
+                    result = run_one(settings, strategy, n, encoding, daemon.address, daemon.pid)
                     result["daemon_rss_kib"] = daemon.rss_kib()
                     try:
                         result["daemon_stats"] = daemon.stats()

@@ -23,7 +23,40 @@ from benchmark import workloads  # noqa: E402
 
 
 def _wrap(label: str, width: int = 18) -> str:
-    return textwrap.fill(label, width)
+    return textwrap.fill(label, width, break_long_words=False)
+
+
+SMOOTH_TURNS = 9
+
+
+def _rolling_median(values: list[float], window: int = SMOOTH_TURNS) -> list[float]:
+    """Each point the median of the ``window`` turns around it: the trend, without the one-off
+    spikes a busy machine puts into single timings (the raw values are in results.json)."""
+    half = window // 2
+    out = []
+    for i in range(len(values)):
+        part = sorted(values[max(0, i - half) : i + half + 1])
+        out.append(part[len(part) // 2])
+    return out
+
+
+def _baseline_style(name: str) -> dict[str, Any] | None:
+    """Baselines drawn apart from FlashToken's lines: tiktoken black or grey and dashed,
+    the peers dotted; None for FlashToken's own (solid, in colour)."""
+    if name.startswith("tiktoken"):
+        second = name != "tiktoken"  # tiktoken timed again in another pass
+        return {"color": "grey" if second else "black", "ls": "--" if second else "-", "lw": 1.6}
+    if "(whole text)" in name:
+        return {"ls": ":", "lw": 1.6}
+    return None
+
+
+def _per_turn_lines(ax: Any, xs: list[Any], series: dict[str, list[float]]) -> None:
+    colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    for name, us in series.items():
+        style = _baseline_style(name) or {"lw": 1.4}
+        style.setdefault("color", next(colours))
+        ax.plot(xs[: len(us)], _rolling_median(us), label=name, **style)
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -77,14 +110,15 @@ def chat_latency(results: dict[str, Any], out: Path) -> Path | None:
     if not chat:
         return None
     fig, ax = plt.subplots(figsize=(11, 5))
-    for name, us in chat["per_turn_median_us"].items():
-        ax.plot(range(1, len(us) + 1), us, label=name, lw=1)
+    turns = chat["per_turn_median_us"]
+    _per_turn_lines(ax, list(range(1, max(map(len, turns.values())) + 1)), turns)
     ax.set_yscale("log")
     ax.set_xlabel("turn")
-    ax.set_ylabel("latency per turn (µs, median of sequences, log)")
+    ax.set_ylabel(f"latency per turn (µs, log; rolling median of {SMOOTH_TURNS} turns)")
     ax.set_title(
         f"{chat['turns']}-turn chat ({chat['encoding']}): per-turn cost vs history "
-        f"(ends at {chat['history_tokens'][-1]:,} tokens)",
+        f"(ends at {chat['history_tokens'][-1]:,} tokens)\n"
+        "tiktoken solid black, the peers dotted: both re-encode the whole history each turn",
         fontsize=10,
     )
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -107,14 +141,10 @@ def throughput(results: dict[str, Any], out: Path) -> Path | None:
         colour = colours[i % len(colours)]
         xs = [r["workers"] for r in rs]
         ax.plot(xs, [r["requests_per_s"] for r in rs], "-o", color=colour, label=strategy)
-        ax.plot(
-            xs,
-            [r["cold_requests_per_s"] for r in rs],
-            ":x",
-            color=colour,
-            alpha=0.7,
-            label=f"{strategy}, cold start",
-        )
+        ax.plot(xs, [r["cold_requests_per_s"] for r in rs], ":x", color=colour, alpha=0.7)
+    # One entry per strategy (its colour), and one per line style.
+    ax.plot([], [], "-o", color="black", label="steady state (caches warm)")
+    ax.plot([], [], ":x", color="black", alpha=0.7, label="cold start (caches empty)")
     ax.set_yscale("log")
     ax.set_xscale("log", base=2)
     ticks = sorted({r["workers"] for r in runs})
@@ -122,8 +152,8 @@ def throughput(results: dict[str, Any], out: Path) -> Path | None:
     ax.set_xlabel("worker processes")
     ax.set_ylabel("aggregate throughput (requests/s, log)")
     ax.set_title(
-        f"Multi-worker throughput ({results['machine']['cores']} cores); "
-        "solid: steady state, dotted: cold start (same colour, same strategy)",
+        f"Multi-worker throughput, {results['machine']['cores']} cores\n"
+        "a colour per strategy; solid: steady state, dotted: cold start",
         fontsize=9,
     )
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -161,41 +191,55 @@ def latency_percentiles(results: dict[str, Any], out: Path) -> Path | None:
 
 
 def memory(results: dict[str, Any], out: Path) -> Path | None:
-    """Per worker, the daemon, and the host's total (every worker + the daemon), per strategy."""
+    """The host's memory per strategy at the largest worker count: every worker's PSS plus the
+    daemon's, stacked, so the bar is the host's total with a shared page counted once."""
     runs = _runs(results)
     if not runs:
         return None
-    chosen = _reference_runs(
-        [r for r in runs if r["workers"] == max(x["workers"] for x in runs)] or runs
-    )
-    labels, worker_mib, daemon_mib, host_mib = [], [], [], []
-    for r in chosen:
-        labels.append(_wrap(r["strategy"]))
-        worker_mib.append(r["rss_mib_median_worker"] or 0)
-        daemon_mib.append((r.get("daemon_rss_kib") or 0) / 1024)
-        per_worker = r.get("rss_kib_per_worker") or []
-        host_mib.append((sum(per_worker) + (r.get("daemon_rss_kib") or 0)) / 1024)
+    most = max(r["workers"] for r in runs)
+    chosen = [r for r in runs if r["workers"] == most]
+    if not all(r.get("host_pss_mib") is not None for r in chosen):
+        return None  # results.json from before PSS was measured, or no /proc
+    labels = [_wrap(r["strategy"]) for r in chosen]
+    workers = [sum(r["pss_kib_per_worker"]) / 1024 for r in chosen]
+    daemon = [(r.get("daemon_pss_kib") or 0) / 1024 for r in chosen]
+    rss_sum = [
+        (sum(r.get("rss_kib_per_worker") or []) + (r.get("daemon_rss_kib") or 0)) / 1024
+        for r in chosen
+    ]
     fig, ax = plt.subplots(figsize=(10, 5))
-    xs = range(len(labels))
-    ax.bar([x - 0.27 for x in xs], worker_mib, 0.27, label="RSS per worker (median)")
-    ax.bar([x for x in xs], daemon_mib, 0.27, label="daemon RSS (0: no daemon)")
-    ax.bar(
-        [x + 0.27 for x in xs],
-        host_mib,
-        0.27,
-        label=f"host total: all {chosen[0]['workers']} workers + the daemon",
+    xs = list(range(len(labels)))
+    ax.bar(xs, workers, 0.55, color="tab:blue", label=f"the {most} workers' PSS, summed")
+    ax.bar(xs, daemon, 0.55, bottom=workers, color="tab:orange", label="the daemon's PSS")
+    for x, r in zip(xs, chosen, strict=True):
+        # Inside the bar's top, clear of the RSS marker above it.
+        ax.text(
+            x,
+            r["host_pss_mib"] * 0.97,
+            f"{r['host_pss_mib']:.0f}",
+            ha="center",
+            va="top",
+            color="white",
+            fontweight="bold",
+        )
+    ax.plot(
+        xs,
+        rss_sum,
+        "kx",
+        markersize=8,
+        label="sum of RSS, for comparison (a shared page counted in every process)",
     )
-    for x, total in zip(xs, host_mib, strict=False):
-        ax.text(x + 0.27, total, f"{total:.0f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(list(xs), labels, fontsize=7)
-    ax.set_ylabel("resident memory (MiB)")
+    ax.set_xticks(xs, labels, fontsize=7)
+    ax.set_ylabel("host memory (MiB)")
     ax.set_title(
-        f"Memory per strategy, {chosen[0]['workers']} workers (RSS counts shared pages in "
-        "every process that maps them)",
+        f"Host memory per strategy, {most} workers + the daemon: the bar is the host's total\n"
+        "(PSS: a page shared by n processes counts 1/n in each, so the sum counts it once; "
+        "measured at one moment, all alive)",
         fontsize=9,
     )
-    ax.set_ylim(0, 1.2 * max(host_mib + worker_mib + daemon_mib + [1]))
+    ax.set_ylim(0, 1.25 * max(rss_sum + [r["host_pss_mib"] for r in chosen] + [1]))
     ax.legend(loc="upper left", fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
     return _save(fig, out / "memory_per_strategy.png")
 
 
@@ -261,7 +305,7 @@ def http_e2e(results: dict[str, Any], out: Path) -> Path | None:
             left.text(x, r["requests_per_s"], f"{ratio:.1f}x", ha="center", va="bottom", fontsize=8)
     left.set_xticks(list(xs), labels, fontsize=8)
     left.set_ylabel("requests/s (all workers)")
-    left.set_title("Throughput")
+    left.set_title("Throughput (labels: x tiktoken with the same reply)", fontsize=10)
     width = 0.4
     for i, (key, label) in enumerate((("median_us", "p50"), ("p99_us", "p99"))):
         right.bar(
@@ -287,15 +331,15 @@ def auto_chat_latency(results: dict[str, Any], out: Path) -> Path | None:
     if not ac or "per_turn_median_us" not in ac:
         return None
     fig, ax = plt.subplots(figsize=(11, 5))
-    for name, us in ac["per_turn_median_us"].items():
-        ax.plot(ac["history_tokens"][: len(us)], us, label=name, lw=1)
+    _per_turn_lines(ax, ac["history_tokens"], ac["per_turn_median_us"])
     ax.set_yscale("log")
     ax.set_xlabel("history length (tokens)")
-    ax.set_ylabel("latency per turn (µs, log)")
+    ax.set_ylabel(f"latency per turn (µs, log; rolling median of {SMOOTH_TURNS} turns)")
     ax.set_title(
-        "Automatic reuse: chat over 4 workers, per-turn cost vs history\n(the conversation is "
-        "played twice; tiktoken is timed in both passes, beside each API)",
-        fontsize=10,
+        "Automatic reuse: chat over 4 workers, per-turn cost vs history\n"
+        "The conversation is played twice, once per FlashToken API, with tiktoken timed beside "
+        "each:\nsolid black beside the automatic API, dashed grey beside the declared prefix",
+        fontsize=9,
     )
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(True, which="both", alpha=0.3)

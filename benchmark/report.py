@@ -53,8 +53,10 @@ FIGURES = (
     ),
     (
         "memory_per_strategy.png",
-        "Resident memory per worker process (median), of the daemon, and the host's total (all "
-        "workers + the daemon), per strategy, at the largest worker count.",
+        "The host's memory per strategy at the largest worker count: the workers' PSS summed "
+        "plus the daemon's, stacked, read at one moment with every process alive (PSS counts a "
+        "page shared by n processes 1/n in each, so the total counts the daemon's map once); "
+        "the sum of RSS beside it for comparison.",
     ),
     (
         "http_e2e.png",
@@ -207,12 +209,37 @@ def summary(results: dict[str, Any]) -> str:
     lines += [
         "",
         "Every table: details.md. Figures: "
-        + ", ".join(f"`{name}`" for name, _ in FIGURES)
+        + ", ".join(f"`{name}`" for name in drawn_figures(results))
         + " (described in details.md). How this was measured and what it does not show: "
         "docs/METHODOLOGY.md.",
         "",
     ]
     return "\n".join(lines)
+
+
+# What each figure needs in results.json (plot.py draws it only then).
+_FIGURE_DATA = {
+    "speedup_vs_prefix_length.png": ("sweeps", "prefix_length"),
+    "chat_per_turn_latency.png": ("workloads", "chat"),
+    "multiworker_throughput.png": ("workloads", "multiworker", "runs"),
+    "latency_percentiles.png": ("workloads", "multiworker", "runs"),
+    "memory_per_strategy.png": ("workloads", "multiworker", "runs"),
+    "http_e2e.png": ("workloads", "http_e2e", "runs"),
+    "auto_chat_per_turn_latency.png": ("workloads", "auto_chat", "per_turn_median_us"),
+    "fixed_prefix_heatmap.png": ("workloads", "fixed_prefix", "cells"),
+}
+
+
+def drawn_figures(results: dict[str, Any]) -> list[str]:
+    """The figures this run has data for (a ``--quick`` run has no http_e2e, ``--only`` fewer)."""
+    out = []
+    for name, _ in FIGURES:
+        node: Any = results
+        for key in _FIGURE_DATA[name]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if node:
+            out.append(name)
+    return out
 
 
 def details(results: dict[str, Any]) -> str:
@@ -248,7 +275,10 @@ def details(results: dict[str, Any]) -> str:
     lines += _multiworker_table(w.get("multiworker"))
     lines += _http_e2e_table(w.get("http_e2e"))
     lines += _sweep_tables(results.get("sweeps", {}))
-    lines += ["", "## Figures", ""] + [f"- `{name}`: {what}" for name, what in FIGURES]
+    drawn = drawn_figures(results)
+    lines += ["", "## Figures", ""] + [
+        f"- `{name}`: {what}" for name, what in FIGURES if name in drawn
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -353,9 +383,13 @@ def _multiworker_table(mw: dict[str, Any] | None) -> list[str]:
         f"## Multi-worker ({mw['encoding']}, {mw['prefixes']} prefixes of {mw['prefix_kib'][0]}-"
         f"{mw['prefix_kib'][1]} KiB, Zipf s={mw['zipf_s']}, one process per worker)",
         "",
+        "Memory: host PSS is every worker's PSS plus the daemon's, read at one moment with all of "
+        "them alive, so a page they share (the daemon's map, inherited pages) counts once; RSS "
+        "counts it in every process that maps it.",
+        "",
         "| strategy | workers | req/s | ratio vs tiktoken | cold req/s | p50 µs | p90 µs | p99 µs | "
-        "RSS/worker MiB | daemon RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "host PSS MiB | RSS/worker MiB | daemon RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in mw["runs"]:
         d = r.get("daemon_rss_kib")
@@ -364,7 +398,8 @@ def _multiworker_table(mw: dict[str, Any] | None) -> list[str]:
             f"| {r['strategy']} | {r['workers']} | {_f(r['requests_per_s'], 0)} | "
             f"{_f(r['throughput_ratio_vs_tiktoken'])}x | {_f(r['cold_requests_per_s'], 0)} | "
             f"{_f(lat['median_us'])} | {_f(lat['p90_us'])} | {_f(lat['p99_us'])} | "
-            f"{_f(r['rss_mib_median_worker'])} | {_f(d / 1024 if d else None)} |"
+            f"{_f(r.get('host_pss_mib'), 0)} | {_f(r['rss_mib_median_worker'])} | "
+            f"{_f(d / 1024 if d else None)} |"
         )
     return lines
 

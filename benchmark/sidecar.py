@@ -106,6 +106,20 @@ def rss_kib(pid: int | str = "self") -> int | None:
     return None
 
 
+def pss_kib(pid: int | str = "self") -> int | None:
+    """Proportional set size of a process in KiB (Pss in /proc/PID/smaps_rollup), None if
+    unknown: each page counts 1/n in each of the n processes that map it, so the PSS of all the
+    processes sharing a mapping sums to that mapping once (RSS would count it n times)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 class Daemon:
     """A daemon of our own on a temporary ``ipc://`` socket; use as a context manager."""
 

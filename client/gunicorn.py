@@ -16,7 +16,8 @@ What each hook does:
 
 - ``on_starting`` (master): picks the socket (``address``, or ``daemon.sock`` in a fresh 0700
   directory of its own under ``$XDG_RUNTIME_DIR`` or the temp dir) and starts
-  ``python -m flashtoken.daemon serve --bind ... --exit-with-parent`` as a child process.
+  ``python -m flashtoken.daemon serve --bind ... --exit-with-parent`` as a child process;
+  then loads the workers' encodings and ``warm_prefixes`` (client/warmup.py).
 - ``when_ready`` (master): waits (bounded by ``start_timeout_s``) until the daemon has bound its
   socket, then starts the supervisor thread, which restarts the daemon whenever it exits
   (backing off from 0.1 s to 10 s while it keeps dying).
@@ -53,7 +54,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from flashtoken.protocol import default_address, ipc_path
+from flashtoken.settings import MAX_IPC_PATH_BYTES
 
+from . import warmup
 from .supervisor import Supervisor, install_fork_guard
 
 __all__ = [
@@ -76,7 +79,6 @@ __all__ = [
 # Set by the master for its children (and read by ``get_client`` where no hooks ran, e.g. under
 # ``uvicorn --workers`` with a daemon run by systemd).
 ADDRESS_ENV = "FLASHTOKEN_ADDRESS"
-_MAX_IPC_PATH_BYTES = 107  # sun_path, with its NUL
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,10 @@ class SidecarSettings:
     ``warm_prefixes``: prompts (of ``encoding``, no special tokens allowed) that the master
     encodes once at start; every worker's client begins with them in its in-process cache, so
     no worker's first requests pay for them (a system prompt, the templates in use).
+    ``prometheus``: export every worker's client counters through prometheus-client's
+    multiprocess mode (client/prometheus.py); ``$PROMETHEUS_MULTIPROC_DIR`` is used, or set to
+    a fresh directory that ``on_exit`` removes. The application serves them with
+    ``flashtoken.client.prometheus.metrics_response()``.
     ``daemon_log``: a file for the daemon's log; None = the master's stderr.
     ``start_timeout_s``: how long ``when_ready`` waits for the daemon's socket (workers start
     anyway afterwards: they encode locally until it answers). ``stop_timeout_s``: SIGTERM to
@@ -110,6 +116,7 @@ class SidecarSettings:
     encodings: Sequence[str] | None = None
     daemon_args: Sequence[str] = ()
     warm_prefixes: Sequence[str] = ()
+    prometheus: bool = False
     daemon_log: str | None = None
     start_timeout_s: float = 10.0
     stop_timeout_s: float = 5.0
@@ -150,6 +157,7 @@ class _State:
         self.clients_pid = os.getpid()
         self.inherited: list[Any] = []  # clients made before a fork: kept, never closed here
         self.warm: list[Any] = []  # FixedPrefixTokenCache of each warm prefix, made in the master
+        self.metrics_dir: tuple[str, int] | None = None  # (PROMETHEUS_MULTIPROC_DIR made, by pid)
 
 
 _state = _State()
@@ -184,7 +192,7 @@ def _private_dir() -> str:
         # mkdtemp's name is 8 random characters; the socket adds "/daemon.sock.lock".
         if (
             len(os.path.join(base, "flashtoken-gunicorn-xxxxxxxx", "daemon.sock").encode())
-            > _MAX_IPC_PATH_BYTES
+            > MAX_IPC_PATH_BYTES
         ):
             continue
         return tempfile.mkdtemp(prefix="flashtoken-gunicorn-", dir=base)
@@ -220,6 +228,10 @@ def _client(kind: str, encoding: str | None) -> Any:
             found = clients[(kind, name)] = cls(
                 address(), encoding=name, **_state.settings.client_options
             )
+            if _state.settings.prometheus:
+                from . import prometheus
+
+                prometheus.track(found)
     return found
 
 
@@ -270,24 +282,31 @@ def _reset_clients_lock() -> None:
 
 
 def on_starting(server: Any) -> None:
-    """Master, before anything else: start the daemon (unless ``spawn=False``)."""
+    """Master, before anything else: start the daemon (unless ``spawn=False``), then load the
+    workers' encodings and warm prefixes while the daemon loads its own."""
     _state.configured = True
     bind = address()
     os.environ[ADDRESS_ENV] = bind
-    _warm(server)
+    if _state.settings.prometheus:
+        from .prometheus import MULTIPROC_ENV
+
+        server.log.info(
+            "flashtoken: workers' counters for Prometheus in %s", os.environ[MULTIPROC_ENV]
+        )
     if not _state.settings.spawn:
         server.log.info("flashtoken: workers use the daemon at %s (not started here)", bind)
-        return
-    if _state.supervisor is not None:
-        return  # already running (the config was re-read)
-    install_fork_guard(_reset_clients_lock)
-    path = ipc_path(bind)
-    if path is not None and not os.path.isdir(os.path.dirname(path)):
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    supervisor = _state.supervisor = Supervisor(_state.settings, bind, server.log)
-    _collect_before_gunicorn_reaps(server, supervisor)
-    supervisor.spawn()
-    atexit.register(_stop_at_exit)
+    elif _state.supervisor is None:  # else already running (the config was re-read)
+        install_fork_guard(_reset_clients_lock)
+        path = ipc_path(bind)
+        if path is not None and not os.path.isdir(os.path.dirname(path)):
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        supervisor = _state.supervisor = Supervisor(_state.settings, bind, server.log)
+        _collect_before_gunicorn_reaps(server, supervisor)
+        supervisor.spawn()
+        atexit.register(_stop_at_exit)
+    # After the spawn: both load encodings at once (~0.5 s each), so when_ready's wait for the
+    # daemon's socket, during which gunicorn queues the first requests, is mostly over by then.
+    _warm(server)
 
 
 def _collect_before_gunicorn_reaps(server: Any, supervisor: Supervisor) -> None:
@@ -310,56 +329,13 @@ def _collect_before_gunicorn_reaps(server: Any, supervisor: Supervisor) -> None:
 
 
 def _warm(server: Any) -> None:
-    """Load every encoding the workers will use (``encoding`` and the daemon's ``encodings``),
-    with its id and FlashToken's tables, once, in the master.
-
-    Every worker then inherits them through fork, sharing the pages: a worker boots in
-    milliseconds instead of loading the BPE files itself (~0.5 s each, during which gunicorn's
-    SIGTERM is not yet handled), and its first request for a second encoding does not pay
-    0.7-1.1 s either.
-    """
-    from flashtoken import AutoPrefixCache, FixedPrefixTokenCache
-    from flashtoken.encodings import encoding_id, get_encoding
-
-    for name in _warm_names(_state.settings):
-        try:
-            enc = get_encoding(name)
-            encoding_id(enc)
-            FixedPrefixTokenCache(enc, "Warm-up: é 中文 👋 ").encode_ordinary(" ok")
-            # Its per-encoding tables (token byte lengths: ~50 ms for o200k) are cached by
-            # encoding, so every client a worker makes finds them.
-            AutoPrefixCache(enc, max_bytes=1 << 20).encode_ordinary("Warm-up: é 中文 👋 ok")
-        except Exception as exc:  # noqa: BLE001 - the workers will report it on first use
-            server.log.warning("flashtoken: cannot load encoding %r: %s", name, exc)
+    """In the master: load the workers' encodings, encode the warm prefixes (client/warmup.py)."""
     settings = _state.settings
+    warmup.load_encodings(warmup.encoding_names(settings), server.log)
     if settings.warm_prefixes and not _state.warm:
-        try:
-            enc = get_encoding(settings.encoding_name())
-            _state.warm = [FixedPrefixTokenCache(enc, p) for p in settings.warm_prefixes]
-        except Exception as exc:  # noqa: BLE001 - the workers encode them on first use
-            server.log.warning("flashtoken: cannot encode the warm prefixes: %s", exc)
-
-
-def _seed(client: Any) -> None:
-    """Put the master's warm prefixes into a new client's in-process cache (its L1), exactly
-    as its own first local encode of each would have."""
-    core = getattr(client, "_core", None)
-    if core is None or not _state.warm or client.encoding.name != _state.warm[0].encoding.name:
-        return
-    for cache in _state.warm:
-        core.l1_put(core.l1_key(cache.prefix, frozenset()), cache)
-
-
-def _warm_names(settings: SidecarSettings) -> list[str]:
-    from flashtoken.daemon.settings import DEFAULTS
-
-    names = [settings.encoding_name()]
-    configured = settings.encodings
-    if configured is None:
-        env = os.environ.get("FLASHTOKEN_ENCODINGS")
-        configured = env.split(",") if env else DEFAULTS["encodings"]
-    names += [n.strip() for n in configured if n.strip()]
-    return list(dict.fromkeys(names))
+        _state.warm = warmup.prefix_caches(
+            settings.encoding_name(), settings.warm_prefixes, server.log
+        )
 
 
 def when_ready(server: Any) -> None:
@@ -383,13 +359,17 @@ def post_fork(server: Any, worker: Any) -> None:
     _clients()
     kind = "async" if _is_async_worker(worker) else "sync"
     try:
-        _seed(_client(kind, None))
+        warmup.seed(_client(kind, None), _state.warm)
     except Exception as exc:  # noqa: BLE001 - the application will meet the same error itself
         server.log.warning("flashtoken: cannot make the worker's client: %s", exc)
 
 
 def worker_exit(server: Any, worker: Any) -> None:
-    """Worker, exiting: close its clients."""
+    """Worker, exiting: copy its counters for Prometheus one last time, close its clients."""
+    if _state.settings.prometheus:
+        from . import prometheus
+
+        prometheus.flush()
     close_clients()
 
 
@@ -399,6 +379,10 @@ def on_exit(server: Any) -> None:
 
 
 def _stop_at_exit() -> None:
+    made = _state.metrics_dir
+    if made is not None and made[1] == os.getpid():
+        shutil.rmtree(made[0], ignore_errors=True)
+        _state.metrics_dir = None
     supervisor = _state.supervisor
     if supervisor is None or supervisor.owner != os.getpid():
         return
@@ -453,6 +437,14 @@ def hooks(**settings: Any) -> Hooks:
     from .settings import client_settings
 
     client_settings("hooks(client_options=...)", dict(new.client_options, encoding=new.encoding))
+    if new.prometheus and _state.metrics_dir is None:
+        # Here, while gunicorn reads its config: before a --preload application (or anything
+        # else in the master) imports prometheus_client, which picks its storage at import.
+        from . import prometheus
+
+        path, made = prometheus.multiprocess_dir()
+        if made:
+            _state.metrics_dir = (path, os.getpid())
     _state.settings = new
     _state.configured = True
     return Hooks(on_starting, when_ready, post_fork, worker_exit, on_exit)

@@ -161,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "settings":
             return _settings(args)
         return _serve(args, parser)
+    except BrokenPipeError:
+        # `stats | head`, `settings | head`: the reader has gone, which is not an error. Point
+        # stdout at /dev/null so that the interpreter's own flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except PermissionError as exc:  # an unsafe runtime directory
         print(f"flashtoken-daemon: {exc}", file=sys.stderr)
         return 1
@@ -265,13 +270,8 @@ def _stats(args: argparse.Namespace) -> int:
         text = prometheus_text(reply)
     else:
         text = _memcached_text(reply)
-    try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # `stats | head`: the reader has gone, which is not an error. Point stdout at /dev/null
-        # so that the interpreter's own flush at exit does not raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.stdout.write(text)
+    sys.stdout.flush()
     return 0
 
 
@@ -308,6 +308,7 @@ def _settings(args: argparse.Namespace) -> int:
             except (TypeError, ValueError) as exc:
                 print(f"{setting.name}: {setting.env}={raw!r} is invalid: {exc}")
                 status = 2
+    sys.stdout.flush()  # a closed pipe raises here, inside main's handler, not at exit
     return status
 
 

@@ -41,6 +41,17 @@ GAUGES = frozenset(
         "rss_limit_bytes",
         "open_fds",
         "max_fds",
+        "rss_max_bytes",
+        "limit_rss_bytes",
+        "limit_connections",
+        "map_curr_items",
+        "map_bytes",
+        "map_limit_maxbytes",
+        "fills_running",
+        "fill_bytes_pending",
+        "parked_bytes",
+        "reply_bytes_queued",
+        "fleet_queue_bytes",
     }
 )
 _INFO = ("version", "tiktoken_version", "pid")

@@ -87,6 +87,19 @@ def error(status: int, message: str) -> tuple[int, bytes]:
     return reply(status, {"error": message})
 
 
+def metrics() -> tuple[int, bytes, str]:
+    """``GET /metrics``: every worker's client counters in Prometheus's text format, summed over
+    the workers (``hooks(prometheus=True)`` in the gunicorn configs); a 404 saying what to
+    install without prometheus-client."""
+    try:
+        from flashtoken.client.prometheus import metrics_response
+
+        body, content_type = metrics_response()
+    except ModuleNotFoundError as exc:
+        return (*error(404, str(exc)), "application/json")
+    return 200, body, content_type
+
+
 def source_of(before: dict, after: dict) -> str:
     """Where an answer came from, from the client's counters around the call.
 

@@ -1,6 +1,6 @@
 """tiktoken encodings, loaded without a network where an installed package ships the BPE file.
 
-tiktoken downloads its BPE files on first use, and many deployments have no internet (DESIGN §8).
+tiktoken downloads its BPE files on first use, and many deployments have no internet.
 ``get_encoding`` returns tiktoken's own ``Encoding``, built by tiktoken's own constructor; only the
 bytes of the BPE file come from an installed package when one ships it (``bpe-openai`` carries
 cl100k_base and o200k_base, and o200k_harmony reuses o200k_base's file), checked against the

@@ -20,6 +20,7 @@ import difflib
 import math
 import os
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +40,7 @@ MiB = 1024 * KiB
 GiB = 1024 * MiB
 
 # sun_path holds 108 bytes with its NUL on Linux (104 on macOS and the BSDs).
-MAX_IPC_PATH_BYTES = 107
+MAX_IPC_PATH_BYTES = 107 if sys.platform.startswith("linux") else 103
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": KiB, "m": MiB, "g": GiB}

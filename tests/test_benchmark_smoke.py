@@ -53,7 +53,11 @@ def test_benchmark_tiny_run(tmp_path: Path) -> None:
     )
     assert results["machine"]["versions"]["tiktoken"]
     assert (out / "summary.md").read_text().startswith("# FlashToken benchmark")
-    assert list(out.glob("*.png"))
+    from benchmark.report import drawn_figures
+
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(drawn_figures(results))
+    # The memory figure's host total: every worker's PSS and the daemon's, read at one moment.
+    assert all(r["host_pss_mib"] > 0 for r in results["workloads"]["multiworker"]["runs"])
 
     strategies = {r["strategy"] for r in results["workloads"]["multiworker"]["runs"]}
     if _daemon_importable():

@@ -37,12 +37,14 @@ def cli(
     *args: str, env: dict[str, str] | None = None, **kwargs: Any
 ) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith("FLASHTOKEN_")}
+    kwargs.setdefault("stdout", subprocess.PIPE)  # or a file descriptor: a closed pipe's end
     return subprocess.run(
         [sys.executable, "-m", "flashtoken.daemon", *args],
-        capture_output=True,
+        stderr=subprocess.PIPE,
         text=True,
         timeout=60,
         env={**base, **(env or {})},
+        **kwargs,
     )
 
 
@@ -299,6 +301,18 @@ def test_stats_into_a_closed_pipe_is_quiet(shared_daemon: DaemonProcess) -> None
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
 
 
+def test_settings_into_a_closed_pipe_is_quiet() -> None:
+    """``settings | head -5``: the same, for the command that prints line by line."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = cli("settings", stdout=write)
+    finally:
+        os.close(write)
+    assert proc.returncode == 0
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
 def test_stats_without_a_daemon(tmp_path: Path) -> None:
     proc = cli("stats", "--bind", f"ipc://{tmp_path}/nobody.sock", "--timeout-ms", "200")
     assert proc.returncode == 1
@@ -361,7 +375,7 @@ def test_settings_command_shows_the_environment() -> None:
 
 
 def test_the_master_loads_every_configured_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flashtoken.client.gunicorn import _warm_names
+    from flashtoken.client.warmup import encoding_names as _warm_names
 
     assert _warm_names(SidecarSettings()) == ["cl100k_base", "o200k_base"]
     chosen = SidecarSettings(encoding="o200k_harmony", encodings=["cl100k_base", "o200k_harmony"])

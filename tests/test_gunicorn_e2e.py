@@ -394,3 +394,82 @@ def test_asgi_example_on_uvicorn_workers(tmpdir_short: Path) -> None:
         assert body["client"]["address"] == body["daemon"]["settings"]["bind"]
     finally:
         proc.stop()
+
+
+# -- Prometheus: every worker's counters, summed --------------------------------------------
+
+
+def _metric_sums(text: bytes) -> dict[str, float]:
+    """{metric name: value summed over its labels} of a Prometheus text page."""
+    sums: dict[str, float] = {}
+    for line in text.decode().splitlines():
+        if line and not line.startswith("#"):
+            name_labels, value = line.rsplit(" ", 1)
+            name = name_labels.split("{", 1)[0]
+            sums[name] = sums.get(name, 0.0) + float(value)
+    return sums
+
+
+def test_metrics_sum_every_workers_counters(tmpdir_short: Path) -> None:
+    """The example config turns on ``hooks(prometheus=True)``: GET /metrics, whichever worker
+    answers, counts every request of every worker, those recycled by ``max_requests`` included;
+    the directory the master made for them is gone after shutdown."""
+    pytest.importorskip("prometheus_client")  # the [dev] extra installs it
+    proc = _serve(WSGI_CONF, tmpdir_short, "--max-requests", "7", "--max-requests-jitter", "0")
+    try:
+        proc.start()
+        enc = get_encoding("cl100k_base")
+        prefixes = [f"Metered {i}: " + SYSTEM for i in range(3)]
+        want = {p: enc.encode_ordinary(p + " ok") for p in prefixes}
+
+        def one(p: str) -> None:
+            status, body = proc.tokenize(prefix=p, suffix=" ok")
+            assert status == 200 and body["tokens"] == want[p]
+
+        n = 60
+        run_concurrently(one, [(prefixes[i % 3],) for i in range(n)])
+        # Every declared-prefix call ends in exactly one of these four.
+        outcomes = ("l1_hits", "l2_hits", "misses", "fallbacks")
+
+        def counted() -> float:
+            status, body = proc.request("GET", "/metrics")
+            assert status == 200, body
+            sums = _metric_sums(body)
+            return sum(sums.get(f"flashtoken_client_{o}_total", 0.0) for o in outcomes)
+
+        # Workers copy their counters every second; the one answering copies its own first.
+        wait_until(lambda: counted() >= n, 30, "the workers' counters never reached /metrics")
+        assert counted() == n
+        status, body = proc.request("GET", "/metrics")
+        assert b'flashtoken_client_l1_hits_total{encoding="cl100k_base"}' in body
+        line = next(x for x in proc.log_text().splitlines() if "for Prometheus in" in x)
+        directory = Path(line.rsplit(" in ", 1)[1].strip())
+        files = list(directory.glob("counter_*.db"))
+        assert len(files) > 4, files  # the recycled workers' files are summed too
+    finally:
+        proc.stop()
+    assert not directory.exists()
+
+
+def test_private_dir_fits_the_socket_path_limit_of_macos(
+    tmpdir_short: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forced on Linux: with macOS's 104-byte sun_path, a runtime directory that would fit
+    Linux's 108 is passed over for a shorter one, and the socket path fits."""
+    import flashtoken.client.gunicorn as g
+
+    # base + "/flashtoken-gunicorn-xxxxxxxx/daemon.sock" (41 bytes) = 105: over 103, within 107.
+    long_dir = tmpdir_short / ("r" * (105 - 41 - len(str(tmpdir_short)) - 1))
+    long_dir.mkdir()
+    linux_fit = len(os.path.join(long_dir, "flashtoken-gunicorn-xxxxxxxx", "daemon.sock").encode())
+    assert 103 < linux_fit <= 107, linux_fit
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(long_dir))
+    assert Path(g._private_dir()).parent == long_dir  # Linux's limit: it fits
+    monkeypatch.setattr(g, "MAX_IPC_PATH_BYTES", 103)
+    made = Path(g._private_dir())
+    try:
+        assert made.parent != long_dir
+        assert len(str(made / "daemon.sock").encode()) <= 103
+        assert made.stat().st_mode & 0o777 == 0o700
+    finally:
+        shutil.rmtree(made, ignore_errors=True)

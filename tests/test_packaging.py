@@ -412,3 +412,29 @@ def test_windows_runner_calls_the_bootstrap() -> None:
     data = (REPO / "run_benchmark.cmd").read_bytes()
     assert data.count(b"\r\n") == data.count(b"\n"), "a .cmd file needs CRLF line endings"
     assert b"tools\\bootstrap.py bench %*" in data
+
+
+# -- the CI matrix over the Pythons on the machine (make pythons, from .ci/run) -----------------
+
+
+def test_ci_runs_the_python_matrix_and_the_tests() -> None:
+    steps = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert "make pythons" in steps and any(s.endswith("make test") for s in steps)
+    makefile = (REPO / "Makefile").read_text()
+    assert "\npythons: $(STAMP)\n\t$(VPY) tools/check_pythons.py $(PYTHONS_ARGS)\n" in makefile
+
+
+def test_python_matrix_with_no_interpreter_fails_and_names_what_it_skipped(tmp_path: Path) -> None:
+    """A matrix that found nothing must not pass: each version is named SKIP, the exit is 1."""
+    env = {**os.environ, "PATH": str(tmp_path), "PYENV_ROOT": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "check_pythons.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 1
+    for version in ("3.10", "3.11", "3.12", "3.13"):
+        assert f"SKIP {version}: no python{version}" in proc.stdout
+    assert "nothing was checked" in proc.stderr

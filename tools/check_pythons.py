@@ -1,14 +1,20 @@
 """Install the wheel into a fresh venv per Python found and check that it works there.
 
-    python tools/check_pythons.py                 # every CPython 3.10+ found
+    python tools/check_pythons.py                 # every CPython 3.10-3.13 found
     python tools/check_pythons.py python3.12 /opt/py313/bin/python
+    make pythons                                  # the same, from .ci/run
 
 For each interpreter: a venv in a temporary directory, ``pip install 'WHEEL[daemon]'`` (the
 dependencies from the package index), then a smoke run outside the repository: exact tokens
-against tiktoken, ``from flashtoken.client import Client``, and a real daemon on an ``ipc://``
-socket answering a client's GET with a hit. Interpreters are found on ``PATH``
-(``python3.10`` ... ``python3.13``) and under pyenv's ``versions/`` directory. Exit status 1
-if any failed. The classifiers in pyproject.toml list the versions this passes on.
+against tiktoken, ``from flashtoken.client import Client``, the ``flashtoken-daemon`` console
+script, and a real daemon on an ``ipc://`` socket answering a client's GET with a hit.
+Interpreters are found on ``PATH`` (``python3.10`` ... ``python3.13``) and under pyenv's
+``versions/`` directory.
+
+Every supported version gets one line: PASS, FAIL, or SKIP (not on this machine). Exit status
+1 if any failed or if none was found (a matrix that checked nothing must not pass), 0
+otherwise; ``--require 3.10,3.13`` also fails when one of those is missing. The classifiers in
+pyproject.toml list the versions this passes on.
 """
 
 from __future__ import annotations
@@ -61,7 +67,8 @@ print(f"ok: Python {sys.version.split()[0]}, tiktoken {tiktoken.__version__}")
 """
 
 
-def find_pythons() -> list[str]:
+def find_pythons() -> dict[str, str]:
+    """The first interpreter found for each supported version: {"3.12": path, ...}."""
     found: dict[str, str] = {}
     pyenv = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
     candidates = [shutil.which(f"python{v}") for v in SUPPORTED]
@@ -74,7 +81,7 @@ def find_pythons() -> list[str]:
         ).stdout.strip()
         if version in SUPPORTED:
             found.setdefault(version, path)
-    return [found[v] for v in sorted(found, key=lambda v: tuple(map(int, v.split("."))))]
+    return {v: found[v] for v in SUPPORTED if v in found}
 
 
 def build_wheel(out: Path) -> Path:
@@ -91,6 +98,7 @@ def check(python: str, wheel: Path, work: Path) -> tuple[str, bool, str]:
     steps = [
         [python, "-m", "venv", str(venv)],
         [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"{wheel}[daemon]"],
+        [str(venv / "bin" / "flashtoken-daemon"), "--version"],
         [str(venv / "bin" / "python"), "-c", SMOKE],
     ]
     for step in steps:
@@ -103,20 +111,37 @@ def check(python: str, wheel: Path, work: Path) -> tuple[str, bool, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pythons", nargs="*", help="interpreters (default: every one found)")
+    parser.add_argument(
+        "--require",
+        default="",
+        metavar="VERSIONS",
+        help="comma-separated versions that must be found, e.g. 3.10,3.13 (default: none)",
+    )
     args = parser.parse_args(argv)
-    pythons = args.pythons or find_pythons()
+    required = [v.strip() for v in args.require.split(",") if v.strip()]
+    found = find_pythons() if not args.pythons else {}
+    pythons = args.pythons or list(found.values())
+    missing = [v for v in SUPPORTED if not args.pythons and v not in found]
+    for version in missing:
+        print(f"SKIP {version}: no python{version} on PATH or under pyenv's versions/")
     if not pythons:
-        print("no CPython 3.10-3.13 found", file=sys.stderr)
+        print("FAIL: no CPython 3.10-3.13 found, nothing was checked", file=sys.stderr)
         return 1
     with tempfile.TemporaryDirectory(prefix="flashtoken-pythons-") as tmp:
         work = Path(tmp)
         wheel = build_wheel(work / "dist")
         with ThreadPoolExecutor(2) as pool:
             results = list(pool.map(lambda p: check(p, wheel, work), pythons))
-    failed = 0
+    passed = failed = 0
     for python, ok, detail in results:
         print(f"{'PASS' if ok else 'FAIL'} {python}: {detail}")
+        passed += ok
         failed += not ok
+    for version in required:
+        if version in missing:
+            print(f"FAIL {version}: required (--require) but not found")
+            failed += 1
+    print(f"{passed} passed, {failed} failed, {len(missing)} skipped (absent)")
     return 1 if failed else 0
 
 

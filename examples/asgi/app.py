@@ -23,6 +23,7 @@ from tokenize_service import (  # noqa: E402
     STRATEGY,
     BadRequest,
     error,
+    metrics,
     parse,
     reply,
     source_of,
@@ -106,6 +107,7 @@ async def app(scope, receive, send) -> None:
     if scope["type"] != "http":
         return None
     method, path = scope["method"], scope["path"]
+    content_type = "application/json"
     if path == "/tokenize":
         if method != "POST":
             status, body = error(405, "use POST")
@@ -118,14 +120,18 @@ async def app(scope, receive, send) -> None:
                 status, body = await tokenize(data, wants_count(query))
     elif path == "/stats":
         status, body = await stats() if method == "GET" else error(405, "use GET")
+    elif path == "/metrics":
+        status, body, content_type = (
+            metrics() if method == "GET" else (*error(405, "use GET"), content_type)
+        )
     else:
-        status, body = error(404, "not found: POST /tokenize or GET /stats")
+        status, body = error(404, "not found: POST /tokenize, GET /stats or GET /metrics")
     await send(
         {
             "type": "http.response.start",
             "status": status,
             "headers": [
-                (b"content-type", b"application/json"),
+                (b"content-type", content_type.encode()),
                 (b"content-length", str(len(body)).encode()),
             ],
         }

@@ -27,5 +27,7 @@ else:
 from flashtoken.client.gunicorn import hooks  # noqa: E402
 
 on_starting, when_ready, post_fork, worker_exit, on_exit = hooks(
-    max_bytes=os.environ.get("FLASHTOKEN_MAX_BYTES", "256MiB")
+    max_bytes=os.environ.get("FLASHTOKEN_MAX_BYTES", "256MiB"),
+    # The workers' counters at GET /metrics, when prometheus-client is installed.
+    prometheus=importlib.util.find_spec("prometheus_client") is not None,
 )

@@ -25,6 +25,7 @@ from tokenize_service import (  # noqa: E402
     STRATEGY,
     BadRequest,
     error,
+    metrics,
     parse,
     reply,
     source_of,
@@ -76,6 +77,7 @@ def stats() -> tuple[int, bytes]:
 
 def app(environ: dict, start_response) -> list[bytes]:
     method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
+    content_type = "application/json"
     if path == "/tokenize":
         if method != "POST":
             status, body = error(405, "use POST")
@@ -92,10 +94,14 @@ def app(environ: dict, start_response) -> list[bytes]:
                 )
     elif path == "/stats":
         status, body = stats() if method == "GET" else error(405, "use GET")
+    elif path == "/metrics":
+        status, body, content_type = (
+            metrics() if method == "GET" else (*error(405, "use GET"), content_type)
+        )
     else:
-        status, body = error(404, "not found: POST /tokenize or GET /stats")
+        status, body = error(404, "not found: POST /tokenize, GET /stats or GET /metrics")
     start_response(
         STATUS_TEXT[status],
-        [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+        [("Content-Type", content_type), ("Content-Length", str(len(body)))],
     )
     return [body]
