@@ -36,7 +36,7 @@ import textwrap
 import time
 from typing import Any
 
-from benchmark.sidecar import Daemon
+from benchmark.sidecar import Daemon, pss_kib
 
 ENCODING = "cl100k_base"
 SENTENCES = [
@@ -62,11 +62,7 @@ def _prefixes(count: int, seed: int) -> list[str]:
 
 
 def _pss_kib(pid: int | str = "self") -> int:
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    return 0
+    return pss_kib(pid) or 0
 
 
 # -- 1. a fresh worker's first request ----------------------------------------------------------
