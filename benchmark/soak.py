@@ -28,7 +28,7 @@ import zmq
 
 from flashtoken import get_encoding
 from flashtoken.encodings import encoding_id
-from flashtoken.protocol import (
+from flashtoken.wire import (
     make_chain_seed,
     namespace_tag,
     pack_auto,

@@ -20,8 +20,8 @@ import zmq
 import zmq.asyncio
 
 from flashtoken.prefix import ORDINARY, FixedPrefixTokenCache, _require_str
-from flashtoken.protocol import default_address
 from flashtoken.specials import SpecialArg, SpecialPolicy, encode_with
+from flashtoken.wire import default_address
 
 from .chains import AUTO_L1, AUTO_TELL, AutoPending
 from .core import (

@@ -18,7 +18,8 @@ import zmq
 from flashtoken.encodings import encoding_id
 from flashtoken.errors import DaemonUnavailable, ProtocolError
 from flashtoken.prefix import token_list
-from flashtoken.protocol import (
+from flashtoken.specials import SpecialPolicy, encode_with
+from flashtoken.wire import (
     make_chain_seed,
     pack_auto,
     pack_tell,
@@ -26,7 +27,6 @@ from flashtoken.protocol import (
     parse_reply,
     publish_address,
 )
-from flashtoken.specials import SpecialPolicy, encode_with
 
 # At import, not on first use: a fork while a thread was inside that first import left the
 # module's import lock held in the child, which then hung on its first AUTO (test_fork).

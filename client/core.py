@@ -30,7 +30,8 @@ from flashtoken.auto import AutoPrefixCache
 from flashtoken.encodings import encoding_id, resolve_encoding
 from flashtoken.errors import ProtocolError
 from flashtoken.prefix import FixedPrefixTokenCache, PrefixSplit, token_list
-from flashtoken.protocol import (
+from flashtoken.specials import SpecialArg, SpecialPolicy
+from flashtoken.wire import (
     MAX_PREFIX_BYTES,
     MIN_BLOCK_BYTES,
     SERVER_ERROR,
@@ -39,7 +40,6 @@ from flashtoken.protocol import (
     pack_touch,
     parse_reply,
 )
-from flashtoken.specials import SpecialArg, SpecialPolicy
 
 from .chains import AutoPending, ChainCore
 from .hostmap import HostMapView

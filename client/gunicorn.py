@@ -52,7 +52,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
-from flashtoken.protocol import default_address, ipc_path
+from flashtoken.wire import default_address, ipc_path
 
 from .supervisor import Supervisor, install_fork_guard
 

@@ -20,7 +20,7 @@ import time
 import tiktoken
 
 from flashtoken.prefix import FixedPrefixTokenCache, PrefixSplit
-from flashtoken.protocol import ipc_path
+from flashtoken.wire import ipc_path
 
 __all__ = ["HostMapView"]
 

@@ -18,8 +18,8 @@ import zmq
 
 from flashtoken.errors import DaemonError, DaemonTimeout, DaemonUnavailable, ProtocolError
 from flashtoken.prefix import ORDINARY, FixedPrefixTokenCache, _require_str
-from flashtoken.protocol import check_daemon_socket, default_address, pack_simple, parse_reply
 from flashtoken.specials import SpecialArg, SpecialPolicy, encode_with
+from flashtoken.wire import check_daemon_socket, default_address, pack_simple, parse_reply
 
 from .chains import AUTO_L1, AUTO_TELL, AutoPending
 from .core import (
@@ -65,7 +65,7 @@ class Client:
     ``--preload``): sockets are made per process. It may be shared by threads (one round trip at
     a time; a thread that would wait longer than ``timeout_ms`` for the socket encodes locally).
 
-    Arguments: ``address`` (default: ``flashtoken.protocol.default_address()``), ``encoding`` (a
+    Arguments: ``address`` (default: ``flashtoken.wire.default_address()``), ``encoding`` (a
     name or a ``tiktoken.Encoding``), and keyword-only ``timeout_ms`` (20), ``l1_bytes`` (64 MiB),
     ``namespace`` (a salt for the daemon's keys: clients with different namespaces share
     nothing), ``breaker_failures`` (3), ``breaker_cooldown_ms`` (250), ``breaker_max_cooldown_ms``

@@ -242,8 +242,8 @@ def _stats(args: argparse.Namespace) -> int:
     from flashtoken.client.sync import request_stats
 
     from flashtoken.errors import DaemonError
-    from flashtoken.protocol import default_address
     from flashtoken.settings import check_address
+    from flashtoken.wire import default_address
 
     from .metrics import prometheus_text
 

@@ -22,7 +22,8 @@ import xxhash
 import zmq
 
 from flashtoken.auto import block_cuts
-from flashtoken.protocol import (
+from flashtoken.specials import SpecialPolicy, encode_with
+from flashtoken.wire import (
     AutoRequest,
     Request,
     TellRequest,
@@ -32,7 +33,6 @@ from flashtoken.protocol import (
     tokens_from_frame,
     tokens_to_frame,
 )
-from flashtoken.specials import SpecialPolicy, encode_with
 
 from .budget import PARKED_BYTES
 from .encodings import Loaded, check_loaded, load

@@ -44,8 +44,8 @@ from flashtoken.client.core import Breaker
 
 import flashtoken
 from flashtoken.boundary import stable_offset
-from flashtoken.protocol import tokens_from_frame
 from flashtoken.specials import SpecialPolicy
+from flashtoken.wire import tokens_from_frame
 
 from .encodings import Loaded
 

@@ -46,7 +46,7 @@ import flashtoken
 from flashtoken.boundary import uncached_encodings
 from flashtoken.errors import ProtocolError
 from flashtoken.prefix import split_prefix
-from flashtoken.protocol import (
+from flashtoken.wire import (
     CLIENT_ERROR,
     MAX_HEADER_BYTES,
     SERVER_ERROR,

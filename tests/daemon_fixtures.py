@@ -20,7 +20,7 @@ import msgpack
 import pytest
 import zmq
 
-from flashtoken.protocol import ALGORITHM, MAGIC, VERSION, pack_simple, parse_reply
+from flashtoken.wire import ALGORITHM, MAGIC, VERSION, pack_simple, parse_reply
 from tests.polling import wait_until
 
 START_TIMEOUT = 30.0

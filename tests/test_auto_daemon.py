@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from flashtoken import get_encoding
 from flashtoken.encodings import encoding_id
-from flashtoken.protocol import (
+from flashtoken.wire import (
     ALGORITHM,
     MAGIC,
     VERSION,

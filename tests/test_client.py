@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from flashtoken import get_encoding, split_prefix
 from flashtoken.errors import DaemonUnavailable
-from flashtoken.protocol import ALGORITHM, MAGIC, VERSION, parse_request, tokens_to_frame
+from flashtoken.wire import ALGORITHM, MAGIC, VERSION, parse_request, tokens_to_frame
 from tests.corpus import CORPUS, splits
 from tests.daemon_fixtures import DaemonProcess, wait_until
 from tests.strategies import texts

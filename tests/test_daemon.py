@@ -16,7 +16,7 @@ import zmq
 
 from flashtoken import get_encoding, split_prefix
 from flashtoken.encodings import encoding_id
-from flashtoken.protocol import namespace_tag, pack_get, pack_simple, parse_reply, tokens_from_frame
+from flashtoken.wire import namespace_tag, pack_get, pack_simple, parse_reply, tokens_from_frame
 from tests.daemon_fixtures import DaemonProcess, header, request, wait_until
 from tests.test_protocol import HOSTILE_FRAMES
 

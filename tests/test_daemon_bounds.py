@@ -19,7 +19,7 @@ from flashtoken.daemon.chains import MAX_FILL_BLOCKS
 
 from flashtoken import get_encoding
 from flashtoken.encodings import encoding_id
-from flashtoken.protocol import MIN_BLOCK_BYTES, make_chain_seed, pack_auto, pack_get, parse_reply
+from flashtoken.wire import MIN_BLOCK_BYTES, make_chain_seed, pack_auto, pack_get, parse_reply
 from tests.daemon_fixtures import DaemonProcess, request, wait_until
 
 # A tiktoken plugin whose encoding never finishes loading: its constructor waits forever, inside

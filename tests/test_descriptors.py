@@ -16,7 +16,7 @@ import zmq
 from flashtoken.client import Client
 
 from flashtoken import get_encoding
-from flashtoken.protocol import pack_simple, parse_reply
+from flashtoken.wire import pack_simple, parse_reply
 from tests.daemon_fixtures import DaemonProcess, wait_until
 
 LIMIT = 256

@@ -32,7 +32,7 @@ from flashtoken.daemon.fleet import (
 from flashtoken import get_encoding
 from flashtoken.encodings import encoding_id
 from flashtoken.prefix import split_prefix
-from flashtoken.protocol import make_key, pack_get, pack_simple, parse_reply, tokens_to_frame
+from flashtoken.wire import make_key, pack_get, pack_simple, parse_reply, tokens_to_frame
 from tests.daemon_fixtures import DaemonProcess, request, short_tempdir, wait_until
 from tests.valkey_fixtures import ValkeyProcess, valkey_binary
 

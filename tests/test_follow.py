@@ -27,7 +27,8 @@ from flashtoken.client import AsyncClient, Client
 from flashtoken import AutoPrefixCache, get_encoding
 from flashtoken.encodings import encoding_id
 from flashtoken.errors import ProtocolError
-from flashtoken.protocol import (
+from flashtoken.specials import SpecialPolicy
+from flashtoken.wire import (
     MAGIC,
     VERSION,
     make_chain_seed,
@@ -37,7 +38,6 @@ from flashtoken.protocol import (
     publish_address,
     tokens_to_frame,
 )
-from flashtoken.specials import SpecialPolicy
 from tests.corpus import CORPUS
 from tests.daemon_fixtures import DaemonProcess, header, request, wait_until
 

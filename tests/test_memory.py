@@ -16,7 +16,7 @@ from flashtoken.client import Client
 
 from flashtoken import get_encoding
 from flashtoken.encodings import encoding_id
-from flashtoken.protocol import make_chain_seed, namespace_tag, pack_auto, pack_get
+from flashtoken.wire import make_chain_seed, namespace_tag, pack_auto, pack_get
 from tests.daemon_fixtures import DaemonProcess, wait_until
 
 MiB = 1024 * 1024

@@ -1,4 +1,4 @@
-"""flashtoken.protocol: every field checked, every limit enforced, on both sides."""
+"""flashtoken.wire: every field checked, every limit enforced, on both sides."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import msgpack
 import pytest
 
 from flashtoken.errors import ProtocolError
-from flashtoken.protocol import (
+from flashtoken.wire import (
     ALGORITHM,
     MAGIC,
     MAX_HEADER_BYTES,

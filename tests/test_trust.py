@@ -20,7 +20,7 @@ from flashtoken.client.sync import request_stats
 from flashtoken import get_encoding
 from flashtoken.encodings import encoding_id
 from flashtoken.errors import DaemonUnavailable
-from flashtoken.protocol import make_key, namespace_tag, parse_reply
+from flashtoken.wire import make_key, namespace_tag, parse_reply
 from tests.daemon_fixtures import DaemonProcess, header, request, wait_until
 
 enc = get_encoding("cl100k_base")
