@@ -22,6 +22,7 @@ import zmq.asyncio
 from flashtoken.prefix import ORDINARY, FixedPrefixTokenCache, _require_str
 from flashtoken.specials import SpecialArg, SpecialPolicy, encode_with
 from flashtoken.wire import default_address
+from flashtoken.wire.admin import request_stats
 
 from .chains import AUTO_L1, AUTO_TELL, AutoPending
 from .core import (
@@ -32,7 +33,6 @@ from .core import (
 )
 from .settings import client_settings
 from .sockets import CONTEXT, SOCKET_ERRORS, abandon, configure_dealer, register, trusted
-from .sync import request_stats
 
 __all__ = ["AsyncClient"]
 
@@ -141,7 +141,7 @@ class AsyncClient:
         """
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            None, lambda: request_stats(self.address, timeout_ms=timeout_ms)
+            None, lambda: request_stats(self.address, timeout_ms=timeout_ms, context=CONTEXT.get())
         )
 
     def close(self) -> None:

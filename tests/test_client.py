@@ -227,6 +227,7 @@ class FakeDaemon:
                 "v": VERSION,
                 "a": ALGORITHM,
                 "id": id_,
+                "op": "GET",
                 "ok": True,
                 "hit": True,
                 "cut": cut,
@@ -247,7 +248,15 @@ class FakeDaemon:
             hit(rid + 1, split.cut, good),  # someone else's id
             [
                 msgpack.packb(
-                    {"m": MAGIC, "v": VERSION, "a": ALGORITHM, "id": rid, "ok": True, "hit": "yes"}
+                    {
+                        "m": MAGIC,
+                        "v": VERSION,
+                        "a": ALGORITHM,
+                        "id": rid,
+                        "op": "GET",
+                        "ok": True,
+                        "hit": "yes",
+                    }
                 )
             ],
             [

@@ -1,40 +1,27 @@
-"""The wire format between ``flashtoken-daemon`` and its clients (docs/PROTOCOL.md).
+"""The wire between ``flashtoken-daemon`` and its clients: one contract, imported by both sides
+(docs/PROTOCOL.md describes it; never imported by ``import flashtoken``: it needs msgpack).
 
-One package, imported by both sides (never by ``import flashtoken``: it pulls in msgpack and
-xxhash). A message is a ZeroMQ multipart message: a msgpack *header* frame, then raw frames.
+A message is a ZeroMQ multipart message: a msgpack header frame, then raw frames. The package,
+one concept a module:
 
-Request ``[header, *frames]``; header ``{"m": b"FT", "v": 1, "op": str, "id": uint64, ...}``:
+- ``codec``      framing: the header codec (magic, versions, msgpack's allocation limits), the
+                 wire's limits, token frames (little-endian uint32);
+- ``schema``     how a message is declared, once, and packed and parsed from that declaration;
+- ``requests``   GET, AUTO, TELL, TOUCH, STATS, PING, and ``parse_request``;
+- ``replies``    typed replies (``GetHit``, ``GetMiss``, ``AutoHit``, ``AutoMiss``,
+                 ``Unplaced``, ``StatsReply``, ``Pong``, ``ErrorReply``) and ``parse_reply``;
+- ``published``  the chain blocks the daemon's PUB socket sends (``Blocks``);
+- ``keys``       key derivation: ``make_key``, ``namespace_tag``, ``make_chain_seed``;
+- ``addresses``  the default address, the publish address, the private-directory policy and
+                 who may be the daemon (``check_daemon_socket``);
+- ``admin``      a STATS or PING on a socket of its own (``request_stats``: the CLI's ``stats``).
 
-- ``GET``  fields ``ns`` (16 bytes, ``namespace_tag``), ``enc`` (encoding name), ``eid`` (32 bytes,
-  ``encoding_id``), ``allowed`` (sorted list of allowed special tokens, ``[]`` for ordinary),
-  ``fill`` (bool); frame 1: the prefix as UTF-8.
-- ``AUTO``  fields ``seed`` (16 bytes, ``make_chain_seed``), ``enc``, ``eid``, ``allowed``,
-  ``fill``, ``block`` (block size in bytes), ``skip`` (full blocks the client already holds);
-  frame 1: the whole text as UTF-8. Asks for the longest chain of cached blocks that starts the
-  text (automatic prefix reuse, flashtoken.AutoPrefixCache shared by processes).
-- ``TELL``  fields ``seed``, ``enc``, ``eid``, ``allowed``, ``block`` as for ``AUTO``, and
-  ``first`` (the index of the first new block), ``parent`` (the digest of block ``first - 1``,
-  nil when ``first`` is 0), ``start`` (that block's cut, in bytes), ``digests`` (one per new
-  block); frame 1: the text's bytes from ``start`` to past the last new block. A client that
-  encoded a text itself tells the daemon its new blocks, and the daemon encodes them (from
-  ``start``: no more than the client did), stores and publishes them. Answered only when the
-  daemon does not hold the parent block (evicted, or a restart): ``{"placed": false}``, and
-  the client tells its next text from the first block.
-- ``STATS``, ``PING``: no fields, no frames.
+Everything that crosses the socket is checked, type and range, before anyone uses it: a peer is
+never trusted to be well formed (ProtocolError). Nothing is ever unpickled.
 
-Reply ``[header, *frames]``; header ``{"m", "v", "id", "ok": bool, ...}``. A GET hit carries
-``{"hit": true, "cut": int, "n": int}`` and one frame of ``n`` little-endian uint32 tokens; a miss
-``{"hit": false, "filling": bool}``. An AUTO reply carries ``{"blocks": int, "filling": bool,
-"hit": bool}``; when ``hit``, also ``{"start": int, "cut_byte": int, "n": int}`` and one frame of
-``n`` tokens: those of the text's bytes ``start .. cut_byte`` (blocks ``skip .. blocks-1``).
-Errors are ``{"ok": false, "error": "CLIENT_ERROR" | "SERVER_ERROR", "message": str}``, as
-memcached names them.
-
-Published (PUB socket at ``publish_address(address)``) ``[seed, header, span, tokens]``: the chain
-blocks the daemon has just stored, for clients that follow chains (``pack_blocks``).
-
-Everything that crosses the socket is checked here, type and range, before anyone uses it: a
-peer is never trusted to be well formed. Nothing is ever unpickled.
+>>> frames = GetRequest(7, bytes(16), "cl100k_base", bytes(32), (), True, b"Hello").frames()
+>>> parse_request(frames).prefix
+b'Hello'
 """
 
 from .addresses import (
@@ -55,36 +42,39 @@ from .codec import (
     MAX_HEADER_BYTES,
     MAX_PREFIX_BYTES,
     MAX_PUBLISHED_BLOCKS,
+    MAX_TOUCH_KEYS,
     MIN_BLOCK_BYTES,
     SERVER_ERROR,
     VERSION,
+    pack_header,
     request_id_of,
     tokens_from_frame,
     tokens_to_frame,
     unpack_header,
 )
 from .keys import make_chain_seed, make_key, namespace_tag
-from .published import Blocks, pack_blocks, parse_blocks
+from .published import Blocks, parse_blocks
 from .replies import (
+    AutoHit,
+    AutoMiss,
+    ErrorReply,
+    GetHit,
+    GetMiss,
+    Pong,
     Reply,
-    pack_auto_reply,
-    pack_error,
-    pack_hit,
-    pack_miss,
-    pack_ok,
+    StatsReply,
+    Unplaced,
     parse_reply,
 )
 from .requests import (
+    OPS,
     AutoRequest,
     GetRequest,
+    PingRequest,
     Request,
+    StatsRequest,
     TellRequest,
     TouchRequest,
-    pack_auto,
-    pack_get,
-    pack_simple,
-    pack_tell,
-    pack_touch,
     parse_request,
 )
 
@@ -98,16 +88,28 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "MAX_PREFIX_BYTES",
     "MAX_PUBLISHED_BLOCKS",
+    "MAX_TOUCH_KEYS",
     "MIN_BLOCK_BYTES",
+    "OPS",
     "SERVER_ERROR",
     "VERSION",
+    "AutoHit",
+    "AutoMiss",
     "AutoRequest",
     "Blocks",
+    "ErrorReply",
+    "GetHit",
+    "GetMiss",
     "GetRequest",
+    "PingRequest",
+    "Pong",
     "Reply",
     "Request",
+    "StatsReply",
+    "StatsRequest",
     "TellRequest",
     "TouchRequest",
+    "Unplaced",
     "check_daemon_socket",
     "check_private_dir",
     "default_address",
@@ -115,17 +117,7 @@ __all__ = [
     "make_chain_seed",
     "make_key",
     "namespace_tag",
-    "pack_auto",
-    "pack_auto_reply",
-    "pack_blocks",
-    "pack_error",
-    "pack_get",
-    "pack_hit",
-    "pack_miss",
-    "pack_ok",
-    "pack_simple",
-    "pack_tell",
-    "pack_touch",
+    "pack_header",
     "parse_blocks",
     "parse_reply",
     "parse_request",

@@ -45,12 +45,14 @@ MAX_BLOCK_BYTES = 1024 * 1024
 less than 64: every block costs the daemon a hash, a lookup and an entry (~300 bytes), so
 16-byte blocks made a 4 MiB text 250,000 steps on its loop and 20x its size in memory."""
 
-OPS = ("GET", "AUTO", "TELL", "TOUCH", "STATS", "PING")
 MAX_TOUCH_KEYS = 1024
+"""16-byte keys in one TOUCH."""
 MAX_PUBLISHED_BLOCKS = 4096
 """Blocks in one published message (a fill's new blocks: its text's length over the block)."""
 CLIENT_ERROR = "CLIENT_ERROR"
+"""An error reply's type when the request broke a rule (memcached's name)."""
 SERVER_ERROR = "SERVER_ERROR"
+"""... when the daemon could not serve a valid request."""
 
 # msgpack's own limits for one header: no string, array or map may even be allocated beyond
 # what a valid header can hold, whatever length a hostile frame declares. Nesting is bounded by
@@ -95,13 +97,13 @@ def tokens_from_frame(frame: bytes | memoryview) -> array:
 # -- headers ---------------------------------------------------------------------------------
 
 
-def _pack(header: dict[str, Any]) -> bytes:
-    header["a"] = ALGORITHM
-    return msgpack.packb(header, use_bin_type=True)
+def pack_header(fields: dict[str, Any]) -> bytes:
+    """A header frame: the magic and version, ``fields`` in their order, the code's version."""
+    return msgpack.packb({"m": MAGIC, "v": VERSION, **fields, "a": ALGORITHM}, use_bin_type=True)
 
 
 def unpack_header(frame: bytes) -> dict[str, Any]:
-    """Decode a header frame, with msgpack's allocation limits; check magic and version.
+    """Decode a header frame, with msgpack's allocation limits; check magic and versions.
 
     Raises ProtocolError for anything but a map carrying our magic and version.
     """
@@ -128,34 +130,6 @@ def unpack_header(frame: bytes) -> dict[str, Any]:
             " with the clients' version"
         )
     return header
-
-
-def _int(header: dict[str, Any], name: str, low: int, high: int) -> int:
-    value = header.get(name)
-    if type(value) is not int or not low <= value <= high:  # bool is an int: type() excludes it
-        raise ProtocolError(f"field {name!r} must be an int in [{low}, {high}]")
-    return value
-
-
-def _bool(header: dict[str, Any], name: str) -> bool:
-    value = header.get(name)
-    if type(value) is not bool:
-        raise ProtocolError(f"field {name!r} must be a bool")
-    return value
-
-
-def _bytes(header: dict[str, Any], name: str, length: int) -> bytes:
-    value = header.get(name)
-    if type(value) is not bytes or len(value) != length:
-        raise ProtocolError(f"field {name!r} must be {length} bytes")
-    return value
-
-
-def _str(header: dict[str, Any], name: str, max_chars: int) -> str:
-    value = header.get(name)
-    if type(value) is not str or not 0 < len(value) <= max_chars:
-        raise ProtocolError(f"field {name!r} must be a str of 1 to {max_chars} characters")
-    return value
 
 
 def request_id_of(frames: list[bytes]) -> int:
