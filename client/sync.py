@@ -16,8 +16,9 @@ from typing import Any
 import tiktoken
 import zmq
 
-from flashtoken.prefix import ORDINARY, FixedPrefixTokenCache, _require_str
+from flashtoken.prefix import ORDINARY, FixedPrefixTokenCache
 from flashtoken.specials import SpecialArg, SpecialPolicy, encode_with
+from flashtoken.text import require_str
 from flashtoken.wire import default_address
 from flashtoken.wire.admin import request_stats
 
@@ -187,7 +188,7 @@ class Client:
     def _auto_encode(
         self, text: str, allowed_special: SpecialArg, disallowed_special: SpecialArg
     ) -> list[int]:
-        _require_str(text, "text")
+        require_str(text, "text")
         enc = self._core.enc
         policy = SpecialPolicy.parse(enc, allowed_special, disallowed_special)
         if policy is None or policy.finds_disallowed(text):  # tiktoken's own outcome
@@ -197,7 +198,7 @@ class Client:
         return self._auto(text, policy)
 
     def _auto(self, text: str, policy: SpecialPolicy) -> list[int]:
-        _require_str(text, "text")
+        require_str(text, "text")
         core = self._core
         if core.pid != os.getpid():  # before any lock (the L1's): see client/sockets.py
             self._after_fork()
