@@ -97,9 +97,20 @@ def tokens_from_frame(frame: bytes | memoryview) -> array:
 # -- headers ---------------------------------------------------------------------------------
 
 
+HEADER_START: dict[str, Any] = {"m": MAGIC, "v": VERSION}
+"""What every header begins with; ``seal_header`` ends it with the code's version."""
+
+
+def seal_header(fields: dict[str, Any]) -> bytes:
+    """Pack ``fields`` (begun with ``HEADER_START``), the code's version added last, in place:
+    ``Message.frames()`` builds each header in one dict, never copied."""
+    fields["a"] = ALGORITHM
+    return msgpack.packb(fields, use_bin_type=True)
+
+
 def pack_header(fields: dict[str, Any]) -> bytes:
     """A header frame: the magic and version, ``fields`` in their order, the code's version."""
-    return msgpack.packb({"m": MAGIC, "v": VERSION, **fields, "a": ALGORITHM}, use_bin_type=True)
+    return seal_header({**HEADER_START, **fields})
 
 
 def unpack_header(frame: bytes) -> dict[str, Any]:

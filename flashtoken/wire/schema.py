@@ -29,12 +29,13 @@ from typing import Any, ClassVar, NamedTuple
 from flashtoken.errors import ProtocolError
 
 from .codec import (
+    HEADER_START,
     KEY_BYTES,
     MAX_PREFIX_BYTES,
     MAX_REQUEST_ID,
     MAX_SPECIAL_CHARS,
     MAX_SPECIALS,
-    pack_header,
+    seal_header,
     tokens_from_frame,
     tokens_to_frame,
 )
@@ -242,10 +243,39 @@ def frame(spec: Spec, *, topic: bool = False) -> Any:
     return dataclasses.field(metadata={"frame": spec, "topic": topic})
 
 
-class _Layout(NamedTuple):
-    header: tuple[tuple[str, Spec], ...]
-    frames: tuple[tuple[str, Spec], ...]
-    topic: tuple[str, Spec] | None
+class _Layout:
+    """A message class's declaration, read once: which fields go where, and how each is packed
+    (``None``: as it is, no call; most fields). Plain slots: ``frames()`` reads it per message."""
+
+    __slots__ = ("count", "frame_packers", "frames", "head_packers", "header", "prelude", "topic")
+
+    def __init__(self, cls: type[Message]) -> None:
+        head, frames, topic = [], [], None
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if "header" in f.metadata:
+                head.append((f.name, f.metadata["header"]))
+            elif f.metadata["topic"]:
+                topic = (f.name, f.metadata["frame"])
+            else:
+                frames.append((f.name, f.metadata["frame"]))
+        self.header: tuple[tuple[str, Spec], ...] = tuple(head)
+        self.frames: tuple[tuple[str, Spec], ...] = tuple(frames)
+        self.topic: tuple[str, Spec] | None = topic
+        self.count = cls.COUNT
+        # The constant fields first (magic, version, op, tags), as headers always began.
+        self.prelude: dict[str, Any] = dict(HEADER_START)
+        if cls.OP is not None:
+            self.prelude["op"] = cls.OP
+        self.prelude.update((name, getattr(cls, name)) for name in cls.TAGS)
+        self.head_packers = tuple((name, _packer(spec)) for name, spec in head)
+        self.frame_packers = tuple((name, _packer(spec)) for name, spec in frames)
+
+
+def _packer(spec: Spec) -> Any:
+    return None if type(spec).pack is Spec.pack else spec.pack
+
+
+_LAYOUTS: dict[type, _Layout] = {}
 
 
 class Message:
@@ -257,38 +287,31 @@ class Message:
     """Class attributes written into every header of this message (a reply's ``ok``, ``hit``)."""
     COUNT: ClassVar[str | None] = None
     """A header field holding the number of tokens of the ``tokens`` frame (``n``)."""
-    _layouts: ClassVar[dict[type, _Layout]] = {}
 
     @classmethod
     def _layout(cls) -> _Layout:
-        layout = Message._layouts.get(cls)
+        layout = _LAYOUTS.get(cls)
         if layout is None:
-            head, frames, topic = [], [], None
-            for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-                if "header" in f.metadata:
-                    head.append((f.name, f.metadata["header"]))
-                elif f.metadata["topic"]:
-                    topic = (f.name, f.metadata["frame"])
-                else:
-                    frames.append((f.name, f.metadata["frame"]))
-            layout = Message._layouts[cls] = _Layout(tuple(head), tuple(frames), topic)
+            layout = _LAYOUTS[cls] = _Layout(cls)
         return layout
 
     def frames(self) -> list[Any]:
         """The message as ZeroMQ frames: its header, then its raw frames."""
-        layout = self._layout()
-        fields: dict[str, Any] = {} if self.OP is None else {"op": self.OP}
-        for name in self.TAGS:
-            fields[name] = getattr(self, name)
-        for name, spec in layout.header:
-            fields[name] = spec.pack(getattr(self, name))
-        out = [spec.pack(getattr(self, name)) for name, spec in layout.frames]
-        if self.COUNT is not None:
-            fields[self.COUNT] = len(out[-1]) // 4
-        head = [pack_header(fields)]
+        layout = _LAYOUTS.get(type(self)) or self._layout()
+        fields = layout.prelude.copy()
+        for name, pack in layout.head_packers:
+            value = getattr(self, name)
+            fields[name] = value if pack is None else pack(value)
+        out = []
+        for name, pack in layout.frame_packers:
+            value = getattr(self, name)
+            out.append(value if pack is None else pack(value))
+        if layout.count is not None:
+            fields[layout.count] = len(out[-1]) // 4
         if layout.topic is not None:
-            head.insert(0, layout.topic[1].pack(getattr(self, layout.topic[0])))
-        return head + out
+            name, spec = layout.topic
+            return [spec.pack(getattr(self, name)), seal_header(fields), *out]
+        return [seal_header(fields), *out]
 
     @classmethod
     def parse(cls, head: dict[str, Any], frames: list[Any], limits: Limits = DEFAULT_LIMITS) -> Any:
