@@ -17,7 +17,8 @@ span against its digests). Class-level constants (``OP``, and the names in ``TAG
 reply's ``ok`` and ``hit``) go into every header of that message and are what the receiver
 dispatches on: no op is guessed from which fields a header happens to hold.
 Rejected: a pack function, a dataclass and a parse branch per message (the old protocol.py):
-three copies of every message, which had begun to disagree on ranges.
+three copies of every message to keep in step, and replies as dicts whose kind was guessed
+from which fields they held.
 """
 
 from __future__ import annotations
