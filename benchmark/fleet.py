@@ -164,7 +164,7 @@ def fleet_hit_cost(url: str, quick: bool) -> dict[str, Any]:
     from flashtoken.daemon.fleet import FleetTier, Found
 
     from flashtoken.prefix import split_prefix
-    from flashtoken.protocol import make_key, tokens_to_frame
+    from flashtoken.wire import make_key, tokens_to_frame
 
     loaded = load(ENC)
     text = corpus.system_prompt(32 * KiB, random.Random(SEED), tenant=9999)

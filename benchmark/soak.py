@@ -28,12 +28,12 @@ import zmq
 
 from flashtoken import get_encoding
 from flashtoken.encodings import encoding_id
-from flashtoken.protocol import (
+from flashtoken.wire import (
+    AutoRequest,
+    GetRequest,
+    StatsRequest,
     make_chain_seed,
     namespace_tag,
-    pack_auto,
-    pack_get,
-    pack_simple,
     parse_reply,
 )
 
@@ -96,9 +96,9 @@ class Daemon:
         sock.setsockopt(zmq.LINGER, 0)
         try:
             sock.connect(self.address)
-            sock.send_multipart(pack_simple("STATS", 1))
+            sock.send_multipart(StatsRequest(1).frames())
             if sock.poll(timeout_ms):
-                return parse_reply(sock.recv_multipart()).fields["stats"]
+                return parse_reply(sock.recv_multipart()).stats
             return None
         finally:
             sock.close(0)
@@ -154,13 +154,19 @@ def _attacker(name: str, address: str, stop: threading.Event, counts: dict[str, 
                         ]
                     elif name == "auto-flood":
                         seed = make_chain_seed(b"", eid, (), 512)
-                        frames = pack_auto(i, seed, enc.name, eid, (), True, 512, 0, text)
+                        frames = AutoRequest(
+                            i, seed, enc.name, eid, (), True, 512, 0, text
+                        ).frames()
                     elif name == "get-flood":
-                        frames = pack_get(i, namespace_tag(b""), enc.name, eid, (), True, text)
+                        frames = GetRequest(
+                            i, namespace_tag(b""), enc.name, eid, (), True, text
+                        ).frames()
                     else:  # tiny blocks: the smallest the daemon takes, on a 1 MiB text
                         seed = make_chain_seed(b"tiny", eid, (), 64)
                         cut = len(text) - rng.randrange(0, 4096)
-                        frames = pack_auto(i, seed, enc.name, eid, (), True, 64, 0, text[:cut])
+                        frames = AutoRequest(
+                            i, seed, enc.name, eid, (), True, 64, 0, text[:cut]
+                        ).frames()
                     try:
                         s.send_multipart(frames, zmq.NOBLOCK)
                         counts[name] += 1

@@ -215,7 +215,7 @@ class Daemon:
         self.starts = 0
 
     def start(self) -> Daemon:
-        from flashtoken.client.sync import request_stats
+        from flashtoken.wire.admin import request_stats
 
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
@@ -293,7 +293,7 @@ def run_daemon(
     timeout_ms: int = 200,
     daemon_max_bytes: str | None = None,
 ) -> dict[str, Any]:
-    from flashtoken.client.sync import request_stats
+    from flashtoken.wire.admin import request_stats
 
     tally, started, rng = Tally(), time.monotonic(), random.Random(f"{seed}/daemon")
     directory = Path(tempfile.mkdtemp(prefix="ft-", dir="/tmp" if os.path.isdir("/tmp") else None))

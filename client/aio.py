@@ -19,9 +19,11 @@ import tiktoken
 import zmq
 import zmq.asyncio
 
-from flashtoken.prefix import ORDINARY, FixedPrefixTokenCache, _require_str
-from flashtoken.protocol import default_address
+from flashtoken.prefix import ORDINARY, FixedPrefixTokenCache
 from flashtoken.specials import SpecialArg, SpecialPolicy, encode_with
+from flashtoken.text import require_str
+from flashtoken.wire import default_address
+from flashtoken.wire.admin import request_stats
 
 from .chains import AUTO_L1, AUTO_TELL, AutoPending
 from .core import (
@@ -32,7 +34,6 @@ from .core import (
 )
 from .settings import client_settings
 from .sockets import CONTEXT, SOCKET_ERRORS, abandon, configure_dealer, register, trusted
-from .sync import request_stats
 
 __all__ = ["AsyncClient"]
 
@@ -141,7 +142,7 @@ class AsyncClient:
         """
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            None, lambda: request_stats(self.address, timeout_ms=timeout_ms)
+            None, lambda: request_stats(self.address, timeout_ms=timeout_ms, context=CONTEXT.get())
         )
 
     def close(self) -> None:
@@ -161,7 +162,7 @@ class AsyncClient:
     async def _auto_encode(
         self, text: str, allowed_special: SpecialArg, disallowed_special: SpecialArg
     ) -> list[int]:
-        _require_str(text, "text")
+        require_str(text, "text")
         enc = self._core.enc
         policy = SpecialPolicy.parse(enc, allowed_special, disallowed_special)
         if policy is None or policy.finds_disallowed(text):  # tiktoken's own outcome
@@ -171,7 +172,7 @@ class AsyncClient:
         return await self._auto(text, policy)
 
     async def _auto(self, text: str, policy: SpecialPolicy) -> list[int]:
-        _require_str(text, "text")
+        require_str(text, "text")
         core = self._core
         self._check_fork()  # before any lock (the L1's): see client/sockets.py
         plan = core.auto_plan(text, policy)

@@ -18,15 +18,17 @@ import zmq
 from flashtoken.encodings import encoding_id
 from flashtoken.errors import DaemonUnavailable, ProtocolError
 from flashtoken.prefix import token_list
-from flashtoken.protocol import (
+from flashtoken.specials import SpecialPolicy, encode_with
+from flashtoken.wire import (
+    AutoHit,
+    AutoRequest,
+    TellRequest,
+    Unplaced,
     make_chain_seed,
-    pack_auto,
-    pack_tell,
     parse_blocks,
     parse_reply,
     publish_address,
 )
-from flashtoken.specials import SpecialPolicy, encode_with
 
 # At import, not on first use: a fork while a thread was inside that first import left the
 # module's import lock held in the child, which then hung on its first AUTO (test_fork).
@@ -118,7 +120,7 @@ class ChainCore:
         seed = self.seed(allowed)
         assert self._eid is not None
         request_id = self.next_id()
-        frames = pack_auto(
+        frames = AutoRequest(
             request_id,
             seed,
             self.enc.name,
@@ -128,7 +130,7 @@ class ChainCore:
             self.block,
             len(plan.path),
             plan.data,
-        )
+        ).frames()
         return AutoPending(request_id, text, plan, allowed, frames)
 
     def prepare_tell(self, plan: Any, allowed: frozenset) -> list[bytes] | None:
@@ -146,7 +148,7 @@ class ChainCore:
             end += 1  # to a character boundary
         seed = self.seed(allowed)
         assert self._eid is not None
-        return pack_tell(
+        return TellRequest(
             self.next_id(),
             seed,
             self.enc.name,
@@ -158,7 +160,7 @@ class ChainCore:
             start,
             [d.to_bytes(16, "big") for d in digests],
             data[start:end],
-        )
+        ).frames()
 
     def follow_chains(self, context: zmq.Context, address: str, allowed: frozenset) -> None:
         """Follow the daemon's published blocks of this policy's chains (client/follow.py)."""
@@ -207,7 +209,7 @@ class ChainCore:
     def note_reply(self, reply: Any) -> None:
         """A reply to a TELL (only ever ``placed: false``): the daemon lacks our chain (it was
         restarted, or evicted it), so the next TELL names every block from the first."""
-        if reply.fields.get("placed") is False:
+        if isinstance(reply, Unplaced):
             self.tell_from_root = True
 
     def note_frames(self, frames: list[bytes]) -> None:
@@ -237,11 +239,9 @@ class ChainCore:
         head += tail
         return head
 
-    def _check_auto(
-        self, pending: AutoPending, fields: dict, tokens: Any
-    ) -> tuple[list[int], int] | None:
+    def _check_auto(self, pending: AutoPending, reply: AutoHit) -> tuple[list[int], int] | None:
         plan = pending.plan
-        start, cut_byte, blocks = fields["start"], fields["cut_byte"], fields["blocks"]
+        start, cut_byte, blocks, tokens = reply.start, reply.cut_byte, reply.blocks, reply.tokens
         if (
             start != plan.cut_byte
             or cut_byte > len(plan.data)

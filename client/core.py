@@ -32,16 +32,21 @@ from flashtoken.auto import AutoPrefixCache
 from flashtoken.encodings import encoding_id, resolve_encoding
 from flashtoken.errors import ProtocolError
 from flashtoken.prefix import FixedPrefixTokenCache, PrefixSplit, token_list
-from flashtoken.protocol import (
+from flashtoken.specials import SpecialArg, SpecialPolicy
+from flashtoken.wire import (
     MAX_PREFIX_BYTES,
     MIN_BLOCK_BYTES,
     SERVER_ERROR,
+    AutoHit,
+    AutoMiss,
+    ErrorReply,
+    GetHit,
+    GetMiss,
+    GetRequest,
+    TouchRequest,
     namespace_tag,
-    pack_get,
-    pack_touch,
     parse_reply,
 )
-from flashtoken.specials import SpecialArg, SpecialPolicy
 
 from .chains import AutoPending, ChainCore
 from .hostmap import HostMapView
@@ -383,7 +388,7 @@ class ClientCore(ChainCore):
     def touch_frames(self) -> list[bytes] | None:
         """A TOUCH to send now (fire-and-forget) for the map hits taken, or None."""
         keys = None if self.hostmap is None else self.hostmap.touches_due()
-        return None if keys is None else pack_touch(keys)
+        return None if keys is None else TouchRequest(0, keys).frames()
 
     def build_local(self, prefix: str, allowed: frozenset) -> FixedPrefixTokenCache | WholeText:
         """One local encode of the prefix: the same cost as tiktoken on it, once per process.
@@ -420,7 +425,9 @@ class ClientCore(ChainCore):
             self._eid = encoding_id(self.enc)  # ~40 ms once per process: not in __init__
         ordered = tuple(sorted(allowed))
         request_id = self.next_id()
-        frames = pack_get(request_id, self._ns, self.enc.name, self._eid, ordered, self.fill, data)
+        frames = GetRequest(
+            request_id, self._ns, self.enc.name, self._eid, ordered, self.fill, data
+        ).frames()
         return Pending(request_id, prefix, allowed, frames)
 
     def next_id(self) -> int:
@@ -458,25 +465,25 @@ class ClientCore(ChainCore):
             self.note_reply(reply)
             self.counters["late_replies"] += 1
             return LATE, None
-        if not reply.ok:
+        if isinstance(reply, ErrorReply):
             if reply.error == SERVER_ERROR:
                 # The daemon is healthy but cannot serve this prefix (its fill failed).
                 self.breaker.success()
                 self.counters["misses"] += 1
                 return DONE, None
             return self._failed()  # CLIENT_ERROR: we and the daemon disagree; back off
-        if "hit" not in reply.fields or ("blocks" in reply.fields) != isinstance(
-            pending, AutoPending
-        ):
-            return self._failed()  # not an answer to this op
-        if reply.tokens is None:
+        auto = isinstance(pending, AutoPending)
+        hit, miss = (AutoHit, AutoMiss) if auto else (GetHit, GetMiss)
+        if isinstance(reply, miss):
             self.breaker.success()
             self.counters["misses"] += 1
             return DONE, None
+        if not isinstance(reply, hit):
+            return self._failed()  # not an answer to this op
         if isinstance(pending, AutoPending):
-            cache: Any = self._check_auto(pending, reply.fields, reply.tokens)
+            cache: Any = self._check_auto(pending, reply)  # type: ignore[arg-type]
         else:
-            cache = self._check_hit(pending, reply.fields["cut"], reply.tokens)
+            cache = self._check_hit(pending, reply.cut, reply.tokens)  # type: ignore[union-attr]
         if cache is None:
             self.counters["rejected_hits"] += 1
             self.distrust()

@@ -32,7 +32,7 @@ from typing import Any
 
 import zmq
 
-from flashtoken.protocol import MAX_HEADER_BYTES, MAX_PREFIX_BYTES
+from flashtoken.wire import MAX_HEADER_BYTES, MAX_PREFIX_BYTES
 
 __all__ = ["Follower"]
 

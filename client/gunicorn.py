@@ -53,8 +53,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
-from flashtoken.protocol import default_address, ipc_path
 from flashtoken.settings import MAX_IPC_PATH_BYTES
+from flashtoken.wire import default_address, ipc_path
 
 from . import warmup
 from .supervisor import Supervisor, install_fork_guard

@@ -32,7 +32,7 @@ from flashtoken.ids import token_list_from_bytes
 from flashtoken.ids import warm as warm_ids
 from flashtoken.mapentry import Hit, confirm, pack_entry
 from flashtoken.prefix import FixedPrefixTokenCache, PrefixSplit
-from flashtoken.protocol import ipc_path
+from flashtoken.wire import ipc_path
 
 if TYPE_CHECKING:
     from flashtoken.sharedmap import Absent, MapReader

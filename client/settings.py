@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from flashtoken.auto import DEFAULT_BLOCK_BYTES
-from flashtoken.protocol import MAX_PREFIX_BYTES
 from flashtoken.settings import MiB, Setting, resolve
+from flashtoken.wire import MAX_PREFIX_BYTES
 
 __all__ = ["CLIENT_DEFAULTS", "CLIENT_SETTINGS", "client_settings"]
 

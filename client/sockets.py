@@ -13,7 +13,7 @@ from typing import Any
 import zmq
 
 from flashtoken.errors import DaemonUnavailable
-from flashtoken.protocol import MAX_HEADER_BYTES, MAX_PREFIX_BYTES, check_daemon_socket, ipc_path
+from flashtoken.wire import MAX_HEADER_BYTES, MAX_PREFIX_BYTES, check_daemon_socket, ipc_path
 
 __all__ = [
     "CONTEXT",

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from flashtoken.protocol import ipc_path
+from flashtoken.wire import ipc_path
 
 if TYPE_CHECKING:
     from .gunicorn import SidecarSettings

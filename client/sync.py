@@ -16,10 +16,11 @@ from typing import Any
 import tiktoken
 import zmq
 
-from flashtoken.errors import DaemonError, DaemonTimeout, DaemonUnavailable, ProtocolError
-from flashtoken.prefix import ORDINARY, FixedPrefixTokenCache, _require_str
-from flashtoken.protocol import check_daemon_socket, default_address, pack_simple, parse_reply
+from flashtoken.prefix import ORDINARY, FixedPrefixTokenCache
 from flashtoken.specials import SpecialArg, SpecialPolicy, encode_with
+from flashtoken.text import require_str
+from flashtoken.wire import default_address
+from flashtoken.wire.admin import request_stats
 
 from .chains import AUTO_L1, AUTO_TELL, AutoPending
 from .core import (
@@ -31,7 +32,7 @@ from .core import (
 from .settings import client_settings
 from .sockets import CONTEXT, SOCKET_ERRORS, abandon, configure_dealer, register, trusted
 
-__all__ = ["Client", "request_stats"]
+__all__ = ["Client"]
 
 
 class Client:
@@ -65,7 +66,7 @@ class Client:
     ``--preload``): sockets are made per process. It may be shared by threads (one round trip at
     a time; a thread that would wait longer than ``timeout_ms`` for the socket encodes locally).
 
-    Arguments: ``address`` (default: ``flashtoken.protocol.default_address()``), ``encoding`` (a
+    Arguments: ``address`` (default: ``flashtoken.wire.default_address()``), ``encoding`` (a
     name or a ``tiktoken.Encoding``), and keyword-only ``timeout_ms`` (20), ``l1_bytes`` (64 MiB),
     ``namespace`` (a salt for the daemon's keys: clients with different namespaces share
     nothing), ``breaker_failures`` (3), ``breaker_cooldown_ms`` (250), ``breaker_max_cooldown_ms``
@@ -168,7 +169,7 @@ class Client:
         Raises DaemonTimeout if no reply comes within ``timeout_ms``, DaemonError for an error
         reply or a malformed one.
         """
-        return request_stats(self.address, timeout_ms=timeout_ms)
+        return request_stats(self.address, timeout_ms=timeout_ms, context=CONTEXT.get())
 
     def close(self) -> None:
         """Close the socket (LINGER=0). The client still works afterwards, locally only."""
@@ -187,7 +188,7 @@ class Client:
     def _auto_encode(
         self, text: str, allowed_special: SpecialArg, disallowed_special: SpecialArg
     ) -> list[int]:
-        _require_str(text, "text")
+        require_str(text, "text")
         enc = self._core.enc
         policy = SpecialPolicy.parse(enc, allowed_special, disallowed_special)
         if policy is None or policy.finds_disallowed(text):  # tiktoken's own outcome
@@ -197,7 +198,7 @@ class Client:
         return self._auto(text, policy)
 
     def _auto(self, text: str, policy: SpecialPolicy) -> list[int]:
-        _require_str(text, "text")
+        require_str(text, "text")
         core = self._core
         if core.pid != os.getpid():  # before any lock (the L1's): see client/sockets.py
             self._after_fork()
@@ -368,48 +369,3 @@ def _send(sock: zmq.Socket, frames: list, deadline: float) -> bool:
             return True
         except zmq.Again:
             return False
-
-
-_stats_ids = iter(range(1, 2**63))
-
-
-def request_stats(address: str, *, timeout_ms: int = 1000) -> dict[str, Any]:
-    """Ask the daemon at ``address`` for its STATS, on a socket of its own.
-
-    Raises DaemonTimeout if no reply comes within ``timeout_ms``; DaemonUnavailable if the
-    socket fails; DaemonError for an error reply or a malformed one.
-    """
-    request_id = next(_stats_ids)
-    check_daemon_socket(address)  # DaemonUnavailable: not a socket only our user could serve
-    sock = CONTEXT.get().socket(zmq.DEALER)
-    try:
-        configure_dealer(sock, address)
-        deadline = time.monotonic() + timeout_ms / 1000
-        if not _send(sock, pack_simple("STATS", request_id), deadline):
-            raise DaemonTimeout(
-                f"no flashtoken-daemon is accepting connections at {address}"
-                f" (waited {timeout_ms} ms); start one with `flashtoken-daemon`"
-            )
-        while True:
-            remaining = _ms_left(deadline)
-            if remaining <= 0 or not sock.poll(remaining, zmq.POLLIN):
-                raise DaemonTimeout(
-                    f"no reply from a flashtoken-daemon at {address} within"
-                    f" {timeout_ms} ms; is it running (or stopped)?"
-                )
-            try:
-                reply = parse_reply(sock.recv_multipart(zmq.NOBLOCK))
-            except ProtocolError as exc:
-                raise DaemonError(f"malformed reply from {address}: {exc}") from exc
-            if reply.id != request_id:
-                continue
-            if not reply.ok:
-                raise DaemonError(f"{reply.error}: {reply.fields.get('message')}")
-            stats, settings = reply.fields.get("stats"), reply.fields.get("settings")
-            if not isinstance(stats, dict) or not isinstance(settings, dict):
-                raise DaemonError(f"malformed STATS reply from {address}")
-            return {"stats": stats, "settings": settings}
-    except zmq.ZMQError as exc:
-        raise DaemonUnavailable(f"cannot reach a flashtoken-daemon at {address}: {exc}") from exc
-    finally:
-        sock.close(linger=0)

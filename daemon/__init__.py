@@ -1,7 +1,7 @@
 """flashtoken-daemon: the shared sidecar that holds prefix tokens for every worker on a host.
 
 Run it with ``flashtoken-daemon`` (or ``python -m flashtoken.daemon``); read its counters with
-``flashtoken-daemon stats``. The wire format is ``flashtoken.protocol`` (docs/PROTOCOL.md);
+``flashtoken-daemon stats``. The wire format is ``flashtoken.wire`` (docs/PROTOCOL.md);
 workers talk to it through ``flashtoken.client.Client``.
 
 The server needs the ``[daemon]`` extra (pyzmq, msgpack); its names are imported on first use,

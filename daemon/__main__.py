@@ -244,11 +244,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from flashtoken.client.sync import request_stats
-
     from flashtoken.errors import DaemonError
-    from flashtoken.protocol import default_address
     from flashtoken.settings import check_address
+    from flashtoken.wire import default_address
+    from flashtoken.wire.admin import request_stats
 
     from .metrics import prometheus_text
 

@@ -22,17 +22,18 @@ import xxhash
 import zmq
 
 from flashtoken.auto import block_cuts
-from flashtoken.protocol import (
+from flashtoken.specials import SpecialPolicy, encode_with
+from flashtoken.wire import (
+    AutoHit,
+    AutoMiss,
     AutoRequest,
+    Blocks,
     Request,
     TellRequest,
-    pack_auto_reply,
-    pack_blocks,
-    pack_ok,
+    Unplaced,
     tokens_from_frame,
     tokens_to_frame,
 )
-from flashtoken.specials import SpecialPolicy, encode_with
 
 from .budget import PARKED_BYTES
 from .encodings import Loaded, check_loaded, load
@@ -135,9 +136,9 @@ class ChainHandlers:
             frame = b"".join([entry.tokens for entry in path[skip:]])
             self.store.count_auto(blocks - skip, path[-1].cut_byte - start)
             self.counters["tokens_served"] += len(frame) // 4
-            return pack_auto_reply(request.id, blocks, filling, start, path[-1].cut_byte, frame)
+            return AutoHit(request.id, blocks, filling, start, path[-1].cut_byte, frame).frames()
         self.store.count_auto(0, 0)
-        return pack_auto_reply(request.id, blocks, filling)
+        return AutoMiss(request.id, blocks, filling).frames()
 
     def on_tell(self, request: Request) -> list[Any]:
         """A client encoded a text itself: fill the blocks it names. Answered only when the
@@ -161,7 +162,7 @@ class ChainHandlers:
                 # Evicted, or never here (a restart): the one answer a TELL gets, so that the
                 # client tells the whole text next time.
                 self.counters["tells_unplaced"] += 1
-                return pack_ok(request.id, placed=False)
+                return Unplaced(request.id).frames()
             path = [parent]
         request, path = self._skip_known(request, path)
         if not request.digests:
@@ -360,16 +361,17 @@ class ChainHandlers:
         end = (chain.first + len(stored)) * request.block - chain.start
         while end < len(span) and span[end] & 0xC0 == 0x80:
             end += 1  # to a character boundary: subscribers decode the span
-        message = pack_blocks(
+        message = Blocks(
             request.seed,
             chain.first,
             chain.parent_digest,
             chain.start,
             chain.digests[: len(stored)],
             [entry.cut_byte for entry in stored],
+            [len(entry.tokens) // 4 for entry in stored],
             span[:end],
-            [entry.tokens for entry in stored],
-        )
+            b"".join([entry.tokens for entry in stored]),
+        ).frames()
         size = sum(len(frame) for frame in message)
         if not self._publications.admit(None, size):
             return  # subscribers hold the publication budget: they miss these (encode locally)

@@ -43,9 +43,10 @@ from typing import Any, NamedTuple
 from flashtoken.client.core import Breaker
 
 import flashtoken
+from flashtoken import tiktoken_parts
 from flashtoken.boundary import stable_offset
-from flashtoken.protocol import tokens_from_frame
 from flashtoken.specials import SpecialPolicy
+from flashtoken.wire import tokens_from_frame
 
 from .encodings import Loaded
 
@@ -210,7 +211,7 @@ def _forbidden_special(
     text as ordinary tokens). A special token's id spells its text, so when the text holds no
     special token's first two bytes (nearly always) no id needs a look; max() and a set test
     over every id would cost as much as the decode."""
-    specials = loaded.enc._special_tokens
+    specials = tiktoken_parts.special_tokens(loaded.enc)
     starts = _STARTS.get(loaded.eid)
     if starts is None:
         starts = _STARTS[loaded.eid] = tuple({s.encode()[:2] for s in specials})

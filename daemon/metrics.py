@@ -148,9 +148,8 @@ class MetricsServer:
                 if self.path.split("?", 1)[0] != "/metrics":
                     self._send(404, "not found: the metrics are at /metrics\n")
                     return
-                from flashtoken.client.sync import request_stats
-
                 from flashtoken.errors import DaemonError
+                from flashtoken.wire.admin import request_stats
 
                 try:
                     reply = request_stats(owner.address, timeout_ms=owner.timeout_ms)

@@ -36,6 +36,7 @@ import threading
 import time
 from array import array
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,21 +47,24 @@ import flashtoken
 from flashtoken.boundary import uncached_encodings
 from flashtoken.errors import ProtocolError
 from flashtoken.prefix import split_prefix
-from flashtoken.protocol import (
+from flashtoken.wire import (
     CLIENT_ERROR,
     MAX_HEADER_BYTES,
     SERVER_ERROR,
     AutoRequest,
+    ErrorReply,
+    GetHit,
+    GetMiss,
     GetRequest,
+    PingRequest,
+    Pong,
     Request,
+    StatsReply,
+    StatsRequest,
     TellRequest,
     TouchRequest,
     ipc_path,
     make_key,
-    pack_error,
-    pack_hit,
-    pack_miss,
-    pack_ok,
     parse_request,
     publish_address,
     request_id_of,
@@ -146,6 +150,15 @@ class Server(ChainHandlers):
         self._publish_path: str | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        # One handler per request class (flashtoken/wire/requests.py), named after its verb.
+        self._handlers: dict[type[Request], Callable[[Any], list[Any] | _Deferred]] = {
+            GetRequest: self.on_get,
+            AutoRequest: self.on_auto,
+            TellRequest: self.on_tell,
+            TouchRequest: self.on_touch,
+            StatsRequest: self.on_stats,
+            PingRequest: self.on_ping,
+        }
         self.counters = {
             "fills": 0,
             "auto_fills": 0,
@@ -417,7 +430,9 @@ class Server(ChainHandlers):
                 return
             if refused:
                 self.counters["protocol_errors"] += 1
-                reply = pack_error(request_id_of(body), CLIENT_ERROR, refused)
+                reply: list[Any] | _Deferred = ErrorReply(
+                    request_id_of(body), CLIENT_ERROR, refused
+                ).frames()
             else:
                 reply = self._handle(body)
             if isinstance(reply, _Deferred):
@@ -470,23 +485,22 @@ class Server(ChainHandlers):
         try:
             request = parse_request(body, max_prefix_bytes=self.config.max_prefix_bytes)
             request_id = request.id
-            handler = getattr(self, "on_" + request.op.lower())
-            reply: list[Any] | _Deferred = handler(request)  # []: no answer (TELL, TOUCH)
+            reply: list[Any] | _Deferred = self._handlers[type(request)](request)  # []: no answer
             return reply
         except ProtocolError as exc:
             self.counters["protocol_errors"] += 1
             log.debug("CLIENT_ERROR: %s", exc)
-            return pack_error(request_id or request_id_of(body), CLIENT_ERROR, str(exc))
+            return ErrorReply(request_id or request_id_of(body), CLIENT_ERROR, str(exc)).frames()
         except Exception as exc:  # a bug of ours: answer, log, keep serving
             self.counters["server_errors"] += 1
             log.exception("SERVER_ERROR while handling a request")
-            return pack_error(request_id, SERVER_ERROR, f"{type(exc).__name__}: {exc}")
+            return ErrorReply(request_id, SERVER_ERROR, f"{type(exc).__name__}: {exc}").frames()
 
     def on_ping(self, request: Request) -> list[Any]:
-        return pack_ok(request.id, pong=True, pid=os.getpid(), version=flashtoken.__version__)
+        return Pong(request.id, pid=os.getpid(), version=flashtoken.__version__).frames()
 
     def on_stats(self, request: Request) -> list[Any]:
-        return pack_ok(request.id, stats=self.stats(), settings=self.config.report())
+        return StatsReply(request.id, stats=self.stats(), settings=self.config.report()).frames()
 
     def on_touch(self, request: Request) -> list[Any]:
         """Hits workers took from the map themselves: most recently used now, and counted."""
@@ -503,7 +517,7 @@ class Server(ChainHandlers):
             if held is not None:  # stored since the worker looked, or a worker without the map
                 self.store.count_hits(1)
                 self.counters["tokens_served"] += len(held[1]) // 4
-                return pack_hit(request.id, *held)
+                return GetHit(request.id, *held).frames()
         # The key is the daemon's own, from the bytes it received: a client never names it.
         key = make_key(self._salt + request.ns, request.eid, request.allowed, request.prefix)
         if self.config.debug_key_bytes is not None:
@@ -515,13 +529,13 @@ class Server(ChainHandlers):
             _digest(request.prefix),
         ):
             self.store.count_miss()
-            return pack_error(
+            return ErrorReply(
                 request.id, SERVER_ERROR, f"this prefix cannot be encoded: {failed[3]}"
-            )
+            ).frames()
         entry = self.store.get(key, request.prefix, request.enc, request.allowed, request.ns)
         if entry is not None:
             self.counters["tokens_served"] += len(entry.tokens) // 4
-            return pack_hit(request.id, entry.cut, entry.tokens)
+            return GetHit(request.id, entry.cut, entry.tokens).frames()
         filling = key in self._filling
         if (
             request.fill
@@ -538,7 +552,7 @@ class Server(ChainHandlers):
             wait = self.fleet.wait_s(len(request.prefix))
             if wait > 0:
                 return _Deferred(key, request.id, time.monotonic() + wait)
-        return pack_miss(request.id, filling)
+        return GetMiss(request.id, filling).frames()
 
     def _poll_ms(self) -> int:
         if not self._waiting:
@@ -553,10 +567,10 @@ class Server(ChainHandlers):
             if entry is not None:
                 self.counters["waited_hits"] += 1
                 self.counters["tokens_served"] += len(entry.tokens) // 4
-                self._send(identity, pack_hit(request_id, entry.cut, entry.tokens))
+                self._send(identity, GetHit(request_id, entry.cut, entry.tokens).frames())
             else:
                 self.counters["waited_misses"] += 1
-                self._send(identity, pack_miss(request_id, False))
+                self._send(identity, GetMiss(request_id, False).frames())
 
     def _expire_waiting(self) -> None:
         now = time.monotonic()
@@ -565,7 +579,7 @@ class Server(ChainHandlers):
             for identity, request_id, deadline in self._waiting.pop(key):
                 if deadline <= now:
                     self.counters["waited_misses"] += 1
-                    self._send(identity, pack_miss(request_id, True))
+                    self._send(identity, GetMiss(request_id, True).frames())
                 else:
                     keep.append((identity, request_id, deadline))
             if keep:

@@ -25,7 +25,7 @@ __all__ = [
     "parse_size",
 ]
 
-# == flashtoken.protocol.MAX_PREFIX_BYTES (tests/test_cli.py checks): not imported from there,
+# == flashtoken.wire.MAX_PREFIX_BYTES (tests/test_cli.py checks): not imported from there,
 # because the protocol needs msgpack and `flashtoken-daemon --help` must work without it.
 MAX_PREFIX_BYTES = 4 * MiB
 
@@ -188,7 +188,7 @@ class Config:
             if f.name in table:
                 object.__setattr__(self, f.name, table[f.name].check(getattr(self, f.name)))
         if self.bind is None:
-            raise TypeError("Config needs bind=ADDRESS (flashtoken.protocol.default_address())")
+            raise TypeError("Config needs bind=ADDRESS (flashtoken.wire.default_address())")
 
     @classmethod
     def from_settings(cls, given: dict[str, Any], **extra: Any) -> Config:
@@ -198,7 +198,7 @@ class Config:
         directory."""
         values = resolve(SETTINGS, given, owner="flashtoken-daemon")
         if values["bind"] is None:
-            from flashtoken.protocol import default_address
+            from flashtoken.wire import default_address
 
             values["bind"] = default_address()
         return cls(**values, **extra)

@@ -26,11 +26,13 @@ from typing import NamedTuple
 
 import tiktoken
 
+from flashtoken import tiktoken_parts
 from flashtoken.backends import Encoder, get_encoder
 from flashtoken.boundary import CutRule, cut_rule, stable_offset
 from flashtoken.encodings import resolve_encoding
-from flashtoken.prefix import EncodingLike, _require_str, token_list
+from flashtoken.prefix import EncodingLike, token_list
 from flashtoken.specials import ORDINARY, SpecialArg, SpecialPolicy, encode_with
+from flashtoken.text import require_str
 
 DEFAULT_BLOCK_BYTES = 512
 DEFAULT_MAX_BYTES = 64 * 2**20
@@ -232,7 +234,7 @@ class AutoPrefixCache:
 
     def encode_ordinary(self, text: str) -> list[int]:
         """``encoding.encode_ordinary(text)``, reusing the longest cached prefix of ``text``."""
-        _require_str(text, "text")
+        require_str(text, "text")
         return self._encode(text, ORDINARY)
 
     def encode(
@@ -247,7 +249,7 @@ class AutoPrefixCache:
 
         Raises tiktoken's own ValueError if ``text`` holds a disallowed special token.
         """
-        _require_str(text, "text")
+        require_str(text, "text")
         policy = SpecialPolicy.parse(self._enc, allowed_special, disallowed_special)
         if policy is None or policy.finds_disallowed(text):
             return self._enc.encode(
@@ -623,7 +625,7 @@ class AutoPrefixCache:
         forbidden = self._forbidden_ids.get(allowed)
         if forbidden is None:
             forbidden = self._forbidden_ids[allowed] = frozenset(
-                i for s, i in self._enc._special_tokens.items() if s not in allowed
+                i for s, i in tiktoken_parts.special_tokens(self._enc).items() if s not in allowed
             )
         return forbidden
 
@@ -684,9 +686,9 @@ def token_byte_lengths(enc: tiktoken.Encoding) -> list[int]:
     lengths = _lengths_cache.get(enc)
     if lengths is None:
         lengths = [0] * enc.n_vocab
-        for token, rank in enc._mergeable_ranks.items():
+        for token, rank in tiktoken_parts.mergeable_ranks(enc).items():
             lengths[rank] = len(token)
-        for special, rank in enc._special_tokens.items():
+        for special, rank in tiktoken_parts.special_tokens(enc).items():
             size = len(special.encode("utf-8"))
             lengths[rank] = size if lengths[rank] in (0, size) else AMBIGUOUS
         _lengths_cache[enc] = lengths

@@ -18,6 +18,8 @@ from typing import Any
 
 import tiktoken
 
+from flashtoken import tiktoken_parts
+
 __all__ = ["Avoiding", "Gigatoken", "TokTok", "Unsupported", "gigatoken_tokenizer"]
 
 
@@ -36,8 +38,8 @@ class TokTok:
         except KeyError as exc:
             raise Unsupported(f"toktok has no encoding {enc.name!r}") from exc
         decode = tok.decode_single_token_bytes
-        if dict(tok.special_tokens()) != enc._special_tokens or any(
-            decode(rank) != token for token, rank in enc._mergeable_ranks.items()
+        if dict(tok.special_tokens()) != tiktoken_parts.special_tokens(enc) or any(
+            decode(rank) != token for token, rank in tiktoken_parts.mergeable_ranks(enc).items()
         ):
             raise Unsupported(f"toktok's {enc.name} vocabulary is not this Encoding's")
         self.ordinary: Callable[[str], list[int] | None] = tok.encode_ordinary
@@ -73,10 +75,12 @@ def gigatoken_tokenizer(enc: tiktoken.Encoding, pretokenizer: str | None = None)
         with os.fdopen(fd, "wb") as f:
             f.writelines(
                 base64.b64encode(token) + b" %d\n" % rank
-                for token, rank in sorted(enc._mergeable_ranks.items(), key=lambda x: x[1])
+                for token, rank in sorted(
+                    tiktoken_parts.mergeable_ranks(enc).items(), key=lambda x: x[1]
+                )
             )
         return gigatoken.Tokenizer.from_tiktoken(
-            path, pretokenizer=pretokenizer, special_tokens=dict(enc._special_tokens)
+            path, pretokenizer=pretokenizer, special_tokens=dict(tiktoken_parts.special_tokens(enc))
         )
     finally:
         os.unlink(path)
@@ -90,7 +94,7 @@ class Gigatoken:
         # The raw encode (a numpy array) recognises every special token: so only texts that
         # hold no special token outside ``allowed`` are its to take.
         self._raw = tok.backend.encode
-        self._specials = frozenset(enc._special_tokens)
+        self._specials = frozenset(tiktoken_parts.special_tokens(enc))
         # Most texts hold no special token's text, and cheap tests tell: each character of the
         # tokens' common prefix ("<|" for OpenAI's) on its own (~1 us on 32 KiB), then the
         # prefix (a two-character search is ~30 us on 32 KiB stored 4 bytes a character), and

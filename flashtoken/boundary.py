@@ -1,8 +1,9 @@
 """Stable cuts: how much of a text's encoding no continuation of the text can change.
 
-tiktoken encodes ``text`` by splitting it into regex pieces (``enc._pat_str``) and running BPE
-inside each piece. Appending to ``text`` can only change its last few pieces: at most 1 for
-cl100k_base, at most 2 for r50k/p50k and o200k (docs/ALGORITHM.md proves it and gives examples).
+tiktoken encodes ``text`` by splitting it into regex pieces (with its private pattern, read by
+``tiktoken_parts.pattern``) and running BPE inside each piece. Appending to ``text`` can only
+change its last few pieces: at most 1 for cl100k_base, at most 2 for r50k/p50k and o200k
+(docs/ALGORITHM.md proves it and gives examples).
 So the tokens of ``text`` before the start of its K-th last piece are final: a *stable cut*.
 
 Everything here works on a window ``text[start:end]`` whose ``start`` is known to be a piece
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import regex
 import tiktoken
 
-from flashtoken import models, unicode
+from flashtoken import models, tiktoken_parts, unicode
 from flashtoken.specials import SpecialPolicy
 
 # The patterns whose behaviour under appending is proven in docs/ALGORITHM.md, with the number
@@ -137,7 +138,7 @@ def cut_rule(enc: tiktoken.Encoding, backtrack_pieces: int | None = None) -> Cut
     proof covers gets a rule that never cuts, and one :class:`UncachedEncodingWarning` per
     encoding and process.
     """
-    proven = PROVEN_PIECES.get(enc._pat_str)
+    proven = PROVEN_PIECES.get(tiktoken_parts.pattern(enc))
     if backtrack_pieces is None:
         backtrack_pieces = DEFAULT_BACKTRACK_PIECES
     if not isinstance(backtrack_pieces, int) or isinstance(backtrack_pieces, bool):
@@ -145,11 +146,11 @@ def cut_rule(enc: tiktoken.Encoding, backtrack_pieces: int | None = None) -> Cut
     if backtrack_pieces < 1:
         raise ValueError(f"backtrack_pieces must be 1 or more (or None), not {backtrack_pieces}")
     if proven is None:
-        _warn_uncached(enc.name, enc._pat_str)
+        _warn_uncached(enc.name, tiktoken_parts.pattern(enc))
         # Not even compiled: Python's regex may read an unproven pattern otherwise than Rust's
         # (class intersections), and no scan of it is ever needed.
         return CutRule(None, backtrack_pieces)
-    return CutRule(_compile(enc._pat_str), max(backtrack_pieces, proven))
+    return CutRule(_compile(tiktoken_parts.pattern(enc)), max(backtrack_pieces, proven))
 
 
 _uncached: dict[str, str] = {}  # encoding name -> its unproven pattern, as warned

@@ -10,8 +10,9 @@ import tiktoken
 from flashtoken.backends import Encoder, get_encoder
 from flashtoken.boundary import cut_rule, find_cut
 from flashtoken.encodings import resolve_encoding
-from flashtoken.prefix import ORDINARY, EncodingLike, TokenDelta, _require_str
+from flashtoken.prefix import ORDINARY, EncodingLike, TokenDelta
 from flashtoken.specials import SpecialArg, SpecialPolicy, encode_with
+from flashtoken.text import require_str
 
 
 class _Checkpoint(NamedTuple):
@@ -138,7 +139,7 @@ class AppendOnlyPieceTokenCache:
 
     def append(self, text: str) -> TokenDelta:
         """Append ``text``; return the delta that turns the previous tokens into the new ones."""
-        _require_str(text, "text")
+        require_str(text, "text")
         self._check_disallowed(self._last_chars(self._policy.reach) + text)
         return self._retokenize(self._tail + text, list(self._tail_tokens))
 
@@ -157,7 +158,7 @@ class AppendOnlyPieceTokenCache:
         Costs what changed (from the last stable cut before the first changed character), not
         the whole text.
         """
-        _require_str(text, "text")
+        require_str(text, "text")
         if self._starts_with_fixed(text):  # the usual case: memcmp, then only the short tail
             fixed = self._fixed_len
             if text.startswith(self._tail, fixed):

@@ -28,7 +28,7 @@ from typing import Any
 
 import tiktoken
 
-from flashtoken import models
+from flashtoken import models, tiktoken_parts
 from flashtoken.errors import EncodingUnavailable
 from flashtoken.models import parse_tiktoken_bpe
 
@@ -146,14 +146,14 @@ def _compute_encoding_id(enc: tiktoken.Encoding) -> bytes:
         h.update(data)
 
     field(enc.name.encode("utf-8"))
-    field(enc._pat_str.encode("utf-8"))
-    specials = sorted(enc._special_tokens.items())
+    field(tiktoken_parts.pattern(enc).encode("utf-8"))
+    specials = sorted(tiktoken_parts.special_tokens(enc).items())
     field(b"".join(s.encode("utf-8") + b"\0" for s, _ in specials))
     field(array("q", [rank for _, rank in specials]).tobytes())
     # The ranks in rank order (ties by token, for custom encodings): the ranks, the token
     # lengths, then the tokens concatenated. Hashing three flat buffers keeps this ~40 ms for
     # o200k's 200k entries, where a per-entry update() loop takes several times that.
-    items = sorted(enc._mergeable_ranks.items(), key=itemgetter(1, 0))
+    items = sorted(tiktoken_parts.mergeable_ranks(enc).items(), key=itemgetter(1, 0))
     tokens = [token for token, _ in items]
     field(array("q", [rank for _, rank in items]).tobytes())
     field(array("Q", [len(token) for token in tokens]).tobytes())

@@ -12,6 +12,7 @@ from flashtoken.boundary import CutRule, cut_rule, find_cut
 from flashtoken.encodings import resolve_encoding
 from flashtoken.ids import token_list
 from flashtoken.specials import ORDINARY, SpecialArg, SpecialPolicy, encode_with
+from flashtoken.text import require_str
 
 EncodingLike = str | tiktoken.Encoding
 
@@ -51,7 +52,7 @@ def split_prefix(
     PrefixSplit(head=[2675, 527, 264], cut=9)
     """
     enc = resolve_encoding(encoding)
-    _require_str(prefix, "prefix")
+    require_str(prefix, "prefix")
     policy = SpecialPolicy.of(enc, allowed_special, ())
     encoder = get_encoder(enc, backend)
     return _split(enc, cut_rule(enc, backtrack_pieces), policy, prefix, encoder)
@@ -69,9 +70,6 @@ def _split(
     return PrefixSplit(token_list(tokens[:kept]), cut)
 
 
-def _require_str(value: object, name: str) -> None:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
 
 
 class FixedPrefixTokenCache:
@@ -103,7 +101,7 @@ class FixedPrefixTokenCache:
         backtrack_pieces: int | None = None,
         backend: str | Encoder = "tiktoken",
     ) -> None:
-        _require_str(prefix, "prefix")
+        require_str(prefix, "prefix")
         enc = resolve_encoding(encoding)
         self._setup(enc, prefix, cut_rule(enc, backtrack_pieces), backend)
         self._use_ordinary(self._split_for(ORDINARY))
@@ -285,7 +283,7 @@ class FixedPrefixTokenCache:
     def _encode_plan(
         self, suffix: str, allowed_special: SpecialArg, disallowed_special: SpecialArg
     ) -> tuple[PrefixSplit, list[int]]:
-        _require_str(suffix, "suffix")
+        require_str(suffix, "suffix")
         policy = self._policy(allowed_special, disallowed_special)
         if policy is None or (policy.disallowed and self._finds_disallowed(policy, suffix)):
             # tiktoken raises its own error (and if it did not, its answer is still exact).

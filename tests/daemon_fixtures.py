@@ -20,7 +20,7 @@ import msgpack
 import pytest
 import zmq
 
-from flashtoken.protocol import ALGORITHM, MAGIC, VERSION, pack_simple, parse_reply
+from flashtoken.wire import ALGORITHM, MAGIC, VERSION, PingRequest, StatsRequest, parse_reply
 from tests.polling import wait_until
 
 START_TIMEOUT = 30.0
@@ -85,14 +85,14 @@ class DaemonProcess:
         if not self.alive():
             raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log_text()}")
         try:
-            request(self.address, pack_simple("PING", 7), timeout_ms=200)
+            request(self.address, PingRequest(7).frames(), timeout_ms=200)
             return True
         except TimeoutError:
             return False
 
     def stats(self) -> dict[str, Any]:
-        frames = request(self.address, pack_simple("STATS", 8), timeout_ms=2000)
-        return parse_reply(frames).fields["stats"]
+        frames = request(self.address, StatsRequest(8).frames(), timeout_ms=2000)
+        return parse_reply(frames).stats
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

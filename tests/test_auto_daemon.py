@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from flashtoken import get_encoding
 from flashtoken.encodings import encoding_id
-from flashtoken.protocol import (
+from flashtoken.wire import (
     ALGORITHM,
     MAGIC,
     VERSION,
@@ -295,7 +295,7 @@ def test_invalid_auto_requests_get_client_errors(shared_daemon: DaemonProcess) -
         reply = parse_reply(request(shared_daemon.address, broken))
         assert reply.error == "CLIENT_ERROR"
     reply = parse_reply(request(shared_daemon.address, _auto_frames(text)))
-    assert reply.ok and reply.fields["hit"] is False and reply.fields["blocks"] == 0
+    assert reply.ok and reply.hit is False and reply.blocks == 0
     assert parse_request(_auto_frames(text)[:1] + [text]).op == "AUTO"
 
 
@@ -335,6 +335,7 @@ class LyingDaemon:
             "v": VERSION,
             "a": ALGORITHM,
             "id": req.id,
+            "op": "AUTO",
             "ok": True,
             "hit": True,
             "blocks": 1 + req.skip,

@@ -180,7 +180,7 @@ def test_daemon_config_is_checked() -> None:
 def test_the_protocol_limit_is_the_settings_limit() -> None:
     from flashtoken.daemon.settings import MAX_PREFIX_BYTES
 
-    from flashtoken.protocol import MAX_PREFIX_BYTES as PROTOCOL_LIMIT
+    from flashtoken.wire import MAX_PREFIX_BYTES as PROTOCOL_LIMIT
 
     assert MAX_PREFIX_BYTES == PROTOCOL_LIMIT
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from flashtoken import get_encoding, split_prefix
 from flashtoken.errors import DaemonUnavailable
-from flashtoken.protocol import ALGORITHM, MAGIC, VERSION, parse_request, tokens_to_frame
+from flashtoken.wire import ALGORITHM, MAGIC, VERSION, parse_request, tokens_to_frame
 from tests.corpus import CORPUS, splits
 from tests.daemon_fixtures import DaemonProcess, wait_until
 from tests.strategies import texts
@@ -227,6 +227,7 @@ class FakeDaemon:
                 "v": VERSION,
                 "a": ALGORITHM,
                 "id": id_,
+                "op": "GET",
                 "ok": True,
                 "hit": True,
                 "cut": cut,
@@ -247,7 +248,15 @@ class FakeDaemon:
             hit(rid + 1, split.cut, good),  # someone else's id
             [
                 msgpack.packb(
-                    {"m": MAGIC, "v": VERSION, "a": ALGORITHM, "id": rid, "ok": True, "hit": "yes"}
+                    {
+                        "m": MAGIC,
+                        "v": VERSION,
+                        "a": ALGORITHM,
+                        "id": rid,
+                        "op": "GET",
+                        "ok": True,
+                        "hit": "yes",
+                    }
                 )
             ],
             [

@@ -16,7 +16,14 @@ import zmq
 
 from flashtoken import get_encoding, split_prefix
 from flashtoken.encodings import encoding_id
-from flashtoken.protocol import namespace_tag, pack_get, pack_simple, parse_reply, tokens_from_frame
+from flashtoken.wire import (
+    GetHit,
+    GetRequest,
+    PingRequest,
+    namespace_tag,
+    parse_reply,
+    tokens_from_frame,
+)
 from tests.daemon_fixtures import DaemonProcess, header, request, wait_until
 from tests.test_protocol import HOSTILE_FRAMES
 
@@ -37,7 +44,7 @@ def get(
     encoding = get_encoding(enc)
     data = prefix.encode("utf-8")
     eid = encoding_id(encoding)
-    frames = pack_get(request_id, namespace_tag(b""), enc, eid, allowed, fill, data)
+    frames = GetRequest(request_id, namespace_tag(b""), enc, eid, allowed, fill, data).frames()
     reply = parse_reply(request(daemon.address, frames))
     assert reply.id == request_id
     return reply
@@ -47,7 +54,7 @@ def get_until_hit(daemon: DaemonProcess, prefix: str, enc: str = "cl100k_base", 
     deadline = time.monotonic() + 20
     while True:
         reply = get(daemon, prefix, enc, **kw)
-        if reply.tokens is not None or time.monotonic() > deadline:
+        if isinstance(reply, GetHit) or time.monotonic() > deadline:
             return reply
         time.sleep(0.02)
 
@@ -55,12 +62,12 @@ def get_until_hit(daemon: DaemonProcess, prefix: str, enc: str = "cl100k_base", 
 def test_miss_fill_hit(daemon: DaemonProcess) -> None:
     prefix = "You are a helpful assistant. " * 200
     first = get(daemon, prefix)
-    assert first.ok and first.tokens is None and first.fields["filling"] is True
+    assert first.ok and first.hit is False and first.filling is True
     hit = get_until_hit(daemon, prefix)
     expected = split_prefix("cl100k_base", prefix)
-    assert (list(hit.tokens), hit.fields["cut"]) == (expected.head, expected.cut)
+    assert (list(hit.tokens), hit.cut) == (expected.head, expected.cut)
     # fill=False on an unknown prefix: a miss, and nothing is filled.
-    assert get(daemon, "other", fill=False).fields["filling"] is False
+    assert get(daemon, "other", fill=False).filling is False
     stats = daemon.stats()
     assert stats["get_hits"] + stats["get_misses"] == stats["cmd_get"] >= 3
     assert stats["fills"] == 1 and stats["curr_items"] == 1
@@ -72,9 +79,9 @@ def test_allowed_specials_and_o200k(daemon: DaemonProcess) -> None:
     allowed = ("<|endoftext|>",)
     hit = get_until_hit(daemon, prefix, "o200k_base", allowed=allowed)
     expected = split_prefix("o200k_base", prefix, allowed_special=set(allowed))
-    assert (list(hit.tokens), hit.fields["cut"]) == (expected.head, expected.cut)
+    assert (list(hit.tokens), hit.cut) == (expected.head, expected.cut)
     # Another policy is another entry.
-    assert get(daemon, prefix, "o200k_base", fill=False).tokens is None
+    assert get(daemon, prefix, "o200k_base", fill=False).hit is False
 
 
 def test_invalid_gets_get_client_errors(daemon: DaemonProcess) -> None:
@@ -82,9 +89,13 @@ def test_invalid_gets_get_client_errors(daemon: DaemonProcess) -> None:
     eid = encoding_id(get_encoding("cl100k_base"))
     key = namespace_tag(b"")
     cases = {
-        "unknown encoding": pack_get(3, key, "no_such_encoding", eid, (), True, data),
-        "encoding id mismatch": pack_get(3, key, "cl100k_base", bytes(32), (), True, data),
-        "not a special token": pack_get(3, key, "cl100k_base", eid, ("<|nope|>",), True, data),
+        "unknown encoding": GetRequest(3, key, "no_such_encoding", eid, (), True, data).frames(),
+        "encoding id mismatch": GetRequest(
+            3, key, "cl100k_base", bytes(32), (), True, data
+        ).frames(),
+        "not a special token": GetRequest(
+            3, key, "cl100k_base", eid, ("<|nope|>",), True, data
+        ).frames(),
     }
     for name, frames in cases.items():
         reply = parse_reply(request(daemon.address, frames))
@@ -122,20 +133,20 @@ def test_hostile_frames_leave_the_daemon_serving(
     finally:
         hostile.close(linger=0)
     assert daemon.alive()
-    assert parse_reply(request(daemon.address, pack_simple("PING", 9))).fields["pong"] is True
-    assert get_until_hit(daemon, "still serving").tokens is not None
+    assert parse_reply(request(daemon.address, PingRequest(9).frames())).pong is True
+    assert get_until_hit(daemon, "still serving").hit is True
     assert daemon.stats()["protocol_errors"] == sent
 
 
 def test_a_panicking_fill_is_an_error_not_a_crash(daemon: DaemonProcess) -> None:
     # o200k's regex overflows: tiktoken panics (encode_ordinary) or raises ValueError (encode)
     spaces = " " * 1_000_000
-    assert get(daemon, spaces, "o200k_base").fields["filling"] is True
+    assert get(daemon, spaces, "o200k_base").filling is True
     wait_until(lambda: daemon.stats()["fill_errors"] == 1, 20, "the fill never failed")
     reply = get(daemon, spaces, "o200k_base")
     assert (reply.ok, reply.error) == (False, "SERVER_ERROR")
-    assert "Max stack size exceeded" in reply.fields["message"]  # tiktoken's own words
-    assert daemon.alive() and get_until_hit(daemon, "fine", "o200k_base").tokens is not None
+    assert "Max stack size exceeded" in reply.message  # tiktoken's own words
+    assert daemon.alive() and get_until_hit(daemon, "fine", "o200k_base").hit is True
     stats = daemon.stats()
     assert stats["fill_errors"] == 1 and stats["get_hits"] + stats["get_misses"] == stats["cmd_get"]
 
@@ -159,9 +170,9 @@ def test_byte_cap_and_lru_under_oversubscription(
     kept = stats["curr_items"]
     # Least recently used went first: exactly the last `kept` prefixes remain.
     for prefix in prefixes[-kept:]:
-        assert get(daemon, prefix, fill=False).tokens is not None
+        assert get(daemon, prefix, fill=False).hit is True
     for prefix in prefixes[:-kept]:
-        assert get(daemon, prefix, fill=False).tokens is None
+        assert get(daemon, prefix, fill=False).hit is False
 
 
 def test_second_daemon_refuses(daemon: DaemonProcess) -> None:
@@ -185,7 +196,7 @@ def test_stale_socket_is_replaced_and_sigterm_cleans_up(
     first.kill9()
     assert first.path.exists()  # left behind by the dead daemon
     second = start_daemon()
-    assert get_until_hit(second, "after a crash").tokens is not None
+    assert get_until_hit(second, "after a crash").hit is True
     assert second.stop() == 0
     assert not second.path.exists()
 
@@ -278,7 +289,7 @@ def test_token_frame_is_little_endian(daemon: DaemonProcess) -> None:
     hit = get_until_hit(daemon, "hello world, hello world, hello world")
     raw = request(
         daemon.address,
-        pack_get(
+        GetRequest(
             5,
             namespace_tag(b""),
             "cl100k_base",
@@ -286,7 +297,7 @@ def test_token_frame_is_little_endian(daemon: DaemonProcess) -> None:
             (),
             False,
             b"hello world, hello world, hello world",
-        ),
+        ).frames(),
     )
     assert list(tokens_from_frame(raw[1])) == list(hit.tokens)
     assert int.from_bytes(raw[1][:4], "little") == hit.tokens[0]

@@ -19,7 +19,13 @@ from flashtoken.daemon.chains import MAX_FILL_BLOCKS
 
 from flashtoken import get_encoding
 from flashtoken.encodings import encoding_id
-from flashtoken.protocol import MIN_BLOCK_BYTES, make_chain_seed, pack_auto, pack_get, parse_reply
+from flashtoken.wire import (
+    MIN_BLOCK_BYTES,
+    AutoRequest,
+    GetRequest,
+    make_chain_seed,
+    parse_reply,
+)
 from tests.daemon_fixtures import DaemonProcess, request, wait_until
 
 # A tiktoken plugin whose encoding never finishes loading: its constructor waits forever, inside
@@ -44,8 +50,8 @@ def _hanging_env(directory: Path) -> dict[str, str]:
 
 def _get(daemon: DaemonProcess, prefix: bytes, enc: str, eid: bytes, rid: int) -> dict:
     # The key is the client's today; the daemon derives its own from the bytes (issue 11).
-    frames = pack_get(rid, b"k" * 16, enc, eid, (), True, prefix)
-    return parse_reply(request(daemon.address, frames, timeout_ms=10_000)).fields
+    frames = GetRequest(rid, b"k" * 16, enc, eid, (), True, prefix).frames()
+    return vars(parse_reply(request(daemon.address, frames, timeout_ms=10_000)))
 
 
 def test_a_fill_that_never_ends_is_abandoned_and_the_loop_serves_on(
@@ -61,11 +67,11 @@ def test_a_fill_that_never_ends_is_abandoned_and_the_loop_serves_on(
     again = parse_reply(
         request(
             daemon.address,
-            pack_get(2, b"k" * 16, "hang_base", bytes(32), (), True, b"never loads"),
+            GetRequest(2, b"k" * 16, "hang_base", bytes(32), (), True, b"never loads").frames(),
             timeout_ms=10_000,
         )
     )
-    assert again.error == "SERVER_ERROR" and "budget" in again.fields["message"]
+    assert again.error == "SERVER_ERROR" and "budget" in again.message
     # The loop and the pool serve on: a fill of a loaded encoding still lands, and hits.
     enc = get_encoding("cl100k_base")
     with Client(daemon.address, timeout_ms=5000) as client:
@@ -90,9 +96,9 @@ def _auto(daemon: DaemonProcess, text: bytes, block: int, rid: int, skip: int = 
     enc = get_encoding("cl100k_base")
     eid = encoding_id(enc)
     seed = make_chain_seed(b"bounds", eid, (), block)
-    frames = pack_auto(rid, seed, enc.name, eid, (), True, block, skip, text)
+    frames = AutoRequest(rid, seed, enc.name, eid, (), True, block, skip, text).frames()
     reply = parse_reply(request(daemon.address, frames, timeout_ms=10_000))
-    return {**reply.fields, "ok": reply.ok}
+    return {**vars(reply), "ok": reply.ok}
 
 
 def test_walks_and_chain_fills_are_bounded_in_blocks(daemon: DaemonProcess) -> None:

@@ -16,7 +16,7 @@ import zmq
 from flashtoken.client import Client
 
 from flashtoken import get_encoding
-from flashtoken.protocol import pack_simple, parse_reply
+from flashtoken.wire import StatsRequest, parse_reply
 from tests.daemon_fixtures import DaemonProcess, wait_until
 
 LIMIT = 256
@@ -43,11 +43,11 @@ def test_a_connection_storm_beyond_the_descriptor_limit(
 
     def stats() -> dict:
         rid = next(ids)
-        watcher.send_multipart(pack_simple("STATS", rid))
+        watcher.send_multipart(StatsRequest(rid).frames())
         while watcher.poll(10_000, zmq.POLLIN):
             reply = parse_reply(watcher.recv_multipart())
             if reply.id == rid:
-                return reply.fields["stats"]
+                return reply.stats
         raise AssertionError(
             "no STATS reply on the connection made before the storm; alive:"
             f" {daemon.alive()}; log:\n{daemon.log_text()[-2000:]}"

@@ -32,7 +32,13 @@ from flashtoken.daemon.fleet import (
 from flashtoken import get_encoding
 from flashtoken.encodings import encoding_id
 from flashtoken.prefix import split_prefix
-from flashtoken.protocol import make_key, pack_get, pack_simple, parse_reply, tokens_to_frame
+from flashtoken.wire import (
+    GetRequest,
+    StatsRequest,
+    make_key,
+    parse_reply,
+    tokens_to_frame,
+)
 from tests.daemon_fixtures import DaemonProcess, request, short_tempdir, wait_until
 from tests.valkey_fixtures import ValkeyProcess, valkey_binary
 
@@ -175,7 +181,7 @@ def get(host: DaemonProcess, text: str) -> Any:
     """One GET with fill; the parsed reply."""
     data = text.encode()
     eid = encoding_id(get_encoding(ENC))
-    frames = pack_get(1, make_key(b"", eid, (), data), ENC, eid, (), True, data)
+    frames = GetRequest(1, make_key(b"", eid, (), data), ENC, eid, (), True, data).frames()
     return parse_reply(request(host.address, frames, timeout_ms=5000))
 
 
@@ -185,13 +191,13 @@ def get_hit(host: DaemonProcess, text: str) -> Any:
 
     def hit() -> bool:
         replies.append(get(host, text))
-        assert replies[-1].ok, replies[-1].fields
-        return bool(replies[-1].fields["hit"])
+        assert replies[-1].ok, replies[-1]
+        return bool(replies[-1].hit)
 
     wait_until(hit, DEADLINE, f"no hit; stats: {host.stats()}")
     reply = replies[-1]
     split = split_prefix(ENC, text)
-    assert reply.tokens.tolist() == split.head and reply.fields["cut"] == split.cut
+    assert reply.tokens.tolist() == split.head and reply.cut == split.cut
     return reply
 
 
@@ -210,9 +216,9 @@ def test_host_b_is_warm_from_the_fleet(valkey: ValkeyProcess, start_host: Any) -
     first = get(host_b, text)
     stats = host_b.stats()
     assert stats["waited_hits"] + stats["waited_misses"] == 1
-    if first.fields["hit"]:
+    if first.hit:
         split = split_prefix(ENC, text)
-        assert first.tokens.tolist() == split.head and first.fields["cut"] == split.cut
+        assert first.tokens.tolist() == split.head and first.cut == split.cut
     get_hit(host_b, text)
     stats = host_b.stats()
     assert stats["fleet_hits"] == 1 and stats["fleet_misses"] == 0
@@ -284,9 +290,9 @@ def test_wrong_password_and_no_server(start_host: Any, tmp_path: Path) -> None:
         good = start_host(server.url)
         get_hit(good, prefix_text(30))
         wait_until(stat_reaches(good, "fleet_writes", 1), DEADLINE, "no write with the password")
-        reply = parse_reply(request(good.address, pack_simple("STATS", 3)))
-        assert "right-password" not in json.dumps(reply.fields, default=str)
-        assert reply.fields["settings"]["fleet_url"].startswith("unix://default:***@")
+        reply = parse_reply(request(good.address, StatsRequest(3).frames()))
+        assert "right-password" not in json.dumps(vars(reply), default=str)
+        assert reply.settings["fleet_url"].startswith("unix://default:***@")
     finally:
         server.stop()
         shutil.rmtree(directory, ignore_errors=True)

@@ -27,17 +27,17 @@ from flashtoken.client import AsyncClient, Client
 from flashtoken import AutoPrefixCache, get_encoding
 from flashtoken.encodings import encoding_id
 from flashtoken.errors import ProtocolError
-from flashtoken.protocol import (
+from flashtoken.specials import SpecialPolicy
+from flashtoken.wire import (
     MAGIC,
     VERSION,
+    Blocks,
+    TellRequest,
     make_chain_seed,
-    pack_blocks,
-    pack_tell,
     parse_request,
     publish_address,
     tokens_to_frame,
 )
-from flashtoken.specials import SpecialPolicy
 from tests.corpus import CORPUS
 from tests.daemon_fixtures import DaemonProcess, header, request, wait_until
 
@@ -361,19 +361,17 @@ def test_a_lying_publisher_never_changes_a_token(daemon_dir: Any) -> None:
 
     def frames(m: dict[str, Any], topic: bytes = seed) -> list[bytes]:
         starts = [0] + [n for _, n in m["ends"][:-1]]
-        return pack_blocks(
+        return Blocks(
             topic,
             m["first"],
             None if m["parent_digest"] is None else m["parent_digest"].to_bytes(16, "big"),
             m["start_byte"],
             [d.to_bytes(16, "big") for d in m["digests"]],
             [c for c, _ in m["ends"]],
+            [b - a for a, (_, b) in zip(starts, m["ends"], strict=True)],
             m["span"],
-            [
-                tokens_to_frame(array("I", m["tokens"][a:b]))
-                for a, (_, b) in zip(starts, m["ends"], strict=True)
-            ],
-        )
+            tokens_to_frame(array("I", m["tokens"][: m["ends"][-1][1]])),
+        ).frames()
 
     lies = [frames(bad) for what, bad in tampered(genuine, enc) if bad["ends"]]
     lies.append([seed, b"garbage", b"", b""])
@@ -401,7 +399,7 @@ def test_a_lying_publisher_never_changes_a_token(daemon_dir: Any) -> None:
 def tell_frames(**changes: Any) -> list[bytes]:
     enc = get_encoding("cl100k_base")
     fields: dict[str, Any] = dict(
-        request_id=7,
+        id=7,
         seed=bytes(16),
         enc="cl100k_base",
         eid=encoding_id(enc),
@@ -414,7 +412,7 @@ def tell_frames(**changes: Any) -> list[bytes]:
         span=b"x" * (BLOCK + 3),
     )
     fields.update(changes)
-    return pack_tell(**fields)
+    return TellRequest(**fields).frames()
 
 
 @pytest.mark.parametrize(
@@ -478,6 +476,6 @@ def test_daemon_memory_is_linear_in_the_distinct_text(daemon: DaemonProcess) -> 
 
 
 def test_magic_and_version_of_a_published_message() -> None:
-    out = pack_blocks(bytes(16), 0, None, 0, [bytes(16)], [3], b"abc", [b"\x01\x00\x00\x00"])
+    out = Blocks(bytes(16), 0, None, 0, [bytes(16)], [3], [1], b"abc", b"\x01\x00\x00\x00").frames()
     head = msgpack.unpackb(out[1])
     assert (head["m"], head["v"]) == (MAGIC, VERSION)

@@ -16,7 +16,7 @@ from flashtoken.client import Client
 
 from flashtoken import get_encoding
 from flashtoken.encodings import encoding_id
-from flashtoken.protocol import make_chain_seed, namespace_tag, pack_auto, pack_get
+from flashtoken.wire import AutoRequest, GetRequest, make_chain_seed, namespace_tag
 from tests.daemon_fixtures import DaemonProcess, wait_until
 
 MiB = 1024 * 1024
@@ -76,8 +76,8 @@ def test_auto_and_get_floods_that_never_read_stay_within_the_budget(
         )
     flooders = [_flooder(daemon) for _ in range(9)]
     try:
-        auto = pack_auto(1, seed, enc.name, EID, (), False, 512, 0, data)
-        get = pack_get(2, namespace_tag(b""), enc.name, EID, (), False, data)
+        auto = AutoRequest(1, seed, enc.name, EID, (), False, 512, 0, data).frames()
+        get = GetRequest(2, namespace_tag(b""), enc.name, EID, (), False, data).frames()
         for _ in range(300):
             flooders[0].send_multipart(auto)  # one AUTO flooder, as in the issue ...
         for sock in flooders[1:]:  # ... and eight GET flooders
@@ -108,7 +108,7 @@ def test_a_message_of_many_frames_is_refused_without_being_copied(
         before = daemon.stats()["protocol_errors"]
         for _ in range(3):
             sock.send_multipart(
-                [pack_get(1, b"k" * 16, enc.name, EID, (), False, b"")[0]] + [frame] * 60
+                [GetRequest(1, b"k" * 16, enc.name, EID, (), False, b"").frames()[0]] + [frame] * 60
             )
         wait_until(lambda: daemon.stats()["protocol_errors"] == before + 3, 60, "never refused")
         assert sock.poll(10_000, zmq.POLLIN)

@@ -1,29 +1,43 @@
-"""flashtoken.protocol: every field checked, every limit enforced, on both sides."""
+"""flashtoken.wire: every message round-trips; every field checked, every limit enforced."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import subprocess
+import sys
 from array import array
 from pathlib import Path
 
 import msgpack
 import pytest
 
-from flashtoken.errors import ProtocolError
-from flashtoken.protocol import (
+from flashtoken.errors import DaemonUnavailable, ProtocolError
+from flashtoken.wire import (
     ALGORITHM,
     MAGIC,
     MAX_HEADER_BYTES,
     VERSION,
+    AutoHit,
+    AutoMiss,
+    AutoRequest,
+    Blocks,
+    ErrorReply,
+    GetHit,
+    GetMiss,
     GetRequest,
+    PingRequest,
+    Pong,
+    Request,
+    StatsReply,
+    StatsRequest,
+    TellRequest,
+    TouchRequest,
+    Unplaced,
     default_address,
     make_key,
-    pack_error,
-    pack_get,
-    pack_hit,
-    pack_miss,
-    pack_simple,
+    parse_blocks,
     parse_reply,
     parse_request,
     request_id_of,
@@ -31,6 +45,11 @@ from flashtoken.protocol import (
     tokens_from_frame,
     tokens_to_frame,
 )
+from flashtoken.wire.admin import ping, request_stats
+from flashtoken.wire.replies import Reply
+from flashtoken.wire.requests import REQUESTS
+from flashtoken.wire.schema import Message
+from tests.daemon_fixtures import DaemonProcess
 
 KEY = bytes(range(16))
 EID = bytes(32)
@@ -56,29 +75,12 @@ def _get_header(**override: object) -> dict:
 _DROP = object()
 
 
+def _header(**fields: object) -> dict:
+    return {"m": MAGIC, "v": VERSION, "a": ALGORITHM, **fields}
+
+
 def _pack(h: dict) -> bytes:
     return msgpack.packb(h, use_bin_type=True)
-
-
-def test_get_round_trip() -> None:
-    frames = pack_get(42, KEY, "o200k_base", EID, ("<|endoftext|>",), False, "héllo".encode())
-    request = parse_request(frames)
-    assert request == GetRequest(
-        "GET",
-        42,
-        ns=KEY,
-        enc="o200k_base",
-        eid=EID,
-        allowed=("<|endoftext|>",),
-        fill=False,
-        prefix="héllo".encode(),
-    )
-
-
-@pytest.mark.parametrize("op", ["STATS", "PING"])
-def test_simple_ops(op: str) -> None:
-    request = parse_request(pack_simple(op, 2**64 - 1))
-    assert (request.op, request.id) == (op, 2**64 - 1)
 
 
 BAD_FIELDS = {
@@ -138,11 +140,13 @@ HOSTILE_FRAMES = {
     "str32 declaring 4 GiB": [b"\xdb\xff\xff\xff\xff", b"x"],
     "ext type": [b"\xd4\x01\x00", b"x"],
     "non-str map key": [_pack({1: 2}), b"x"],
-    "oversized header": [_pack({"m": MAGIC, "v": 1, "pad": b"x" * MAX_HEADER_BYTES}), b"x"],
+    "oversized header": [_pack(_get_header(pad=b"x" * MAX_HEADER_BYTES)), b"x"],
     "GET without prefix": [_pack(_get_header())],
     "GET with 3 frames": [_pack(_get_header()), b"x", b"y"],
     "100 frames": [_pack(_get_header())] + [b"x"] * 99,
-    "PING with a frame": [_pack({"m": MAGIC, "v": 1, "op": "PING", "id": 1}), b"x"],
+    "PING with a frame": [_pack(_header(op="PING", id=1)), b"x"],
+    "TOUCH with half a key": [_pack(_header(op="TOUCH", id=0)), b"k" * 24],
+    "TOUCH of 1025 keys": [_pack(_header(op="TOUCH", id=0)), b"k" * 16 * 1025],
     "invalid UTF-8 prefix": [_pack(_get_header()), b"\xff\xfe"],
     "surrogate in prefix": [_pack(_get_header()), b"\xed\xa0\x80"],
     "overlong UTF-8": [_pack(_get_header()), b"\xc0\xaf"],
@@ -177,43 +181,47 @@ def test_tokens_frame_is_little_endian_uint32() -> None:
         tokens_from_frame(frame[:-1])
 
 
-def test_reply_round_trips() -> None:
-    hit = parse_reply(pack_hit(5, 3, tokens_to_frame(array("I", [1, 2]))))
-    assert (hit.id, hit.ok, hit.fields["cut"], list(hit.tokens)) == (5, True, 3, [1, 2])
-    miss = parse_reply(pack_miss(6, True))
-    assert (miss.ok, miss.tokens, miss.fields["filling"]) == (True, None, True)
-    error = parse_reply(pack_error(7, "CLIENT_ERROR", "bad"))
-    assert (error.ok, error.error, error.fields["message"]) == (False, "CLIENT_ERROR", "bad")
+def _hit_header(**override: object) -> dict:
+    fields = _header(id=1, op="GET", ok=True, hit=True, cut=0, n=2)
+    fields.update(override)
+    return {k: v for k, v in fields.items() if v is not _DROP}
 
+
+TWO_TOKENS = b"\x01\x00\x00\x00\x02\x00\x00\x00"
 
 BAD_REPLIES = {
-    "n larger than the frame": [
-        _pack({"m": MAGIC, "v": 1, "id": 1, "ok": True, "hit": True, "cut": 0, "n": 3}),
-        b"\x00" * 8,
+    "n larger than the frame": [_pack(_hit_header(n=3)), TWO_TOKENS],
+    "n smaller than the frame": [_pack(_hit_header(n=1)), TWO_TOKENS],
+    "no n": [_pack(_hit_header(n=_DROP)), TWO_TOKENS],
+    "hit without frame": [_pack(_hit_header())],
+    "negative cut": [_pack(_hit_header(cut=-1)), TWO_TOKENS],
+    "cut as str": [_pack(_hit_header(cut="0")), TWO_TOKENS],
+    "hit as str": [_pack(_hit_header(hit="yes")), TWO_TOKENS],
+    "ok missing": [_pack(_hit_header(ok=_DROP)), TWO_TOKENS],
+    "no op": [_pack(_hit_header(op=_DROP)), TWO_TOKENS],
+    "op of no reply": [_pack(_hit_header(op="TOUCH")), TWO_TOKENS],
+    "an AUTO hit's fields under GET": [
+        _pack(_hit_header(cut=_DROP, blocks=1, filling=False, start=0, cut_byte=8)),
+        TWO_TOKENS,
     ],
-    "n smaller than the frame": [
-        _pack({"m": MAGIC, "v": 1, "id": 1, "ok": True, "hit": True, "cut": 0, "n": 1}),
-        b"\x00" * 8,
+    "AUTO hit ending at its start": [
+        _pack(_hit_header(op="AUTO", cut=_DROP, blocks=1, filling=False, start=8, cut_byte=8)),
+        TWO_TOKENS,
     ],
-    "hit without frame": [
-        _pack({"m": MAGIC, "v": 1, "id": 1, "ok": True, "hit": True, "cut": 0, "n": 0})
-    ],
-    "negative cut": [
-        _pack({"m": MAGIC, "v": 1, "id": 1, "ok": True, "hit": True, "cut": -1, "n": 0}),
-        b"",
-    ],
-    "cut as str": [
-        _pack({"m": MAGIC, "v": 1, "id": 1, "ok": True, "hit": True, "cut": "0", "n": 0}),
-        b"",
-    ],
-    "ok missing": [_pack({"m": MAGIC, "v": 1, "id": 1})],
-    "unknown error type": [
-        _pack({"m": MAGIC, "v": 1, "id": 1, "ok": False, "error": "OOPS", "message": ""})
-    ],
-    "miss with a frame": [_pack({"m": MAGIC, "v": 1, "id": 1, "ok": True, "hit": False}), b"x"],
-    "wrong magic": [_pack({"m": b"ZZ", "v": 1, "id": 1, "ok": True})],
-    "three frames": [b"a", b"b", b"c"],
+    "unknown error type": [_pack(_header(id=1, ok=False, error="OOPS", message=""))],
+    "error with a frame": [_pack(_header(id=1, ok=False, error="CLIENT_ERROR", message="")), b"x"],
+    "error message not a str": [_pack(_header(id=1, ok=False, error="CLIENT_ERROR", message=5))],
+    "miss with a frame": [_pack(_hit_header(hit=False, filling=True, cut=_DROP, n=_DROP)), b"x"],
+    "TELL reply placed": [_pack(_header(id=1, op="TELL", ok=True, placed=True))],
+    "STATS without settings": [_pack(_header(id=1, op="STATS", ok=True, stats={}))],
+    "wrong magic": [_pack(_hit_header(m=b"ZZ")), TWO_TOKENS],
+    "old version": [_pack(_hit_header(v=1)), TWO_TOKENS],
+    "three frames": [_pack(_hit_header()), TWO_TOKENS, b"c"],
 }
+
+
+def test_the_bad_replies_differ_from_a_good_one_in_their_defect_only() -> None:
+    assert parse_reply([_pack(_hit_header()), TWO_TOKENS]) == GetHit(1, 0, array("I", [1, 2]))
 
 
 @pytest.mark.parametrize("frames", BAD_REPLIES.values(), ids=BAD_REPLIES.keys())
@@ -281,3 +289,161 @@ def test_a_peer_of_another_flashtoken_version_is_refused() -> None:
         parse_request([_pack(_get_header(a="0.0.1")), b"x"])
     with pytest.raises(ProtocolError, match="different versions"):
         parse_reply([_pack({"m": MAGIC, "v": VERSION, "a": "9.9", "id": 1, "ok": True})])
+
+
+# -- every message, declared once: packed and parsed back --------------------------------------
+
+TOKENS = array("I", [9, 8, 7])
+SEED = bytes(range(16, 32))
+EVERY_MESSAGE: list[Message] = [
+    GetRequest(42, KEY, "o200k_base", EID, ("<|endoftext|>",), False, "héllo".encode()),
+    AutoRequest(2**64 - 1, SEED, "cl100k_base", EID, (), True, 64, 2, b"a" * 200),
+    TellRequest(3, SEED, "cl100k_base", EID, (), 64, 0, None, 0, [KEY, SEED], b"b" * 128),
+    TellRequest(4, SEED, "cl100k_base", EID, ("a", "b"), 64, 2, KEY, 100, [SEED], b"c" * 92),
+    TouchRequest(0, KEY + SEED),
+    TouchRequest(0, b""),
+    StatsRequest(5),
+    PingRequest(6),
+    GetHit(7, 12, TOKENS),
+    GetHit(8, 0, array("I")),
+    GetMiss(9, True),
+    AutoHit(10, 3, False, 0, 70, TOKENS),
+    AutoMiss(11, 0, True),
+    Unplaced(12),
+    StatsReply(13, stats={"get_hits": 1, "encodings_loaded": ["cl100k_base"]}, settings={}),
+    Pong(14, pid=1234, version=ALGORITHM),
+    ErrorReply(15, "CLIENT_ERROR", "field 'enc' must be a str"),
+    ErrorReply(0, "SERVER_ERROR", ""),
+    Blocks(SEED, 0, None, 0, [KEY], [3], [3], b"abcd", TOKENS),
+    Blocks(SEED, 5, KEY, 320, [KEY, SEED], [400, 460], [1, 2], b"x" * 200, TOKENS),
+]
+
+
+def _parse(message: Message, frames: list) -> Message:
+    if isinstance(message, Blocks):
+        return parse_blocks(frames)
+    if isinstance(message, Reply):
+        return parse_reply(frames)
+    return parse_request(frames)
+
+
+@pytest.mark.parametrize("message", EVERY_MESSAGE, ids=lambda m: type(m).__name__)
+def test_every_message_round_trips(message: Message) -> None:
+    frames = message.frames()
+    assert all(isinstance(frame, bytes) for frame in frames)
+    assert _parse(message, frames) == message
+
+
+def _classes(base: type) -> set[type]:
+    out = set()
+    for sub in base.__subclasses__():
+        out |= {sub} | _classes(sub)
+    return out
+
+
+def test_every_message_class_is_covered() -> None:
+    declared = _classes(Message) - {Reply, Request}
+    assert declared == {type(m) for m in EVERY_MESSAGE}
+    assert set(REQUESTS.values()) <= declared
+
+
+@pytest.mark.parametrize("message", EVERY_MESSAGE, ids=lambda m: type(m).__name__)
+def test_every_header_field_is_checked(message: Message) -> None:
+    """Each header field of each message, replaced by a value no field takes (a float) or
+    removed, makes the message refused as a ProtocolError; so does a frame too many or short."""
+    frames = message.frames()
+    at = 1 if isinstance(message, Blocks) else 0  # a published message's topic comes first
+    head = msgpack.unpackb(frames[at])
+    for name in set(head) - {"m", "v", "a"}:
+        for value in (1.5, _DROP):
+            changed = {k: v for k, v in {**head, name: value}.items() if v is not _DROP}
+            if value is _DROP and changed.get("op") == "TOUCH" or name == "parent":
+                continue  # TOUCH has no fields; a missing parent is nil (checked below)
+            broken = [*frames[:at], _pack(changed), *frames[at + 1 :]]
+            with pytest.raises(ProtocolError):
+                _parse(message, broken)
+    with pytest.raises(ProtocolError):
+        _parse(message, [*frames, b""])
+    if len(frames) > 1 + at:
+        with pytest.raises(ProtocolError):
+            _parse(message, frames[:-1])
+
+
+def test_a_parent_is_nil_exactly_for_the_first_block() -> None:
+    first, later = EVERY_MESSAGE[2], EVERY_MESSAGE[3]
+    assert isinstance(first, TellRequest) and isinstance(later, TellRequest)
+    for message, parent in ((first, KEY), (later, None)):
+        head = msgpack.unpackb(message.frames()[0])
+        with pytest.raises(ProtocolError, match="parent"):
+            parse_request([_pack({**head, "parent": parent}), message.frames()[1]])
+
+
+def test_the_get_request_is_the_documented_header() -> None:
+    """docs/PROTOCOL.md's GET, byte for byte: the wire did not change with the package."""
+    frames = GetRequest(1, KEY, "cl100k_base", EID, (), True, b"prefix").frames()
+    header = {k: v for k, v in _get_header().items() if k != "a"}
+    assert frames == [_pack({**header, "a": ALGORITHM}), b"prefix"]  # "a" last, as ever
+
+
+def test_replies_name_their_op_and_errors_carry_none() -> None:
+    assert msgpack.unpackb(GetMiss(1, False).frames()[0])["op"] == "GET"
+    assert msgpack.unpackb(AutoMiss(1, 0, False).frames()[0])["op"] == "AUTO"
+    assert "op" not in msgpack.unpackb(ErrorReply(1, "CLIENT_ERROR", "x").frames()[0])
+
+
+def test_an_error_message_is_cut_to_fit() -> None:
+    reply = parse_reply(ErrorReply(1, "SERVER_ERROR", "x" * 5000).frames())
+    assert isinstance(reply, ErrorReply) and reply.message == "x" * 1024
+
+
+def test_tell_span_must_reach_the_last_block() -> None:
+    tell = EVERY_MESSAGE[2]
+    assert isinstance(tell, TellRequest)
+    head, span = tell.frames()
+    for bad in (span[:-1], span + b"abcd"):
+        with pytest.raises(ProtocolError, match="span"):
+            parse_request([head, bad])
+
+
+def test_auto_skip_within_the_text() -> None:
+    frames = AutoRequest(1, SEED, "cl100k_base", EID, (), True, 64, 4, b"a" * 255).frames()
+    with pytest.raises(ProtocolError, match="skip"):
+        parse_request(frames)
+
+
+def test_published_counts_must_add_up_to_the_tokens() -> None:
+    blocks = Blocks(SEED, 0, None, 0, [KEY], [3], [2], b"abcd", TOKENS)
+    with pytest.raises(ProtocolError, match="counts"):
+        parse_blocks(blocks.frames())
+    assert parse_blocks(EVERY_MESSAGE[-1].frames()).ends == [(400, 1), (460, 3)]
+
+
+def test_the_stats_command_needs_no_client(shared_daemon: DaemonProcess) -> None:
+    """``flashtoken-daemon stats`` asks through the wire's admin request: it imports neither
+    the client package nor its settings."""
+    code = (
+        "import sys\n"
+        "from flashtoken.daemon.__main__ import main\n"
+        f"status = main(['stats', '--bind', {shared_daemon.address!r}, '--json'])\n"
+        "assert status == 0, status\n"
+        "print([m for m in sys.modules if m.startswith('flashtoken.client')])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert json.loads(lines[0])["stats"]["pid"] == shared_daemon.pid
+    assert lines[-1] == "[]"
+
+
+def test_admin_requests_of_a_real_daemon(shared_daemon: DaemonProcess) -> None:
+    pong = ping(shared_daemon.address, timeout_ms=5000)
+    assert (pong.pid, pong.version) == (shared_daemon.pid, ALGORITHM)
+    reply = request_stats(shared_daemon.address, timeout_ms=5000)
+    assert reply["stats"]["pid"] == shared_daemon.pid and "max_bytes" in reply["settings"]
+
+
+def test_admin_requests_without_a_daemon(tmp_path: Path) -> None:
+    with pytest.raises(DaemonUnavailable, match="flashtoken-daemon serve"):
+        request_stats(f"ipc://{tmp_path}/none.sock", timeout_ms=100)

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import zmq
 from flashtoken.client import Client
-from flashtoken.client.sync import request_stats
 
 from flashtoken import get_encoding
 from flashtoken.encodings import encoding_id
 from flashtoken.errors import DaemonUnavailable
-from flashtoken.protocol import make_key, namespace_tag, parse_reply
+from flashtoken.wire import make_key, namespace_tag, parse_reply
+from flashtoken.wire.admin import request_stats
 from tests.daemon_fixtures import DaemonProcess, header, request, wait_until
 
 enc = get_encoding("cl100k_base")

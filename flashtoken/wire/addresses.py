@@ -1,0 +1,120 @@
+"""Addresses and the directory policy: where the daemon binds, and who may be the daemon.
+
+The default socket lives in a per-user directory that must be private (mode 0700, ours, no
+symlink); a client connects only to an ``ipc://`` socket that only its own user can have made.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+
+from flashtoken.errors import DaemonUnavailable
+
+
+def runtime_dir(*, create: bool = True) -> str:
+    """The per-user directory of the default socket, checked to be private.
+
+    ``$XDG_RUNTIME_DIR/flashtoken`` when ``XDG_RUNTIME_DIR`` is set and writable, else
+    ``{tempdir}/flashtoken-{uid}``; created with mode 0700.
+
+    Raises ``PermissionError`` if the directory exists but is not ours, is a symlink, or can be
+    used by the group or others: a socket in it could be replaced by another user.
+    """
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK):
+        path = os.path.join(base, "flashtoken")
+    else:
+        path = os.path.join(tempfile.gettempdir(), f"flashtoken-{os.getuid()}")
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+    check_private_dir(path)
+    return path
+
+
+def check_private_dir(path: str) -> None:
+    """Raise ``PermissionError`` unless ``path`` is a real directory of ours, mode 0o700 or less."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise PermissionError(f"{path} is not a directory (a symlink?); remove it and retry")
+    if st.st_uid != os.getuid():
+        raise PermissionError(
+            f"{path} belongs to uid {st.st_uid}, not to us (uid {os.getuid()}); another user may"
+            " control the socket in it. Remove it, or pass --bind / address= elsewhere."
+        )
+    if st.st_mode & 0o077:
+        raise PermissionError(
+            f"{path} has mode {stat.S_IMODE(st.st_mode):o}; other users could reach the socket."
+            f" Run `chmod 700 {path}`, or remove it."
+        )
+
+
+def check_daemon_socket(address: str) -> None:
+    """Check, before connecting, that only our own user can be the daemon at ``address``.
+
+    For ``ipc://``: the socket file must be a socket owned by us (the effective uid) with no
+    permission for the group or others, in a directory owned by us or root that no one else can
+    write to (so no other user can have replaced the socket). Other transports are not checked
+    here (TCP is only ever used when asked for, and has no owner).
+
+    Raises ``DaemonUnavailable`` saying what is wrong: the client then encodes locally.
+    """
+    path = ipc_path(address)
+    if path is None:
+        return
+    me = os.geteuid()
+    directory = os.path.dirname(path) or "."
+    try:
+        st = os.lstat(path)
+        dst = os.lstat(directory)
+    except OSError as exc:
+        raise DaemonUnavailable(
+            f"no flashtoken-daemon socket at {address} ({exc.strerror}); start one with"
+            " `flashtoken-daemon serve`"
+        ) from None
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != me or st.st_mode & 0o077:
+        raise DaemonUnavailable(
+            f"{path} is not a private socket of uid {me} (uid {st.st_uid}, mode"
+            f" {stat.S_IMODE(st.st_mode):o}): not trusted as the daemon; start the daemon as"
+            " this user (it makes its socket 0600)"
+        )
+    if not stat.S_ISDIR(dst.st_mode) or dst.st_uid not in (me, 0) or dst.st_mode & 0o022:
+        raise DaemonUnavailable(
+            f"{directory} (uid {dst.st_uid}, mode {stat.S_IMODE(dst.st_mode):o}) may be written"
+            " by another user, who could replace the daemon's socket: not trusted; use a"
+            " directory of this user's with mode 0700"
+        )
+
+
+def default_address() -> str:
+    """``ipc://{runtime_dir()}/daemon.sock``: where the daemon binds and clients connect."""
+    return "ipc://" + os.path.join(runtime_dir(), "daemon.sock")
+
+
+def publish_address(address: str) -> str | None:
+    """Where a daemon bound at ``address`` publishes its new chain blocks: the ipc path with
+    ``.pub`` appended, or the next TCP port; None for any other transport (no publishing).
+
+    >>> publish_address("ipc:///run/user/1000/flashtoken/daemon.sock")
+    'ipc:///run/user/1000/flashtoken/daemon.sock.pub'
+    >>> publish_address("tcp://127.0.0.1:7000")
+    'tcp://127.0.0.1:7001'
+    """
+    if address.startswith("ipc://"):
+        return address + ".pub"
+    host, sep, port = address.rpartition(":")
+    if address.startswith("tcp://") and sep and port.isdigit() and int(port) < 65535:
+        return f"{host}:{int(port) + 1}"
+    return None
+
+
+def ipc_path(address: str) -> str | None:
+    """The filesystem path of an ``ipc://`` address, else None."""
+    return address[len("ipc://") :] if address.startswith("ipc://") else None
