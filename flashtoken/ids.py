@@ -16,10 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-try:
-    import numpy
-except ImportError:  # the core does not need it
-    numpy = None  # type: ignore[assignment]
+numpy: Any = None  # imported on the first conversion from bytes: `import flashtoken` stays light
+_numpy_checked = False
 
 __all__ = ["MAX_TOKEN_ID", "token_list", "token_list_from_bytes"]
 
@@ -42,6 +40,14 @@ def token_list(tokens: Iterable[int]) -> list[int]:
 def token_list_from_bytes(data: bytes | memoryview) -> list[int]:
     """The shared-int list of little-endian uint32 ids in ``data`` (e.g. a memoryview of a
     mapping: it is read, not kept)."""
+    global numpy, _numpy_checked
+    if not _numpy_checked:
+        _numpy_checked = True
+        try:
+            import numpy as np
+        except ImportError:  # the core does not need it
+            np = None
+        numpy = np
     if numpy is None:
         return token_list(memoryview(data).cast("B").cast("I"))
     ids = numpy.frombuffer(data, dtype="<u4")
