@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-numpy: Any = None  # imported on the first conversion from bytes: `import flashtoken` stays light
+_numpy: Any = None  # the module, imported when first needed: `import flashtoken` stays light
 _numpy_checked = False
 
 __all__ = ["MAX_TOKEN_ID", "token_list", "token_list_from_bytes"]
@@ -40,37 +40,42 @@ def token_list(tokens: Iterable[int]) -> list[int]:
 def token_list_from_bytes(data: bytes | memoryview) -> list[int]:
     """The shared-int list of little-endian uint32 ids in ``data`` (e.g. a memoryview of a
     mapping: it is read, not kept)."""
-    global numpy, _numpy_checked
-    if not _numpy_checked:
-        _numpy_checked = True
-        try:
-            import numpy as np
-        except ImportError:  # the core does not need it
-            np = None
-        numpy = np
+    numpy = _numpy_module()
     if numpy is None:
         return token_list(memoryview(data).cast("B").cast("I"))
     ids = numpy.frombuffer(data, dtype="<u4")
-    try:
-        return _table.take(ids).tolist()
-    except (IndexError, AttributeError):  # a larger id than the table holds, or no table yet
+    if _table is None or len(ids) and int(ids.max()) >= len(_table):
         _grow(int(ids.max(initial=0)), 0)
-        return _table.take(ids).tolist()
+    return _table.take(ids).tolist()
 
 
 def warm(vocabulary: int) -> None:
     """Make the table for ids below ``vocabulary`` now (a worker's start-up, ~5 ms for 200k),
     not in its first request."""
-    if len(_ints) < vocabulary or (numpy is not None and _table is None):
-        _grow(vocabulary - 1, 0)
+    _numpy_module()
+    _grow(vocabulary - 1, 0)
+
+
+def _numpy_module() -> Any:
+    global _numpy, _numpy_checked
+    if not _numpy_checked:
+        _numpy_checked = True
+        try:
+            import numpy
+        except ImportError:  # the core does not need it
+            numpy = None
+        _numpy = numpy
+    return _numpy
 
 
 def _grow(top: int, bottom: int) -> None:
-    global _ints, _table
+    """Make ``_ints`` (and the numpy table) hold ``top``; extended, never rebuilt, so the ints
+    handed out before stay the shared ones."""
+    global _table
     if top >= MAX_TOKEN_ID or bottom < 0:
         raise ValueError(f"token ids must lie in [0, {MAX_TOKEN_ID}), not {top}")
     if top >= len(_ints):
-        _ints = list(range((top | 0xFFF) + 1))
+        _ints.extend(range(len(_ints), (top | 0xFFF) + 1))
         _table = None
-    if numpy is not None and _table is None:
-        _table = numpy.array(_ints, dtype=object)
+    if _numpy is not None and (_table is None or len(_table) != len(_ints)):
+        _table = _numpy.array(_ints, dtype=object)
