@@ -385,9 +385,12 @@ class ClientCore(ChainCore):
         self.counters["first_sights"] += 1
         return WholeText(self.enc, prefix)
 
-    def touch_frames(self) -> list[bytes] | None:
-        """A TOUCH to send now (fire-and-forget) for the map hits taken, or None."""
-        keys = None if self.hostmap is None else self.hostmap.touches_due()
+    def touch_frames(self, *, closing: bool = False) -> list[bytes] | None:
+        """A TOUCH to send now (fire-and-forget) for the map hits taken, or None; ``closing``:
+        all that are pending, due or not."""
+        if self.hostmap is None:
+            return None
+        keys = self.hostmap.pending() if closing else self.hostmap.touches_due()
         return None if keys is None else TouchRequest(0, keys).frames()
 
     def build_local(self, prefix: str, allowed: frozenset) -> FixedPrefixTokenCache | WholeText:

@@ -129,6 +129,12 @@ class HostMapView:
         self._sightings = False
         return b"".join(keys)
 
+    def pending(self) -> bytes | None:
+        """Every key not reported yet (at close: a short-lived worker's hits and sightings)."""
+        keys, self._touched = self._touched[:TOUCH_BATCH], []
+        self._sightings = False
+        return b"".join(keys) or None
+
     def after_fork(self) -> None:
         self._touched = []  # the parent's hits are the parent's to report
         self._sightings = False
