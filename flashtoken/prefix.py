@@ -70,8 +70,6 @@ def _split(
     return PrefixSplit(token_list(tokens[:kept]), cut)
 
 
-
-
 class FixedPrefixTokenCache:
     """Encodes ``prefix + suffix`` for a fixed ``prefix``, exactly as tiktoken does.
 

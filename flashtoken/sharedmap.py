@@ -6,7 +6,8 @@ entry, copy the tokens out of the mapping. LMDB (one writer, many readers in man
 so a reader never sees a half-written or freed entry, crash-safe, zero-copy reads) does what a
 home-made shared-memory table would have to be debugged into doing.
 
-The entries' format is flashtoken/mapentry.py's.
+The entries' format is flashtoken/mapentry.py's; one environment per process, fork safety and the trust
+check are flashtoken/mapenv.py's.
 
 ``import flashtoken`` does not import this module (nor lmdb).
 """
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
-import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -35,6 +34,14 @@ from flashtoken.mapentry import (
     is_seen_marker,
     pack_entry,
 )
+from flashtoken.mapenv import (
+    environment,
+    envs_lock,
+    forget,
+    forget_environment,
+    open_environment,
+    trusted,
+)
 
 log = logging.getLogger("flashtoken.sharedmap")
 
@@ -50,97 +57,6 @@ MAP_DIRNAME = "map"
 def map_path(directory: str) -> str:
     """Where the daemon whose private directory is ``directory`` keeps its map."""
     return os.path.join(directory, MAP_DIRNAME)
-
-
-# -- one environment per map per process --------------------------------------------------------
-#
-# LMDB forbids opening one database twice in a process (closing one handle drops the other's
-# locks; py-lmdb refuses the second open) and using a handle after fork(). A child cannot close
-# the handle it inherited either: that would clear the reader slots of its parent. So a process
-# holds one Environment per path, and read-only ones are closed just *before* a fork, by the
-# parent, and opened again on the next use on either side (about 100 us, once). Reads hold the
-# same lock as that close, so a fork never closes a handle under a read.
-
-_envs: dict[tuple[int, str], lmdb.Environment] = {}
-_writers: set[str] = set()
-_envs_lock = threading.Lock()
-
-
-def _close_readers_before_fork() -> None:
-    _envs_lock.acquire()
-    for (pid, path), env in list(_envs.items()):
-        if pid == os.getpid() and path not in _writers:
-            del _envs[(pid, path)]
-            env.close()
-
-
-def _after_fork() -> None:
-    _envs_lock.release()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_close_readers_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork
-    )
-
-
-def environment(path: str, *, writer_map_size: int | None = None) -> lmdb.Environment:
-    """This process's environment for the map at ``path``: read-write with ``writer_map_size``
-    (the daemon), else read-only (raises ``lmdb.Error`` if there is no map there). The caller
-    holds ``_envs_lock``."""
-    key = (os.getpid(), path)
-    env = _envs.get(key)
-    if env is None:
-        if writer_map_size is None:
-            env = lmdb.open(
-                path, readonly=True, create=False, lock=True, max_readers=1024, max_dbs=0
-            )
-        else:
-            env = lmdb.open(
-                path,
-                map_size=writer_map_size,
-                subdir=True,
-                create=True,
-                mode=0o600,
-                max_readers=1024,
-                # A cache: no fsync per commit. A killed daemon loses nothing committed (the
-                # pages are in the OS's cache); a crashed host may lose the map, which the
-                # checksums then catch and the daemon rebuilds.
-                sync=False,
-                metasync=False,
-                readahead=False,
-            )
-            _writers.add(path)
-        _envs[key] = env
-    return env
-
-
-def forget_environment(path: str) -> None:
-    """Close this process's environment for ``path`` (the daemon, before it rebuilds the map)."""
-    with _envs_lock:
-        _forget(path)
-
-
-def _forget(path: str) -> None:
-    env = _envs.pop((os.getpid(), path), None)
-    _writers.discard(path)
-    if env is not None:
-        env.close()
-
-
-def trusted(path: str) -> bool:
-    """Whether the map at ``path`` is ours to trust: a directory and files owned by this user,
-    open to nobody else, no symlinks (the socket directory's own rule)."""
-    try:
-        for name in ("", "data.mdb", "lock.mdb"):
-            info = os.lstat(os.path.join(path, name) if name else path)
-            if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid():
-                return False
-            if info.st_mode & 0o077:
-                return False
-    except OSError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -181,7 +97,7 @@ class MapReader:
     ) -> Hit | Absent | None:
         """The confirmed hit for this prefix; else :class:`Absent` (with whether the host has
         seen it), or None when there is no usable map."""
-        with _envs_lock:
+        with envs_lock:
             opened = self._open_env()
             if opened is None:
                 return None
@@ -210,7 +126,7 @@ class MapReader:
 
     def open(self) -> bool:
         """Open the map now rather than on the first lookup (~1 ms, once per process)."""
-        with _envs_lock:
+        with envs_lock:
             return self._open_env() is not None
 
     def reopen(self) -> None:
@@ -222,14 +138,14 @@ class MapReader:
         if self._failed_pid == pid:
             return None
         opened = self._opened
-        if opened is not None and _envs.get((pid, self.path)) is opened[0]:
+        if opened is not None and open_environment(self.path) is opened[0]:
             now = time.monotonic()
             if now - self._checked < self.RECHECK_S:
                 return opened
             self._checked = now
             if _inode(self.path) == opened[2]:
                 return opened
-            _forget(self.path)  # rebuilt under us: open the new file
+            forget(self.path)  # rebuilt under us: open the new file
         self._opened = None
         if not trusted(self.path):
             self._failed_pid = pid
@@ -290,7 +206,7 @@ class MapWriter:
         if not trusted(self.path) and os.path.exists(os.path.join(self.path, "data.mdb")):
             self._rebuild("another owner, mode or a symlink")
         try:
-            with _envs_lock:
+            with envs_lock:
                 env = environment(self.path, writer_map_size=self._map_size)
             with env.begin() as txn:
                 version = txn.get(_VERSION_KEY)
@@ -302,7 +218,7 @@ class MapWriter:
         except lmdb.Error as exc:
             forget_environment(self.path)
             self._rebuild(str(exc))
-            with _envs_lock:
+            with envs_lock:
                 env = environment(self.path, writer_map_size=self._map_size)
         with env.begin(write=True) as txn:
             txn.put(_VERSION_KEY, FORMAT)
