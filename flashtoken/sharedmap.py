@@ -6,8 +6,8 @@ entry, copy the tokens out of the mapping. LMDB (one writer, many readers in man
 so a reader never sees a half-written or freed entry, crash-safe, zero-copy reads) does what a
 home-made shared-memory table would have to be debugged into doing.
 
-The entries' format is flashtoken/mapentry.py's; one environment per process, fork safety and the trust
-check are flashtoken/mapenv.py's.
+The entries' format is flashtoken/mapentry.py's; one environment per process, fork safety
+and the trust check are flashtoken/mapenv.py's.
 
 ``import flashtoken`` does not import this module (nor lmdb).
 """
