@@ -74,7 +74,7 @@ def test_a_fill_that_never_ends_is_abandoned_and_the_loop_serves_on(
     assert again.error == "SERVER_ERROR" and "budget" in again.message
     # The loop and the pool serve on: a fill of a loaded encoding still lands, and hits.
     enc = get_encoding("cl100k_base")
-    with Client(daemon.address, timeout_ms=5000) as client:
+    with Client(daemon.address, timeout_ms=5000, min_uses=1) as client:
         prefix = "served while a fill hangs " * 40
         for suffix in ("a", "b"):
             assert client.encode_ordinary(suffix, prefix=prefix) == enc.encode_ordinary(

@@ -324,6 +324,7 @@ def test_preload_then_shutdown_stops_the_daemon(tmpdir_short: Path) -> None:
         "--chdir",
         str(tmpdir_short),
         "preloaded:app",
+        env={"FLASHTOKEN_MIN_USES": "1"},  # the master's one warm-up call caches the prompt
     )
     try:
         proc.start(ready=lambda: _answers(proc))  # this app has no /stats
@@ -428,8 +429,9 @@ def test_metrics_sum_every_workers_counters(tmpdir_short: Path) -> None:
 
         n = 60
         run_concurrently(one, [(prefixes[i % 3],) for i in range(n)])
-        # Every declared-prefix call ends in exactly one of these four.
-        outcomes = ("l1_hits", "l2_hits", "misses", "fallbacks")
+        # Every declared-prefix call ends in exactly one of these five (first_sights: a prefix
+        # the host had not seen, encoded whole; admission on the second sight).
+        outcomes = ("l1_hits", "l2_hits", "misses", "fallbacks", "first_sights")
 
         def counted() -> float:
             status, body = proc.request("GET", "/metrics")

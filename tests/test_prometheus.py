@@ -38,7 +38,7 @@ def _samples(name: str) -> dict[tuple, float]:
 def test_a_clients_counters_are_exported_and_only_grow(daemon: DaemonProcess) -> None:
     key = (("encoding", "o200k_base"),)
     before = _samples("flashtoken_client_l1_hits_total").get(key, 0.0)
-    with Client(daemon.address, encoding="o200k_base") as client:
+    with Client(daemon.address, encoding="o200k_base", min_uses=1) as client:
         assert prometheus.track(client, interval_s=0) is client
         enc = get_encoding("o200k_base")
         for i in range(5):
@@ -52,7 +52,7 @@ def test_a_clients_counters_are_exported_and_only_grow(daemon: DaemonProcess) ->
         client.encode_ordinary(" again", prefix=PREFIX)
         assert _samples("flashtoken_client_l1_hits_total")[key] == before + hits + 1
     # A second client's counts add to the same series; levels are not exported.
-    with Client(daemon.address, encoding="o200k_base") as other:
+    with Client(daemon.address, encoding="o200k_base", min_uses=1) as other:
         prometheus.track(other, interval_s=0)
         other.encode_ordinary(" x", prefix=PREFIX)
         other.encode_ordinary(" y", prefix=PREFIX)
@@ -102,7 +102,7 @@ def test_daemon_levels_are_gauges_and_the_serving_counters_are_there(
     from flashtoken.client.sync import request_stats
     from flashtoken.daemon.metrics import prometheus_text
 
-    with Client(daemon.address) as client:
+    with Client(daemon.address, min_uses=1) as client:
         client.encode_ordinary(" warm", prefix=PREFIX)
     reply = request_stats(daemon.address, timeout_ms=5000)
     assert DAEMON_LEVELS <= set(reply["stats"]), DAEMON_LEVELS - set(reply["stats"])
