@@ -16,6 +16,7 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -262,13 +263,16 @@ _BLOCK_ZMQ = (
 
 
 def _without_extra(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", _BLOCK_ZMQ + code],
-        cwd=REPO.parent,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    # Run from an empty directory: the installed package, not the checkout, and nothing else
+    # (a stray empty `flashtoken/` beside the checkout once shadowed it as a namespace package).
+    with tempfile.TemporaryDirectory() as empty:
+        return subprocess.run(
+            [sys.executable, "-c", _BLOCK_ZMQ + code],
+            cwd=empty,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
 
 def test_without_the_daemon_extra_the_cli_says_what_to_install() -> None:
