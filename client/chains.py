@@ -232,9 +232,9 @@ class ChainCore:
         head = self.auto._head(plan)
         if found is not None:
             tail, cut = found
-            tail += encode_with(self.enc, text[cut:], policy)
+            tail += encode_with(self.encoder, text[cut:], policy)
         else:
-            tail = encode_with(self.enc, text[plan.cut :], policy)
+            tail = encode_with(self.encoder, text[plan.cut :], policy)
         self.auto._finish(plan, policy, text, tail)
         head += tail
         return head

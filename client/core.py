@@ -29,6 +29,7 @@ import xxhash
 
 from flashtoken.admission import SecondSight, WholeText
 from flashtoken.auto import AutoPrefixCache
+from flashtoken.backends import get_encoder
 from flashtoken.encodings import encoding_id, resolve_encoding
 from flashtoken.errors import ProtocolError
 from flashtoken.prefix import FixedPrefixTokenCache, PrefixSplit, token_list
@@ -168,6 +169,7 @@ class ClientCore(ChainCore):
         follow: bool = CLIENT_DEFAULTS["follow"],
         fill: bool = CLIENT_DEFAULTS["fill"],
         min_uses: int = CLIENT_DEFAULTS["min_uses"],
+        backend: str = CLIENT_DEFAULTS["backend"],
     ) -> None:
         # The table's checks (client/settings.py), for a core made without Client: the same
         # messages, and a str namespace taken as UTF-8.
@@ -187,9 +189,13 @@ class ClientCore(ChainCore):
                 follow=follow,
                 fill=fill,
                 min_uses=min_uses,
+                backend=backend,
             ),
         )
         self.enc = resolve_encoding(encoding)
+        # Encodes what is not cached: misses, suffixes, the text after a chain (docs/BACKENDS.md).
+        self.backend = backend
+        self.encoder = get_encoder(self.enc, backend)
         self.namespace: bytes = checked["namespace"]  # a str is taken as UTF-8
         if auto_block_bytes < MIN_BLOCK_BYTES:
             raise ValueError(
@@ -218,7 +224,9 @@ class ClientCore(ChainCore):
         # a special token's first character (for OpenAI's encodings, "<"): a memchr tells.
         self._forbidden_text: dict[frozenset, Any] = {}
         # Made now, not on first use: AutoPrefixCache checks block_bytes (a ValueError here).
-        self.auto = AutoPrefixCache(self.enc, max_bytes=auto_l1_bytes, block_bytes=auto_block_bytes)
+        self.auto = AutoPrefixCache(
+            self.enc, max_bytes=auto_l1_bytes, block_bytes=auto_block_bytes, backend=backend
+        )
         self.block = auto_block_bytes
         self.auto_local_bytes = auto_local_bytes
         self._seeds: dict[frozenset, bytes] = {}
@@ -374,7 +382,9 @@ class ClientCore(ChainCore):
             return None
         if self._eid is None:
             self._eid = encoding_id(self.enc)  # ~40 ms once per process: not in __init__
-        found = self.hostmap.lookup(self.enc, self._ns, self._eid, allowed, prefix, data)
+        found = self.hostmap.lookup(
+            self.enc, self._ns, self._eid, allowed, prefix, data, backend=self.encoder
+        )
         if isinstance(found, FixedPrefixTokenCache):
             self.counters["l2_hits"] += 1  # a hit of the host's store, as one through the daemon
             self.counters["map_hits"] += 1  # ... of those, read from the map with no round trip
@@ -383,7 +393,7 @@ class ClientCore(ChainCore):
             return None  # no usable map, the host has seen it, or min_uses=1: ask the daemon
         self.hostmap.sighted(found.key)
         self.counters["first_sights"] += 1
-        return WholeText(self.enc, prefix)
+        return WholeText(self.enc, prefix, self.encoder)
 
     def touch_frames(self, *, closing: bool = False) -> list[bytes] | None:
         """A TOUCH to send now (fire-and-forget) for the map hits taken, or None; ``closing``:
@@ -402,8 +412,8 @@ class ClientCore(ChainCore):
         if self.seen is not None and (reader is None or not reader.usable):
             if not self.seen.seen_before(_sighting(prefix, allowed)):
                 self.counters["first_sights"] += 1
-                return WholeText(self.enc, prefix)
-        cache = FixedPrefixTokenCache(self.enc, prefix)
+                return WholeText(self.enc, prefix, self.encoder)
+        cache = FixedPrefixTokenCache(self.enc, prefix, backend=self.encoder)
         if allowed:
             # Compute the split for this policy now, not inside a later call.
             cache.count("", allowed_special=allowed, disallowed_special=())
@@ -512,7 +522,11 @@ class ClientCore(ChainCore):
             if not self._forbidden(pending.allowed).isdisjoint(head):
                 return None
         return FixedPrefixTokenCache.from_split(
-            self.enc, prefix, PrefixSplit(head, cut), allowed_special=pending.allowed
+            self.enc,
+            prefix,
+            PrefixSplit(head, cut),
+            allowed_special=pending.allowed,
+            backend=self.encoder,
         )
 
     def _failed(self) -> tuple[str, None]:
@@ -539,6 +553,7 @@ class ClientCore(ChainCore):
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.counters)
         out["breaker"] = self.breaker.state
+        out["backend"] = self.encoder.backend  # tiktoken where the asked one failed its gate
         out["l1_items"] = len(self.l1)
         out["l1_bytes"] = self.l1_bytes
         out["l1_limit"] = self.l1_limit

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import tiktoken
 
+from flashtoken.backends import Encoder
 from flashtoken.ids import token_list_from_bytes
 from flashtoken.ids import warm as warm_ids
 from flashtoken.mapentry import Hit, confirm, pack_entry
@@ -94,6 +95,7 @@ class HostMapView:
         allowed: frozenset,
         prefix: str,
         data: bytes,
+        backend: Encoder | str = "tiktoken",
     ) -> FixedPrefixTokenCache | Absent | None:
         """The L1 entry for ``prefix`` from the map; :class:`Absent` when the map holds no
         tokens for it (and whether the host has seen it); None with no usable map."""
@@ -106,7 +108,11 @@ class HostMapView:
             return None
         self._touched.append(found.key)
         return FixedPrefixTokenCache.from_split(
-            enc, prefix, PrefixSplit(found.tokens, found.cut), allowed_special=allowed
+            enc,
+            prefix,
+            PrefixSplit(found.tokens, found.cut),
+            allowed_special=allowed,
+            backend=backend,
         )
 
     def sighted(self, key: bytes) -> None:

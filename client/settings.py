@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flashtoken.auto import DEFAULT_BLOCK_BYTES
+from flashtoken.backends import BACKENDS
 from flashtoken.settings import MiB, Setting, resolve
 from flashtoken.wire import MAX_PREFIX_BYTES
 
@@ -116,6 +117,14 @@ CLIENT_SETTINGS: tuple[Setting, ...] = (
         "take the chain blocks the daemon publishes into the in-process cache (a thread)",
     ),
     Setting("fill", True, "flag", "ask the daemon to fill its store on a miss"),
+    Setting(
+        "backend",
+        "tiktoken",
+        "choice",
+        "what encodes the text not found cached (docs/BACKENDS.md): tiktoken, or a fast exact"
+        " tokenizer once it passed its gate against tiktoken",
+        choices=BACKENDS,
+    ),
     # nginx's proxy_cache_min_uses: a prefix that changes every request is never cached, so the
     # first request for one is encoded whole (flashtoken/admission.py).
     Setting(

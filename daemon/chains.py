@@ -247,7 +247,7 @@ class ChainHandlers:
         (its cut is stable whatever follows, so its tokens are those of the whole text).
         """
         try:
-            loaded = self._encodings.get(request.enc) or load(request.enc)
+            loaded = self._encodings.get(request.enc) or load(request.enc, self.config.backend)
             check_loaded(loaded, request)
             block = request.block
             parent = path[-1] if path else None
@@ -265,7 +265,7 @@ class ChainHandlers:
             span = span[:end]
             policy = SpecialPolicy(frozenset(request.allowed), frozenset())
             text = span.decode("utf-8")
-            tail = encode_with(loaded.enc, text, policy)
+            tail = encode_with(loaded.encoder, text, policy)
             cuts = block_cuts(
                 loaded.rule,
                 policy,

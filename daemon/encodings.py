@@ -13,6 +13,7 @@ from typing import Any
 import tiktoken
 
 from flashtoken.auto import token_byte_lengths
+from flashtoken.backends import Encoder, get_encoder
 from flashtoken.boundary import CutRule, cut_rule
 from flashtoken.encodings import encoding_id, get_encoding
 from flashtoken.errors import ProtocolError
@@ -25,9 +26,12 @@ class Loaded:
     specials: frozenset
     rule: CutRule  # stable cuts, as flashtoken.AutoPrefixCache finds them
     lengths: list  # token_byte_lengths(enc)
+    # Encodes the fills (the daemon's --backend): tiktoken's own methods by default.
+    encoder: Encoder
 
 
-def load(name: str) -> Loaded:
+def load(name: str, backend: str = "tiktoken") -> Loaded:
+    """``name`` loaded, with ``backend`` gated for it now (at start-up, not in a fill)."""
     enc = get_encoding(name)
     return Loaded(
         enc,
@@ -35,6 +39,7 @@ def load(name: str) -> Loaded:
         frozenset(enc.special_tokens_set),
         cut_rule(enc),
         token_byte_lengths(enc),
+        get_encoder(enc, backend),
     )
 
 

@@ -184,7 +184,7 @@ class Server(ChainHandlers):
         """
         for name in self.config.encodings:
             try:
-                self._encodings[name] = load(name)
+                self._encodings[name] = load(name, self.config.backend)
             except Exception as exc:
                 raise StartupError(f"cannot load encoding {name!r}: {exc}") from exc
         # Once, before the loop: asking tiktoken on the loop would wait on its registry lock,
@@ -642,14 +642,19 @@ class Server(ChainHandlers):
     def _fill(self, key: bytes, request: GetRequest) -> _FillResult:
         """On a pool thread: encode the prefix; the result goes to the loop. Never raises."""
         try:
-            loaded = self._encodings.get(request.enc) or load(request.enc)
+            loaded = self._encodings.get(request.enc) or load(request.enc, self.config.backend)
             check_loaded(loaded, request)
             prefix = request.prefix.decode("utf-8")
             # The fleet tier first (its own timeout; a checked value or None), then tiktoken.
             fleet, scope = self.fleet, (loaded, request.allowed, request.prefix)
             found = fleet.lookup(request.ns, *scope, prefix) if fleet else None
             if found is None:
-                split = split_prefix(loaded.enc, prefix, allowed_special=frozenset(request.allowed))
+                split = split_prefix(
+                    loaded.enc,
+                    prefix,
+                    allowed_special=frozenset(request.allowed),
+                    backend=loaded.encoder,
+                )
                 # cut_byte too: a declared prefix is a root block, usable as a chain's first block.
                 found = Found(
                     tokens_to_frame(array("I", split.head)),
@@ -731,6 +736,8 @@ class Server(ChainHandlers):
                 out[name] += held["map_" + name]
             out["total_items"] = out.get("total_items", 0) + held["map_stores"]
         out["uncached_encodings"] = uncached_encodings()
+        # What encodes each encoding's fills: --backend, or tiktoken where it failed its gate.
+        out["backend_in_use"] = [f"{n}={e.encoder.backend}" for n, e in self._encodings.items()]
         out["fills_running"] = self._pool.running()
         out["replies_dropped"] = self._replies.dropped
         out["publications_dropped"] = self._publications.dropped

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from flashtoken.backends import BACKENDS
 from flashtoken.settings import GiB, KiB, MiB, Setting, format_size, parse_size, resolve
 
 __all__ = [
@@ -56,6 +57,16 @@ SETTINGS: tuple[Setting, ...] = (
         "encodings to load at start (others load on their first fill); '' for none",
     ),
     Setting("fill_threads", 2, "count", "threads encoding prefixes for fills", low=1, high=256),
+    # The daemon stores what it encodes and every worker reuses it: a backend is gated here as
+    # anywhere (docs/BACKENDS.md), at start-up, before the first fill.
+    Setting(
+        "backend",
+        "tiktoken",
+        "choice",
+        "what encodes the daemon's fills: tiktoken, or a fast exact tokenizer once it passed its"
+        " gate against tiktoken (docs/BACKENDS.md)",
+        choices=BACKENDS,
+    ),
     Setting(
         "max_prefix_bytes",
         MAX_PREFIX_BYTES,
@@ -164,6 +175,7 @@ class Config:
     max_bytes: int = DEFAULTS["max_bytes"]
     encodings: tuple[str, ...] = DEFAULTS["encodings"]
     fill_threads: int = DEFAULTS["fill_threads"]
+    backend: str = DEFAULTS["backend"]
     max_prefix_bytes: int = DEFAULTS["max_prefix_bytes"]
     max_pending_fills: int = DEFAULTS["max_pending_fills"]
     hwm: int = DEFAULTS["hwm"]
