@@ -19,6 +19,7 @@ from typing import Any
 import tiktoken
 
 from flashtoken import tiktoken_parts
+from flashtoken.ids import token_list_from_bytes
 
 __all__ = ["Avoiding", "Gigatoken", "TokTok", "Unsupported", "gigatoken_tokenizer"]
 
@@ -118,10 +119,10 @@ class Gigatoken:
         return pattern.search(text) is None
 
     def ordinary(self, text: str) -> list[int] | None:
-        return self._raw(text).tolist() if self._takes(text, frozenset()) else None
+        return token_list_from_bytes(self._raw(text)) if self._takes(text, frozenset()) else None
 
     def special(self, text: str, allowed: frozenset[str]) -> list[int] | None:
-        return self._raw(text).tolist() if self._takes(text, allowed) else None
+        return token_list_from_bytes(self._raw(text)) if self._takes(text, allowed) else None
 
     def count_ordinary(self, text: str) -> int | None:
         return len(self._raw(text)) if self._takes(text, frozenset()) else None
@@ -134,41 +135,70 @@ class Avoiding:
     on some 4,700 code points assigned since (U+A7CE, U+16EA0, U+323B0, ...) their regex splits
     otherwise (``"\U000323b0:A"``: tiktoken ``[.., 25, 32]``, both backends ``[.., 56748]``). The
     gate finds those code points (backend_gate.disagreeing_code_points) and such texts go to
-    tiktoken. ASCII text skips the search."""
+    tiktoken. ASCII text skips the search.
+
+    The backend encodes first and the text is searched after: the backend reads the text as
+    UTF-8, which CPython then keeps with the string, so ``text.encode()`` here is a copy, not a
+    second conversion, and the astral code points are found by their UTF-8 lead byte (a memchr
+    each) instead of a regex over every character. An answer for a text holding an avoided code
+    point is thrown away (those texts are rare: the work lost is rare)."""
 
     def __init__(self, inner: Any, avoid: str) -> None:
         self.inner = inner
         self.avoided = len(avoid)
         bmp = tuple(c for c in avoid if c <= "\uffff")
+        narrow = all(c > "\u00ff" for c in bmp)  # none can be in a text stored 1 byte a char
         astral = frozenset(c for c in avoid if c > "\uffff")
+        astral_utf8 = frozenset(c.encode("utf-8") for c in astral)
+        leads = tuple(sorted({seq[:1] for seq in astral_utf8}))
         astral_chars = re.compile("[\U00010000-\U0010ffff]").findall
 
         # Measured on 32 KiB of non-ASCII text: a `c in text` costs ~1 us, a regex class search
         # ~50-190 us whatever the class (a character at a time), close to toktok's whole encode
         # at worst. So: the few BMP characters are looked for one by one, and the astral ones
-        # (most of them) only in a text stored 4 bytes a character (emoji, say), by collecting
-        # its astral characters once (~50 us) and looking each up. Rejected: one class of every
-        # avoided range (~1 ms: `re` tests astral ranges one by one); looking for the UTF-8
-        # lead bytes of their blocks (~28 us a block on 64 KiB, ten blocks).
-        def takes(text: str) -> bool:
+        # (most of them) only in a text stored 4 bytes a character (emoji, say), at each of
+        # their UTF-8 lead bytes (~3 us on 32 KiB with a few emoji); a text with many lead
+        # bytes (emoji-heavy) collects its astral characters once (~60 us) and looks each up.
+        # Rejected: one class of every avoided range (~1 ms: `re` tests astral ranges one by
+        # one); checking before the encode (the UTF-8 conversion was then paid twice).
+        def holds_avoided(text: str) -> bool:
             if text.isascii():
-                return True
-            if any(c in text for c in bmp):
                 return False
-            if astral and _may_hold_astral(text):
-                return astral.isdisjoint(astral_chars(text))
-            return True
+            if bmp and not (narrow and _one_byte_a_char(text)) and any(c in text for c in bmp):
+                return True
+            if not astral or not _may_hold_astral(text):
+                return False
+            data = text.encode("utf-8", "surrogatepass")
+            for lead in leads:
+                at, looked = data.find(lead), 0
+                while at != -1:
+                    if data[at : at + 4] in astral_utf8:
+                        return True
+                    looked += 1
+                    if looked > 64:  # emoji-heavy: one pass over the characters instead
+                        return not astral.isdisjoint(astral_chars(text))
+                    at = data.find(lead, at + 4)
+            return False
 
-        self._takes = takes
+        self._holds_avoided = holds_avoided
 
     def ordinary(self, text: str) -> list[int] | None:
-        return self.inner.ordinary(text) if self._takes(text) else None
+        out = self.inner.ordinary(text)
+        return None if out is None or self._holds_avoided(text) else out
 
     def special(self, text: str, allowed: frozenset[str]) -> list[int] | None:
-        return self.inner.special(text, allowed) if self._takes(text) else None
+        out = self.inner.special(text, allowed)
+        return None if out is None or self._holds_avoided(text) else out
 
     def count_ordinary(self, text: str) -> int | None:
-        return self.inner.count_ordinary(text) if self._takes(text) else None
+        out = self.inner.count_ordinary(text)
+        return None if out is None or self._holds_avoided(text) else out
+
+
+def _one_byte_a_char(text: str) -> bool:
+    """True only if CPython stores ``text`` 1 byte a character (no code point above U+00FF):
+    a header of ~73 bytes plus n, where 2 bytes a character take 2n + 74."""
+    return _ONE_BYTE_TELLS and sys.getsizeof(text) < 2 * len(text) + 70
 
 
 def _may_hold_astral(text: str) -> bool:
@@ -185,4 +215,8 @@ _SIZE_TELLS = (
     sys.getsizeof("\U0001f44d" * 100) > 400
     and sys.getsizeof("\u4e2d\U0001f44d" * 50) > 400
     and sys.getsizeof("\u4e2d" * 100) < 300
+)
+_ONE_BYTE_TELLS = (
+    sys.getsizeof("\u00e9" * 100) < 250 < sys.getsizeof("\u4e2d" * 100)
+    and sys.getsizeof("\u00e9" * 4) < 2 * 4 + 70
 )

@@ -89,6 +89,29 @@ def test_code_points_the_backend_classifies_otherwise_go_to_tiktoken(fast, enc):
     assert fast.stats()["backend_avoided_code_points"] >= 0
 
 
+@pytest.mark.parametrize(
+    "filler",
+    [
+        "plain ascii words ",
+        "caf\u00e9 na\u00efve ",
+        "\u4e2d\u6587 text ",
+        "emoji \U0001f44d ",
+        "\U0001f680" * 80 + " ",
+    ],  # 1, 2 and 4 bytes a character; many astral lead bytes
+    ids=["ascii", "latin1", "bmp", "astral", "emoji-heavy"],
+)
+def test_avoided_code_points_are_found_in_every_string_width(fast, enc, filler):
+    # The search runs after the backend's encode, on its UTF-8: each storage width of CPython
+    # strings takes another path through it (and a long text the capped one).
+    for avoided in ("", "\U000323b0:A", "\ua7ce:B", "\U00016ea0 1a"):
+        for text in (filler * 50 + avoided, avoided + filler * 50, filler * 3 + avoided + filler):
+            assert fast.encode_ordinary(text) == enc.encode_ordinary(text), text[:40]
+            assert fast.count_ordinary(text) == len(enc.encode_ordinary(text))
+            everything = frozenset(enc.special_tokens_set)
+            want = enc.encode(text, allowed_special=everything, disallowed_special=())
+            assert fast.encode(text, allowed_special=everything, disallowed_special=()) == want
+
+
 def test_long_whitespace_runs_give_tiktoken_s_outcome(fast, enc):
     # tiktoken's regex overflows its stack near a million spaces (PanicException, a
     # BaseException): the backend must give that outcome too, not ids.
@@ -236,6 +259,22 @@ def test_fixed_prefix_cache_with_backend_is_exact(enc, backend, prefix, suffix):
             cache.encode(suffix)
     else:
         assert cache.encode(suffix) == want
+
+
+@given(prefix=texts, suffixes=st.lists(texts, min_size=1, max_size=3), first=st.booleans())
+def test_a_lazy_fixed_prefix_cache_is_exact(enc, backend, prefix, suffixes, first):
+    """eager=False: the first call encodes the whole text once, later ones use the split."""
+    from flashtoken import FixedPrefixTokenCache
+
+    cache = FixedPrefixTokenCache(enc, prefix, backend=backend, eager=False)
+    for suffix in suffixes:
+        want = enc.encode_ordinary(prefix + suffix)
+        if first:
+            assert cache.count_ordinary(suffix) == len(want)
+        assert cache.encode_ordinary(suffix) == want
+        assert cache.count_ordinary(suffix) == len(want)
+        assert cache.encode_ordinary_array(suffix).tolist() == want
+    assert list(cache.prefix_tokens) == enc.encode_ordinary(prefix)
 
 
 @given(turns=st.lists(texts, max_size=6))
