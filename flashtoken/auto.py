@@ -22,17 +22,18 @@ import os
 import threading
 import weakref
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import tiktoken
 
-from flashtoken import tiktoken_parts
+from flashtoken import parity, tiktoken_parts
 from flashtoken.backends import Encoder, get_encoder
 from flashtoken.boundary import CutRule, cut_rule, stable_offset
 from flashtoken.encodings import resolve_encoding
 from flashtoken.prefix import EncodingLike, token_list
 from flashtoken.specials import ORDINARY, SpecialArg, SpecialPolicy, encode_with
 from flashtoken.text import require_str
+from flashtoken.unicode import has_surrogates
 
 DEFAULT_BLOCK_BYTES = 512
 DEFAULT_MAX_BYTES = 64 * 2**20
@@ -646,6 +647,44 @@ class AutoPrefixCache:
         if len(self._leaves) > 4 * len(self._nodes) + 64:  # drop the stale entries
             self._leaves = [(n.used, k) for k, n in self._nodes.items() if not n.children]
             heapq.heapify(self._leaves)
+
+    # -- tiktoken's batch, numpy and decode calls (flashtoken/parity.py) ------------------------
+
+    def encode_ordinary_batch(
+        self, texts: Sequence[str], *, num_threads: int = 8
+    ) -> list[list[int]]:
+        """``[encode_ordinary(t) for t in texts]``, on threads as tiktoken's batch."""
+        return parity.encode_batch(self.encode_ordinary, texts, num_threads)
+
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        *,
+        num_threads: int = 8,
+        allowed_special: SpecialArg = frozenset(),
+        disallowed_special: SpecialArg = "all",
+    ) -> list[list[int]]:
+        """``[encode(t, ...) for t in texts]``, on threads as tiktoken's batch."""
+        specials = {"allowed_special": allowed_special, "disallowed_special": disallowed_special}
+        return parity.encode_batch(lambda t: self.encode(t, **specials), texts, num_threads)
+
+    def encode_to_numpy(
+        self,
+        text: str,
+        *,
+        allowed_special: SpecialArg = frozenset(),
+        disallowed_special: SpecialArg = "all",
+    ) -> Any:
+        """``encoding.encode_to_numpy(text, ...)``: a uint32 ``numpy.ndarray`` (tiktoken's
+        UnicodeEncodeError for surrogates: this call of tiktoken does not replace them)."""
+        specials = {"allowed_special": allowed_special, "disallowed_special": disallowed_special}
+        if has_surrogates(text):
+            return self._enc.encode_to_numpy(text, **specials)  # type: ignore[arg-type]
+        return parity.to_numpy(self.encode(text, **specials))
+
+    def decode(self, tokens: Sequence[int], errors: str = "replace") -> str:
+        """``encoding.decode(tokens, errors)``."""
+        return self._enc.decode(tokens, errors=errors)
 
 
 def _shared_blocks(data: bytes, other: memoryview, blocks: int, size: int) -> int:

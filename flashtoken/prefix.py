@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from array import array
-from collections.abc import Callable
-from typing import NamedTuple, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import tiktoken
 
 from flashtoken.backends import Encoder, get_encoder
 from flashtoken.boundary import CutRule, cut_rule, find_cut
 from flashtoken.encodings import resolve_encoding
+from flashtoken.fit import Cut, check_limit, cut_tokens, within
 from flashtoken.ids import token_list
+from flashtoken.parity import encode_batch, to_numpy
 from flashtoken.specials import ORDINARY, SpecialArg, SpecialPolicy, encode_with
 from flashtoken.text import require_str
+from flashtoken.unicode import has_surrogates
 
 EncodingLike = str | tiktoken.Encoding
 
@@ -180,6 +183,9 @@ class FixedPrefixTokenCache:
         if name in ("_head", "_tail"):
             self._use_ordinary(self._split_for(ORDINARY))
             return getattr(self, name)
+        if name == "_raw_prefix":  # for encode_to_numpy
+            self._raw_prefix = has_surrogates(self._prefix)
+            return self._raw_prefix
         if name == "_head_array":
             self._head_array = array("I", self._head)
             return self._head_array
@@ -341,6 +347,81 @@ class FixedPrefixTokenCache:
                 self._enc, self._rule, policy, self._prefix, self._encoder
             )
         return split
+
+    # -- budgeting, batches, numpy and decode (flashtoken/fit.py, flashtoken/parity.py) --------
+
+    def fits_ordinary(self, suffix: str, max_tokens: int) -> bool:
+        """``count_ordinary(suffix) <= max_tokens``; no encode where bounds decide
+        (flashtoken/fit.py)."""
+        return within(
+            self._enc,
+            self._encoder.count_ordinary,
+            len(self._head),
+            self._tail + suffix,
+            max_tokens,
+        )
+
+    def truncate_ordinary(self, suffix: str, max_tokens: int) -> Cut:
+        """The first ids of ``prefix + suffix``, at most ``max_tokens``, ending at a character,
+        and the offset into ``prefix + suffix`` they spell up to; within the cached part of the
+        prefix, with no encode at all.
+
+        >>> FixedPrefixTokenCache("cl100k_base", "You are a helpful assistant.").truncate_ordinary(
+        ...     " Answer briefly.", 2)
+        Cut(tokens=[2675, 527], offset=7)
+        """
+        require_str(suffix, "suffix")
+        check_limit(max_tokens)
+        head = self._head
+        if max_tokens < len(head):
+            return cut_tokens(self._enc, self._prefix[: self.cut], head, max_tokens)
+        text = self._prefix + suffix
+        return cut_tokens(self._enc, text, self.encode_ordinary(suffix), max_tokens)
+
+    def encode_ordinary_batch(
+        self, suffixes: Sequence[str], *, num_threads: int = 8
+    ) -> list[list[int]]:
+        """``[encode_ordinary(s) for s in suffixes]``, on threads as tiktoken's batch."""
+        return encode_batch(self.encode_ordinary, suffixes, num_threads)
+
+    def encode_batch(
+        self,
+        suffixes: Sequence[str],
+        *,
+        num_threads: int = 8,
+        allowed_special: SpecialArg = frozenset(),
+        disallowed_special: SpecialArg = "all",
+    ) -> list[list[int]]:
+        """``[encode(s, ...) for s in suffixes]``, on threads as tiktoken's batch."""
+        specials = {"allowed_special": allowed_special, "disallowed_special": disallowed_special}
+        return encode_batch(lambda s: self.encode(s, **specials), suffixes, num_threads)
+
+    def encode_to_numpy(
+        self,
+        suffix: str,
+        *,
+        allowed_special: SpecialArg = frozenset(),
+        disallowed_special: SpecialArg = "all",
+    ) -> Any:
+        """``encoding.encode_to_numpy(prefix + suffix, ...)``: a uint32 ``numpy.ndarray``.
+
+        Raises tiktoken's errors: also its UnicodeEncodeError for surrogates (this one call of
+        tiktoken does not replace them)."""
+        if self._raw_prefix or has_surrogates(suffix):
+            return self._enc.encode_to_numpy(
+                self._prefix + suffix,
+                allowed_special=allowed_special,  # type: ignore[arg-type]
+                disallowed_special=disallowed_special,
+            )
+        split, tail = self._encode_plan(suffix, allowed_special, disallowed_special)
+        ordinary = split is self._splits.get(ORDINARY.allowed)  # its head's array is kept
+        return to_numpy(
+            (self._head_array if ordinary else array("I", split.head)) + array("I", tail)
+        )
+
+    def decode(self, tokens: Sequence[int], errors: str = "replace") -> str:
+        """``encoding.decode(tokens, errors)``."""
+        return self._enc.decode(tokens, errors=errors)
 
     def __repr__(self) -> str:
         shown = self._prefix if len(self._prefix) <= 40 else self._prefix[:37] + "..."
