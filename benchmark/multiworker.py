@@ -39,6 +39,7 @@ TIKTOKEN = "tiktoken per request"
 LOCAL = "FixedPrefixTokenCache per process (LRU dict)"
 DAEMON = "shared daemon via Client (L1 + L2)"
 LOCAL_FAST = f"{LOCAL} [backend=fastest]"
+DAEMON_FAST = f"{DAEMON} [backend=fastest]"  # the Client's and the daemon's backend
 _CHECK_EVERY = 97
 _CHECK_MAX = 40
 
@@ -66,7 +67,7 @@ def _strategy(
 
     if args["strategy"] == TIKTOKEN:
         return (lambda p, s: enc.encode_ordinary(p + s)), dict
-    if args["strategy"] not in (LOCAL, LOCAL_FAST, DAEMON):
+    if args["strategy"] not in (LOCAL, LOCAL_FAST, DAEMON, DAEMON_FAST):
         peer = baselines.peer_named(args["encoding"], args["strategy"])
         if peer is None:
             raise ValueError(f"no strategy or installed peer called {args['strategy']!r}")
@@ -94,7 +95,8 @@ def _strategy(
             return cache.encode_ordinary(s)
 
         return local, lambda: dict(counters, entries=len(caches))
-    client = sidecar.make_client(args["address"], args["encoding"])
+    backend = "fastest" if args["strategy"] == DAEMON_FAST else "tiktoken"
+    client = sidecar.make_client(args["address"], args["encoding"], backend=backend)
     return (lambda p, s: client.encode_ordinary(s, prefix=p)), lambda: sidecar.client_stats(client)
 
 
@@ -135,7 +137,7 @@ def _worker(args: dict[str, Any], barrier: Any, out: Any, measured: Any) -> None
         encode, stats = _strategy(args, enc)
         barrier.wait(timeout=args["timeout_s"])
         cold = _window(encode, prefixes, suffixes, picks, 0, args["cold_s"], None)
-        if args["strategy"] in (LOCAL, LOCAL_FAST, DAEMON):
+        if args["strategy"] in (LOCAL, LOCAL_FAST, DAEMON, DAEMON_FAST):
             for p in range(len(prefixes)):  # prime every cache: the measured window is steady state
                 encode(prefixes[p], suffixes[p % len(suffixes)])
         barrier.wait(timeout=args["timeout_s"])
@@ -262,12 +264,14 @@ def run(
 
     peers = [label for label in baselines.peers(encoding) if "bpe-openai" not in label]
     fast = [LOCAL_FAST] if workloads.fast_backends(encoding) else []
-    strategies = [TIKTOKEN, *peers, LOCAL, *fast] + ([] if daemon_skip else [DAEMON])
+    daemons = [] if daemon_skip else [DAEMON, *([DAEMON_FAST] if fast else [])]
+    strategies = [TIKTOKEN, *peers, LOCAL, *fast, *daemons]
     runs = []
     for strategy in strategies:
         for n in workers:
-            if strategy == DAEMON:
-                with sidecar.Daemon(encodings=(encoding,)) as daemon:
+            if strategy in (DAEMON, DAEMON_FAST):
+                backend = "fastest" if strategy == DAEMON_FAST else "tiktoken"
+                with sidecar.Daemon(encodings=(encoding,), backend=backend) as daemon:
                     result = run_one(settings, strategy, n, encoding, daemon.address, daemon.pid)
                     result["daemon_rss_kib"] = daemon.rss_kib()
                     try:

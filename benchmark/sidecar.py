@@ -43,7 +43,12 @@ def unavailable_reason() -> str | None:
 
 
 def make_client(
-    address: str, encoding: str, *, l1_bytes: int | None = None, timeout_ms: int | None = None
+    address: str,
+    encoding: str,
+    *,
+    l1_bytes: int | None = None,
+    timeout_ms: int | None = None,
+    backend: str | None = None,
 ) -> Any:
     """A ``flashtoken.client.Client`` with the client's own defaults unless told otherwise.
 
@@ -62,7 +67,7 @@ def make_client(
     except ImportError:
         pass
     kwargs: dict[str, Any] = {}
-    for name, value in (("l1_bytes", l1_bytes), ("timeout_ms", timeout_ms)):
+    for name, value in (("l1_bytes", l1_bytes), ("timeout_ms", timeout_ms), ("backend", backend)):
         if value is not None:
             if name not in accepted:
                 raise RuntimeError(f"the installed Client takes no {name!r} option")
@@ -128,6 +133,7 @@ class Daemon:
         encodings: tuple[str, ...] = ("cl100k_base",),
         max_bytes: str = DEFAULT_MAX_BYTES,
         fill_threads: int = 2,
+        backend: str = "tiktoken",
     ) -> None:
         self._dir = tempfile.mkdtemp(prefix="flashtoken-bench-")
         os.chmod(self._dir, 0o700)
@@ -146,6 +152,8 @@ class Daemon:
             ",".join(encodings),
             "--fill-threads",
             str(fill_threads),
+            "--backend",
+            backend,
         ]
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -24,7 +24,7 @@ TIKTOKEN = "tiktoken"
 FT_ENCODE = "FixedPrefixTokenCache.encode_ordinary"
 FT_COUNT = "FixedPrefixTokenCache.count_ordinary"
 FT_ARRAY = "FixedPrefixTokenCache.encode_ordinary_array"
-FT_MISS = "FixedPrefixTokenCache miss (a new cache per call)"
+FT_MISS = "FixedPrefixTokenCache(eager=False) miss (a new cache per call)"
 FT_WHOLE = "Encoder.encode_ordinary of the whole text (a Client's miss; fill off the request path)"
 CLIENT_L1 = "Client L1 hit (in-process)"
 CLIENT_L2 = "Client L2 hit (daemon round trip, L1 off)"
@@ -33,6 +33,7 @@ CHAT_SET_TEXT = "AppendOnlyPieceTokenCache.set_text (template rewrites generatio
 GENERATION_PROMPT = "<|im_start|>assistant\n"
 RAG_SHARED = "FixedPrefixTokenCache(instruction); document re-encoded"
 RAG_PER_DOC = "FixedPrefixTokenCache per instruction+document (dict, misses included)"
+RAG_CLIENT = "Client(prefix=instruction+document), cold start included"
 
 
 def _cycler(items: list[str]) -> Callable[[], str]:
@@ -85,7 +86,7 @@ def fixed_prefix(
     for kib in prefix_kib:
         prefix = corpus.system_prompt(kib * KiB, rng)
         caches = {b: flashtoken.FixedPrefixTokenCache(enc, prefix, backend=b) for b in backends}
-        clients = _clients(daemon, encoding, prefix)
+        clients = _clients(daemon, encoding, prefix, backends)
         try:
             for n in suffix_chars:
                 suffixes = [corpus.suffix(n, rng) for _ in range(8)]
@@ -101,7 +102,7 @@ def fixed_prefix(
                         (
                             FT_MISS,
                             lambda s, b=b: flashtoken.FixedPrefixTokenCache(
-                                enc, prefix, backend=b
+                                enc, prefix, backend=b, eager=False
                             ).encode_ordinary(s),
                             "miss",
                         ),
@@ -169,15 +170,20 @@ def fixed_prefix(
     }
 
 
-def _clients(daemon: str | None, encoding: str, prefix: str) -> dict[str, Any]:
-    """Client strategies, warmed so that the measured calls are hits (none without a daemon)."""
+def _clients(daemon: str | None, encoding: str, prefix: str, backends: list[str]) -> dict[str, Any]:
+    """Client strategies with each backend, warmed so that the measured calls are hits (none
+    without a daemon)."""
     if daemon is None:
         return {}
-    l1 = sidecar.make_client(daemon, encoding)
-    l2 = sidecar.make_client(daemon, encoding, l1_bytes=0)
-    sidecar.warm(l1, prefix)
-    sidecar.warm(l2, prefix)
-    return {CLIENT_L1: l1, CLIENT_L2: l2}
+    out = {}
+    for b in backends:
+        l1 = sidecar.make_client(daemon, encoding, backend=b)
+        l2 = sidecar.make_client(daemon, encoding, l1_bytes=0, backend=b)
+        sidecar.warm(l1, prefix)
+        sidecar.warm(l2, prefix)
+        out[with_backend(CLIENT_L1, b)] = l1
+        out[with_backend(CLIENT_L2, b)] = l2
+    return out
 
 
 def _check_outputs(
@@ -351,7 +357,8 @@ def rag(
     picks = corpus.zipf_indices(rng, len(docs), settings.rag_requests, 1.1)
     questions = [rng.choice(corpus.QUESTIONS) for _ in picks]
     others = baselines.available(encoding)
-    client = sidecar.make_client(daemon, encoding) if daemon else None
+    backends = ["tiktoken", *fast_backends(encoding)]
+    clients = {b: sidecar.make_client(daemon, encoding, backend=b) for b in backends if daemon}
 
     def doc_part(d: int) -> str:
         return "\n\n" + docs[d] + "\n\n"
@@ -359,7 +366,7 @@ def rag(
     strategies: dict[str, Callable[[int, str], object]] = {
         TIKTOKEN: lambda d, q: enc.encode_ordinary(instruction + doc_part(d) + q),
     }
-    for b in ["tiktoken", *fast_backends(encoding)]:
+    for b in backends:
         shared = flashtoken.FixedPrefixTokenCache(enc, instruction, backend=b)
         per_doc: dict[int, flashtoken.FixedPrefixTokenCache] = {}
 
@@ -375,8 +382,8 @@ def rag(
             shared.encode_ordinary(doc_part(d) + q)
         )
         strategies[with_backend(RAG_PER_DOC, b)] = per_doc_cache
-    if client is not None:
-        strategies["Client(prefix=instruction+document), cold start included"] = lambda d, q: (
+    for b, client in clients.items():
+        strategies[with_backend(RAG_CLIENT, b)] = lambda d, q, client=client: (
             client.encode_ordinary(q, prefix=instruction + doc_part(d))
         )
     for label, base in others.items():
@@ -398,7 +405,7 @@ def rag(
                         f"rag: {name}", list(got), want, f"{encoding} rag request {i}", kind
                     )  # type: ignore[arg-type]
     finally:
-        if client is not None:
+        for client in clients.values():
             client.close()
     stats = _stats(samples)
     totals = {name: sum(xs) / 1e6 for name, xs in samples.items()}
