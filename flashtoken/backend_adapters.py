@@ -157,8 +157,9 @@ class Avoiding:
         # ~50-190 us whatever the class (a character at a time), close to toktok's whole encode
         # at worst. So: the few BMP characters are looked for one by one, and the astral ones
         # (most of them) only in a text stored 4 bytes a character (emoji, say), at each of
-        # their UTF-8 lead bytes (~3 us on 32 KiB with a few emoji); a text with many lead
-        # bytes (emoji-heavy) collects its astral characters once (~60 us) and looks each up.
+        # their UTF-8 lead bytes (~3 us on 32 KiB with a few emoji); a text with more lead
+        # bytes than one per 128 characters (emoji-heavy) collects its astral characters once
+        # (~60 us on 32 KiB) and looks each up.
         # Rejected: one class of every avoided range (~1 ms: `re` tests astral ranges one by
         # one); checking before the encode (the UTF-8 conversion was then paid twice).
         def holds_avoided(text: str) -> bool:
@@ -169,13 +170,15 @@ class Avoiding:
             if not astral or not _may_hold_astral(text):
                 return False
             data = text.encode("utf-8", "surrogatepass")
+            # A lead byte costs ~0.25 us to look at, a character ~2 ns to collect (findall).
+            most = max(64, len(text) >> 7)
             for lead in leads:
                 at, looked = data.find(lead), 0
                 while at != -1:
                     if data[at : at + 4] in astral_utf8:
                         return True
                     looked += 1
-                    if looked > 64:  # emoji-heavy: one pass over the characters instead
+                    if looked > most:  # emoji-heavy: one pass over the characters instead
                         return not astral.isdisjoint(astral_chars(text))
                     at = data.find(lead, at + 4)
             return False

@@ -312,3 +312,14 @@ def test_a_cache_takes_an_encoder_of_its_encoding():
     )
     with pytest.raises(ValueError, match="the Encoder is for 'cl100k_base'"):
         FixedPrefixTokenCache("o200k_base", "x", backend=encoder)
+
+
+@pytest.mark.parametrize("start", [0, 1, 49_999, 50_000, 50_001, 123_457])
+@pytest.mark.parametrize("length", [99_999, 100_000, 100_001])
+def test_the_long_run_search_agrees_with_the_regex(start, length):
+    # The pre-filter looks at every 50,000th character only: each placement of a run just
+    # under, at and over the limit must give the regex's answer.
+    for space in (" ", "\u3000", "\t"):
+        text = "x" * start + space * length + "y" * 70_000
+        assert backends._has_long_run(text) == (backends._long_run.search(text) is not None)
+        assert backends._has_long_run(text) == (length >= backends._LONG_RUN)
