@@ -149,38 +149,39 @@ class Avoiding:
         bmp = tuple(c for c in avoid if c <= "\uffff")
         narrow = all(c > "\u00ff" for c in bmp)  # none can be in a text stored 1 byte a char
         astral = frozenset(c for c in avoid if c > "\uffff")
-        astral_utf8 = frozenset(c.encode("utf-8") for c in astral)
-        leads = tuple(sorted({seq[:1] for seq in astral_utf8}))
+        utf8 = frozenset(c.encode("utf-8") for c in avoid)
+        leads = tuple(sorted({(seq[:1], len(seq)) for seq in utf8}))  # (lead byte, length)
         astral_chars = re.compile("[\U00010000-\U0010ffff]").findall
+
+        def every_character(text: str) -> bool:
+            return any(c in text for c in bmp) or not astral.isdisjoint(astral_chars(text))
 
         # Measured on 32 KiB of non-ASCII text: a `c in text` costs ~1 us, a regex class search
         # ~50-190 us whatever the class (a character at a time), close to toktok's whole encode
-        # at worst. So: the few BMP characters are looked for one by one, and the astral ones
-        # (most of them) only in a text stored 4 bytes a character (emoji, say), at each of
-        # their UTF-8 lead bytes (~3 us on 32 KiB with a few emoji); a text with more lead
-        # bytes than one per 128 characters (emoji-heavy) collects its astral characters once
-        # (~60 us on 32 KiB) and looks each up.
+        # at worst. So: a text stored 1 or 2 bytes a character (no astral code point) is
+        # searched for the few BMP ones, one by one; a text stored 4 bytes a character (emoji,
+        # say) at each UTF-8 lead byte of an avoided code point (~3 us on 32 KiB with a few
+        # emoji: E0, EA and F0 for cl100k_base). A text with more such lead bytes than one per
+        # 128 characters (Indic, emoji-heavy) is searched character by character (~60 us).
         # Rejected: one class of every avoided range (~1 ms: `re` tests astral ranges one by
         # one); checking before the encode (the UTF-8 conversion was then paid twice).
         def holds_avoided(text: str) -> bool:
             if text.isascii():
                 return False
-            if bmp and not (narrow and _one_byte_a_char(text)) and any(c in text for c in bmp):
-                return True
-            if not astral or not _may_hold_astral(text):
-                return False
+            if not _may_hold_astral(text):
+                return not (narrow and _one_byte_a_char(text)) and any(c in text for c in bmp)
             data = text.encode("utf-8", "surrogatepass")
             # A lead byte costs ~0.25 us to look at, a character ~2 ns to collect (findall).
             most = max(64, len(text) >> 7)
-            for lead in leads:
+            for lead, length in leads:
                 at, looked = data.find(lead), 0
                 while at != -1:
-                    if data[at : at + 4] in astral_utf8:
+                    if data[at : at + length] in utf8:
                         return True
                     looked += 1
-                    if looked > most:  # emoji-heavy: one pass over the characters instead
-                        return not astral.isdisjoint(astral_chars(text))
-                    at = data.find(lead, at + 4)
+                    if looked > most:
+                        return every_character(text)
+                    at = data.find(lead, at + length)
             return False
 
         self._holds_avoided = holds_avoided
