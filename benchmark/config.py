@@ -43,6 +43,9 @@ class Settings:
     mw_cold_s: float = 1.0
     mw_warmup_s: float = 1.0
     mw_measure_s: float = 3.0
+    # The shared-daemon run again with backend="fastest" on the clients and the daemon (each
+    # worker count: a fresh daemon and workers, each gating its backend at start-up).
+    mw_fast_daemon: bool = True
     mw_timeout_s: float = 120.0
     # Sweeps.
     sweep_prefix_kib: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -103,6 +106,7 @@ TINY = dataclasses.replace(
     mw_cold_s=0.2,
     mw_warmup_s=0.2,
     mw_measure_s=0.3,
+    mw_fast_daemon=False,
     sweep_prefix_kib=(1, 8),
     sweep_suffix_chars=(10, 1000),
     sweep_backtrack=(2, 3),

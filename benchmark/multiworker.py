@@ -264,7 +264,8 @@ def run(
 
     peers = [label for label in baselines.peers(encoding) if "bpe-openai" not in label]
     fast = [LOCAL_FAST] if workloads.fast_backends(encoding) else []
-    daemons = [] if daemon_skip else [DAEMON, *([DAEMON_FAST] if fast else [])]
+    fast_daemon = [DAEMON_FAST] if fast and settings.mw_fast_daemon else []
+    daemons = [] if daemon_skip else [DAEMON, *fast_daemon]
     strategies = [TIKTOKEN, *peers, LOCAL, *fast, *daemons]
     runs = []
     for strategy in strategies:
