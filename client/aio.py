@@ -158,7 +158,7 @@ class AsyncClient(ClientBase):
     ) -> list[list[int]]:
         """``[await encode(t, prefix=prefix, ...) for t in texts]``, as ``encode_ordinary_batch``
         runs them; raises the first text's error, as tiktoken's ``encode_batch``."""
-        special = dict(allowed_special=allowed_special, disallowed_special=disallowed_special)
+        special: Any = dict(allowed_special=allowed_special, disallowed_special=disallowed_special)
         if prefix is None:
             return await self._batch(functools.partial(self.encode, **special), texts)
         cache = await self._prefix(prefix, self._allowed(allowed_special))
@@ -192,11 +192,12 @@ class AsyncClient(ClientBase):
 
     async def _prefix(self, prefix: str, allowed: frozenset[str]) -> Prefix:
         key, cache = self._l1(prefix, allowed)
-        if cache is None:
-            flow = fetch_flow(self._core, prefix, allowed, key, self._closed)
-            cache, source = await self._run(flow)
-            self._source.set(source)
-        return cache
+        if cache is not None:
+            return cache
+        flow = fetch_flow(self._core, prefix, allowed, key, self._closed)
+        fetched, source = await self._run(flow)
+        self._source.set(source)
+        return fetched
 
     async def _auto(self, text: str, policy: SpecialPolicy) -> list[int]:
         tokens, source = await self._run(auto_encode(self._core, text, policy, self._closed))
@@ -226,7 +227,7 @@ class AsyncClient(ClientBase):
                 except SOCKET_ERRORS as exc:
                     result, error = None, exc
                 step = run.after(step, result, error)
-            return run.value  # type: ignore[no-any-return]
+            return run.value
         finally:
             if run.held:  # left early: an exception, or this task was cancelled
                 lock.release()
@@ -251,7 +252,7 @@ class AsyncClient(ClientBase):
     async def _recv(self, step: Recv) -> list[bytes] | None:
         sock = self._socket()
         remaining = ms_left(step.deadline)
-        if remaining <= 0 or not await sock.poll(remaining, zmq.POLLIN):
+        if remaining <= 0 or not await sock.poll(remaining):  # flags=POLLIN
             return None
         return await sock.recv_multipart(zmq.NOBLOCK)
 
@@ -268,7 +269,8 @@ class AsyncClient(ClientBase):
             if step.deadline is None:
                 return False
         # No completed connection yet (ZMQ_IMMEDIATE): wait for one within the budget.
-        if not await sock.poll(ms_left(step.deadline), zmq.POLLOUT):
+        # pyzmq's stub for the asyncio socket's poll omits its flags argument.
+        if not await sock.poll(ms_left(step.deadline), zmq.POLLOUT):  # type: ignore[call-arg]
             return False
         try:
             await sock.send_multipart(step.frames, zmq.NOBLOCK)
@@ -286,7 +288,7 @@ class AsyncClient(ClientBase):
         if isinstance(step, Send):
             assert step.deadline is None
             # The same socket through its synchronous face: zmq.asyncio's send needs a loop.
-            sock = zmq.Socket.shadow(self._socket().underlying)
+            sock: zmq.Socket[bytes] = zmq.Socket.shadow(self._socket().underlying)
             try:
                 sock.send_multipart(step.frames, zmq.NOBLOCK)
                 return True

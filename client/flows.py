@@ -247,7 +247,7 @@ class Run:
     def __init__(self, flow: Flow[Any]) -> None:
         self.flow = flow
         self.held = False
-        self.value: Any = None
+        self.value: Any = None  # the flow's return value, once it has returned
 
     def first(self) -> Step | None:
         return self._advance(lambda: self.flow.send(None))
@@ -282,7 +282,7 @@ def drive(flow: Flow[T], do: Callable[[Step], Any], release: Callable[[], None])
             except SOCKET_ERRORS as exc:
                 result, error = None, exc
             step = run.after(step, result, error)
-        return run.value  # type: ignore[no-any-return]
+        return run.value
     finally:
         if run.held:
             release()

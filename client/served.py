@@ -11,6 +11,7 @@ trust from the daemon (which runs ``flashtoken.split_prefix``; only the socket o
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import tiktoken
 
@@ -30,7 +31,7 @@ class SpanCheck:
         self._forbidden: dict[frozenset[str], frozenset[int]] = {}
 
     def spelled(
-        self, tokens: object, data: bytes, text: str, allowed: frozenset[str]
+        self, tokens: Any, data: bytes, text: str, allowed: frozenset[str]
     ) -> list[int] | None:
         """``tokens`` as a list of ints if they decode to ``data`` (whose text is ``text``) and
         hold no special token outside ``allowed``; else None."""

@@ -181,7 +181,7 @@ class Client(ClientBase):
     ) -> list[list[int]]:
         """``[encode(t, prefix=prefix, ...) for t in texts]`` on ``num_threads`` threads, as
         tiktoken's ``encode_batch``; raises the first text's error as it does."""
-        special = dict(allowed_special=allowed_special, disallowed_special=disallowed_special)
+        special: Any = dict(allowed_special=allowed_special, disallowed_special=disallowed_special)
         if prefix is None:
             return self._batch(functools.partial(self.encode, **special), texts, num_threads)
         cache = self._prefix(prefix, self._allowed(allowed_special))
@@ -211,10 +211,11 @@ class Client(ClientBase):
 
     def _prefix(self, prefix: str, allowed: frozenset[str]) -> Prefix:
         key, cache = self._l1(prefix, allowed)
-        if cache is None:
-            cache, source = self._run(fetch_flow(self._core, prefix, allowed, key, self._closed))
-            self._source.set(source)
-        return cache
+        if cache is not None:
+            return cache
+        fetched, source = self._run(fetch_flow(self._core, prefix, allowed, key, self._closed))
+        self._source.set(source)
+        return fetched
 
     def _auto(self, text: str, policy: SpecialPolicy) -> list[int]:
         tokens, source = self._run(auto_encode(self._core, text, policy, self._closed))
@@ -228,7 +229,7 @@ class Client(ClientBase):
             return encode(text), self.last_source  # the pool thread's own source
 
         done = _threads(one, texts, n)
-        self._source.set(batch_source([source for _, source in done]))  # type: ignore[arg-type]
+        self._source.set(batch_source([source for _, source in done]))
         return [tokens for tokens, _ in done]
 
     def _run(self, flow: Flow[T]) -> T:
