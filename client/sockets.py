@@ -132,7 +132,7 @@ def _close_all() -> None:
     for client in list(_clients):
         try:
             client._close_socket()
-            client._core.stop_following()  # before the context goes: its thread uses it
+            client._core.chains.stop_following()  # before the context goes: its thread uses it
         except Exception:
             pass
     if CONTEXT.ctx is not None and CONTEXT.pid == os.getpid():
