@@ -18,6 +18,7 @@ import pytest
 pytest.importorskip("zmq")
 
 from flashtoken.client import AsyncClient, Client  # noqa: E402
+from flashtoken.client.breaker import Breaker  # noqa: E402
 from flashtoken.client.core import ClientCore  # noqa: E402
 from flashtoken.client.flows import Acquire, Drop, Release, Send, fetch_prefix  # noqa: E402
 from flashtoken.client.requests import RequestContext  # noqa: E402
@@ -161,3 +162,26 @@ def test_async_close_runs_without_a_loop(tmp_path: Path) -> None:
     client.close()  # no loop runs here: the closing flow never waits
     assert asyncio.run(use()) == get_encoding("cl100k_base").encode_ordinary(PREFIX + " hi")
     assert client.last_source is None  # this thread's context made no call itself
+
+
+def test_the_breaker_opens_probes_and_backs_off() -> None:
+    now = [0.0]
+    breaker = Breaker(failures=2, cooldown=1.0, max_cooldown=3.0, clock=lambda: now[0])
+    breaker.failure()
+    assert breaker.allow() and breaker.state == "closed"
+    breaker.failure()  # the second in a row: open for the cool-down
+    assert breaker.state == "open" and not breaker.allow()
+    now[0] = 1.0
+    assert breaker.state == "half-open"
+    assert breaker.allow() and not breaker.allow()  # one probe, no second
+    breaker.failure()  # the probe failed: open twice as long
+    now[0] = 2.9
+    assert not breaker.allow()
+    now[0] = 3.0
+    assert breaker.allow()
+    breaker.failure()
+    assert breaker.cooldown == 3.0  # capped at max_cooldown
+    now[0] = 6.0
+    assert breaker.allow()
+    breaker.success()
+    assert breaker.state == "closed" and breaker.cooldown == 1.0 and breaker.allow()
