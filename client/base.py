@@ -50,6 +50,7 @@ class ClientBase:
         fill: bool | None = None,
         min_uses: int | None = None,
     ) -> None:
+        # The first statement, so that locals() holds the parameters only: name -> value given.
         given = dict(locals())
         del given["self"]
         settings = client_settings(type(self).__name__, given)
