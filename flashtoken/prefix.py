@@ -120,8 +120,8 @@ class FixedPrefixTokenCache:
             # Instance attributes shadowing the methods for the first call only (then deleted):
             # the hot paths stay free of a "first call?" check.
             whole = self._encoder
-            self.encode_ordinary = self._once(whole.encode_ordinary)  # type: ignore[method-assign]
-            self.count_ordinary = self._once(whole.count_ordinary)  # type: ignore[method-assign]
+            self.encode_ordinary = self._once(whole.encode_ordinary)  # type: ignore[method-assign,assignment]
+            self.count_ordinary = self._once(whole.count_ordinary)  # type: ignore[method-assign,assignment]
 
     def _once(self, whole: Callable[[str], _T]) -> Callable[[str], _T]:
         def first(suffix: str) -> _T:
