@@ -49,6 +49,7 @@ class ClientBase:
         follow: bool | None = None,
         fill: bool | None = None,
         min_uses: int | None = None,
+        backend: str | None = None,
     ) -> None:
         # The first statement, so that locals() holds the parameters only: name -> value given.
         given = dict(locals())
