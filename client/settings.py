@@ -117,14 +117,6 @@ CLIENT_SETTINGS: tuple[Setting, ...] = (
         "take the chain blocks the daemon publishes into the in-process cache (a thread)",
     ),
     Setting("fill", True, "flag", "ask the daemon to fill its store on a miss"),
-    Setting(
-        "backend",
-        "tiktoken",
-        "choice",
-        "what encodes the text not found cached (docs/BACKENDS.md): tiktoken, or a fast exact"
-        " tokenizer once it passed its gate against tiktoken",
-        choices=BACKENDS,
-    ),
     # nginx's proxy_cache_min_uses: a prefix that changes every request is never cached, so the
     # first request for one is encoded whole (flashtoken/admission.py).
     Setting(
@@ -135,6 +127,14 @@ CLIENT_SETTINGS: tuple[Setting, ...] = (
         " whole, as tiktoken does; 1 caches from the first",
         low=1,
         high=2,
+    ),
+    Setting(
+        "backend",
+        "tiktoken",
+        "choice",
+        "what encodes the text not found cached (docs/BACKENDS.md): tiktoken, or a fast exact"
+        " tokenizer once it passed its gate against tiktoken",
+        choices=BACKENDS,
     ),
 )
 
