@@ -33,8 +33,6 @@ adapters are in flashtoken/backend_adapters.py):
 from __future__ import annotations
 
 import logging
-import os
-import queue
 import random
 import threading
 import warnings
@@ -51,6 +49,8 @@ from flashtoken.backend_adapters import (
     Unsupported,
 )
 from flashtoken.backend_gate import candidate_code_points, disagreeing_code_points, run_gate
+from flashtoken.backend_shadow import Shadow
+from flashtoken.backend_shadow import fatal as _fatal
 from flashtoken.encodings import resolve_encoding
 
 __all__ = ["BACKENDS", "Encoder", "get_encoder"]
@@ -153,10 +153,6 @@ def _load_and_gate(enc: tiktoken.Encoding, name: str) -> _State:
 # -- the encoder ----------------------------------------------------------------------------------
 
 
-def _fatal(exc: BaseException) -> bool:
-    return isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit))
-
-
 class Encoder:
     """Encodes text as ``encoding`` does, with ``backend`` where it is exact, else tiktoken.
 
@@ -193,7 +189,7 @@ class Encoder:
             self._large = None
         self._fraction = shadow_fraction
         self._counts = {"routed_to_tiktoken": 0}
-        self._shadow: _Shadow | None = None
+        self._shadow: Shadow | None = None
         if self._state is None:
             # tiktoken's bound methods themselves: no wrapper on the default path.
             self.encode_ordinary: Callable[[str], list[int]] = enc.encode_ordinary
@@ -201,7 +197,7 @@ class Encoder:
             return
         adapter = self._state.adapter
         if shadow_fraction > 0:
-            self._shadow = _Shadow(enc, self._state)
+            self._shadow = Shadow(enc, self._state)
             self.encode_ordinary = lambda text: self._call(adapter.ordinary, text, None)
             # Counts go through encode_ordinary here, so that they are sampled too.
             self.count_ordinary = lambda text: len(self.encode_ordinary(text))
@@ -399,67 +395,3 @@ def get_encoder(
     if encoder is None:
         encoder = per_enc[key] = Encoder(enc, backend, shadow_fraction=shadow_fraction)
     return encoder
-
-
-# -- shadow verification --------------------------------------------------------------------------
-
-
-class _Shadow:
-    """Re-encodes sampled calls with tiktoken on one daemon thread; disables on a disagreement."""
-
-    MAX_QUEUED = 256
-
-    def __init__(self, enc: tiktoken.Encoding, state: _State) -> None:
-        self._enc = enc
-        self._state = state
-        self._pid = -1
-        self._lock = threading.Lock()
-        self._queue: queue.Queue[tuple[str, Any, list[int]]] = queue.Queue(self.MAX_QUEUED)
-        self.counts = {
-            "shadow_offered": 0,
-            "shadow_checked": 0,
-            "shadow_dropped": 0,
-            "shadow_mismatches": 0,
-        }
-
-    def offer(self, text: str, allowed: Any, ids: list[int]) -> None:
-        if self._pid != os.getpid():  # first use, or a forked child: threads do not survive fork
-            self._start()
-        self.counts["shadow_offered"] += 1
-        try:
-            self._queue.put_nowait((text, allowed, list(ids)))
-        except queue.Full:
-            self.counts["shadow_dropped"] += 1
-
-    def _start(self) -> None:
-        with self._lock:
-            if self._pid == os.getpid():
-                return
-            self._queue = queue.Queue(self.MAX_QUEUED)
-            thread = threading.Thread(target=self._run, name="flashtoken-shadow", daemon=True)
-            thread.start()
-            self._pid = os.getpid()
-
-    def _run(self) -> None:
-        q = self._queue
-        while True:
-            text, allowed, ids = q.get()
-            try:
-                if allowed is None:
-                    want = self._enc.encode_ordinary(text)
-                else:
-                    want = self._enc.encode(text, allowed_special=allowed, disallowed_special=())
-            except BaseException as exc:  # tiktoken raised where the backend answered
-                if _fatal(exc):
-                    raise
-                want = f"raises {type(exc).__name__}"  # type: ignore[assignment]
-            self.counts["shadow_checked"] += 1
-            if want != ids:
-                self.counts["shadow_mismatches"] += 1
-                shown = text if len(text) <= 200 else text[:197] + "..."
-                reason = (
-                    f"shadow check: the backend disagreed with tiktoken on {self._enc.name} for"
-                    f" {shown!r} (allowed={sorted(allowed) if allowed else None}); disabled"
-                )
-                self._state.disable(reason)
-                _log.error("%s", reason)
