@@ -21,6 +21,7 @@ import pytest
 import zmq
 
 from flashtoken.wire import ALGORITHM, MAGIC, VERSION, PingRequest, StatsRequest, parse_reply
+from flashtoken.wire.auth import secure_client
 from tests.polling import wait_until
 
 START_TIMEOUT = 30.0
@@ -125,6 +126,7 @@ def request(address: str, frames: list[bytes], *, timeout_ms: int = 2000) -> lis
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
+        secure_client(sock, address)  # tcp://: CURVE with the key file's keys
         sock.connect(address)
         sock.send_multipart(frames)
         if not sock.poll(timeout_ms, zmq.POLLIN):
