@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from flashtoken.client.core import Breaker
+from flashtoken.client.breaker import Breaker
 
 from flashtoken.encodings import encoding_id, get_encoding
 

@@ -59,7 +59,7 @@ class _Node:
 
     __slots__ = ("key", "parent", "block", "cut", "cut_byte", "tokens", "children", "used")
 
-    def __init__(self, key, parent, block, cut, cut_byte, tokens, used):  # type: ignore[no-untyped-def]
+    def __init__(self, key, parent, block, cut, cut_byte, tokens, used):
         self.key: tuple[frozenset[str], int] = key
         self.parent: _Node | None = parent
         self.block: bytes = block  # this block's bytes, to confirm a digest match
@@ -253,7 +253,9 @@ class AutoPrefixCache:
         policy = SpecialPolicy.parse(self._enc, allowed_special, disallowed_special)
         if policy is None or policy.finds_disallowed(text):
             return self._enc.encode(
-                text, allowed_special=allowed_special, disallowed_special=disallowed_special
+                text,
+                allowed_special=allowed_special,  # type: ignore[arg-type]
+                disallowed_special=disallowed_special,
             )
         return self._encode(text, policy)
 
