@@ -26,8 +26,9 @@ import tiktoken
 
 from flashtoken import tiktoken_parts
 
-# An impossible token length: a frame holds at most 2**30 ids, so a sum with k of these is
-# >= k * 2**32 and never fits in int64 overflow, nor equals a real prefix's length (< 2**32).
+# An impossible token length: a sum of lengths holding k >= 1 of these is at least 2**32, more
+# than any prefix's length (a u32 in the value), and at most 2**62 (a value holds < 2**30 ids):
+# no int64 overflow.
 _NOT_ORDINARY = 1 << 32
 _WORD = 8
 

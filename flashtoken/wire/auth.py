@@ -151,14 +151,19 @@ def make_keys(path: str) -> Keys:
     lines = [b"# flashtoken tcp:// CURVE keys (z85): keep this file private"]
     lines += [f"{n} ".encode() + k for n, k in zip(_FIELDS, (
         server_public, server_secret, client_public, client_secret), strict=True)]  # fmt: skip
+    # Written whole beside it, then linked into place: a daemon starting at the same moment reads
+    # either no file or a complete one, and an existing file (or a planted link) is never replaced.
+    partial = f"{path}.{os.getpid()}.tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(path, flags, 0o600)  # O_EXCL: never overwrite, never follow a link
-    except FileExistsError:
-        return read_keys(path)
-    with os.fdopen(fd, "wb") as f:
+    with os.fdopen(os.open(partial, flags, 0o600), "wb") as f:
         f.write(b"\n".join(lines) + b"\n")
-    log.info("wrote new tcp:// keys to %s", path)
+    try:
+        os.link(partial, path)
+        log.info("wrote new tcp:// keys to %s", path)
+    except FileExistsError:
+        pass  # another daemon's, or an earlier one's: those are the keys
+    finally:
+        os.unlink(partial)
     return read_keys(path)
 
 
