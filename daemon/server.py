@@ -25,7 +25,6 @@ logged, counted in ``fill_errors``, remembered, and answered as SERVER_ERROR for
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -45,7 +44,7 @@ import zmq
 
 import flashtoken
 from flashtoken.boundary import uncached_encodings
-from flashtoken.errors import ProtocolError
+from flashtoken.errors import DaemonUnavailable, ProtocolError
 from flashtoken.prefix import split_prefix
 from flashtoken.wire import (
     CLIENT_ERROR,
@@ -63,6 +62,7 @@ from flashtoken.wire import (
     StatsRequest,
     TellRequest,
     TouchRequest,
+    auth,
     ipc_path,
     make_key,
     parse_request,
@@ -145,6 +145,8 @@ class Server(ChainHandlers):
         self._lock_fd: int | None = None
         self._socket_path: str | None = None
         self._ctx: zmq.Context | None = None
+        self._keys: auth.Keys | None = None  # tcp:// only: CURVE (flashtoken/wire/auth.py)
+        self._zap: auth.ZapHandler | None = None
         self._router: zmq.Socket | None = None
         self._publisher: zmq.Socket | None = None
         self._publish_path: str | None = None
@@ -197,27 +199,46 @@ class Server(ChainHandlers):
         address = self.config.bind
         path = ipc_path(address)
         if path is not None:
+            if not (auth.ipc_available() and auth.fcntl_available()):
+                raise StartupError(
+                    f"cannot serve {address}: ipc:// (and its lock, fcntl) is not available"
+                    f" here; bind {auth.DEFAULT_TCP_ADDRESS} (this platform's default),"
+                    " authenticated with the keys of its tcp:// key file"
+                )
             self._take_lock(path, address)
             # Test-only forced collisions exercise the in-memory store's checks: no map then.
             if self.config.debug_key_bytes is None:
                 self.hostmap = self._open_map(path)
         self._limit = PeerLimit(peer_cap(raise_nofile()))
         self._ctx = zmq.Context()
+        if address.startswith("tcp://"):
+            # TCP has no owner: CURVE keys from a private file, the ZAP handler before any bind.
+            try:
+                self._keys = auth.make_keys(auth.key_file())
+            except (DaemonUnavailable, OSError) as exc:
+                self._close()
+                raise StartupError(f"cannot use the tcp:// key file: {exc}") from exc
+            self._zap = auth.ZapHandler(self._ctx, self._keys)
         router = self._router = self._ctx.socket(zmq.ROUTER)
         _bounded(router, self.config.hwm)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full queue is EAGAIN (counted), not silent
         # libzmq drops a peer that sends a frame larger than this, before we ever see it.
         router.setsockopt(zmq.MAXMSGSIZE, self.config.max_prefix_bytes + MAX_HEADER_BYTES)
         try:
-            self._socket_path = _bind_private(router, address)
+            self._socket_path = _bind_private(router, address, self._keys)
         except zmq.ZMQError as exc:
             self._close()
-            raise StartupError(f"cannot bind {address}: {exc}") from exc
-        if address.startswith("tcp://"):
-            log.warning(
-                "listening on %s: TCP has no authentication; any local or remote"
-                " peer that can connect can use this daemon",
+            # On tcp:// the port is the single-instance lock: libzmq binds it exclusively.
+            held = exc.errno == errno.EADDRINUSE
+            raise StartupError(
+                f"cannot bind {address}: {exc}"
+                + ("; another flashtoken-daemon may be serving it" if held else "")
+            ) from exc
+        if self._keys is not None:
+            log.info(
+                "listening on %s with CURVE: only clients holding the keys in %s get in",
                 address,
+                auth.key_file(),
             )
         self._bind_publisher(address)
         self._poller = zmq.Poller()
@@ -279,6 +300,8 @@ class Server(ChainHandlers):
                 " another --bind"
             )
         try:
+            import fcntl  # checked in start(): absent on Windows, where the port is the lock
+
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
@@ -342,7 +365,7 @@ class Server(ChainHandlers):
         pub = self._publisher = self._ctx.socket(zmq.PUB)
         _bounded(pub, self.config.hwm)
         try:
-            self._publish_path = _bind_private(pub, where)
+            self._publish_path = _bind_private(pub, where, self._keys)
         except zmq.ZMQError as exc:
             self._close()
             raise StartupError(f"cannot bind the publish address {where}: {exc}") from exc
@@ -365,6 +388,8 @@ class Server(ChainHandlers):
         for sock in (self._router, self._publisher):
             if sock is not None:
                 sock.close(linger=0)
+        if self._zap is not None:
+            self._zap.stop()  # its socket closed: the context's term would wait for it
         if self._ctx is not None:
             self._ctx.term()
         for path in (self._socket_path, self._publish_path):
@@ -783,11 +808,13 @@ def _memory() -> dict[str, int]:
     return out
 
 
-def _bind_private(sock: zmq.Socket, address: str) -> str | None:
+def _bind_private(sock: zmq.Socket, address: str, keys: auth.Keys | None) -> str | None:
     """Bind ``sock``; an ipc socket file is 0600 from the start (umask), not only after the
-    chmod. Returns its path (None for another transport)."""
+    chmod; a tcp:// socket is a CURVE server with ``keys``. Returns the ipc socket's path
+    (None for another transport)."""
     path = ipc_path(address)
     if path is None:
+        auth.secure_server(sock, address, keys)
         sock.bind(address)
         return None
     old = os.umask(0o177)
