@@ -5,7 +5,7 @@ The L1 is a ``flashtoken.AutoPrefixCache``. After its lookup (``auto_plan``) a t
 the new blocks (TELL, sent by the follower thread); otherwise one AUTO round trip asks the
 daemon for its chain first (checked like a GET hit: ``_check_auto``). The follower
 (client/follow.py) takes the blocks the daemon publishes for the chains this process follows
-(``take_published``: checked by ``AutoPrefixCache._adopt``). Sans-IO like the rest of the core.
+(``take_published``: checked by ``AutoPrefixCache.adopt``). Sans-IO like the rest of the core.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class AutoPending:
 
     id: int
     text: str
-    plan: Any  # flashtoken.auto._Plan
+    plan: Any  # flashtoken.auto.Plan
     allowed: frozenset
     frames: list
 
@@ -85,7 +85,7 @@ class ChainCore:
     def auto_plan(self, text: str, policy: SpecialPolicy) -> Any:
         """The L1's longest cached path for ``text`` (None: not UTF-8, encode locally)."""
         self.counters["auto_calls"] += 1
-        return self.auto._plan(text, policy)
+        return self.auto.lookup(text, policy)
 
     def auto_route(self, plan: Any) -> str:
         """What to do after the L1's ``plan``: ``AUTO_L1`` (the L1 holds every full block of
@@ -195,7 +195,7 @@ class ChainCore:
         policy = self._seed_policies.get(blocks.seed)
         if policy is None:
             return 0
-        return self.auto._adopt(
+        return self.auto.adopt(
             policy,
             blocks.first,
             None if blocks.parent is None else int.from_bytes(blocks.parent, "big"),
@@ -229,13 +229,13 @@ class ChainCore:
     ) -> list[int]:
         """The tokens of ``text``: the L1's, then the daemon's (``found``: checked tokens and the
         cut they reach), then one local encode of the rest; records the new blocks in the L1."""
-        head = self.auto._head(plan)
+        head = self.auto.head(plan)
         if found is not None:
             tail, cut = found
             tail += encode_with(self.enc, text[cut:], policy)
         else:
             tail = encode_with(self.enc, text[plan.cut :], policy)
-        self.auto._finish(plan, policy, text, tail)
+        self.auto.record(plan, policy, text, tail)
         head += tail
         return head
 

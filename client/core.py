@@ -269,8 +269,7 @@ class ClientCore(ChainCore):
             self.l1 = OrderedDict()
             self.l1_bytes = 0
         self._l1_lock = threading.Lock()
-        if self.auto._lock.locked():  # not done yet by flashtoken.auto's own fork hook
-            self.auto._after_fork()
+        self.auto.after_fork()  # a no-op once flashtoken.auto's own fork hook has run
         self.breaker.reset()
         if self.follower is not None:  # its thread is the parent's: leave its socket alone
             abandon(self.follower)
@@ -348,8 +347,7 @@ class ClientCore(ChainCore):
                 if old is not None:
                     self.l1_bytes -= old[1]
             self._from_daemon = set()
-        with self.auto._lock:
-            self.auto._empty()
+        self.auto.clear()
 
     def attach_map(self, address: str) -> None:
         """Read the host's map beside the daemon's socket at ``address`` (ipc:// only)."""
@@ -453,7 +451,7 @@ class ClientCore(ChainCore):
 
     def _forbidden(self, allowed: frozenset) -> frozenset:
         """The ids of the special tokens not in ``allowed`` (the L1 keeps them per policy)."""
-        return self.auto._forbidden(allowed)
+        return self.auto.forbidden(allowed)
 
     def accept(self, pending: Pending | AutoPending, frames: list) -> tuple[str, Any]:
         """What a received reply means for ``pending``: ``(LATE | DONE | FAILED, result)``.

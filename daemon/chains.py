@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import xxhash
 import zmq
 
-from flashtoken.auto import block_cuts
+from flashtoken.blocks import block_cuts
 from flashtoken.specials import SpecialPolicy, encode_with
 from flashtoken.wire import (
     AutoHit,

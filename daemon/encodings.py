@@ -12,7 +12,7 @@ from typing import Any
 
 import tiktoken
 
-from flashtoken.auto import token_byte_lengths
+from flashtoken.blocks import token_byte_lengths
 from flashtoken.boundary import CutRule, cut_rule
 from flashtoken.encodings import encoding_id, get_encoding
 from flashtoken.errors import ProtocolError
