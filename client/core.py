@@ -427,7 +427,14 @@ class ClientCore(ChainCore):
         ordered = tuple(sorted(allowed))
         request_id = self.next_id()
         frames = GetRequest(
-            request_id, self._ns, self.enc.name, self._eid, ordered, self.fill, data
+            request_id,
+            self._ns,
+            self.enc.name,
+            self._eid,
+            ordered,
+            self.fill,
+            data,
+            fill_wait_ms(len(data), self.timeout) if self.fill else 0,
         ).frames()
         return Pending(request_id, prefix, allowed, frames)
 
@@ -548,3 +555,10 @@ class ClientCore(ChainCore):
         out["published_received"] = self.follower.received if self.follower else 0
         out["auto_told"] += self.follower.told if self.follower else 0
         return out
+
+
+def fill_wait_ms(prefix_bytes: int, timeout_s: float) -> int:
+    """How long a GET may wait for the daemon's fill of its prefix (single flight): about twice
+    what encoding it here would cost (~75 ns a byte; the daemon's encode serves every worker
+    that waits), and well inside the client's own timeout, so a wait never trips the breaker."""
+    return max(0, min(int(timeout_s * 750), 1 + prefix_bytes // 8192))

@@ -133,18 +133,18 @@ def check_published(
     added: list[Node] = []
     taken = 0
     for i, (cut, cut_byte, n) in enumerate(cuts, first):
-        lo = i * size - start_byte
         added.append(
             store.node(
                 (policy.allowed, blocks.digests[i - first]),
                 added[-1] if added else parent,
                 policy.allowed,
                 span,
-                lo,
-                lo + size,
+                i * size,
+                (i + 1) * size,
                 start + cut,
                 start_byte + cut_byte,
                 tokens[taken:n],
+                origin=start_byte,
             )
         )
         taken = n

@@ -33,7 +33,15 @@ from typing import Any, Protocol
 
 from flashtoken.ids import token_list
 
-__all__ = ["BlockBytes", "ChainStore", "Decoded", "ListTokens", "Node", "TokenStorage"]
+__all__ = [
+    "BlockBytes",
+    "ChainStore",
+    "Decoded",
+    "FrameTokens",
+    "ListTokens",
+    "Node",
+    "TokenStorage",
+]
 
 
 class Node:
@@ -82,6 +90,15 @@ class ListTokens:
         return 8 * len(tokens)
 
 
+class FrameTokens:
+    """Tokens as little-endian uint32 bytes, 4 a token (the daemon: each sent as a frame with
+    no copy, and the frames of a path joined by one ``b"".join``)."""
+
+    @staticmethod
+    def nbytes(tokens: bytes) -> int:
+        return len(tokens)
+
+
 class BlockBytes:
     """A node keeps its whole block; a match compares the text's block with it (a memcmp)."""
 
@@ -90,11 +107,11 @@ class BlockBytes:
         return data[start:end]
 
     @staticmethod
-    def matches(node: Node, data: bytes, start: int, end: int) -> bool:
-        return node.kept == data[start:end]
+    def matches(node: Node, data: bytes, start: int, end: int, origin: int) -> bool:
+        return node.kept == data[start - origin : end - origin]
 
     @staticmethod
-    def confirm(data: bytes, path: list[Node], known: int) -> int:
+    def confirm(data: bytes, path: list[Node], known: int, origin: int) -> int:
         return len(path)  # each block's bytes were compared already
 
 
@@ -117,22 +134,24 @@ class Decoded:
         return data[cut_byte:end]
 
     @staticmethod
-    def matches(node: Node, data: bytes, start: int, end: int) -> bool:
+    def matches(node: Node, data: bytes, start: int, end: int, origin: int) -> bool:
         parent_cut = node.parent.cut_byte if node.parent is not None else 0
-        return parent_cut <= node.cut_byte <= end and node.kept == data[node.cut_byte : end]
+        cut = node.cut_byte
+        return parent_cut <= cut <= end and node.kept == data[cut - origin : end - origin]
 
-    def confirm(self, data: bytes, path: list[Node], known: int) -> int:
+    def confirm(self, data: bytes, path: list[Node], known: int, origin: int) -> int:
         """How many blocks of ``path`` are confirmed, given its first ``known``."""
         if known == len(path):
             return known
         decode = self._decoder(path[-1].scope)
-        start = path[known - 1].cut_byte if known else 0
-        if decode(self._join([n.tokens for n in path[known:]])) == data[start : path[-1].cut_byte]:
+        start = (path[known - 1].cut_byte if known else 0) - origin
+        last = path[-1].cut_byte - origin
+        if decode(self._join([n.tokens for n in path[known:]])) == data[start:last]:
             return len(path)
         for i in range(known, len(path)):  # which one fails
-            if decode(path[i].tokens) != data[start : path[i].cut_byte]:
+            if decode(path[i].tokens) != data[start : path[i].cut_byte - origin]:
                 return i
-            start = path[i].cut_byte
+            start = path[i].cut_byte - origin
         return len(path)  # unreachable: the joined tokens would have spelled the bytes
 
 
@@ -143,7 +162,7 @@ class ChainStore:
     accounting is deterministic).
 
     >>> store = ChainStore(1024, ListTokens(), BlockBytes(), overhead=100)
-    >>> root = store.add(None, [store.node("k1", None, "s", b"hello", 0, 5, 3, 3, [15339])])
+    >>> root = store.add(None, [store.node("k1", None, "s", b"hello", 0, 5, 5, 5, [15339])])
     >>> store.step(None, "k1", "s", b"hello world", 0, 5) is root[0], store.bytes
     (True, 113)
     >>> store.step(None, "k1", "s", b"hellO world", 0, 5), store.collisions
@@ -151,7 +170,13 @@ class ChainStore:
     """
 
     def __init__(
-        self, max_bytes: int, tokens: TokenStorage, confirm: Any, *, overhead: int
+        self,
+        max_bytes: int,
+        tokens: TokenStorage,
+        confirm: Any,
+        *,
+        overhead: int,
+        on_remove: Callable[[Node], None] | None = None,
     ) -> None:
         if max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")
@@ -159,6 +184,7 @@ class ChainStore:
         self.storage = tokens
         self.confirmation = confirm
         self.overhead = overhead
+        self._on_remove = on_remove  # told of every node that leaves (a count kept outside)
         self.clear()
 
     def clear(self) -> None:
@@ -188,9 +214,11 @@ class ChainStore:
         cut: int,
         cut_byte: int,
         tokens: Any,
+        origin: int = 0,
     ) -> Node:
-        """A new node for the block ``data[start:end]`` (not stored yet: see ``add``)."""
-        kept = self.confirmation.kept(data, start, cut_byte, end)
+        """A new node (not stored yet: see ``add``) for the block from ``start`` to ``end`` of a
+        text whose bytes from ``origin`` on are ``data``, its cut at ``cut`` / ``cut_byte``."""
+        kept = self.confirmation.kept(data, start - origin, cut_byte - origin, end - origin)
         return Node(key, parent, scope, kept, cut, cut_byte, tokens)
 
     # -- lookups -------------------------------------------------------------------------------
@@ -200,9 +228,17 @@ class ChainStore:
         return self.nodes.get(node.key) is node
 
     def step(
-        self, parent: Node | None, key: Hashable, scope: Hashable, data: bytes, start: int, end: int
+        self,
+        parent: Node | None,
+        key: Hashable,
+        scope: Hashable,
+        data: bytes,
+        start: int,
+        end: int,
+        origin: int = 0,
     ) -> Node | None:
-        """The node that continues ``parent`` with the block ``data[start:end]``, or None.
+        """The node that continues ``parent`` with the block from ``start`` to ``end`` of a text
+        whose bytes from ``origin`` on are ``data``; None if there is none.
 
         The rule of every chain: used only if its parent is the block matched before (so every
         earlier block matched), its scope is the lookup's, and its bytes match. A node under the
@@ -212,15 +248,15 @@ class ChainStore:
         if node is None:
             return None
         if node.parent is parent and node.scope == scope:
-            if self.confirmation.matches(node, data, start, end):
+            if self.confirmation.matches(node, data, start, end, origin):
                 return node
         self.collisions += 1
         return None
 
-    def confirm(self, data: bytes, path: list[Node], known: int) -> int:
+    def confirm(self, data: bytes, path: list[Node], known: int, origin: int = 0) -> int:
         """How many blocks of ``path`` (found by ``step``) the confirmation accepts, its first
         ``known`` confirmed before; a block refused is counted as a collision."""
-        confirmed = self.confirmation.confirm(data, path, known)
+        confirmed = self.confirmation.confirm(data, path, known, origin)
         if confirmed < len(path):
             self.collisions += 1
         return confirmed
@@ -266,15 +302,9 @@ class ChainStore:
             parent = node
         return chain
 
-    def replace(self, node: Node) -> bool:
-        """Store a root ``node`` in place of a childless root of the same scope and bytes under
-        its key (a declared prefix stored again); False if it is not stored."""
-        old = self.nodes.get(node.key)
-        if old is not None:
-            if old.children or old.scope != node.scope or old.kept != node.kept:
-                return False
-            self._remove(old)
-        return self._insert(node)
+    def add_root(self, node: Node) -> bool:
+        """Store ``node`` as a chain of one block (a declared prefix); whether it is held."""
+        return self.add(None, [node]) != []
 
     def _insert(self, node: Node) -> bool:
         size = self.size(node)
@@ -311,6 +341,8 @@ class ChainStore:
     def _remove(self, node: Node) -> None:
         del self.nodes[node.key]
         self.bytes -= self.size(node)
+        if self._on_remove is not None:
+            self._on_remove(node)
         if node.parent is not None and self.holds(node.parent):
             self._release(node.parent)
 
