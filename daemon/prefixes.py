@@ -167,7 +167,7 @@ class Prefixes:
         self.counters["fills"] += 1
         # A declared prefix lives in the host map, where workers read it: once, not also here.
         if self.hostmap is not None:
-            self.hostmap.share(self.max_bytes, self.store.bytes)
+            self.hostmap.share(self.max_bytes, self.store.used_bytes)
         stored = self.hostmap is not None and self.hostmap.store(
             request.ns, request.eid, request.allowed, request.prefix, found.cut, found.tokens
         )

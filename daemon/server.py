@@ -326,7 +326,7 @@ class Server:
         if self.hostmap is not None:
             # One budget for declared prefixes (the map) and chains (in memory): the chains'
             # bytes are taken first, the map evicts to what is left.
-            self.hostmap.share(self.config.max_bytes, self.store.bytes)
+            self.hostmap.share(self.config.max_bytes, self.store.used_bytes)
             self.hostmap.housekeeping()
         self.store.compact()
         if self.config.exit_with_parent and os.getppid() != self._parent:

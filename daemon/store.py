@@ -89,7 +89,7 @@ class Store:
         self.chains = ChainStore(
             max_bytes,
             FrameTokens(),
-            Decoded(lambda scope: decoders(scope.enc), b"".join),
+            Decoded(lambda scope: decoders(scope.enc), b"".join),  # type: ignore[attr-defined]
             overhead=ENTRY_OVERHEAD,
             on_remove=self._removed,
         )
@@ -107,7 +107,8 @@ class Store:
         return self.chains.max_bytes
 
     @property
-    def bytes(self) -> int:
+    def used_bytes(self) -> int:
+        """``bytes`` in the stats: what the stored nodes count against ``max_bytes``."""
         return self.chains.bytes
 
     def __len__(self) -> int:
@@ -119,7 +120,7 @@ class Store:
     def keys(self) -> list[bytes]:
         """Keys, least recently used first."""
         nodes = self.chains.nodes
-        return sorted(nodes, key=lambda k: nodes[k].used)  # type: ignore[arg-type, return-value]
+        return sorted(nodes, key=lambda k: nodes[k].used)  # type: ignore[arg-type]
 
     def peek(self, key: bytes) -> Node | None:
         """The node under ``key`` without counting a get or touching the LRU order."""
@@ -196,7 +197,8 @@ class Store:
             before = state.copy()
             state.update(view[end - block : end])
             parent = path[-1] if path else None
-            node = self.chains.step(parent, self.key(seed, state.digest()), scope, data, 0, end)
+            key = self.key(seed, state.digest())
+            node = self.chains.step(parent, key, scope, data, end - block, end)
             if node is None:
                 state = before
                 break
@@ -232,7 +234,7 @@ class Store:
                 self.key(seed, digest),
                 scope,
                 span,
-                0,
+                i * block,
                 (i + 1) * block,
                 start,
             )

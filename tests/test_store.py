@@ -75,12 +75,12 @@ def test_entry_larger_than_the_budget_is_refused() -> None:
     prefix = b"x" * 90
     store = _store(ENTRY_OVERHEAD + 10)
     assert not _put(store, _key(1), prefix)
-    assert store.stats()["items_too_large"] == 1 and store.bytes == 0
+    assert store.stats()["items_too_large"] == 1 and store.used_bytes == 0
     fits = _store(1 << 20)
     assert _put(fits, _key(1), prefix)
-    exact = _store(fits.bytes)
+    exact = _store(fits.used_bytes)
     assert _put(exact, _key(2), prefix)  # exactly the budget
-    assert exact.bytes == exact.max_bytes
+    assert exact.used_bytes == exact.max_bytes
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -103,8 +103,8 @@ def test_budget_never_exceeded_under_10x_oversubscription(seed: int) -> None:
         written += store.chains.size(store.peek(_key(i)))
         prefixes[_key(i)] = prefix
         order.append(_key(i))
-        assert store.bytes <= store.max_bytes
-        assert store.bytes == sum(store.chains.size(store.peek(k)) for k in store.keys())
+        assert store.used_bytes <= store.max_bytes
+        assert store.used_bytes == sum(store.chains.size(store.peek(k)) for k in store.keys())
         # What survives is exactly the most recently used suffix of the model order.
         order = order[len(order) - len(store) :]
         assert store.keys() == order
