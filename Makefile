@@ -2,6 +2,7 @@
 #   make test    create .venv, install the project with its dev extra, run pytest
 #   make bench   same environment, run the benchmark
 #   make pythons the built wheel installed and smoke-tested on every CPython 3.10-3.13 found
+#   make lint    ruff check, ruff format --check, mypy (pyproject's config, tools/typecheck.py)
 # Pass arguments through PYTEST_ARGS / BENCH_ARGS, e.g. make test PYTEST_ARGS='-k encodings -x'.
 
 PYTHON ?= python3
@@ -11,10 +12,17 @@ VPY := $(VENV)/bin/python
 # the sources (new modules included) need no re-install.
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test bench pythons install clean
+.PHONY: test lint bench pythons install clean
 
 test: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# mypy through tools/typecheck.py: it checks the packages as they install (client/ is
+# flashtoken.client), which mypy cannot see from the checkout's layout.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VPY) tools/typecheck.py
 
 # The main benchmark, then the host map's and the fleet tier's figures (each starts its own
 # daemons and servers); the worst exit status of the three.

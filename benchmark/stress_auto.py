@@ -261,7 +261,7 @@ def worker(index: int, address: str, encoding: str, options: dict, tasks: Any, o
             except Exception:
                 out.put(("error", sequence, turn, policy, text, "", traceback.format_exc()))
         stats = client.stats()
-        auto = client._core.auto.stats()  # a private peek: the L1's own counters
+        auto = client._core.chains.auto.stats()  # a private peek: the L1's own counters
         stats["l1_reused_bytes"] = auto["reused_bytes"]
         stats["l1_over_max_bytes"] = max(0, auto["bytes"] - auto["limit_maxbytes"])
         out.put(("stats", index, stats))

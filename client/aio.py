@@ -1,44 +1,43 @@
 """``AsyncClient``: ``Client`` for asyncio (zmq.asyncio), with the same API as coroutines.
 
-The same core (client/core.py, client/chains.py) makes every decision; only the waiting
+The same core (client/core.py, client/chains.py) makes every decision and the same flows
+(client/flows.py) order the steps; this module is their asyncio driver, and only the waiting
 differs. Encoding — the suffix, or the whole prefix on a local fallback — runs on the event
 loop's thread: a suffix costs microseconds, and a local prefix encode happens once per prefix
 and process (the same cost a direct tiktoken call would have). Wrap calls in
-``loop.run_in_executor`` if even that one encode of a very long prefix must not hold the loop.
+``loop.run_in_executor`` if even that one encode of a very long prefix must not hold the loop;
+``encode_batch`` runs its suffixes' encodes on threads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
-import time
 from array import array
-from typing import Any
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
-import tiktoken
 import zmq
 import zmq.asyncio
 
-from flashtoken.prefix import ORDINARY, FixedPrefixTokenCache
-from flashtoken.specials import SpecialArg, SpecialPolicy, encode_with
-from flashtoken.text import require_str
-from flashtoken.wire import default_address
+from flashtoken.prefix import ORDINARY
+from flashtoken.specials import SpecialArg, SpecialPolicy
 from flashtoken.wire.admin import request_stats
 
-from .chains import AUTO_L1, AUTO_TELL, AutoPending
-from .core import (
-    DONE,
-    LATE,
-    ClientCore,
-    Pending,
-)
-from .settings import client_settings
-from .sockets import CONTEXT, SOCKET_ERRORS, abandon, configure_dealer, register, trusted
+from .base import ClientBase, batch_source, to_numpy
+from .core import Prefix
+from .flows import Acquire, Drop, Flow, Recv, Release, Run, Send, Step, auto_encode, closing, drive
+from .flows import fetch_prefix as fetch_flow
+from .sockets import CONTEXT, SOCKET_ERRORS, abandon, configure_dealer, ms_left, trusted
 
 __all__ = ["AsyncClient"]
 
+T = TypeVar("T")
 
-class AsyncClient:
+
+class AsyncClient(ClientBase):
     """``Client`` for asyncio: the same arguments, the same exactness, ``await``-able calls.
 
     >>> import asyncio
@@ -51,50 +50,36 @@ class AsyncClient:
 
     Concurrent tasks share one socket, one request at a time: a task that would wait longer
     than ``timeout_ms`` for it encodes locally instead. Never raises the daemon's errors from
-    the encode methods.
+    the encode methods. ``last_source`` is per task. ``decode`` and ``decode_bytes`` do no IO
+    and are plain methods, as tiktoken's.
     """
 
-    def __init__(
-        self,
-        address: str | None = None,
-        encoding: str | tiktoken.Encoding | None = None,
-        **options: Any,
-    ) -> None:
-        # Checked against the table (client/settings.py); unset ones from FLASHTOKEN_*.
-        options = client_settings("AsyncClient", dict(options, address=address, encoding=encoding))
-        address = options.pop("address")
-        self._core = ClientCore(options.pop("encoding"), **options)
-        self.address = address or default_address()
-        self._core.attach_map(self.address)
-        self._sock: zmq.asyncio.Socket | None = None
+    _sock: zmq.asyncio.Socket | None
+
+    def _open(self) -> None:
+        self._sock = None
         self._ctx: zmq.asyncio.Context | None = None
         self._lock: asyncio.Lock | None = None
-        self._lock_loop: Any = None
-        self._closed = False
-        register(self)
-
-    @property
-    def encoding(self) -> tiktoken.Encoding:
-        return self._core.enc
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
 
     async def encode_ordinary(self, suffix: str, *, prefix: str | None = None) -> list[int]:
         """``encoding.encode_ordinary(prefix + suffix)``; with no ``prefix``, of ``suffix``
         alone, reusing the longest cached prefix of it (automatic reuse, as ``Client``)."""
         if prefix is None:
             return await self._auto(suffix, ORDINARY)
-        return (await self._cache(prefix, frozenset())).encode_ordinary(suffix)
+        return (await self._prefix(prefix, frozenset())).encode_ordinary(suffix)
 
-    async def encode_ordinary_array(self, suffix: str, *, prefix: str | None = None) -> array:
+    async def encode_ordinary_array(self, suffix: str, *, prefix: str | None = None) -> array[int]:
         """The same tokens as ``array('I')``."""
         if prefix is None:
             return array("I", await self._auto(suffix, ORDINARY))
-        return (await self._cache(prefix, frozenset())).encode_ordinary_array(suffix)
+        return (await self._prefix(prefix, frozenset())).encode_ordinary_array(suffix)
 
     async def count_ordinary(self, suffix: str, *, prefix: str | None = None) -> int:
         """``len(await encode_ordinary(suffix, prefix=prefix))``, without building the list."""
         if prefix is None:
             return len(await self._auto(suffix, ORDINARY))
-        return (await self._cache(prefix, frozenset())).count_ordinary(suffix)
+        return (await self._prefix(prefix, frozenset())).count_ordinary(suffix)
 
     async def encode(
         self,
@@ -107,9 +92,11 @@ class AsyncClient:
         """``encoding.encode(prefix + suffix, ...)``; tiktoken's ValueError for a disallowed
         special token. With no ``prefix``, automatic reuse."""
         if prefix is None:
-            return await self._auto_encode(suffix, allowed_special, disallowed_special)
-        allowed = ClientCore.allowed_of(self._core.enc, allowed_special)
-        return (await self._cache(prefix, allowed)).encode(
+            policy = self._auto_policy(suffix, allowed_special, disallowed_special)
+            if policy is None:
+                return self._tiktoken(suffix, allowed_special, disallowed_special)
+            return await self._auto(suffix, policy)
+        return (await self._prefix(prefix, self._allowed(allowed_special))).encode(
             suffix, allowed_special=allowed_special, disallowed_special=disallowed_special
         )
 
@@ -123,17 +110,59 @@ class AsyncClient:
     ) -> int:
         """``len(await encode(suffix, prefix=prefix, ...))``, without building the list."""
         if prefix is None:
-            return len(await self._auto_encode(suffix, allowed_special, disallowed_special))
-        allowed = ClientCore.allowed_of(self._core.enc, allowed_special)
-        return (await self._cache(prefix, allowed)).count(
+            return len(
+                await self.encode(
+                    suffix, allowed_special=allowed_special, disallowed_special=disallowed_special
+                )
+            )
+        return (await self._prefix(prefix, self._allowed(allowed_special))).count(
             suffix, allowed_special=allowed_special, disallowed_special=disallowed_special
         )
 
-    def stats(self) -> dict[str, Any]:
-        """The same counters as ``Client.stats()``."""
-        out = self._core.stats()
-        out["address"] = self.address
-        return out
+    async def encode_to_numpy(
+        self,
+        suffix: str,
+        *,
+        prefix: str | None = None,
+        allowed_special: SpecialArg = frozenset(),
+        disallowed_special: SpecialArg = "all",
+    ) -> Any:
+        """``await encode(...)`` as a ``numpy.uint32`` array, as tiktoken's ``encode_to_numpy``."""
+        tokens = await self.encode(
+            suffix,
+            prefix=prefix,
+            allowed_special=allowed_special,
+            disallowed_special=disallowed_special,
+        )
+        return to_numpy(tokens)
+
+    async def encode_ordinary_batch(
+        self, texts: list[str], *, prefix: str | None = None, num_threads: int = 8
+    ) -> list[list[int]]:
+        """``[await encode_ordinary(t, prefix=prefix) for t in texts]``: with a ``prefix``, one
+        lookup for the batch and the suffixes encoded on ``num_threads`` threads (tiktoken
+        releases the GIL), the loop free meanwhile; with none, the texts' flows as tasks."""
+        if prefix is None:
+            return await self._batch(self.encode_ordinary, texts)
+        cache = await self._prefix(prefix, frozenset())
+        return await _threads(cache.encode_ordinary, texts, num_threads)
+
+    async def encode_batch(
+        self,
+        texts: list[str],
+        *,
+        prefix: str | None = None,
+        num_threads: int = 8,
+        allowed_special: SpecialArg = frozenset(),
+        disallowed_special: SpecialArg = "all",
+    ) -> list[list[int]]:
+        """``[await encode(t, prefix=prefix, ...) for t in texts]``, as ``encode_ordinary_batch``
+        runs them; raises the first text's error, as tiktoken's ``encode_batch``."""
+        special: Any = dict(allowed_special=allowed_special, disallowed_special=disallowed_special)
+        if prefix is None:
+            return await self._batch(functools.partial(self.encode, **special), texts)
+        cache = await self._prefix(prefix, self._allowed(allowed_special))
+        return await _threads(functools.partial(cache.encode, **special), texts, num_threads)
 
     async def daemon_stats(self, timeout_ms: int = 1000) -> dict[str, Any]:
         """The daemon's STATS reply; raises DaemonTimeout / DaemonError like ``Client``'s.
@@ -146,10 +175,12 @@ class AsyncClient:
         )
 
     def close(self) -> None:
-        """Close the socket (LINGER=0); later calls encode locally."""
-        self._closed = True
-        self._close_socket()
-        self._core.stop_following()
+        """Close the socket, after sending the map hits not yet reported, as ``Client.close``
+        (client/flows.py's ``closing``); later calls encode locally.
+
+        Not a coroutine (it never waits): it runs the flow with non-blocking steps only."""
+        closed, self._closed = self._closed, True
+        drive(closing(self._core, closed), self._step_now, lambda: None)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -157,85 +188,116 @@ class AsyncClient:
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
 
-    # -- automatic reuse: the L1's chain, the daemon's, then local -------------------------------
+    # -- running the flows --------------------------------------------------------------------
 
-    async def _auto_encode(
-        self, text: str, allowed_special: SpecialArg, disallowed_special: SpecialArg
-    ) -> list[int]:
-        require_str(text, "text")
-        enc = self._core.enc
-        policy = SpecialPolicy.parse(enc, allowed_special, disallowed_special)
-        if policy is None or policy.finds_disallowed(text):  # tiktoken's own outcome
-            return enc.encode(
-                text, allowed_special=allowed_special, disallowed_special=disallowed_special
-            )
-        return await self._auto(text, policy)
+    async def _prefix(self, prefix: str, allowed: frozenset[str]) -> Prefix:
+        key, cache = self._l1(prefix, allowed)
+        if cache is not None:
+            return cache
+        flow = fetch_flow(self._core, prefix, allowed, key, self._closed)
+        fetched, source = await self._run(flow)
+        self._source.set(source)
+        return fetched
 
     async def _auto(self, text: str, policy: SpecialPolicy) -> list[int]:
-        require_str(text, "text")
-        core = self._core
-        self._check_fork()  # before any lock (the L1's): see client/sockets.py
-        plan = core.auto_plan(text, policy)
-        if plan is None:  # lone surrogates: not UTF-8, the daemon could not take them
-            return encode_with(core.enc, text, policy)
-        route = core.auto_route(plan)
-        if route == AUTO_L1 or self._closed:
-            return core.auto_finish(text, policy, plan, None)
-        core.follow_chains(CONTEXT.get(), self.address, policy.allowed)
-        if route == AUTO_TELL:
-            tokens = core.auto_finish(text, policy, plan, None)
-            self._tell(core.prepare_tell(plan, policy.allowed))
-            return tokens
-        found = await self._ask_auto(text, plan, policy.allowed)
-        return core.auto_finish(text, policy, plan, found)
+        tokens, source = await self._run(auto_encode(self._core, text, policy, self._closed))
+        self._source.set(source)
+        return tokens
 
-    def _tell(self, frames: list[bytes] | None) -> None:
-        """Send a request that wants no reply, if no round trip holds the socket; never waits."""
-        if frames is None:
-            return
-        if self._core.follower is not None:
-            self._core.follower.tell(frames)  # sent from its thread, off this request's path
-            return
-        if self._loop_lock().locked():
-            return
-        try:
-            sock = self._socket()
-        except SOCKET_ERRORS:
-            return
-        # With NOBLOCK, zmq.asyncio's future is done at once: sent, or failed.
-        sent: Any = sock.send_multipart(frames, zmq.NOBLOCK)
-        if not sent.done():
-            sent.add_done_callback(lambda f: f.cancelled() or f.exception())
-            return
-        error = sent.exception()
-        if error is None:
-            self._core.counters["auto_told"] += 1
-        elif not isinstance(error, zmq.Again):  # Again: no daemon connected, or a full queue
-            self._close_socket()
+    async def _batch(
+        self, encode: Callable[[str], Coroutine[Any, Any, list[int]]], texts: list[str]
+    ) -> list[list[int]]:
+        async def one(text: str) -> tuple[list[int], str | None]:
+            return await encode(text), self.last_source  # the task's own source
 
-    async def _ask_auto(self, text: str, plan: Any, allowed: frozenset) -> Any:
-        core = self._core
+        done = await asyncio.gather(*(one(text) for text in texts))
+        self._source.set(batch_source([source for _, source in done]))  # type: ignore[misc]
+        return [tokens for tokens, _ in done]
+
+    async def _run(self, flow: Flow[T]) -> T:
+        if self._core.pid != os.getpid():  # before any lock (the L1's): see client/sockets.py
+            self._after_fork()
+        run = Run(flow)
         lock = self._loop_lock()
         try:
-            await asyncio.wait_for(lock.acquire(), core.timeout)
-        except asyncio.TimeoutError:
-            core.busy()
-            return None
-        try:
-            pending = core.prepare_auto(text, plan, allowed)
-            if pending is None:
-                return None
-            return await self._round_trip(pending)
-        except SOCKET_ERRORS:
-            core.unavailable()
-            self._close_socket()
-            return None
+            step = run.first()
+            while step is not None:
+                try:
+                    result, error = await _STEPS[type(step)](self, step), None
+                except SOCKET_ERRORS as exc:
+                    result, error = None, exc
+                step = run.after(step, result, error)
+            return run.value
         finally:
-            lock.release()
+            if run.held:  # left early: an exception, or this task was cancelled
+                lock.release()
+            flow.close()
 
-    def _check_fork(self) -> None:
-        if self._core.pid != os.getpid():
-            self._after_fork()
+    async def _acquire(self, step: Acquire) -> bool:
+        lock = self._loop_lock()
+        if step.timeout is None:
+            if lock.locked():
+                return False
+            await lock.acquire()  # free: returns at once
+            return True
+        try:
+            await asyncio.wait_for(lock.acquire(), step.timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def _release(self, step: Release) -> None:
+        self._loop_lock().release()
+
+    async def _recv(self, step: Recv) -> list[bytes] | None:
+        sock = self._socket()
+        remaining = ms_left(step.deadline)
+        if remaining <= 0 or not await sock.poll(remaining):  # flags=POLLIN
+            return None
+        return await sock.recv_multipart(zmq.NOBLOCK)
+
+    async def _drop(self, step: Drop) -> None:
+        self._close_socket(step.linger)
+
+    async def _send(self, step: Send) -> bool:
+        sock = self._socket()
+        try:
+            # zmq.asyncio reports EAGAIN through the returned future: await it.
+            await sock.send_multipart(step.frames, zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            if step.deadline is None:
+                return False
+        # No completed connection yet (ZMQ_IMMEDIATE): wait for one within the budget.
+        # pyzmq's stub for the asyncio socket's poll omits its flags argument.
+        if not await sock.poll(ms_left(step.deadline), zmq.POLLOUT):  # type: ignore[call-arg]
+            return False
+        try:
+            await sock.send_multipart(step.frames, zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+
+    def _step_now(self, step: Step) -> Any:
+        """The steps of ``closing``, done at once from synchronous code (no loop needed)."""
+        if isinstance(step, Acquire):
+            # Nothing else runs while this code does: the socket is free unless a task is in
+            # the middle of a round trip on it (it holds the lock across its awaits).
+            assert step.timeout is None
+            return self._lock is None or not self._lock.locked()
+        if isinstance(step, Send):
+            assert step.deadline is None
+            # The same socket through its synchronous face: zmq.asyncio's send needs a loop.
+            sock: zmq.Socket[bytes] = zmq.Socket.shadow(self._socket().underlying)
+            try:
+                sock.send_multipart(step.frames, zmq.NOBLOCK)
+                return True
+            except zmq.Again:
+                return False
+        if isinstance(step, Drop):
+            return self._close_socket(step.linger)
+        assert isinstance(step, Release)
+        return None  # nothing was taken
 
     def _after_fork(self) -> None:
         # The parent's socket and context must not be touched here; its asyncio lock belongs
@@ -246,109 +308,12 @@ class AsyncClient:
         self._lock = None
         self._core.after_fork()
 
-    # -- L1, then the daemon, then local ------------------------------------------------------
-
-    async def _cache(self, prefix: str, allowed: frozenset) -> FixedPrefixTokenCache:
-        if not isinstance(prefix, str):
-            raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
-        core = self._core
-        key = ClientCore.l1_key(prefix, allowed)
-        cache = core.l1_get(key)
-        if cache is None:
-            cache = await self._fetch(prefix, allowed, key)
-        return cache
-
-    async def _fetch(self, prefix: str, allowed: frozenset, key: Any) -> FixedPrefixTokenCache:
-        core = self._core
-        self._check_fork()
-        cache = core.from_map(prefix, allowed)  # the host's map first: no round trip
-        if cache is not None:
-            core.l1_put(key, cache, True)
-            await self._touch()
-            return cache
-        if not self._closed:
-            cache = await self._ask(prefix, allowed, key)
-            if cache is not None and cache is core.l1.get(key, (None,))[0]:
-                return cache  # another task fetched it while this one waited for the socket
-        from_daemon = cache is not None
-        if cache is None:
-            cache = core.build_local(prefix, allowed)
-        core.l1_put(key, cache, from_daemon)
-        return cache
-
-    async def _ask(self, prefix: str, allowed: frozenset, key: Any) -> FixedPrefixTokenCache | None:
-        core = self._core
-        lock = self._loop_lock()
-        try:
-            await asyncio.wait_for(lock.acquire(), core.timeout)
-        except asyncio.TimeoutError:
-            core.busy()
-            return None
-        try:
-            found = core.l1.get(key)
-            if found is not None:  # fetched by the task that held the socket
-                return found[0]
-            pending = core.prepare(prefix, allowed)
-            if pending is None:
-                return None
-            return await self._round_trip(pending)
-        except SOCKET_ERRORS:
-            core.unavailable()
-            self._close_socket()
-            return None
-        finally:
-            lock.release()
-
-    async def _touch(self) -> None:
-        """Report map hits to the daemon (fire-and-forget, never waiting for the socket)."""
-        frames = self._core.touch_frames()
-        lock = self._loop_lock()
-        if frames is None or self._closed or lock.locked():
-            return
-        try:
-            await self._socket().send_multipart(frames, zmq.NOBLOCK)
-        except SOCKET_ERRORS:
-            pass  # not connected, or its queue is full: the daemon's LRU order is approximate
-
     def _loop_lock(self) -> asyncio.Lock:
         # asyncio.Lock belongs to one event loop; a client may outlive one (asyncio.run twice).
         loop = asyncio.get_running_loop()
         if self._lock is None or self._lock_loop is not loop:
             self._lock, self._lock_loop = asyncio.Lock(), loop
         return self._lock
-
-    async def _round_trip(self, pending: Pending | AutoPending) -> Any:
-        core = self._core
-        deadline = time.monotonic() + core.timeout
-        sock = self._socket()
-        try:
-            # zmq.asyncio reports EAGAIN through the returned future: await it.
-            await sock.send_multipart(pending.frames, zmq.NOBLOCK)
-        except zmq.Again:
-            # No completed connection yet (ZMQ_IMMEDIATE): wait for one within the budget.
-            if not await sock.poll(_ms_left(deadline), zmq.POLLOUT):
-                core.timed_out()
-                self._close_socket()
-                return None
-            try:
-                await sock.send_multipart(pending.frames, zmq.NOBLOCK)
-            except zmq.Again:
-                core.timed_out()
-                self._close_socket()
-                return None
-        while True:
-            remaining = _ms_left(deadline)
-            if remaining <= 0 or not await sock.poll(remaining, zmq.POLLIN):
-                core.timed_out()
-                self._close_socket()
-                return None
-            frames = await sock.recv_multipart(zmq.NOBLOCK)
-            outcome, cache = core.accept(pending, frames)
-            if outcome == LATE:
-                continue
-            if outcome != DONE:
-                self._close_socket()
-            return cache
 
     def _socket(self) -> zmq.asyncio.Socket:
         if self._sock is None:
@@ -361,12 +326,22 @@ class AsyncClient:
             self._sock = sock
         return self._sock
 
-    def _close_socket(self) -> None:
+    def _close_socket(self, linger: int = 0) -> None:
         sock, self._sock = self._sock, None
         if sock is not None and self._core.pid == os.getpid():
-            sock.close(linger=0)
+            sock.close(linger=linger)
 
 
-def _ms_left(deadline: float) -> int:
-    left = deadline - time.monotonic()
-    return int(left * 1000) + 1 if left > 0 else 0
+_STEPS: dict[type, Callable[[AsyncClient, Any], Coroutine[Any, Any, Any]]] = {
+    Acquire: AsyncClient._acquire,
+    Release: AsyncClient._release,
+    Send: AsyncClient._send,
+    Recv: AsyncClient._recv,
+    Drop: AsyncClient._drop,
+}
+
+
+async def _threads(fn: Callable[[str], T], texts: list[str], num_threads: int) -> list[T]:
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(num_threads) as pool:
+        return list(await asyncio.gather(*(loop.run_in_executor(pool, fn, t) for t in texts)))

@@ -1,26 +1,25 @@
-"""The automatic-reuse half of ``ClientCore``: texts with no declared prefix.
+"""Automatic reuse in the client: texts with no declared prefix (a component of ``ClientCore``).
 
-The L1 is a ``flashtoken.AutoPrefixCache``. After its lookup (``auto_plan``) a text is routed
-(``auto_route``): encoded here when the L1 holds all but a short rest, and the daemon is told
-the new blocks (TELL, sent by the follower thread); otherwise one AUTO round trip asks the
-daemon for its chain first (checked like a GET hit: ``_check_auto``). The follower
+The L1 is a ``flashtoken.AutoPrefixCache``. After its lookup (``plan``) a text is routed
+(``route``): encoded here when the L1 holds all but a short rest, and the daemon is told the new
+blocks (TELL, sent by the follower thread); otherwise one AUTO round trip asks the daemon for
+its chain first (its reply checked by ``served.SpanCheck``, as a GET hit is). The follower
 (client/follow.py) takes the blocks the daemon publishes for the chains this process follows
-(``take_published``: checked by ``AutoPrefixCache.adopt``). Sans-IO like the rest of the core.
+(``take_published``: checked by the AutoPrefixCache). Sans-IO: the round trip itself is
+client/flows.py's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import Any
 
-import zmq
-
-from flashtoken.encodings import encoding_id
+from flashtoken.auto import AutoPrefixCache
 from flashtoken.errors import DaemonUnavailable, ProtocolError
-from flashtoken.prefix import token_list
 from flashtoken.specials import SpecialPolicy, encode_with
 from flashtoken.wire import (
     AutoHit,
+    AutoMiss,
     AutoRequest,
     TellRequest,
     Unplaced,
@@ -30,129 +29,162 @@ from flashtoken.wire import (
     publish_address,
 )
 
+from .breaker import Breaker
+
 # At import, not on first use: a fork while a thread was inside that first import left the
 # module's import lock held in the child, which then hung on its first AUTO (test_fork).
 from .follow import Follower
-from .sockets import configure_dealer, trusted
+from .requests import Pending, RequestContext
+from .served import SpanCheck
+from .sockets import CONTEXT, abandon, configure_dealer, trusted
 
-__all__ = ["AUTO_ASK", "AUTO_L1", "AUTO_TELL", "AutoPending", "ChainCore"]
+__all__ = ["AUTO_ASK", "AUTO_L1", "AUTO_TELL", "Chains"]
 
-
-@dataclass(frozen=True)
-class AutoPending:
-    """An AUTO request on its way: the L1's plan for the text, to check the reply against."""
-
-    id: int
-    text: str
-    plan: Any  # flashtoken.auto.Plan
-    allowed: frozenset
-    frames: list
-
-
-# What ``ClientCore.auto_route`` decides.
+# What ``Chains.route`` decides.
 AUTO_L1 = "l1"
 AUTO_TELL = "tell"
 AUTO_ASK = "ask"
 
 
-class ChainCore:
-    """``ClientCore``'s methods for texts with no prefix (a mixin: the state is ClientCore's)."""
+class Chains:
+    """The automatic-reuse state of one client in one process: the L1 of chains, the seeds of
+    its policies and the follower thread. Its dependencies are given, not shared attributes:
+    the request context, the span check, the breaker and the client's counters."""
 
-    if TYPE_CHECKING:  # ClientCore's, used here
-        from flashtoken.auto import AutoPrefixCache
+    def __init__(
+        self,
+        requests: RequestContext,
+        spans: SpanCheck,
+        breaker: Breaker,
+        counters: dict[str, int],
+        *,
+        l1_bytes: int,
+        block_bytes: int,
+        local_bytes: int,
+        max_text_bytes: int,
+        follow: bool,
+    ) -> None:
+        self.requests = requests
+        self.spans = spans
+        self.breaker = breaker
+        self.counters = counters
+        # Made now, not on first use: AutoPrefixCache checks block_bytes (a ValueError here).
+        self.auto = AutoPrefixCache(requests.enc, max_bytes=l1_bytes, block_bytes=block_bytes)
+        self.block = block_bytes
+        self.local_bytes = local_bytes
+        self.max_text_bytes = max_text_bytes
+        self.follow = follow
+        self.address: str | None = None  # the daemon's, for the follower (ClientCore.attach)
+        self.follower: Follower | None = None  # started on the first text sent or told
+        self._followed: set[bytes] = set()  # the seeds it subscribed to
+        self._seeds: dict[frozenset[str], bytes] = {}
+        self._seed_policies: dict[bytes, SpecialPolicy] = {}
+        self.tell_from_root = False  # the daemon lost our chains: tell whole texts (note_reply)
 
-        enc: Any
-        auto: AutoPrefixCache
-        block: int
-        auto_local_bytes: int
-        namespace: bytes
-        fill: bool
-        follow: bool
-        follower: Any
-        max_prefix_bytes: int
-        tell_from_root: bool
-        counters: dict[str, int]
-        breaker: Any  # client/core.py's Breaker
-        _eid: bytes | None
-        _seeds: dict[frozenset, bytes]
-        _seed_policies: dict[bytes, SpecialPolicy]
-        _followed: set[bytes]
+    def after_fork(self) -> None:
+        """In a child: the AutoPrefixCache's lock anew, and the parent's follower left alone."""
+        self.auto.after_fork()  # a no-op once flashtoken.auto's own fork hook has run
+        if self.follower is not None:  # its thread is the parent's: leave its socket alone
+            abandon(self.follower)
+            self.follower = None
+            self._followed = set()
 
-        def _may_hold_forbidden(self, allowed: frozenset, text: str) -> bool: ...
-        def _forbidden(self, allowed: frozenset) -> frozenset: ...
-        def next_id(self) -> int: ...
+    def distrust(self) -> None:
+        """Forget every block (the daemon was caught answering wrong: ClientCore.distrust)."""
+        self.auto.clear()
 
-    def auto_plan(self, text: str, policy: SpecialPolicy) -> Any:
+    # -- one text -------------------------------------------------------------------------------
+
+    def plan(self, text: str, policy: SpecialPolicy) -> Any:
         """The L1's longest cached path for ``text`` (None: not UTF-8, encode locally)."""
         self.counters["auto_calls"] += 1
         return self.auto.lookup(text, policy)
 
-    def auto_route(self, plan: Any) -> str:
+    def route(self, plan: Any) -> str:
         """What to do after the L1's ``plan``: ``AUTO_L1`` (the L1 holds every full block of
         the text), ``AUTO_TELL`` (the rest is short: encode it here, tell the daemon about the
         new blocks without waiting) or ``AUTO_ASK`` (ask the daemon for its chain first)."""
         if len(plan.data) // self.block <= len(plan.path):
-            if plan.path:
-                self.counters["l1_hits"] += 1
-            return AUTO_L1
-        if len(plan.data) - plan.cut_byte <= self.auto_local_bytes:
-            if plan.path:
-                self.counters["l1_hits"] += 1
-            return AUTO_TELL
-        return AUTO_ASK
+            route = AUTO_L1
+        elif len(plan.data) - plan.cut_byte <= self.local_bytes:
+            route = AUTO_TELL
+        else:
+            return AUTO_ASK
+        if plan.path:
+            self.counters["l1_hits"] += 1
+        return route
 
-    def seed(self, allowed: frozenset) -> bytes:
+    def finish(
+        self, text: str, policy: SpecialPolicy, plan: Any, found: tuple[list[int], int] | None
+    ) -> list[int]:
+        """The tokens of ``text``: the L1's, then the daemon's (``found``: checked tokens and the
+        cut they reach), then one local encode of the rest; records the new blocks in the L1."""
+        head = self.auto.head(plan)
+        if found is not None:
+            tail, cut = found
+            tail += encode_with(self.requests.enc, text[cut:], policy)
+        else:
+            tail = encode_with(self.requests.enc, text[plan.cut :], policy)
+        self.auto.record(plan, policy, text, tail)
+        head += tail
+        return head
+
+    def seed(self, allowed: frozenset[str]) -> bytes:
         """The chain seed of a policy (``make_chain_seed``), made once."""
         seed = self._seeds.get(allowed)
         if seed is None:
-            if self._eid is None:
-                self._eid = encoding_id(self.enc)
-            seed = make_chain_seed(self.namespace, self._eid, tuple(sorted(allowed)), self.block)
+            req = self.requests
+            seed = make_chain_seed(req.namespace, req.eid, tuple(sorted(allowed)), self.block)
             self._seeds[allowed] = seed
             self._seed_policies[seed] = SpecialPolicy(allowed, frozenset())
         return seed
 
-    def prepare_auto(self, text: str, plan: Any, allowed: frozenset) -> AutoPending | None:
-        """The AUTO request for ``text`` after the L1's ``plan``; None: breaker open, too long."""
-        if len(plan.data) > self.max_prefix_bytes or not self.breaker.allow():
+    def prepare_auto(self, plan: Any, allowed: frozenset[str]) -> Pending | None:
+        """The AUTO request after the L1's ``plan``; None: the breaker is open, or too long.
+
+        Its ``check`` gives ``(tokens, cut)``: the daemon's checked tokens after ``plan.cut``
+        and the character offset they reach."""
+        if len(plan.data) > self.max_text_bytes or not self.breaker.allow():
             self.counters["fallbacks"] += 1
             return None
-        seed = self.seed(allowed)
-        assert self._eid is not None
-        request_id = self.next_id()
+        req = self.requests
+        request_id = req.next_id()
         frames = AutoRequest(
             request_id,
-            seed,
-            self.enc.name,
-            self._eid,
+            self.seed(allowed),
+            req.enc.name,
+            req.eid,
             tuple(sorted(allowed)),
-            self.fill,
+            req.fill,
             self.block,
             len(plan.path),
             plan.data,
         ).frames()
-        return AutoPending(request_id, text, plan, allowed, frames)
+        return Pending(request_id, frames, AutoHit, AutoMiss, partial(self._check, plan, allowed))
 
-    def prepare_tell(self, plan: Any, allowed: frozenset) -> list[bytes] | None:
+    def prepare_tell(self, plan: Any, allowed: frozenset[str]) -> list[bytes] | None:
         """The TELL request naming the blocks after the L1's ``plan`` (just encoded here), so
         that the daemon fills and publishes them; None when there are none or the breaker is
         not closed (no reply is awaited, so a TELL could not tell the breaker anything)."""
         first = 0 if self.tell_from_root else len(plan.path)
         digests = plan.digests[first:]
-        if len(plan.digests) == len(plan.path) or not self.fill or self.breaker.state != "closed":
+        if (
+            len(plan.digests) == len(plan.path)
+            or not self.requests.fill
+            or self.breaker.state != "closed"
+        ):
             return None
         self.tell_from_root = False
         data, start = plan.data, plan.path[first - 1].cut_byte if first else 0
         end = len(plan.digests) * self.block
         while end < len(data) and data[end] & 0xC0 == 0x80:
             end += 1  # to a character boundary
-        seed = self.seed(allowed)
-        assert self._eid is not None
+        req = self.requests
         return TellRequest(
-            self.next_id(),
-            seed,
-            self.enc.name,
-            self._eid,
+            req.next_id(),
+            self.seed(allowed),
+            req.enc.name,
+            req.eid,
             tuple(sorted(allowed)),
             self.block,
             first,
@@ -162,12 +194,36 @@ class ChainCore:
             data[start:end],
         ).frames()
 
-    def follow_chains(self, context: zmq.Context, address: str, allowed: frozenset) -> None:
+    def _check(
+        self, plan: Any, allowed: frozenset[str], reply: AutoHit
+    ) -> tuple[list[int], int] | None:
+        start, cut_byte = reply.start, reply.cut_byte
+        if (
+            start != plan.cut_byte
+            or cut_byte > len(plan.data)
+            or not len(plan.path) < reply.blocks <= len(plan.data) // self.block
+        ):
+            return None
+        segment = plan.data[start:cut_byte]
+        try:
+            text = segment.decode("utf-8")  # strict: cut_byte must end a character
+        except UnicodeDecodeError:
+            return None
+        found = self.spans.spelled(reply.tokens, segment, text, allowed)
+        if found is None:
+            return None
+        self.counters["auto_hit_bytes"] += cut_byte - start
+        return found, plan.cut + len(text)
+
+    # -- following the daemon's published blocks -----------------------------------------------
+
+    def follow_chains(self, allowed: frozenset[str]) -> None:
         """Follow the daemon's published blocks of this policy's chains (client/follow.py)."""
-        if not self.follow:
+        if not self.follow or self.address is None:
             return
         seed = self.seed(allowed)
         if self.follower is None:
+            address = self.address
             where = publish_address(address)
             if where is None:
                 self.follow = False
@@ -178,7 +234,12 @@ class ChainCore:
             except DaemonUnavailable:
                 return  # not the daemon's sockets (or none yet): asked again next time
             self.follower = Follower(
-                context, address, where, self.take_published, self.note_frames, configure_dealer
+                CONTEXT.get(),
+                address,
+                where,
+                self.take_published,
+                self.note_frames,
+                configure_dealer,
             )
             self._followed = set()
         if seed not in self._followed:
@@ -224,41 +285,13 @@ class ChainCore:
         if follower is not None:
             follower.close()
 
-    def auto_finish(
-        self, text: str, policy: SpecialPolicy, plan: Any, found: tuple[list[int], int] | None
-    ) -> list[int]:
-        """The tokens of ``text``: the L1's, then the daemon's (``found``: checked tokens and the
-        cut they reach), then one local encode of the rest; records the new blocks in the L1."""
-        head = self.auto.head(plan)
-        if found is not None:
-            tail, cut = found
-            tail += encode_with(self.enc, text[cut:], policy)
-        else:
-            tail = encode_with(self.enc, text[plan.cut :], policy)
-        self.auto.record(plan, policy, text, tail)
-        head += tail
-        return head
-
-    def _check_auto(self, pending: AutoPending, reply: AutoHit) -> tuple[list[int], int] | None:
-        plan = pending.plan
-        start, cut_byte, blocks, tokens = reply.start, reply.cut_byte, reply.blocks, reply.tokens
-        if (
-            start != plan.cut_byte
-            or cut_byte > len(plan.data)
-            or not len(plan.path) < blocks <= len(plan.data) // self.block
-        ):
-            return None
-        segment = plan.data[start:cut_byte]
-        try:
-            found = token_list(tokens)
-            if self.enc.decode_bytes(found) != segment:
-                return None  # a colliding, stale or corrupted chain: it spells another text
-            text = segment.decode("utf-8")  # strict: cut_byte must end a character
-        except Exception:
-            return None
-        if self._may_hold_forbidden(pending.allowed, text) and not self._forbidden(
-            pending.allowed
-        ).isdisjoint(found):
-            return None
-        self.counters["auto_hit_bytes"] += cut_byte - start
-        return found, plan.cut + len(text)
+    def stats(self) -> dict[str, Any]:
+        auto = self.auto.stats()
+        return {
+            "auto_l1_items": auto["curr_items"],
+            "auto_l1_bytes": auto["bytes"],
+            "auto_l1_adopted": auto["blocks_adopted"],  # blocks other workers encoded
+            "auto_l1_refused": auto["blocks_refused"],
+            "published_received": self.follower.received if self.follower else 0,
+            "told_by_follower": self.follower.told if self.follower else 0,
+        }

@@ -7,6 +7,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+import time
 import weakref
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "SOCKET_ERRORS",
     "abandon",
     "configure_dealer",
+    "ms_left",
     "register",
     "trusted",
 ]
@@ -41,6 +43,13 @@ def trusted(address: str, counters: dict[str, int]) -> None:
         if path is not None and os.path.lexists(path):  # there, but not the daemon's
             counters["untrusted"] += 1
         raise
+
+
+def ms_left(deadline: float) -> int:
+    """Milliseconds to a ``time.monotonic()`` deadline, for a poll: rounded up (a poll of 0 ms
+    would give up on a reply that is microseconds away), 0 once it has passed."""
+    left = deadline - time.monotonic()
+    return int(left * 1000) + 1 if left > 0 else 0
 
 
 # Reply size limit: a header plus 4 bytes a token, and a prefix never has more tokens than bytes.
@@ -123,7 +132,7 @@ def _close_all() -> None:
     for client in list(_clients):
         try:
             client._close_socket()
-            client._core.stop_following()  # before the context goes: its thread uses it
+            client._core.chains.stop_following()  # before the context goes: its thread uses it
         except Exception:
             pass
     if CONTEXT.ctx is not None and CONTEXT.pid == os.getpid():

@@ -1,46 +1,46 @@
 """``Client``: exact tiktoken tokens through an in-process cache and the shared daemon.
 
-All decisions are in ``client/core.py`` (and its ``chains.py`` half); this module only waits on
-the socket (zguide's Lazy Pirate: poll with a timeout, drop the socket after a failure, reopen
-it on the next use).
+The decisions are client/core.py's (and client/chains.py's), the order of the steps
+client/flows.py's; this module is the blocking driver of those flows: it waits on the socket
+(zguide's Lazy Pirate: poll with a timeout, drop the socket after a failure, reopen it on the
+next use) and on a thread lock, one round trip at a time.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
-import time
 from array import array
-from typing import Any
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
-import tiktoken
 import zmq
 
-from flashtoken.prefix import ORDINARY, FixedPrefixTokenCache
-from flashtoken.specials import SpecialArg, SpecialPolicy, encode_with
-from flashtoken.text import require_str
-from flashtoken.wire import default_address
+from flashtoken.prefix import ORDINARY
+from flashtoken.specials import SpecialArg, SpecialPolicy
 from flashtoken.wire.admin import request_stats
 
-from .chains import AUTO_L1, AUTO_TELL, AutoPending
-from .core import (
-    DONE,
-    LATE,
-    ClientCore,
-    Pending,
-)
-from .settings import client_settings
-from .sockets import CONTEXT, SOCKET_ERRORS, abandon, configure_dealer, register, trusted
+from .base import ClientBase, batch_source, to_numpy
+from .core import Prefix
+from .flows import Acquire, Drop, Flow, Recv, Release, Send, Step, auto_encode, closing, drive
+from .flows import fetch_prefix as fetch_flow
+from .sockets import CONTEXT, abandon, configure_dealer, ms_left, trusted
 
 __all__ = ["Client"]
 
+T = TypeVar("T")
 
-class Client:
+
+class Client(ClientBase):
     """Encode ``prefix + suffix`` exactly as tiktoken does, sharing prefix work across processes.
 
     >>> client = Client(encoding="cl100k_base")           # the daemon's default address
     >>> client.encode_ordinary(" Answer briefly.", prefix="You are a helpful assistant.")
     [2675, 527, 264, 11190, 18328, 13, 22559, 27851, 13]
+    >>> client.last_source in ("l1", "map", "daemon", "local", "whole")
+    True
     >>> client.close()
 
     With no ``prefix``, the whole text's longest cached prefix is found automatically
@@ -59,6 +59,7 @@ class Client:
     daemon is down, frozen, slow or answers nonsense, it encodes the prefix locally (one tiktoken
     call) and the daemon fills its store in the background for the other workers. Either way the
     prefix lands in L1 and the next call with it costs about a list copy plus encoding the suffix.
+    ``last_source`` says, per thread, where the last call's ids came from.
 
     The encode methods never raise the daemon's errors: every answer is tiktoken's, whatever
     the daemon does. ``encode`` raises tiktoken's ``ValueError`` for a disallowed special token,
@@ -67,56 +68,37 @@ class Client:
     a time; a thread that would wait longer than ``timeout_ms`` for the socket encodes locally).
 
     Arguments: ``address`` (default: ``flashtoken.wire.default_address()``), ``encoding`` (a
-    name or a ``tiktoken.Encoding``), and keyword-only ``timeout_ms`` (20), ``l1_bytes`` (64 MiB),
-    ``namespace`` (a salt for the daemon's keys: clients with different namespaces share
-    nothing), ``breaker_failures`` (3), ``breaker_cooldown_ms`` (250), ``breaker_max_cooldown_ms``
-    (5000), ``max_prefix_bytes`` (4 MiB), ``fill`` (True: ask the daemon to fill on a miss), and
-    for texts with no prefix ``auto_l1_bytes`` (64 MiB), ``auto_block_bytes`` (512),
-    ``auto_local_bytes`` (4096) and ``follow`` (True: run the background thread); see
-    docs/INTEGRATION.md, "Automatic reuse".
+    name or a ``tiktoken.Encoding``), and the keyword-only settings of the table in
+    client/settings.py (docs/INTEGRATION.md, "Settings"); a keyword left None is read from its
+    ``FLASHTOKEN_*`` environment variable, else takes the table's default.
     """
 
-    def __init__(
-        self,
-        address: str | None = None,
-        encoding: str | tiktoken.Encoding | None = None,
-        **options: Any,
-    ) -> None:
-        # Checked against the table (client/settings.py); unset ones from FLASHTOKEN_*.
-        options = client_settings("Client", dict(options, address=address, encoding=encoding))
-        address = options.pop("address")
-        self._core = ClientCore(options.pop("encoding"), **options)
-        self.address = address or default_address()
-        self._core.attach_map(self.address)
-        self._sock: zmq.Socket | None = None
+    _sock: zmq.Socket | None
+
+    def _open(self) -> None:
+        self._sock = None  # made on first use, per process (client/sockets.py)
         self._lock = threading.Lock()
-        self._closed = False
-        register(self)
 
-    @property
-    def encoding(self) -> tiktoken.Encoding:
-        return self._core.enc
-
-    # -- the encode API -----------------------------------------------------------------------
+    # -- the encode API, as tiktoken's (with a ``prefix``) ------------------------------------
 
     def encode_ordinary(self, suffix: str, *, prefix: str | None = None) -> list[int]:
         """``encoding.encode_ordinary(prefix + suffix)``; with no ``prefix``, of ``suffix``
         alone, reusing the longest cached prefix of it (automatic reuse)."""
         if prefix is None:
             return self._auto(suffix, ORDINARY)
-        return self._cache(prefix, frozenset()).encode_ordinary(suffix)
+        return self._prefix(prefix, frozenset()).encode_ordinary(suffix)
 
-    def encode_ordinary_array(self, suffix: str, *, prefix: str | None = None) -> array:
+    def encode_ordinary_array(self, suffix: str, *, prefix: str | None = None) -> array[int]:
         """The same tokens as ``array('I')`` (``numpy.frombuffer(a, dtype=numpy.uint32)``)."""
         if prefix is None:
             return array("I", self._auto(suffix, ORDINARY))
-        return self._cache(prefix, frozenset()).encode_ordinary_array(suffix)
+        return self._prefix(prefix, frozenset()).encode_ordinary_array(suffix)
 
     def count_ordinary(self, suffix: str, *, prefix: str | None = None) -> int:
         """``len(encode_ordinary(suffix, prefix=prefix))``, without building the list."""
         if prefix is None:
             return len(self._auto(suffix, ORDINARY))
-        return self._cache(prefix, frozenset()).count_ordinary(suffix)
+        return self._prefix(prefix, frozenset()).count_ordinary(suffix)
 
     def encode(
         self,
@@ -133,9 +115,11 @@ class Client:
         that only forms across the join.
         """
         if prefix is None:
-            return self._auto_encode(suffix, allowed_special, disallowed_special)
-        allowed = ClientCore.allowed_of(self._core.enc, allowed_special)
-        return self._cache(prefix, allowed).encode(
+            policy = self._auto_policy(suffix, allowed_special, disallowed_special)
+            if policy is None:
+                return self._tiktoken(suffix, allowed_special, disallowed_special)
+            return self._auto(suffix, policy)
+        return self._prefix(prefix, self._allowed(allowed_special)).encode(
             suffix, allowed_special=allowed_special, disallowed_special=disallowed_special
         )
 
@@ -149,19 +133,59 @@ class Client:
     ) -> int:
         """``len(encode(suffix, prefix=prefix, ...))``, without building the list."""
         if prefix is None:
-            return len(self._auto_encode(suffix, allowed_special, disallowed_special))
-        allowed = ClientCore.allowed_of(self._core.enc, allowed_special)
-        return self._cache(prefix, allowed).count(
+            return len(
+                self.encode(
+                    suffix, allowed_special=allowed_special, disallowed_special=disallowed_special
+                )
+            )
+        return self._prefix(prefix, self._allowed(allowed_special)).count(
             suffix, allowed_special=allowed_special, disallowed_special=disallowed_special
         )
 
-    def stats(self) -> dict[str, Any]:
-        """This process's counters: ``l1_hits``, ``l2_hits`` (daemon hits), ``misses`` (daemon
-        misses), ``fallbacks`` (local encodes without a daemon answer), ``timeouts``, ``errors``,
-        ``rejected_hits``, ``late_replies``, ``breaker`` (closed / open / half-open), L1 size."""
-        out = self._core.stats()
-        out["address"] = self.address
-        return out
+    def encode_to_numpy(
+        self,
+        suffix: str,
+        *,
+        prefix: str | None = None,
+        allowed_special: SpecialArg = frozenset(),
+        disallowed_special: SpecialArg = "all",
+    ) -> Any:
+        """``encode(...)`` as a ``numpy.uint32`` array, as tiktoken's ``encode_to_numpy``."""
+        return to_numpy(
+            self.encode(
+                suffix,
+                prefix=prefix,
+                allowed_special=allowed_special,
+                disallowed_special=disallowed_special,
+            )
+        )
+
+    def encode_ordinary_batch(
+        self, texts: list[str], *, prefix: str | None = None, num_threads: int = 8
+    ) -> list[list[int]]:
+        """``[encode_ordinary(t, prefix=prefix) for t in texts]`` on ``num_threads`` threads,
+        as tiktoken's ``encode_ordinary_batch`` (tiktoken releases the GIL while it encodes)."""
+        if prefix is None:
+            return self._batch(self.encode_ordinary, texts, num_threads)
+        cache = self._prefix(prefix, frozenset())  # one lookup (or round trip) for the batch
+        return _threads(cache.encode_ordinary, texts, num_threads)
+
+    def encode_batch(
+        self,
+        texts: list[str],
+        *,
+        prefix: str | None = None,
+        num_threads: int = 8,
+        allowed_special: SpecialArg = frozenset(),
+        disallowed_special: SpecialArg = "all",
+    ) -> list[list[int]]:
+        """``[encode(t, prefix=prefix, ...) for t in texts]`` on ``num_threads`` threads, as
+        tiktoken's ``encode_batch``; raises the first text's error as it does."""
+        special: Any = dict(allowed_special=allowed_special, disallowed_special=disallowed_special)
+        if prefix is None:
+            return self._batch(functools.partial(self.encode, **special), texts, num_threads)
+        cache = self._prefix(prefix, self._allowed(allowed_special))
+        return _threads(functools.partial(cache.encode, **special), texts, num_threads)
 
     def daemon_stats(self, timeout_ms: int = 1000) -> dict[str, Any]:
         """The daemon's STATS reply: ``{"stats": {...}, "settings": {...}}``.
@@ -172,24 +196,10 @@ class Client:
         return request_stats(self.address, timeout_ms=timeout_ms, context=CONTEXT.get())
 
     def close(self) -> None:
-        """Close the socket. The client still works afterwards, locally only.
-
-        What the worker has not reported of its map hits and sightings is sent first (a
-        worker recycled after a few requests still counts), with a linger of 100 ms to hand it
-        over; otherwise LINGER=0."""
-        linger = 0
-        frames = None if self._closed else self._core.touch_frames(closing=True)
-        if frames is not None and self._lock.acquire(blocking=False):
-            try:
-                self._socket().send_multipart(frames, zmq.NOBLOCK)
-                linger = 100
-            except (*SOCKET_ERRORS, OSError):
-                pass  # no daemon to tell: the marks are a hint
-            finally:
-                self._lock.release()
-        self._closed = True
-        self._close_socket(linger)
-        self._core.stop_following()
+        """Close the socket (after sending the map hits not yet reported: client/flows.py's
+        ``closing``). The client still works afterwards, locally only."""
+        closed, self._closed = self._closed, True
+        self._run(closing(self._core, closed))
 
     def __enter__(self) -> Client:
         return self
@@ -197,103 +207,59 @@ class Client:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # -- automatic reuse: the L1's chain, the daemon's, then local -------------------------------
+    # -- running the flows --------------------------------------------------------------------
 
-    def _auto_encode(
-        self, text: str, allowed_special: SpecialArg, disallowed_special: SpecialArg
-    ) -> list[int]:
-        require_str(text, "text")
-        enc = self._core.enc
-        policy = SpecialPolicy.parse(enc, allowed_special, disallowed_special)
-        if policy is None or policy.finds_disallowed(text):  # tiktoken's own outcome
-            return enc.encode(
-                text, allowed_special=allowed_special, disallowed_special=disallowed_special
-            )
-        return self._auto(text, policy)
+    def _prefix(self, prefix: str, allowed: frozenset[str]) -> Prefix:
+        key, cache = self._l1(prefix, allowed)
+        if cache is not None:
+            return cache
+        fetched, source = self._run(fetch_flow(self._core, prefix, allowed, key, self._closed))
+        self._source.set(source)
+        return fetched
 
     def _auto(self, text: str, policy: SpecialPolicy) -> list[int]:
-        require_str(text, "text")
-        core = self._core
-        if core.pid != os.getpid():  # before any lock (the L1's): see client/sockets.py
+        tokens, source = self._run(auto_encode(self._core, text, policy, self._closed))
+        self._source.set(source)
+        return tokens
+
+    def _batch(
+        self, encode: Callable[[str], list[int]], texts: list[str], n: int
+    ) -> list[list[int]]:
+        def one(text: str) -> tuple[list[int], Any]:
+            return encode(text), self.last_source  # the pool thread's own source
+
+        done = _threads(one, texts, n)
+        self._source.set(batch_source([source for _, source in done]))
+        return [tokens for tokens, _ in done]
+
+    def _run(self, flow: Flow[T]) -> T:
+        if self._core.pid != os.getpid():  # before any lock (the L1's): see client/sockets.py
             self._after_fork()
-        plan = core.auto_plan(text, policy)
-        if plan is None:  # lone surrogates: not UTF-8, the daemon could not take them
-            return encode_with(core.enc, text, policy)
-        route = core.auto_route(plan)
-        if route == AUTO_L1 or self._closed:
-            return core.auto_finish(text, policy, plan, None)
-        core.follow_chains(CONTEXT.get(), self.address, policy.allowed)
-        if route == AUTO_TELL:
-            tokens = core.auto_finish(text, policy, plan, None)
-            self._tell(core.prepare_tell(plan, policy.allowed))
-            return tokens
-        found = None
-        pending = core.prepare_auto(text, plan, policy.allowed)
-        if pending is not None:
-            found = self._ask(pending)
-        return core.auto_finish(text, policy, plan, found)
+        return drive(flow, self._step, self._lock.release)
 
-    def _tell(self, frames: list[bytes] | None) -> None:
-        """Send a request that wants no reply, if the socket is free now; never waits."""
-        if frames is None:
-            return
-        if self._core.follower is not None:
-            self._core.follower.tell(frames)  # sent from its thread, off this request's path
-            return
-        if not self._lock.acquire(blocking=False):
-            return
-        try:
-            self._socket().send_multipart(frames, zmq.NOBLOCK)
-            self._core.counters["auto_told"] += 1
-        except zmq.Again:
-            pass  # no daemon connected (IMMEDIATE), or its queue is full: it misses this text
-        except SOCKET_ERRORS:
-            self._close_socket()
-        finally:
-            self._lock.release()
+    def _step(self, step: Step) -> Any:
+        return _STEPS[type(step)](self, step)
 
-    # -- L1, then the daemon, then local ------------------------------------------------------
+    def _acquire(self, step: Acquire) -> bool:
+        if step.timeout is None:
+            return self._lock.acquire(blocking=False)
+        return self._lock.acquire(timeout=step.timeout)
 
-    def _cache(self, prefix: str, allowed: frozenset) -> FixedPrefixTokenCache:
-        core = self._core
-        key = ClientCore.l1_key(prefix, allowed) if isinstance(prefix, str) else None
-        if key is None:
-            raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
-        cache = core.l1_get(key)
-        if cache is None:
-            cache = self._fetch(prefix, allowed, key)
-        return cache
+    def _release(self, step: Release) -> None:
+        self._lock.release()
 
-    def _fetch(self, prefix: str, allowed: frozenset, key: Any) -> FixedPrefixTokenCache:
-        core = self._core
-        if core.pid != os.getpid():
-            self._after_fork()
-        cache = core.from_map(prefix, allowed)  # the host's map first: no round trip
-        if cache is not None:
-            core.l1_put(key, cache, True)
-            self._touch()
-            return cache
-        if not self._closed:
-            pending = core.prepare(prefix, allowed)
-            if pending is not None:
-                cache = self._ask(pending)
-        from_daemon = cache is not None
-        if cache is None:
-            cache = core.build_local(prefix, allowed)
-        core.l1_put(key, cache, from_daemon)
-        return cache
+    def _send(self, step: Send) -> bool:
+        return _send(self._socket(), step.frames, step.deadline)
 
-    def _touch(self) -> None:
-        """Report map hits to the daemon (fire-and-forget, never waiting for the socket)."""
-        frames = self._core.touch_frames()
-        if frames is None or self._closed or not self._lock.acquire(blocking=False):
-            return
-        try:
-            self._socket().send_multipart(frames, zmq.NOBLOCK)
-        except SOCKET_ERRORS:
-            pass  # not connected, or its queue is full: the daemon's LRU order is approximate
-        finally:
-            self._lock.release()
+    def _recv(self, step: Recv) -> list[bytes] | None:
+        sock = self._socket()
+        remaining = ms_left(step.deadline)
+        if remaining <= 0 or not sock.poll(remaining, zmq.POLLIN):
+            return None
+        return sock.recv_multipart(zmq.NOBLOCK)
+
+    def _drop(self, step: Drop) -> None:
+        self._close_socket(step.linger)
 
     def _after_fork(self) -> None:
         # The parent's socket must not be touched here: keep it from being collected (which
@@ -303,43 +269,6 @@ class Client:
             self._sock = None
         self._lock = threading.Lock()
         self._core.after_fork()
-
-    def _ask(self, pending: Pending | AutoPending) -> Any:
-        core = self._core
-        if not self._lock.acquire(timeout=core.timeout):
-            core.busy()
-            return None
-        try:
-            return self._round_trip(pending)
-        except SOCKET_ERRORS:
-            core.unavailable()
-            self._close_socket()
-            return None
-        finally:
-            self._lock.release()
-
-    def _round_trip(self, pending: Pending | AutoPending) -> Any:
-        core = self._core
-        deadline = time.monotonic() + core.timeout
-        sock = self._socket()
-        if not _send(sock, pending.frames, deadline):
-            core.timed_out()
-            self._close_socket()
-            return None
-        while True:
-            remaining = _ms_left(deadline)
-            if remaining <= 0 or not sock.poll(remaining, zmq.POLLIN):
-                # Lazy Pirate: the request may still be queued or answered late; a fresh socket
-                # next time leaves all of that behind.
-                core.timed_out()
-                self._close_socket()
-                return None
-            outcome, cache = core.accept(pending, sock.recv_multipart(zmq.NOBLOCK))
-            if outcome == LATE:
-                continue
-            if outcome != DONE:
-                self._close_socket()
-            return cache
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
@@ -355,14 +284,23 @@ class Client:
             sock.close(linger=linger)
 
 
-def _ms_left(deadline: float) -> int:
-    # Round up: a poll of 0 ms would give up on a reply that is microseconds away.
-    left = deadline - time.monotonic()
-    return int(left * 1000) + 1 if left > 0 else 0
+_STEPS: dict[type, Callable[[Client, Any], Any]] = {
+    Acquire: Client._acquire,
+    Release: Client._release,
+    Send: Client._send,
+    Recv: Client._recv,
+    Drop: Client._drop,
+}
 
 
-def _send(sock: zmq.Socket, frames: list, deadline: float) -> bool:
-    """Send without blocking past ``deadline``; False if the socket never became writable.
+def _threads(fn: Callable[[str], T], texts: Iterable[str], num_threads: int) -> list[T]:
+    with ThreadPoolExecutor(num_threads) as pool:
+        return list(pool.map(fn, texts))
+
+
+def _send(sock: zmq.Socket, frames: list[bytes], deadline: float | None) -> bool:
+    """Send without blocking past ``deadline`` (None: one try); False if the socket never
+    became writable (no completed connection: ZMQ_IMMEDIATE, or a full queue).
 
     Copied, not ``copy=False``: a request frame (a prefix, or a whole text for AUTO) is sent
     once, and pyzmq's zero-copy path for frames over 64 KiB hands every buffer to a
@@ -373,9 +311,10 @@ def _send(sock: zmq.Socket, frames: list, deadline: float) -> bool:
         sock.send_multipart(frames, zmq.NOBLOCK)
         return True
     except zmq.Again:
-        # No completed connection yet (ZMQ_IMMEDIATE): a fresh socket still connecting, or no
-        # daemon. Wait for one within the budget.
-        remaining = _ms_left(deadline)
+        if deadline is None:
+            return False
+        # A fresh socket still connecting, or no daemon: wait for one within the budget.
+        remaining = ms_left(deadline)
         if remaining <= 0 or not sock.poll(remaining, zmq.POLLOUT):
             return False
         try:

@@ -80,7 +80,7 @@ class FillPool:
 
     def done(self) -> list[tuple[Any, Any]]:
         """``(key, result)`` of the fills finished since the last call (abandoned ones not)."""
-        out = []
+        out: list[tuple[Any, Any]] = []
         while True:
             try:
                 job_id, result = self._results.get_nowait()

@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
-from flashtoken.client.core import Breaker
+from flashtoken.client.breaker import Breaker
 
 import flashtoken
 from flashtoken import tiktoken_parts

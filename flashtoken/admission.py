@@ -85,7 +85,7 @@ class WholeText:
         return self._enc.encode(
             self.prefix + _str(suffix),
             allowed_special=allowed_special,  # type: ignore[arg-type]
-            disallowed_special=disallowed_special,  # type: ignore[arg-type]
+            disallowed_special=disallowed_special,
         )
 
     def count(

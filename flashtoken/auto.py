@@ -170,7 +170,9 @@ class AutoPrefixCache:
         policy = SpecialPolicy.parse(self._enc, allowed_special, disallowed_special)
         if policy is None or policy.finds_disallowed(text):
             return self._enc.encode(
-                text, allowed_special=allowed_special, disallowed_special=disallowed_special
+                text,
+                allowed_special=allowed_special,  # type: ignore[arg-type]
+                disallowed_special=disallowed_special,
             )
         return self._encode(text, policy)
 

@@ -63,8 +63,9 @@ def _numpy_module() -> Any:
         try:
             import numpy
         except ImportError:  # the core does not need it
-            numpy = None
-        _numpy = numpy
+            _numpy = None
+        else:
+            _numpy = numpy
     return _numpy
 
 

@@ -287,7 +287,7 @@ class FixedPrefixTokenCache:
             # tiktoken raises its own error (and if it did not, its answer is still exact).
             return PrefixSplit([], 0), self._enc.encode(
                 self._prefix + suffix,
-                allowed_special=allowed_special,
+                allowed_special=allowed_special,  # type: ignore[arg-type]
                 disallowed_special=disallowed_special,
             )
         split = self._split_for(policy)

@@ -153,8 +153,8 @@ class MapReader:
         try:
             env = environment(self.path)
             with env.begin(buffers=True) as txn:
-                salt = txn.get(_SALT_KEY)
-                salt = None if salt is None else bytes(salt)
+                stored = txn.get(_SALT_KEY)
+                salt = None if stored is None else bytes(stored)
         except lmdb.Error:
             self._failed_pid = pid
             return None
@@ -232,8 +232,8 @@ class MapWriter:
         """Count the entries a previous daemon left (a hot restart); drop damaged ones."""
         damaged = []
         with env.begin(buffers=True) as txn:
-            for key, value in txn.cursor():
-                key = bytes(key)
+            for stored, value in txn.cursor():
+                key = bytes(stored)
                 if key in (_VERSION_KEY, _SALT_KEY):
                     continue
                 if len(key) != 16 or bytes(value[:4]) != FORMAT:

@@ -20,7 +20,15 @@ import msgpack
 import pytest
 import zmq
 
-from flashtoken.wire import ALGORITHM, MAGIC, VERSION, PingRequest, StatsRequest, parse_reply
+from flashtoken.wire import (
+    ALGORITHM,
+    MAGIC,
+    VERSION,
+    PingRequest,
+    StatsReply,
+    StatsRequest,
+    parse_reply,
+)
 from tests.polling import wait_until
 
 START_TIMEOUT = 30.0
@@ -83,6 +91,7 @@ class DaemonProcess:
 
     def answers(self) -> bool:
         if not self.alive():
+            assert self.proc is not None
             raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log_text()}")
         try:
             request(self.address, PingRequest(7).frames(), timeout_ms=200)
@@ -92,7 +101,9 @@ class DaemonProcess:
 
     def stats(self) -> dict[str, Any]:
         frames = request(self.address, StatsRequest(8).frames(), timeout_ms=2000)
-        return parse_reply(frames).stats
+        reply = parse_reply(frames)
+        assert isinstance(reply, StatsReply), reply
+        return reply.stats
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
@@ -121,7 +132,7 @@ class DaemonProcess:
 
 def request(address: str, frames: list[bytes], *, timeout_ms: int = 2000) -> list[bytes]:
     """Send raw ``frames`` on a fresh DEALER; return the reply's frames or raise TimeoutError."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:

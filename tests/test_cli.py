@@ -78,7 +78,8 @@ def cli(
         ({"auto_block_bytes": 8}, ValueError, r"auto_block_bytes must be >= 16"),
         ({"follow": "yes"}, TypeError, r"follow must be True or False"),
         ({"namespace": 5}, TypeError, r"namespace must be a str or bytes"),
-        ({"timeout": 20}, TypeError, r"unexpected keyword arguments: 'timeout' \(did you mean"),
+        # Explicit keywords: Python's own TypeError, and mypy or an IDE flags the call first.
+        ({"timeout": 20}, TypeError, r"unexpected keyword argument 'timeout'"),
         ({"address": "ipc://@flashtoken"}, ValueError, r"abstract unix socket"),
         ({"address": "ipc://relative.sock"}, ValueError, r"not an absolute path"),
         ({"address": "localhost:7000"}, ValueError, r"not an ipc:// or tcp:// address"),

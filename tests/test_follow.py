@@ -212,7 +212,7 @@ def follow_up(writer: Any, read: Callable[[str], Any], reader: Any, texts: list[
 
 def holds(c: Client, text: str) -> bool:
     """Whether ``c``'s L1 holds every full block of ``text``."""
-    return len(c._core.auto.lookup(text, ORDINARY).path) == len(text.encode()) // BLOCK
+    return len(c._core.chains.auto.lookup(text, ORDINARY).path) == len(text.encode()) // BLOCK
 
 
 @pytest.mark.parametrize("name", ["cl100k_base", "o200k_base"])
