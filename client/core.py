@@ -268,6 +268,10 @@ class ClientCore:
             return found
         if found is None or found.seen or self.seen is None:
             return None  # no usable map, the host has seen it, or min_uses=1: ask the daemon
+        if self.seen.seen_before(found.key):
+            # This worker's own sight, not reported yet (sightings go in batches, ~50 ms): a
+            # second sight all the same.
+            return None
         self.hostmap.sighted(found.key)
         self.counters["first_sights"] += 1
         return WholeText(self.enc, prefix)

@@ -33,6 +33,7 @@ from typing import Any
 import zmq
 
 from flashtoken.wire import MAX_HEADER_BYTES, MAX_PREFIX_BYTES
+from flashtoken.wire.auth import secure_client
 
 __all__ = ["Follower"]
 
@@ -70,6 +71,7 @@ class Follower:
         self._sock.setsockopt(zmq.MAXMSGSIZE, _MAX_MESSAGE_BYTES)
         self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        secure_client(self._sock, publisher)  # tcp://: the daemon publishes to CURVE clients only
         self._sock.connect(publisher)
         self._dealer = context.socket(zmq.DEALER)
         configure(self._dealer, address)

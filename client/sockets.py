@@ -15,6 +15,7 @@ import zmq
 
 from flashtoken.errors import DaemonUnavailable
 from flashtoken.wire import MAX_HEADER_BYTES, MAX_PREFIX_BYTES, check_daemon_socket, ipc_path
+from flashtoken.wire.auth import key_file, read_keys, secure_client
 
 __all__ = [
     "CONTEXT",
@@ -34,8 +35,12 @@ SOCKET_ERRORS = (zmq.ZMQError, DaemonUnavailable)
 
 def trusted(address: str, counters: dict[str, int]) -> None:
     """Check who may be the daemon at ``address`` before a socket connects to it
-    (``check_daemon_socket``: owner, mode, directory); counts ``untrusted`` and raises
+    (``check_daemon_socket``: owner, mode, directory; for tcp://, that this user holds the
+    daemon's key file, flashtoken/wire/auth.py); counts ``untrusted`` and raises
     DaemonUnavailable if the check fails."""
+    if address.startswith("tcp://"):
+        read_keys(key_file())  # DaemonUnavailable saying why: the client encodes locally
+        return
     try:
         check_daemon_socket(address)
     except DaemonUnavailable:
@@ -67,8 +72,14 @@ def abandon(thing: Any) -> None:
 
 
 def configure_dealer(sock: zmq.Socket, address: str) -> None:
-    """The client socket's options: bounded everything, and no queueing to a dead daemon."""
+    """The client socket's options: bounded everything, and no queueing to a dead daemon; on
+    tcp://, CURVE with the key file's keys (DaemonUnavailable, the socket closed, without it)."""
     sock.setsockopt(zmq.LINGER, 0)
+    try:
+        secure_client(sock, address)
+    except DaemonUnavailable:
+        sock.close(linger=0)
+        raise
     sock.setsockopt(zmq.SNDHWM, 64)
     sock.setsockopt(zmq.RCVHWM, 64)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_BYTES)

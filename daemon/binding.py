@@ -7,7 +7,6 @@ sockets' options before it serves, each a function of its arguments.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import stat
@@ -15,7 +14,8 @@ from typing import Any
 
 import zmq
 
-from flashtoken.wire import MAX_HEADER_BYTES, ipc_path
+from flashtoken.errors import DaemonUnavailable
+from flashtoken.wire import MAX_HEADER_BYTES, auth, ipc_path
 
 from . import budget
 
@@ -37,6 +37,12 @@ def take_lock(path: str, address: str) -> int:
     stale (its owner is gone) and is removed. Returns the lock's descriptor (held open for
     the daemon's life). Raises StartupError with a message fit for the user.
     """
+    if not (auth.ipc_available() and auth.fcntl_available()):
+        raise StartupError(
+            f"cannot serve {address}: ipc:// (and its lock, fcntl) is not available"
+            f" here; bind {auth.DEFAULT_TCP_ADDRESS} (this platform's default),"
+            " authenticated with the keys of its tcp:// key file"
+        )
     if len(path.encode()) > _MAX_IPC_PATH_BYTES:
         raise StartupError(
             f"socket path {path!r} is longer than {_MAX_IPC_PATH_BYTES} bytes;"
@@ -63,6 +69,8 @@ def take_lock(path: str, address: str) -> int:
             " another --bind"
         )
     try:
+        import fcntl  # checked in start(): absent on Windows, where the port is the lock
+
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
@@ -121,11 +129,25 @@ def memory() -> dict[str, int]:
     return out
 
 
-def bind_private(sock: zmq.Socket, address: str) -> str | None:
+def bind_private(sock: zmq.Socket, address: str, keys: auth.Keys | None) -> str | None:
     """Bind ``sock``; an ipc socket file is 0600 from the start (umask), not only after the
-    chmod. Returns its path (None for another transport)."""
+    chmod; a tcp:// socket is a CURVE server with ``keys``. Returns the ipc socket's path
+    (None for another transport). Raises StartupError."""
+    try:
+        return _bind(sock, address, keys)
+    except zmq.ZMQError as exc:
+        # On tcp:// the port is the single-instance lock: libzmq binds it exclusively.
+        held = exc.errno == errno.EADDRINUSE
+        raise StartupError(
+            f"cannot bind {address}: {exc}"
+            + ("; another flashtoken-daemon may be serving it" if held else "")
+        ) from exc
+
+
+def _bind(sock: zmq.Socket, address: str, keys: auth.Keys | None) -> str | None:
     path = ipc_path(address)
     if path is None:
+        auth.secure_server(sock, address, keys)
         sock.bind(address)
         return None
     old = os.umask(0o177)
@@ -159,3 +181,14 @@ def receive(router: zmq.Socket, max_prefix_bytes: int) -> tuple[bytes, list[Any]
     elif size > limit:
         refused = f"a request of {size} bytes exceeds the limit of {limit}"
     return identity.bytes, body, refused
+
+
+def curve_server(ctx: zmq.Context) -> tuple[auth.Keys, auth.ZapHandler]:
+    """TCP has no owner: the CURVE keys from the private tcp:// key file, and the ZAP handler
+    that admits only its client key, started before any bind. Raises StartupError."""
+    try:
+        keys = auth.make_keys(auth.key_file())
+    except (DaemonUnavailable, OSError) as exc:
+        raise StartupError(f"cannot use the tcp:// key file: {exc}") from exc
+    log.info("tcp:// with CURVE: only clients holding the keys in %s get in", auth.key_file())
+    return keys, auth.ZapHandler(ctx, keys)

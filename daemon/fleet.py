@@ -2,23 +2,10 @@
 
 On a local miss, the daemon's fill thread asks the tier before it encodes (``lookup``), and writes
 what it encoded there afterwards (``put``: queued, written by one thread, off every request's
-path). Workers never talk to Valkey; each daemon holds one bounded connection pool.
-
-Values. Under ``{key_prefix}{hex SHA-256 of (format, algorithm version, namespace, encoding
-id, policy, prefix bytes)}`` a value is::
-
-    b"FTF" version(1) | cut u32 | cut_byte u32 | prefix_len u32 | n u32 | n x u32 ids | mac(32)
-
-integers little-endian; ``cut`` is the stable cut in code points, ``cut_byte`` the same offset in
-bytes, ids the prefix's tokens before it (the store's token frame as is). ``mac`` is HMAC-SHA256
-with the fleet secret over the key and everything before it: any process that can write to
-Valkey could otherwise poison every host. A value is used only after it passes, in this order:
-the HMAC (under any of the configured secrets, for rotation), the format, the lengths, the cut
-(it must be the stable cut this daemon computes for the prefix itself: a regex scan of its last
-pieces, no encode), the ids (known to the encoding, no special token the policy forbids), and
-the spelling: ``decode_bytes(ids) == prefix[:cut_byte]``. A value that fails is deleted and
-counted in ``fleet_rejected``. The tokenization itself is trusted to the holders of the secret,
-as a client trusts its daemon.
+path). Workers never talk to Valkey; each daemon holds one bounded connection pool, which the
+writer thread fills before its first write (``_warm``), so that the first lookup does not pay
+for a connect. The values, their keys and their checks are daemon/fleetcodec.py's; a value that
+fails a check is deleted and counted in ``fleet_rejected``.
 
 Faults. Every call has its own timeout (``fleet_timeout_ms``, connect included, no retries); a
 circuit breaker (the client's ``Breaker``) stops asking a tier that keeps failing and probes it
@@ -29,34 +16,23 @@ partition cost a fill at most one timeout, and never change an id (docs/FLEET.md
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
-import os
-import struct
 import threading
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import Any
 
 from flashtoken.client.breaker import Breaker
 
-import flashtoken
-from flashtoken import tiktoken_parts
-from flashtoken.boundary import stable_offset
-from flashtoken.specials import SpecialPolicy
-from flashtoken.wire import tokens_from_frame
+from flashtoken.encodings import encoding_id, get_encoding
 
 from .encodings import Loaded
+from .fleetcodec import FleetConfigError, Found, check_value, fleet_key, pack_value, read_secrets
+from .fleetspell import table_for
 
 log = logging.getLogger("flashtoken.daemon.fleet")
 
-FORMAT_VERSION = 1
-_MAGIC = b"FTF" + bytes([FORMAT_VERSION])
-_HEAD = struct.Struct("<4sIIII")  # magic+version, cut, cut_byte, prefix_len, n
-_MAC_BYTES = 32
-MIN_SECRET_BYTES = 16
 # The writer sends at most this much in one pipeline: one round trip for many fills, without a
 # single huge request that a slow link would time out.
 _BATCH_BYTES = 4 * 1024 * 1024
@@ -69,56 +45,11 @@ _ENCODE_S_PER_BYTE = 100e-9
 # Each queued write costs its key and value plus about this much (deque slot, tuple, bytes).
 _QUEUE_OVERHEAD = 128
 
-
-# The first two bytes of each encoding's special tokens, by encoding identity (see
-# _forbidden_special): a few short tuples, one per encoding ever checked.
-_STARTS: dict[bytes, tuple[bytes, ...]] = {}
-
-
-class FleetConfigError(ValueError):
-    """The fleet settings cannot work; the message says what to change."""
+__all__ = ["FleetConfigError", "FleetTier", "FleetUnavailable", "Found", "redact_url"]
 
 
 class FleetUnavailable(Exception):
     """The tier did not answer in time, refused us, or spoke garbage (mapped in ``_mapped``)."""
-
-
-class Found(NamedTuple):
-    """A checked value: the store's token frame (little-endian uint32) and the cut."""
-
-    tokens: bytes
-    cut: int
-    cut_byte: int
-
-
-def read_secrets(path: str) -> list[bytes]:
-    """The secrets in ``path``: one a line, the first signs, every one verifies (rotation).
-
-    Blank lines and lines starting with ``#`` are skipped. Raises FleetConfigError if the file
-    cannot be read or holds no secret, or a secret is shorter than MIN_SECRET_BYTES.
-    """
-    try:
-        with open(path, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            lines = f.read().splitlines()
-    except OSError as exc:
-        raise FleetConfigError(f"cannot read the fleet secret file {path}: {exc}") from exc
-    secrets = [line.strip() for line in lines]
-    secrets = [s for s in secrets if s and not s.startswith(b"#")]
-    if not secrets:
-        raise FleetConfigError(
-            f"the fleet secret file {path} holds no secret; write one line of at least"
-            f" {MIN_SECRET_BYTES} random bytes, e.g. `head -c 32 /dev/urandom | base64 > {path}`"
-        )
-    for s in secrets:
-        if len(s) < MIN_SECRET_BYTES:
-            raise FleetConfigError(
-                f"a secret in {path} is {len(s)} bytes; use at least {MIN_SECRET_BYTES}"
-                " (e.g. `head -c 32 /dev/urandom | base64`)"
-            )
-    if mode & 0o077:
-        log.warning("fleet secret file %s is readable by group or others; chmod 600 it", path)
-    return secrets
 
 
 def redact_url(url: str | None) -> str | None:
@@ -129,96 +60,6 @@ def redact_url(url: str | None) -> str | None:
     auth, _, host = rest.rpartition("@")
     user = auth.split(":", 1)[0]
     return f"{scheme}{sep}{user}:***@{host}" if ":" in auth else url
-
-
-def fleet_key(
-    key_prefix: bytes, namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes
-) -> bytes:
-    """The Valkey key of a prefix's value: a strong digest of everything that decides its ids
-    (SHA-256: several times faster than BLAKE2b where the CPU has SHA instructions).
-
-    ``namespace`` separates tenants (today the daemon's key for the prefix, which carries the
-    client's namespace salt); the algorithm version separates daemons whose cuts could differ.
-    """
-    h = hashlib.sha256()
-    fields = [b"flashtoken-fleet/%d" % FORMAT_VERSION, flashtoken.__version__.encode()]
-    fields += [namespace, eid, b"%d" % len(allowed), *(a.encode() for a in allowed)]
-    for field in fields:
-        h.update(struct.pack("<Q", len(field)))
-        h.update(field)
-    h.update(struct.pack("<Q", len(prefix)))
-    h.update(prefix)
-    return key_prefix + h.hexdigest().encode()
-
-
-def _mac(secret: bytes, key: bytes, body: bytes | memoryview) -> bytes:
-    h = hmac.new(secret, key, hashlib.sha256)
-    h.update(body)
-    return h.digest()
-
-
-def pack_value(
-    secret: bytes, key: bytes, tokens: bytes, cut: int, cut_byte: int, n_prefix: int
-) -> bytes:
-    """The signed value of a fill (``tokens``: the store's little-endian uint32 frame)."""
-    body = _HEAD.pack(_MAGIC, cut, cut_byte, n_prefix, len(tokens) // 4) + tokens
-    return body + _mac(secret, key, body)
-
-
-def check_value(
-    secrets: list[bytes],
-    key: bytes,
-    value: Any,
-    loaded: Loaded,
-    allowed: tuple[str, ...],
-    prefix: bytes,
-    text: str,
-) -> Found | None:
-    """The value's tokens and cut if it passes every check (module docstring), else None."""
-    if not isinstance(value, bytes) or len(value) < _HEAD.size + _MAC_BYTES:
-        return None
-    body, mac = memoryview(value)[:-_MAC_BYTES], value[-_MAC_BYTES:]
-    if not any(hmac.compare_digest(_mac(s, key, body), mac) for s in secrets):
-        return None
-    magic, cut, cut_byte, n_prefix, n = _HEAD.unpack_from(body)
-    if magic != _MAGIC or len(body) != _HEAD.size + 4 * n or n_prefix != len(prefix):
-        return None
-    if cut > len(text) or cut_byte > n_prefix or (n == 0) != (cut == 0):
-        return None
-    if cut:  # (0, 0): nothing kept, which is exact for any prefix
-        policy = SpecialPolicy.of(loaded.enc, frozenset(allowed), ())
-        if cut != stable_offset(loaded.rule, policy, text, 0, len(text)):
-            return None
-        if len(text[:cut].encode()) != cut_byte:
-            return None
-    tokens = body[_HEAD.size :]
-    ids = tokens_from_frame(tokens).tolist()  # decode_bytes reads a list twice as fast
-    try:
-        spelled = loaded.enc.decode_bytes(ids)
-    except (SystemExit, KeyboardInterrupt):
-        raise
-    except BaseException:  # noqa: B036 - an unknown id: KeyError, or pyo3's PanicException
-        return None
-    if spelled != prefix[:cut_byte] or _forbidden_special(loaded, allowed, spelled, ids):
-        return None
-    return Found(tokens.tobytes(), cut, cut_byte)
-
-
-def _forbidden_special(
-    loaded: Loaded, allowed: tuple[str, ...], spelled: bytes, ids: list[int]
-) -> bool:
-    """Whether ``ids`` hold a special token the policy does not allow (a prefix may spell one's
-    text as ordinary tokens). A special token's id spells its text, so when the text holds no
-    special token's first two bytes (nearly always) no id needs a look; max() and a set test
-    over every id would cost as much as the decode."""
-    specials = tiktoken_parts.special_tokens(loaded.enc)
-    starts = _STARTS.get(loaded.eid)
-    if starts is None:
-        starts = _STARTS[loaded.eid] = tuple({s.encode()[:2] for s in specials})
-    if not any(start in spelled for start in starts):
-        return False
-    ok = {specials[a] for a in allowed}  # two names may share an id (o200k_harmony)
-    return not {i for i in specials.values() if i not in ok}.isdisjoint(ids)
 
 
 class FleetTier:
@@ -239,6 +80,7 @@ class FleetTier:
         queue_bytes: int = 64 * 1024 * 1024,
         pool_size: int = 3,
         wait_ms: float = 5,
+        encodings: tuple[str, ...] = (),
     ) -> None:
         if not secrets:
             raise FleetConfigError("the fleet tier needs a secret (--fleet-secret-file)")
@@ -249,6 +91,7 @@ class FleetTier:
         self.queue_bytes = queue_bytes
         self.wait = wait_ms / 1000
         self._redis = _connect(url, self.timeout, pool_size)
+        self._pool_size = pool_size
         self._lock = threading.Lock()
         self._breaker = Breaker(*_BREAKER)
         self._queue: deque[tuple[bytes, bytes | None]] = deque()
@@ -269,7 +112,7 @@ class FleetTier:
             0,
         )
         self._writer = threading.Thread(
-            target=self._write_loop, name="flashtoken-fleet", daemon=True
+            target=self._write_loop, args=(encodings,), name="flashtoken-fleet", daemon=True
         )
         self._writer.start()
 
@@ -297,6 +140,7 @@ class FleetTier:
             queue_bytes=config.fleet_queue_bytes,
             pool_size=config.fill_threads + 1,
             wait_ms=config.fleet_wait_ms,
+            encodings=tuple(config.encodings),
         )
 
     def wait_s(self, prefix_bytes: int) -> float:
@@ -396,7 +240,8 @@ class FleetTier:
                 batch.append((key, value))
             return batch
 
-    def _write_loop(self) -> None:
+    def _write_loop(self, encodings: tuple[str, ...]) -> None:
+        self._warm(encodings)
         while True:
             batch = self._take_batch()
             if not batch:
@@ -418,6 +263,30 @@ class FleetTier:
                 self._count("fleet_writes_dropped", len(batch))
                 continue
             self._count("fleet_writes", sum(1 for _, v in batch if v is not None))
+
+    def _warm(self, encodings: tuple[str, ...]) -> None:
+        """Open every pooled connection and build the preloaded encodings' spelling tables, on
+        the writer thread before its first write: otherwise the first lookups of a fresh daemon
+        (a late host's cold start, when the tier matters most) would each pay a connect (and
+        AUTH, and a TLS handshake) and ~40 ms of table building. A tier that does not answer
+        costs this thread one timeout, and counts as any failed call does."""
+        for name in encodings:
+            try:
+                enc = get_encoding(name)
+                table_for(encoding_id(enc), enc)
+            except Exception:  # the daemon loaded it already; a failure here costs only speed
+                log.exception("spelling table of %s not built ahead", name)
+        pool = self._redis.connection_pool
+        taken = []
+        try:
+            with self._mapped():
+                for _ in range(self._pool_size):
+                    taken.append(pool.get_connection())  # connects (and authenticates)
+        except FleetUnavailable:
+            pass  # counted; the breaker decides when to ask again
+        finally:
+            for connection in taken:
+                pool.release(connection)
 
     # -- faults -----------------------------------------------------------------------------------
 

@@ -57,7 +57,15 @@ def peer_cap(soft: int) -> int:
 class PeerLimit:
     """Counts the peers of the monitored sockets and shuts down those beyond the cap."""
 
-    EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+    # A failed handshake is a peer refused by tcp://'s authentication (flashtoken/wire/auth.py):
+    # a CURVE client without the daemon's key (PROTOCOL), or with a client key it does not know
+    # (AUTH: its ZAP handler said no). Counted here, where every connection is seen.
+    HANDSHAKE_FAILED = (
+        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    )
+    EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
@@ -66,6 +74,7 @@ class PeerLimit:
         self.peers: set[int] = set()
         self.refused = 0
         self.gated = 0  # times the door was shut
+        self.auth_refused = 0  # handshakes failed: peers without the tcp:// keys
         self.monitors: list[zmq.Socket] = []
         self.paths: list[str] = []  # the socket files that are the door
         self._shut = False
@@ -87,8 +96,10 @@ class PeerLimit:
                 event = recv_monitor_message(monitor, zmq.NOBLOCK)
             except zmq.Again:
                 break
-            fd = event["value"]
-            if event["event"] == zmq.EVENT_DISCONNECTED:
+            fd = event["value"]  # a descriptor, except for a failed handshake (an error code)
+            if event["event"] & self.HANDSHAKE_FAILED:
+                self._refused_handshake()
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self.peers.discard(fd)
             elif len(self.peers) >= self.cap:
                 self.refused += 1
@@ -101,6 +112,15 @@ class PeerLimit:
             log.warning("%d connections: refusing new ones for now", len(self.peers))
         elif self._shut and len(self.peers) <= self.open_at:
             self._door(False)
+
+    def _refused_handshake(self) -> None:
+        self.auth_refused += 1
+        if self.auth_refused <= 3 or self.auth_refused % 100 == 0:  # a scan must not flood logs
+            log.warning(
+                "refused a connection: its handshake failed (a client without this daemon's"
+                " tcp:// keys, or not speaking CURVE); %d refused so far",
+                self.auth_refused,
+            )
 
     def _door(self, shut: bool) -> None:
         self._shut = shut
@@ -125,6 +145,7 @@ class PeerLimit:
             "curr_connections": len(self.peers),
             "connections_refused": self.refused,
             "connections_gated": self.gated,
+            "auth_refused": self.auth_refused,
             "limit_connections": self.cap,
         }
 

@@ -57,6 +57,7 @@ from flashtoken.wire import (
     StatsRequest,
     TellRequest,
     TouchRequest,
+    auth,
     ipc_path,
     parse_request,
     publish_address,
@@ -64,7 +65,7 @@ from flashtoken.wire import (
 )
 
 from . import budget
-from .binding import StartupError, bind_private, bounded, memory, receive, take_lock
+from .binding import StartupError, bind_private, bounded, curve_server, memory, receive, take_lock
 from .budget import Outstanding
 from .chains import Chains
 from .encodings import Encodings, load
@@ -103,6 +104,8 @@ class Server:
         self._lock_fd: int | None = None
         self._socket_path: str | None = None
         self._ctx: zmq.Context | None = None
+        self._keys: auth.Keys | None = None  # tcp:// only: CURVE (flashtoken/wire/auth.py)
+        self._zap: auth.ZapHandler | None = None
         self._router: zmq.Socket | None = None
         self._publish_path: str | None = None
         self._wake_r, self._wake_w = os.pipe()
@@ -178,22 +181,22 @@ class Server:
                 self.hostmap = self.prefixes.hostmap = self._open_map(path)
         self._limit = PeerLimit(peer_cap(raise_nofile()))
         self._ctx = zmq.Context()
+        if address.startswith("tcp://"):
+            try:
+                self._keys, self._zap = curve_server(self._ctx)
+            except StartupError:
+                self._close()
+                raise
         router = self._router = self._ctx.socket(zmq.ROUTER)
         bounded(router, self.config.hwm)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full queue is EAGAIN (counted), not silent
         # libzmq drops a peer that sends a frame larger than this, before we ever see it.
         router.setsockopt(zmq.MAXMSGSIZE, self.config.max_prefix_bytes + MAX_HEADER_BYTES)
         try:
-            self._socket_path = bind_private(router, address)
-        except zmq.ZMQError as exc:
+            self._socket_path = bind_private(router, address, self._keys)
+        except StartupError:
             self._close()
-            raise StartupError(f"cannot bind {address}: {exc}") from exc
-        if address.startswith("tcp://"):
-            log.warning(
-                "listening on %s: TCP has no authentication; any local or remote"
-                " peer that can connect can use this daemon",
-                address,
-            )
+            raise
         self._bind_publisher(address)
         self._poller = zmq.Poller()
         self._poller.register(router, zmq.POLLIN)
@@ -258,10 +261,10 @@ class Server:
         pub = self.chains.publisher = self._ctx.socket(zmq.PUB)
         bounded(pub, self.config.hwm)
         try:
-            self._publish_path = bind_private(pub, where)
-        except zmq.ZMQError as exc:
+            self._publish_path = bind_private(pub, where, self._keys)
+        except StartupError:
             self._close()
-            raise StartupError(f"cannot bind the publish address {where}: {exc}") from exc
+            raise
 
     def stop(self) -> None:
         """Ask the loop to stop; safe from a signal handler or another thread."""
@@ -281,6 +284,8 @@ class Server:
         for sock in (self._router, self.chains.publisher):
             if sock is not None:
                 sock.close(linger=0)
+        if self._zap is not None:
+            self._zap.stop()  # its socket closed: the context's term would wait for it
         if self._ctx is not None:
             self._ctx.term()
         for path in (self._socket_path, self._publish_path):

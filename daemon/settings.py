@@ -34,11 +34,12 @@ SETTINGS: tuple[Setting, ...] = (
         "bind",
         None,
         "address",
-        "address to bind (the clients' `address`); tcp:// only when given: TCP has no"
-        " authentication",
+        "address to bind (the clients' `address`); on tcp:// only clients holding the keys of"
+        " the tcp:// key file get in (CURVE, docs/PROTOCOL.md)",
         env_name="FLASHTOKEN_ADDRESS",
         default_text="ipc://$XDG_RUNTIME_DIR/flashtoken/daemon.sock, else"
-        " ipc://$TMPDIR/flashtoken-$UID/daemon.sock",
+        " ipc://$TMPDIR/flashtoken-$UID/daemon.sock; tcp://127.0.0.1:7417 where ipc:// or fcntl"
+        " is missing",
     ),
     Setting(
         "max_bytes",

@@ -79,7 +79,7 @@ def check_address(address: Any, name: str = "address") -> str:
     """``address`` if it is a usable daemon address, else a ValueError that says what to pass.
 
     Accepted: ``ipc:///an/absolute/path`` (a unix socket file; its directory's permissions are
-    what keep other users out) and ``tcp://HOST:PORT`` (explicitly chosen; no authentication).
+    what keep other users out) and ``tcp://HOST:PORT`` (CURVE keys, flashtoken/wire/auth.py).
 
     >>> check_address("ipc:///run/flashtoken/daemon.sock")
     'ipc:///run/flashtoken/daemon.sock'
@@ -117,7 +117,7 @@ def check_address(address: Any, name: str = "address") -> str:
         raise ValueError(f"{name} {address} is not tcp://HOST:PORT, e.g. tcp://127.0.0.1:7000")
     raise ValueError(
         f"{name} {address!r} is not an ipc:// or tcp:// address; {example}"
-        " (or tcp://127.0.0.1:7000, which has no authentication)"
+        " (or tcp://127.0.0.1:7000, authenticated with the tcp:// key file's keys)"
     )
 
 

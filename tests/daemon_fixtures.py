@@ -29,6 +29,7 @@ from flashtoken.wire import (
     StatsRequest,
     parse_reply,
 )
+from flashtoken.wire.auth import secure_client
 from tests.polling import wait_until
 
 START_TIMEOUT = 30.0
@@ -136,6 +137,7 @@ def request(address: str, frames: list[bytes], *, timeout_ms: int = 2000) -> lis
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
+        secure_client(sock, address)  # tcp://: CURVE with the key file's keys
         sock.connect(address)
         sock.send_multipart(frames)
         if not sock.poll(timeout_ms, zmq.POLLIN):

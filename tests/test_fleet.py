@@ -20,13 +20,13 @@ from typing import Any
 
 import pytest
 from flashtoken.daemon.encodings import load
-from flashtoken.daemon.fleet import (
+from flashtoken.daemon.fleet import redact_url
+from flashtoken.daemon.fleetcodec import (
     FleetConfigError,
     check_value,
     fleet_key,
     pack_value,
     read_secrets,
-    redact_url,
 )
 
 from flashtoken import get_encoding
@@ -231,6 +231,22 @@ def test_host_b_is_warm_from_the_fleet(valkey: ValkeyProcess, start_host: Any) -
         assert client.encode_ordinary(" and a suffix", prefix=text) == get_encoding(
             ENC
         ).encode_ordinary(text + " and a suffix")
+
+
+def test_the_pool_is_connected_before_the_first_lookup(
+    valkey: ValkeyProcess, start_host: Any
+) -> None:
+    """A fresh host opens its whole pool (fill_threads + 1 connections) at start, so that its
+    first lookups, a late host's cold start, do not each pay a connect."""
+    host = start_host(valkey.url, (SECRET,), "--fill-threads", "3")
+    with valkey.client() as c:
+
+        def pool_open() -> bool:
+            return len(c.client_list()) - 1 >= 4  # less this test's own connection
+
+        wait_until(pool_open, DEADLINE, "the daemon never opened its pool")
+    stats = host.stats()
+    assert stats["fleet_hits"] + stats["fleet_misses"] + stats["fleet_errors"] == 0
 
 
 def test_forged_and_garbage_values_are_rejected_and_deleted(

@@ -94,7 +94,14 @@ def check_daemon_socket(address: str) -> None:
 
 
 def default_address() -> str:
-    """``ipc://{runtime_dir()}/daemon.sock``: where the daemon binds and clients connect."""
+    """``ipc://{runtime_dir()}/daemon.sock``: where the daemon binds and clients connect.
+
+    Where ``ipc://`` or ``fcntl`` (its lock) do not exist, as on Windows, ``tcp://127.0.0.1:7417``
+    instead, authenticated with CURVE keys (flashtoken/wire/auth.py)."""
+    from .auth import DEFAULT_TCP_ADDRESS, fcntl_available, ipc_available
+
+    if not (ipc_available() and fcntl_available()):
+        return DEFAULT_TCP_ADDRESS
     return "ipc://" + os.path.join(runtime_dir(), "daemon.sock")
 
 

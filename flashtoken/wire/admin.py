@@ -17,6 +17,7 @@ import zmq
 from flashtoken.errors import DaemonError, DaemonTimeout, DaemonUnavailable, ProtocolError
 
 from .addresses import check_daemon_socket
+from .auth import secure_client
 from .codec import MAX_HEADER_BYTES
 from .replies import ErrorReply, Pong, Reply, StatsReply, parse_reply
 from .requests import PingRequest, Request, StatsRequest
@@ -65,6 +66,7 @@ def _ask(
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_HEADER_BYTES)  # an admin reply is a header only
         # Queue only on a completed connection: no request waits for a daemon that is not there.
         sock.setsockopt(zmq.IMMEDIATE, 1)
+        secure_client(sock, address)  # tcp://: CURVE, keys from the key file (auth.py)
         sock.connect(address)
         deadline = time.monotonic() + timeout_ms / 1000
         while True:
