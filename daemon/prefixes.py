@@ -29,7 +29,8 @@ from flashtoken.wire import (
 )
 
 from .encodings import Encodings, Loaded, check_loaded
-from .fleet import FleetTier, Found
+from .fleet import FleetTier
+from .fleetcodec import Found
 from .flights import Answer, Flights
 from .hostmap import HostMap
 from .store import PrefixScope, Store
