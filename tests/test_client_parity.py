@@ -223,6 +223,10 @@ def test_async_close_reports_the_map_hits_not_yet_sent(
     client = AsyncClient(daemon.address, ENC, timeout_ms=TIMEOUT_MS)
 
     async def run() -> int:
+        # First a request that needs the daemon, so that its socket is connected: a report sent
+        # (NOBLOCK) on a socket still connecting is dropped (the reports are hints), and map
+        # hits alone never wait for a connection.
+        await client.encode_ordinary("connect " * 1000)
         for p in prefixes:
             assert await client.encode_ordinary("!", prefix=p) == enc.encode_ordinary(p + "!")
             assert client.last_source == "map"
