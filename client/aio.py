@@ -30,7 +30,15 @@ from .base import ClientBase, batch_source, to_numpy
 from .core import Prefix
 from .flows import Acquire, Drop, Flow, Recv, Release, Run, Send, Step, auto_encode, closing, drive
 from .flows import fetch_prefix as fetch_flow
-from .sockets import CONTEXT, SOCKET_ERRORS, abandon, configure_dealer, ms_left, trusted
+from .sockets import (
+    CONTEXT,
+    SOCKET_ERRORS,
+    abandon,
+    configure_dealer,
+    ms_left,
+    send_within,
+    trusted,
+)
 
 __all__ = ["AsyncClient"]
 
@@ -178,7 +186,9 @@ class AsyncClient(ClientBase):
         """Close the socket, after sending the map hits not yet reported, as ``Client.close``
         (client/flows.py's ``closing``); later calls encode locally.
 
-        Not a coroutine (it never waits): it runs the flow with non-blocking steps only."""
+        Not a coroutine, as ``Client.close``: it runs the flow on the socket's synchronous face.
+        With reports to send on a socket still connecting, that waits for the connection up to
+        ``CLOSE_HANDOVER_S`` (0.1 s), blocking the loop that long at most."""
         closed, self._closed = self._closed, True
         drive(closing(self._core, closed), self._step_now, lambda: None)
 
@@ -286,14 +296,9 @@ class AsyncClient(ClientBase):
             assert step.timeout is None
             return self._lock is None or not self._lock.locked()
         if isinstance(step, Send):
-            assert step.deadline is None
             # The same socket through its synchronous face: zmq.asyncio's send needs a loop.
             sock: zmq.Socket[bytes] = zmq.Socket.shadow(self._socket().underlying)
-            try:
-                sock.send_multipart(step.frames, zmq.NOBLOCK)
-                return True
-            except zmq.Again:
-                return False
+            return send_within(sock, step.frames, step.deadline)
         if isinstance(step, Drop):
             return self._close_socket(step.linger)
         assert isinstance(step, Release)

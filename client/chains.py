@@ -88,8 +88,7 @@ class Chains:
 
     def after_fork(self) -> None:
         """In a child: the AutoPrefixCache's lock anew, and the parent's follower left alone."""
-        if self.auto._lock.locked():  # not done yet by flashtoken.auto's own fork hook
-            self.auto._after_fork()
+        self.auto.after_fork()  # a no-op once flashtoken.auto's own fork hook has run
         if self.follower is not None:  # its thread is the parent's: leave its socket alone
             abandon(self.follower)
             self.follower = None
@@ -97,15 +96,14 @@ class Chains:
 
     def distrust(self) -> None:
         """Forget every block (the daemon was caught answering wrong: ClientCore.distrust)."""
-        with self.auto._lock:
-            self.auto._empty()
+        self.auto.clear()
 
     # -- one text -------------------------------------------------------------------------------
 
     def plan(self, text: str, policy: SpecialPolicy) -> Any:
         """The L1's longest cached path for ``text`` (None: not UTF-8, encode locally)."""
         self.counters["auto_calls"] += 1
-        return self.auto._plan(text, policy)
+        return self.auto.lookup(text, policy)
 
     def route(self, plan: Any) -> str:
         """What to do after the L1's ``plan``: ``AUTO_L1`` (the L1 holds every full block of
@@ -126,13 +124,13 @@ class Chains:
     ) -> list[int]:
         """The tokens of ``text``: the L1's, then the daemon's (``found``: checked tokens and the
         cut they reach), then one local encode of the rest; records the new blocks in the L1."""
-        head = self.auto._head(plan)
+        head = self.auto.head(plan)
         if found is not None:
             tail, cut = found
             tail += encode_with(self.encoder, text[cut:], policy)
         else:
             tail = encode_with(self.encoder, text[plan.cut :], policy)
-        self.auto._finish(plan, policy, text, tail)
+        self.auto.record(plan, policy, text, tail)
         head += tail
         return head
 
@@ -263,7 +261,7 @@ class Chains:
         policy = self._seed_policies.get(blocks.seed)
         if policy is None:
             return 0
-        return self.auto._adopt(
+        return self.auto.adopt(
             policy,
             blocks.first,
             None if blocks.parent is None else int.from_bytes(blocks.parent, "big"),

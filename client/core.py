@@ -325,7 +325,14 @@ class ClientCore:
         req = self.requests
         request_id = req.next_id()
         frames = GetRequest(
-            request_id, req.tag, self.enc.name, req.eid, tuple(sorted(allowed)), req.fill, data
+            request_id,
+            req.tag,
+            self.enc.name,
+            req.eid,
+            tuple(sorted(allowed)),
+            req.fill,
+            data,
+            fill_wait_ms(len(data), self.timeout) if req.fill else 0,
         ).frames()
         return Pending(
             request_id, frames, GetHit, GetMiss, partial(self._check_hit, prefix, allowed)
@@ -410,3 +417,10 @@ class ClientCore:
         out["auto_told"] += chains.pop("told_by_follower")
         out.update(chains)
         return out
+
+
+def fill_wait_ms(prefix_bytes: int, timeout_s: float) -> int:
+    """How long a GET may wait for the daemon's fill of its prefix (single flight): about twice
+    what encoding it here would cost (~75 ns a byte; the daemon's encode serves every worker
+    that waits), and well inside the client's own timeout, so a wait never trips the breaker."""
+    return max(0, min(int(timeout_s * 750), 1 + prefix_bytes // 8192))

@@ -44,6 +44,9 @@ from .core import DONE, LATE, ClientCore, L1Key, Prefix
 from .requests import Pending
 from .sockets import SOCKET_ERRORS
 
+# How long a closing client waits for its socket to connect to hand over its last report.
+CLOSE_HANDOVER_S = 0.1
+
 __all__ = [
     "Acquire",
     "Drop",
@@ -168,7 +171,9 @@ def closing(core: ClientCore, closed: bool) -> Flow[None]:
     linger = 0
     if frames is not None and (yield Acquire(None)):
         try:
-            if (yield Send(frames, None)):
+            # A socket made just now is still connecting (ZMQ_IMMEDIATE: a send fails until
+            # it is): wait for it briefly rather than drop the report.
+            if (yield Send(frames, time.monotonic() + CLOSE_HANDOVER_S)):
                 linger = 100
         except SOCKET_ERRORS:
             pass  # no daemon to tell: the marks are a hint

@@ -5,7 +5,7 @@ turns behind: the turns in between were encoded by other workers. Asking the dae
 costs a round trip on every request (more than encoding a turn). Instead the daemon publishes
 every chain block it stores (a PUB socket next to its main one), and each client follows on a
 background thread: between requests, the blocks of the other workers' turns arrive, are checked
-(``AutoPrefixCache._adopt``: its parent is ours, its cut is recomputed, its tokens spell its
+(``AutoPrefixCache.adopt``: its parent is ours, its cut is recomputed, its tokens spell its
 bytes) and stored. A request then finds the chain up to the previous turn in its own L1 and
 encodes only the new turn.
 

@@ -26,7 +26,7 @@ from .base import ClientBase, batch_source, to_numpy
 from .core import Prefix
 from .flows import Acquire, Drop, Flow, Recv, Release, Send, Step, auto_encode, closing, drive
 from .flows import fetch_prefix as fetch_flow
-from .sockets import CONTEXT, abandon, configure_dealer, ms_left, trusted
+from .sockets import CONTEXT, abandon, configure_dealer, ms_left, send_within, trusted
 
 __all__ = ["Client"]
 
@@ -249,7 +249,7 @@ class Client(ClientBase):
         self._lock.release()
 
     def _send(self, step: Send) -> bool:
-        return _send(self._socket(), step.frames, step.deadline)
+        return send_within(self._socket(), step.frames, step.deadline)
 
     def _recv(self, step: Recv) -> list[bytes] | None:
         sock = self._socket()
@@ -296,29 +296,3 @@ _STEPS: dict[type, Callable[[Client, Any], Any]] = {
 def _threads(fn: Callable[[str], T], texts: Iterable[str], num_threads: int) -> list[T]:
     with ThreadPoolExecutor(num_threads) as pool:
         return list(pool.map(fn, texts))
-
-
-def _send(sock: zmq.Socket, frames: list[bytes], deadline: float | None) -> bool:
-    """Send without blocking past ``deadline`` (None: one try); False if the socket never
-    became writable (no completed connection: ZMQ_IMMEDIATE, or a full queue).
-
-    Copied, not ``copy=False``: a request frame (a prefix, or a whole text for AUTO) is sent
-    once, and pyzmq's zero-copy path for frames over 64 KiB hands every buffer to a
-    garbage-collector thread that must take the GIL: measured at ~300 us a send against ~15 us
-    for copying a 140 KB text.
-    """
-    try:
-        sock.send_multipart(frames, zmq.NOBLOCK)
-        return True
-    except zmq.Again:
-        if deadline is None:
-            return False
-        # A fresh socket still connecting, or no daemon: wait for one within the budget.
-        remaining = ms_left(deadline)
-        if remaining <= 0 or not sock.poll(remaining, zmq.POLLOUT):
-            return False
-        try:
-            sock.send_multipart(frames, zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            return False

@@ -19,14 +19,13 @@ __all__ = [
     "DEFAULTS",
     "SETTINGS",
     "Config",
-    "Entry",
     "Server",
     "StartupError",
     "Store",
     "parse_size",
 ]
 
-_LAZY = {"Server": ".server", "StartupError": ".server", "Entry": ".store", "Store": ".store"}
+_LAZY = {"Server": ".server", "StartupError": ".server", "Store": ".store"}
 
 
 def __getattr__(name: str) -> Any:

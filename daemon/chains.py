@@ -1,11 +1,12 @@
 """Chains in the daemon: automatic prefix reuse (AUTO, TELL), chain fills, publishing.
 
-A mixin of ``Server`` (daemon/server.py), which owns the loop, the sockets, the store and the
-fill pool; these are its handlers for the chain ops. A chain block is found by its key and used
-only once confirmed by its bytes (daemon/store.py). A fill encodes the text after a chain's last
-cut on the pool and hands the new blocks to the loop, which stores them and publishes them on
-the PUB socket to the clients that follow chains (client/follow.py; docs/PROTOCOL.md,
-"Chains" and "Publishing").
+``Chains`` holds the handlers for the chain ops, given what they use by the ``Server`` that owns
+the loop (daemon/server.py): the store, the encodings, the flights (daemon/flights.py: one fill
+per key, failed fills remembered) and, once bound, the PUB socket. A chain block is found by its
+key and used only once confirmed by its bytes (flashtoken/chains.py). A fill encodes the text
+after a chain's last cut on the pool and hands the new blocks to the loop, which stores them and
+publishes them on the PUB socket to the clients that follow chains (client/follow.py;
+docs/PROTOCOL.md, "Chains" and "Publishing").
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import logging
 from array import array
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import xxhash
 import zmq
 
-from flashtoken.auto import block_cuts
+from flashtoken.blocks import block_cuts
+from flashtoken.chains import Node
 from flashtoken.specials import SpecialPolicy, encode_with
 from flashtoken.wire import (
     AutoHit,
@@ -35,10 +37,10 @@ from flashtoken.wire import (
     tokens_to_frame,
 )
 
-from .budget import PARKED_BYTES
-from .encodings import Loaded, check_loaded, load
-from .settings import FAILED_FILLS_KEPT
-from .store import Entry
+from .budget import PARKED_BYTES, Outstanding
+from .encodings import Encodings, Loaded, check_loaded
+from .flights import Flights
+from .store import ChainScope, Store
 
 log = logging.getLogger("flashtoken.daemon")
 
@@ -59,12 +61,12 @@ def _block_key(seed: bytes, blocks: int, block: bytes) -> tuple[bytes, int, byte
 class Chain:
     """A chain fill's result: new blocks ``first ..`` after the cut ``start``, their digests."""
 
-    path: list  # the chain found for an AUTO request's text (the parent block for a TELL)
+    path: list[Node]  # the chain found for an AUTO request's text (the parent block for a TELL)
     first: int
     start: int  # the cut of block first - 1, in bytes (0 for the first block)
     span: bytes  # the text's bytes from start on
-    entries: list
-    digests: list
+    entries: list[Node]
+    digests: list[bytes]
     state: Any  # the xxh3 state after the new blocks (AUTO), None (TELL)
     parent_digest: bytes | None  # of block first - 1: subscribers find their block by it
     refused: bool = False  # a TELL whose digests are not those of its bytes (from that block on)
@@ -81,59 +83,44 @@ class ChainResult:
     error: str | None = None
 
 
-class ChainHandlers:
-    """``Server``'s handlers for AUTO and TELL, its chain fills and their publication."""
+class Chains:
+    """The handlers for AUTO and TELL, their chain fills and the fills' publication."""
 
-    # Server's, used here: the store, the loaded encodings, the fill pool and its bookkeeping,
-    # the publishing socket, the counters.
-    store: Any
-    config: Any
-    counters: dict[str, int]
-    _encodings: dict[str, Loaded]
-    _filling: set[Any]
-    _failed_auto: Any
-    _parked: deque[TellRequest]
-    _parked_bytes: int
-    _publisher: zmq.Socket | None
-    _publications: Any  # daemon/budget.py's Outstanding
-
-    if TYPE_CHECKING:
-
-        def _check_encoding(self, request: Any) -> None: ...
-        def _submit(self, key: Any, fn: Any, *args: Any) -> bool: ...
+    def __init__(
+        self,
+        store: Store,
+        encodings: Encodings,
+        flights: Flights,
+        counters: dict[str, int],
+        publications: Outstanding,
+    ) -> None:
+        self.store = store
+        self.encodings = encodings
+        self.flights = flights
+        self.counters = counters
+        self.publications = publications
+        self.publisher: zmq.Socket | None = None  # set once bound (no publish address: None)
+        self.parked: deque[TellRequest] = deque()  # TELLs whose parent is being filled
+        self.parked_bytes = 0
 
     def on_auto(self, request: Request) -> list[Any]:
         """The longest confirmed chain of blocks that starts the text; its tokens after the
         client's ``skip`` blocks; a fill of the blocks after it (on the pool) if asked."""
         assert isinstance(request, AutoRequest)
-        self._check_encoding(request)
+        self.encodings.check(request)
         data, block, skip = request.text, request.block, request.skip
-        loaded = self._encodings.get(request.enc)
-        path: list[Entry] = []
-        if loaded is not None:  # else nothing was stored for it yet
-            enc = loaded.enc
-            path, _ = self.store.walk(
-                request.seed,
-                data,
-                block,
-                request.enc,
-                request.allowed,
-                lambda frame: enc.decode_bytes(tokens_from_frame(frame)),
-            )
+        path: list[Node] = []
+        if self.encodings.get(request.enc) is not None:  # else nothing was stored for it yet
+            path, _ = self.store.walk(request.seed, data, block, _scope(request))
         blocks = len(path)
         filling = False
         if request.fill and blocks < len(data) // block:
             key = _block_key(request.seed, blocks, data[blocks * block : (blocks + 1) * block])
-            filling = key in self._filling
-            if (
-                not filling
-                and key not in self._failed_auto
-                and len(self._filling) < self.config.max_pending_fills
-            ):
-                filling = self._submit(key, self._fill_chain, key, request, path)
+            self._start(key, request, path)
+            filling = key in self.flights
         start = path[skip - 1].cut_byte if 0 < skip <= blocks else 0
         if blocks > skip and path[-1].cut_byte > start:
-            frame = b"".join([entry.tokens for entry in path[skip:]])
+            frame = b"".join([node.tokens for node in path[skip:]])
             self.store.count_auto(blocks - skip, path[-1].cut_byte - start)
             self.counters["tokens_served"] += len(frame) // 4
             return AutoHit(request.id, blocks, filling, start, path[-1].cut_byte, frame).frames()
@@ -144,19 +131,16 @@ class ChainHandlers:
         """A client encoded a text itself: fill the blocks it names. Answered only when the
         parent block is not here (``placed: false``)."""
         assert isinstance(request, TellRequest)
-        self._check_encoding(request)
-        path: list[Entry] = []
+        self.encodings.check(request)
+        path: list[Node] = []
         if request.parent is not None:
             parent = self.store.peek(self.store.key(request.seed, request.parent))
-            if parent is None and self._filling:
+            if parent is None and len(self.flights):
                 self._park(request)  # its parent may be on its way: a fill of an earlier TELL
                 return []
             if (
                 parent is None
-                or not parent.chain
-                or parent.enc != request.enc
-                or parent.allowed != request.allowed
-                or parent.ns != request.seed
+                or parent.scope != _scope(request)
                 or parent.cut_byte != request.start
             ):
                 # Evicted, or never here (a restart): the one answer a TELL gets, so that the
@@ -167,74 +151,61 @@ class ChainHandlers:
         request, path = self._skip_known(request, path)
         if not request.digests:
             return []  # every block is here already
-        key = _block_key(request.seed, request.first, request.digests[0])
-        if (
-            key not in self._filling
-            and key not in self._failed_auto
-            and len(self._filling) < self.config.max_pending_fills
-        ):
-            self._submit(key, self._fill_chain, key, request, path)
+        self._start(_block_key(request.seed, request.first, request.digests[0]), request, path)
         return []
+
+    def _start(self, key: Any, request: AutoRequest | TellRequest, path: list[Node]) -> None:
+        """A chain fill as the flight of ``key`` (none if one is in flight or failed before)."""
+        size = len(request.text if isinstance(request, AutoRequest) else request.span)
+        self.flights.start(key, size, self._landed, self._fill, key, request, path)
 
     def _park(self, request: TellRequest) -> None:
         """Keep a TELL whose parent block is not stored yet until the fills in flight are done
         (a client that tells faster than the daemon fills); the oldest go first when many wait."""
         assert request.parent is not None
-        self._parked.append(request)
-        self._parked_bytes += len(request.span)
-        while len(self._parked) > _PARKED_TELLS or self._parked_bytes > PARKED_BYTES:
-            self._parked_bytes -= len(self._parked.popleft().span)
+        self.parked.append(request)
+        self.parked_bytes += len(request.span)
+        while len(self.parked) > _PARKED_TELLS or self.parked_bytes > PARKED_BYTES:
+            self.parked_bytes -= len(self.parked.popleft().span)
             self.counters["tells_unplaced"] += 1
 
-    def _unpark(self) -> None:
+    def unpark(self) -> None:
         """After a fill: retry the parked TELLs (each is parked again, or dropped as unplaced
         once no fill is in flight)."""
-        parked, self._parked, self._parked_bytes = self._parked, deque(), 0
+        parked, self.parked, self.parked_bytes = self.parked, deque(), 0
         for request in parked:
             self.on_tell(request)
 
-    def _skip_known(
-        self, request: TellRequest, path: list[Entry]
-    ) -> tuple[TellRequest, list[Entry]]:
+    def _skip_known(self, request: TellRequest, path: list[Node]) -> tuple[TellRequest, list[Node]]:
         """The TELL without its first blocks that the store holds already (confirmed by their
         bytes, like a walk's), and its new parent: a worker that starts a text afresh names
         blocks that others have told before."""
-        loaded = self._encodings.get(request.enc)
-        if loaded is None:
+        if self.encodings.get(request.enc) is None:
             return request, path
-        parent = path[-1] if path else None
-        block, start, span = request.block, request.start, request.span
-        known = 0
-        for i, digest in enumerate(request.digests, request.first):
-            entry = self.store.peek(self.store.key(request.seed, digest))
-            at = parent.cut_byte if parent is not None else 0
-            if (
-                entry is None
-                or not entry.extends(
-                    parent, request.enc, request.allowed, span, start, (i + 1) * block, request.seed
-                )
-                or loaded.enc.decode_bytes(tokens_from_frame(entry.tokens))
-                != span[at - start : entry.cut_byte - start]
-            ):
-                break
-            parent, known = entry, known + 1
+        known = self.store.known_after(
+            path[-1] if path else None,
+            request.seed,
+            request.digests,
+            _scope(request),
+            request.span,
+            request.start,
+            request.first,
+            request.block,
+        )
         if not known:
             return request, path
-        assert parent is not None
-        cut = parent.cut_byte
+        parent, start, n = known[-1], request.start, len(known)
         told = dataclasses.replace(
             request,
-            first=request.first + known,
-            parent=request.digests[known - 1],
-            start=cut,
-            digests=request.digests[known:],
-            span=span[cut - start :],
+            first=request.first + n,
+            parent=request.digests[n - 1],
+            start=parent.cut_byte,
+            digests=request.digests[n:],
+            span=request.span[parent.cut_byte - start :],
         )
         return told, [parent]
 
-    def _fill_chain(
-        self, key: Any, request: AutoRequest | TellRequest, path: list[Entry]
-    ) -> ChainResult:
+    def _fill(self, key: Any, request: AutoRequest | TellRequest, path: list[Node]) -> ChainResult:
         """On a pool thread: encode the text after a chain's cut and cut the new blocks, as
         ``flashtoken.AutoPrefixCache`` does; hand them to the loop. Never raises.
 
@@ -247,7 +218,7 @@ class ChainHandlers:
         (its cut is stable whatever follows, so its tokens are those of the whole text).
         """
         try:
-            loaded = self._encodings.get(request.enc) or load(request.enc, self.config.backend)
+            loaded = self.encodings.get_or_load(request.enc)
             check_loaded(loaded, request)
             block = request.block
             parent = path[-1] if path else None
@@ -294,19 +265,21 @@ class ChainHandlers:
                 digests = _told_digests(loaded, request, parent, span, len(cuts))
             refused = len(digests) < len(cuts)
             cuts = cuts[: len(digests)]
-            entries: list[Entry] = []
-            taken = 0
+            entries: list[Node] = []
+            taken, scope, store = 0, _scope(request), self.store
             for i, (_, cut, n) in enumerate(cuts, first):
                 entries.append(
-                    Entry(
-                        span[cut : (i + 1) * block - start],  # the tokens spell the bytes before
-                        request.enc,
-                        request.allowed,
-                        tokens_to_frame(array("I", tail[taken:n])),
-                        start + cut,  # chain blocks use cut_byte only
+                    store.chains.node(
+                        store.key(request.seed, digests[i - first]),
                         entries[-1] if entries else parent,
+                        scope,
+                        span,
+                        i * block,
+                        (i + 1) * block,
+                        -1,  # a chain block's cut in characters: never read in the daemon
                         start + cut,
-                        request.seed,
+                        tokens_to_frame(array("I", tail[taken:n])),
+                        origin=start,
                     )
                 )
                 taken = n
@@ -317,7 +290,8 @@ class ChainHandlers:
         except BaseException as exc:  # noqa: B036 - pyo3's PanicException is a BaseException
             return ChainResult(key, request, error=f"{type(exc).__name__}: {exc}"[:300])
 
-    def _on_chain_done(self, result: ChainResult) -> None:
+    def _landed(self, result: ChainResult) -> None:
+        """On the loop: store a chain fill's blocks and publish them (no GET waits for one)."""
         request = result.request
         if result.error is not None:
             self.counters["fill_errors"] += 1
@@ -327,15 +301,16 @@ class ChainHandlers:
                 request.enc,
                 result.error,
             )
-            self._remember_failed_chain(result.key, result.error)
-            return
+            self.flights.fail(result.key, result.error)
+            return None
         chain = result.chain
         assert chain is not None and result.loaded is not None
-        self._encodings.setdefault(request.enc, result.loaded)
+        self.encodings.keep(request.enc, result.loaded)
         self.counters["auto_fills"] += 1
         if chain.refused:
             self.counters["tells_refused"] += 1
-        stored = self.store.put_chain(request.seed, chain.digests, chain.entries)
+        parent = chain.path[-1] if chain.path else None
+        stored = self.store.put_chain(parent, chain.entries)
         if stored and len(stored) == len(chain.entries) and isinstance(request, AutoRequest):
             # The next request of a growing text starts its walk here.
             self.store.remember(
@@ -347,15 +322,11 @@ class ChainHandlers:
             )
         if stored:
             self._publish(request, chain, stored)
+        return None
 
-    def _remember_failed_chain(self, key: Any, error: str) -> None:
-        self._failed_auto[key] = error
-        while len(self._failed_auto) > FAILED_FILLS_KEPT:
-            self._failed_auto.popitem(last=False)
-
-    def _publish(self, request: Any, chain: Chain, stored: list[Entry]) -> None:
+    def _publish(self, request: Any, chain: Chain, stored: list[Node]) -> None:
         """Send the blocks just stored to the clients following this seed's chains."""
-        if self._publisher is None:
+        if self.publisher is None:
             return
         span = chain.span
         end = (chain.first + len(stored)) * request.block - chain.start
@@ -373,18 +344,22 @@ class ChainHandlers:
             b"".join([entry.tokens for entry in stored]),
         ).frames()
         size = sum(len(frame) for frame in message)
-        if not self._publications.admit(None, size):
+        if not self.publications.admit(None, size):
             return  # subscribers hold the publication budget: they miss these (encode locally)
         try:
-            tracker = self._publisher.send_multipart(message, zmq.NOBLOCK, copy=False, track=True)
-            self._publications.sent(None, size, tracker)
+            tracker = self.publisher.send_multipart(message, zmq.NOBLOCK, copy=False, track=True)
+            self.publications.sent(None, size, tracker)
             self.counters["blocks_published"] += len(stored)
         except zmq.ZMQError as exc:  # a slow subscriber's queue is full: it misses these
             log.debug("blocks not published: %s", exc)
 
 
+def _scope(request: AutoRequest | TellRequest) -> ChainScope:
+    return ChainScope(request.enc, request.allowed, request.seed)
+
+
 def _told_digests(
-    loaded: Loaded, request: TellRequest, parent: Entry | None, span: bytes, blocks: int
+    loaded: Loaded, request: TellRequest, parent: Node | None, span: bytes, blocks: int
 ) -> list[bytes]:
     """The TELL's digests that are those of its bytes, up to the first that is not.
 
@@ -396,7 +371,7 @@ def _told_digests(
     head = b""
     if parent is not None:
         frames = []
-        node: Entry | None = parent
+        node: Node | None = parent
         while node is not None:
             frames.append(node.tokens)
             node = node.parent

@@ -12,11 +12,12 @@ from typing import Any
 
 import tiktoken
 
-from flashtoken.auto import token_byte_lengths
 from flashtoken.backends import Encoder, get_encoder
+from flashtoken.blocks import token_byte_lengths
 from flashtoken.boundary import CutRule, cut_rule
 from flashtoken.encodings import encoding_id, get_encoding
 from flashtoken.errors import ProtocolError
+from flashtoken.wire import tokens_from_frame
 
 
 @dataclass(frozen=True)
@@ -52,3 +53,46 @@ def check_loaded(loaded: Loaded, request: Any) -> None:
         )
     if not loaded.specials.issuperset(request.allowed):
         raise ProtocolError(f"'allowed' names strings that are no special token of {request.enc}")
+
+
+class Encodings:
+    """The encodings this daemon has loaded (by name), and the names tiktoken knows.
+
+    Written on the loop only (a fill loads on the pool and hands its ``Loaded`` back); read on
+    the pool too (a dict read is atomic)."""
+
+    def __init__(self, backend: str = "tiktoken") -> None:
+        self.backend = backend  # the daemon's --backend: what encodes the fills
+        self.loaded: dict[str, Loaded] = {}
+        self.known: frozenset[str] = frozenset()
+
+    def get(self, name: str) -> Loaded | None:
+        return self.loaded.get(name)
+
+    def get_or_load(self, name: str) -> Loaded:
+        """On a pool thread only: loading may wait on tiktoken's registry lock (a download)."""
+        return self.loaded.get(name) or load(name, self.backend)
+
+    def keep(self, name: str, loaded: Loaded) -> None:
+        """A fill loaded it: the loop keeps it (the first one, if two fills raced)."""
+        self.loaded.setdefault(name, loaded)
+
+    def decoder(self, name: str) -> Any:
+        """A token frame of encoding ``name`` (one stored here) to the bytes it spells."""
+        enc = self.loaded[name].enc
+        return lambda frame: enc.decode_bytes(tokens_from_frame(frame))
+
+    def check(self, request: Any) -> None:
+        """A request's encoding must be one tiktoken knows and, once loaded here, the very
+        same as the client's (its identity) with the allowed specials among its own.
+
+        Raises ProtocolError (a CLIENT_ERROR reply)."""
+        loaded = self.loaded.get(request.enc)
+        if loaded is None:
+            if request.enc not in self.known:
+                raise ProtocolError(
+                    f"unknown encoding {request.enc!r}; this daemon knows"
+                    f" {', '.join(sorted(self.known))}"
+                )
+        else:
+            check_loaded(loaded, request)

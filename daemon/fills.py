@@ -1,8 +1,9 @@
 """The daemon's fill pool: threads that encode off the loop, each fill within a time budget.
 
-A fill is a function run on a pool thread that returns a result for the loop (daemon/server.py
-stores it). The loop never waits on a fill: ``submit`` queues it and returns; ``done`` hands back
-the results that are in; ``overdue`` tells the loop which fills have run past the budget, and
+A fill is a function run on a pool thread that returns a result for the loop (each fill is a
+flight, daemon/flights.py, whose owner stores the result). The loop never waits on a fill:
+``submit`` queues it and returns; ``done`` hands back the results that are in; ``overdue``
+tells the loop which fills have run past the budget, and
 those are *abandoned*: the loop forgets them (their result, if it ever comes, is dropped) and
 the pool starts a thread in place of the stuck one, so that one encode that never ends (a
 download that hangs inside tiktoken's registry lock, an adversarial text) cannot take the pool

@@ -418,6 +418,6 @@ def test_declared_prefix_is_a_one_block_chain(shared_daemon: DaemonProcess) -> N
     block = len(text[:64].encode())
     cache = AutoPrefixCache(enc, block_bytes=block)
     cache.encode_ordinary(text + "Hello")
-    (node,) = [n for n in cache._nodes.values() if n.parent is None]
+    (node,) = [n for n in cache._store.nodes.values() if n.parent is None]
     split = split_prefix(enc, text.encode()[:block].decode())
     assert (node.tokens, node.cut) == (split.head, split.cut)

@@ -159,7 +159,7 @@ def test_async_close_runs_without_a_loop(tmp_path: Path) -> None:
         return await client.encode_ordinary(" hi", prefix=PREFIX)
 
     assert asyncio.run(use()) == get_encoding("cl100k_base").encode_ordinary(PREFIX + " hi")
-    client.close()  # no loop runs here: the closing flow never waits
+    client.close()  # no loop runs here: the closing flow needs none
     assert asyncio.run(use()) == get_encoding("cl100k_base").encode_ordinary(PREFIX + " hi")
     assert client.last_source is None  # this thread's context made no call itself
 

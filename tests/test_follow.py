@@ -2,7 +2,7 @@
 
 A worker whose L1 is behind (the previous turns went to other workers) takes their blocks from
 the daemon's PUB socket on a background thread (client/follow.py), after checking them like its
-own (``AutoPrefixCache._adopt``). A worker that encoded a text itself TELLs the daemon, which
+own (``AutoPrefixCache.adopt``). A worker that encoded a text itself TELLs the daemon, which
 fills and publishes the new blocks. Exact whatever is published: tampered, foreign or garbage
 messages cost a block, never a token.
 """
@@ -69,14 +69,14 @@ def chat(turns: int, seed: int) -> list[str]:
     return out
 
 
-# -- the core: AutoPrefixCache._adopt ------------------------------------------------------------
+# -- the core: AutoPrefixCache.adopt ------------------------------------------------------------
 
 
 def published(cache: AutoPrefixCache, text: str, first: int) -> dict[str, Any]:
     """What a daemon would publish for blocks ``first ..`` of ``text`` in ``cache``'s chain."""
     data = text.encode()
     nodes = []
-    node = max(cache._nodes.values(), key=lambda n: n.cut_byte)  # the chain's last block
+    node = max(cache._store.nodes.values(), key=lambda n: n.cut_byte)  # the chain's last block
     while node is not None:
         nodes.append(node)
         node = node.parent
@@ -113,8 +113,8 @@ def test_adopted_blocks_are_used_and_exact(name: str, seed: int) -> None:
     reader.encode_ordinary(texts[2])
     for text in texts:
         writer.encode_ordinary(text)
-    shared = len(reader._plan(texts[-1], ORDINARY).path)  # the blocks the reader holds
-    assert reader._adopt(**published(writer, texts[-1], shared)) > 0
+    shared = len(reader.lookup(texts[-1], ORDINARY).path)  # the blocks the reader holds
+    assert reader.adopt(**published(writer, texts[-1], shared)) > 0
     before = reader.stats()["encoded_bytes"]
     assert reader.encode_ordinary(texts[-1]) == enc.encode_ordinary(texts[-1])
     # Only the last, partial block and what follows the chain's cut was encoded here.
@@ -148,14 +148,14 @@ def test_tampered_blocks_are_refused() -> None:
         writer.encode_ordinary(text)
     reader = AutoPrefixCache(enc, block_bytes=BLOCK)
     reader.encode_ordinary(texts[1])
-    shared = len(reader._plan(texts[-1], ORDINARY).path)
+    shared = len(reader.lookup(texts[-1], ORDINARY).path)
     message = published(writer, texts[-1], shared)
     for what, bad in tampered(message, enc):
-        assert reader._adopt(**bad) == 0, what
+        assert reader.adopt(**bad) == 0, what
     assert reader.stats()["blocks_refused"] > 0 and reader.stats()["blocks_adopted"] == 0
     foreign = {**message, "parent_digest": 12345}  # a chain this reader does not hold
-    assert reader._adopt(**foreign) == 0
-    assert reader._adopt(**message) > 0  # the genuine message still goes in
+    assert reader.adopt(**foreign) == 0
+    assert reader.adopt(**message) > 0  # the genuine message still goes in
     for text in texts:
         assert reader.encode_ordinary(text) == enc.encode_ordinary(text)
 
@@ -175,7 +175,7 @@ def test_a_special_id_spelling_ordinary_text_is_refused() -> None:
     shift = len(ordinary) - 1
     ends = [(c, n - shift if n > at else n) for c, n in message["ends"]]
     reader = AutoPrefixCache(enc, block_bytes=BLOCK)
-    assert reader._adopt(**{**message, "tokens": special, "ends": ends}) == 0
+    assert reader.adopt(**{**message, "tokens": special, "ends": ends}) == 0
     assert reader.encode_ordinary(text) == enc.encode_ordinary(text)
 
 
@@ -212,7 +212,7 @@ def follow_up(writer: Any, read: Callable[[str], Any], reader: Any, texts: list[
 
 def holds(c: Client, text: str) -> bool:
     """Whether ``c``'s L1 holds every full block of ``text``."""
-    return len(c._core.chains.auto._plan(text, ORDINARY).path) == len(text.encode()) // BLOCK
+    return len(c._core.chains.auto.lookup(text, ORDINARY).path) == len(text.encode()) // BLOCK
 
 
 @pytest.mark.parametrize("name", ["cl100k_base", "o200k_base"])
@@ -357,7 +357,7 @@ def test_a_lying_publisher_never_changes_a_token(daemon_dir: Any) -> None:
     mirror = AutoPrefixCache(enc, block_bytes=BLOCK)  # what the client will hold: texts[:4]
     for text in texts[:4]:
         mirror.encode_ordinary(text)
-    genuine = published(honest, texts[-1], len(mirror._plan(texts[-1], ORDINARY).path))
+    genuine = published(honest, texts[-1], len(mirror.lookup(texts[-1], ORDINARY).path))
 
     def frames(m: dict[str, Any], topic: bytes = seed) -> list[bytes]:
         starts = [0] + [n for _, n in m["ends"][:-1]]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from flashtoken import AutoPrefixCache, auto, get_encoding
+from flashtoken import AutoPrefixCache, blocks, get_encoding
 
 ADVERSARIAL = {
     "spaces": " " * 800_000 + "x",  # a million makes tiktoken itself overflow
@@ -25,17 +25,17 @@ ADVERSARIAL = {
 def test_block_cuts_scan_each_character_a_bounded_number_of_times(monkeypatch, name, label):
     text = ADVERSARIAL[label]
     scanned = [0]
-    search = auto.stable_offset
+    search = blocks.stable_offset
 
     def counting(rule, policy, text, start, end):  # type: ignore[no-untyped-def]
         scanned[0] += end - start
         return search(rule, policy, text, start, end)
 
-    monkeypatch.setattr(auto, "stable_offset", counting)
+    monkeypatch.setattr(blocks, "stable_offset", counting)
     enc = get_encoding(name)
     cache = AutoPrefixCache(enc, max_bytes=1 << 30)
     expected = enc.encode_ordinary(text)
     assert cache.encode_ordinary(text) == expected
     assert cache.encode_ordinary(text) == expected  # the chain recorded, reused
     # Each block scans at most MAX_UNCUT_BLOCKS blocks back from its end: linear in the text.
-    assert scanned[0] <= (auto.MAX_UNCUT_BLOCKS + 1) * len(text.encode("utf-8"))
+    assert scanned[0] <= (blocks.MAX_UNCUT_BLOCKS + 1) * len(text.encode("utf-8"))

@@ -67,6 +67,7 @@ def _get_header(**override: object) -> dict:
         "eid": EID,
         "allowed": [],
         "fill": True,
+        "wait_ms": 0,
     }
     fields.update(override)
     return {k: v for k, v in fields.items() if v is not _DROP}
@@ -357,8 +358,10 @@ def test_every_header_field_is_checked(message: Message) -> None:
     for name in set(head) - {"m", "v", "a"}:
         for value in (1.5, _DROP):
             changed = {k: v for k, v in {**head, name: value}.items() if v is not _DROP}
-            if value is _DROP and changed.get("op") == "TOUCH" or name == "parent":
-                continue  # TOUCH has no fields; a missing parent is nil (checked below)
+            if value is _DROP and (changed.get("op") == "TOUCH" or name == "wait_ms"):
+                continue  # TOUCH has no fields; an absent wait_ms is 0 (checked below)
+            if name == "parent":
+                continue  # a missing parent is nil (checked below)
             broken = [*frames[:at], _pack(changed), *frames[at + 1 :]]
             with pytest.raises(ProtocolError):
                 _parse(message, broken)
@@ -447,3 +450,14 @@ def test_admin_requests_of_a_real_daemon(shared_daemon: DaemonProcess) -> None:
 def test_admin_requests_without_a_daemon(tmp_path: Path) -> None:
     with pytest.raises(DaemonUnavailable, match="flashtoken-daemon serve"):
         request_stats(f"ipc://{tmp_path}/none.sock", timeout_ms=100)
+
+
+def test_a_get_without_wait_ms_waits_for_nothing() -> None:
+    """wait_ms (version 3) may be absent: such a GET is answered at once, as before it."""
+    frames = GetRequest(1, KEY, "cl100k_base", EID, (), True, b"prefix", 7).frames()
+    head = msgpack.unpackb(frames[0])
+    assert parse_request(frames).wait_ms == 7
+    del head["wait_ms"]
+    assert parse_request([_pack(head), frames[1]]).wait_ms == 0
+    with pytest.raises(ProtocolError):
+        parse_request([_pack({**head, "wait_ms": 60_001}), frames[1]])

@@ -18,8 +18,9 @@ from flashtoken import __version__ as _flashtoken_version
 from flashtoken.errors import ProtocolError
 
 MAGIC = b"FT"
-VERSION = 2
-"""The wire format's version (2: a GET carries its namespace tag, not a key)."""
+VERSION = 3
+"""The wire format's version (2: a GET carries its namespace tag, not a key; 3: and how long it
+may wait for a fill in flight, ``wait_ms``)."""
 ALGORITHM = _flashtoken_version
 """The version of the code that decides cuts, blocks and digests, carried in every header as
 ``a``: a client uses only a daemon of its own version, and a daemon serves only clients of its
@@ -45,6 +46,8 @@ MAX_BLOCK_BYTES = 1024 * 1024
 less than 64: every block costs the daemon a hash, a lookup and an entry (~300 bytes), so
 16-byte blocks made a 4 MiB text 250,000 steps on its loop and 20x its size in memory."""
 
+MAX_WAIT_MS = 60_000
+"""The longest a GET may ask to wait for a fill in flight (a minute: longer is a bug)."""
 MAX_TOUCH_KEYS = 1024
 """16-byte keys in one TOUCH."""
 MAX_PUBLISHED_BLOCKS = 4096

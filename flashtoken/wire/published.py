@@ -26,7 +26,7 @@ class Blocks(Message):
     digest ``parent``; None for the first block) to just past the last block; per block,
     ``digests`` its digest, ``cuts`` its cut in the whole text (bytes) and ``counts`` its number
     of ``tokens``. Whether they are right is the subscriber's to check
-    (``AutoPrefixCache._adopt``).
+    (``AutoPrefixCache.adopt``).
     """
 
     seed: bytes = frame(Bin(KEY_BYTES), topic=True)

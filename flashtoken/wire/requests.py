@@ -21,6 +21,7 @@ from .codec import (
     MAX_PREFIX_BYTES,
     MAX_PUBLISHED_BLOCKS,
     MAX_TOUCH_KEYS,
+    MAX_WAIT_MS,
     MIN_BLOCK_BYTES,
     unpack_header,
 )
@@ -87,6 +88,10 @@ class GetRequest(Request):
     allowed: tuple[str, ...] = header(ALLOWED)
     fill: bool = header(BOOL)
     prefix: bytes = frame(TEXT)
+    # ms this GET may wait for a fill of its prefix in flight (its own included) before it is
+    # answered a miss: about what encoding the prefix would cost the worker. 0 (or absent):
+    # answer at once.
+    wait_ms: int = header(Int(0, MAX_WAIT_MS), optional=True, default=0)
 
 
 @dataclass(frozen=True)

@@ -233,9 +233,10 @@ TOKENS = _Tokens()
 REQUEST_ID = Int(0, MAX_REQUEST_ID)
 
 
-def header(spec: Spec, **kwargs: Any) -> Any:
-    """A field carried in the header under its own name."""
-    return dataclasses.field(metadata={"header": spec}, **kwargs)
+def header(spec: Spec, *, optional: bool = False, **kwargs: Any) -> Any:
+    """A field carried in the header under its own name; ``optional`` (with a ``default``): a
+    header without it is read as holding the default (a field added in a later version)."""
+    return dataclasses.field(metadata={"header": spec, "optional": optional}, **kwargs)
 
 
 def frame(spec: Spec, *, topic: bool = False) -> Any:
@@ -248,13 +249,27 @@ class _Layout:
     """A message class's declaration, read once: which fields go where, and how each is packed
     (``None``: as it is, no call; most fields). Plain slots: ``frames()`` reads it per message."""
 
-    __slots__ = ("count", "frame_packers", "frames", "head_packers", "header", "prelude", "topic")
+    __slots__ = (
+        "count",
+        "defaults",
+        "frame_packers",
+        "frames",
+        "head_packers",
+        "header",
+        "prelude",
+        "topic",
+    )
 
     def __init__(self, cls: type[Message]) -> None:
         head, frames, topic = [], [], None
+        # Header fields that may be absent (added in a later version with a default): an
+        # absent one takes its default, a present one is checked like any other.
+        self.defaults: dict[str, Any] = {}
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
             if "header" in f.metadata:
                 head.append((f.name, f.metadata["header"]))
+                if f.metadata["optional"]:
+                    self.defaults[f.name] = f.default
             elif f.metadata["topic"]:
                 topic = (f.name, f.metadata["frame"])
             else:
@@ -327,7 +342,13 @@ class Message:
                 + (f": the {', '.join(names)}" if names else "")
                 + f", not {len(frames)}"
             )
-        values = {name: spec.check(name, head.get(name), limits) for name, spec in layout.header}
+        defaults = layout.defaults
+        values = {
+            name: spec.check(name, head.get(name), limits)
+            if name not in defaults or name in head
+            else defaults[name]
+            for name, spec in layout.header
+        }
         rest = iter(frames)
         if layout.topic is not None:
             name, spec = layout.topic

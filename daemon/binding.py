@@ -1,0 +1,194 @@
+"""The daemon's own files and sockets: the single-instance lock, private binds, bounded queues.
+
+Kept apart from the loop (daemon/server.py): what the daemon does to the file system and to its
+sockets' options before it serves, each a function of its arguments.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from typing import Any
+
+import zmq
+
+from flashtoken.errors import DaemonUnavailable
+from flashtoken.wire import MAX_HEADER_BYTES, auth, ipc_path
+
+from . import budget
+
+log = logging.getLogger("flashtoken.daemon")
+
+# Longest path a unix socket address can hold (sun_path is 108 bytes on Linux, with its NUL).
+_MAX_IPC_PATH_BYTES = 107
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+def take_lock(path: str, address: str) -> int:
+    """One daemon per socket path: an exclusive flock on ``{path}.lock``, held for life.
+
+    Two processes binding one ipc path would both succeed, and the second would silently
+    take the path from the first. With the lock held, a socket file left at the path is
+    stale (its owner is gone) and is removed. Returns the lock's descriptor (held open for
+    the daemon's life). Raises StartupError with a message fit for the user.
+    """
+    if not (auth.ipc_available() and auth.fcntl_available()):
+        raise StartupError(
+            f"cannot serve {address}: ipc:// (and its lock, fcntl) is not available"
+            f" here; bind {auth.DEFAULT_TCP_ADDRESS} (this platform's default),"
+            " authenticated with the keys of its tcp:// key file"
+        )
+    if len(path.encode()) > _MAX_IPC_PATH_BYTES:
+        raise StartupError(
+            f"socket path {path!r} is longer than {_MAX_IPC_PATH_BYTES} bytes;"
+            " choose a shorter --bind ipc:// path"
+        )
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        raise StartupError(f"directory {directory} of {address} does not exist")
+    # O_NOFOLLOW: in a shared directory, another user could have planted a symlink here to
+    # make the daemon write its pid into a file of its own. And it must be ours.
+    try:
+        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot open the lock file {path}.lock ({exc.strerror}; a symlink is refused);"
+            " remove it, or choose another --bind"
+        ) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        os.close(fd)
+        raise StartupError(
+            f"the lock file {path}.lock is not a private file of uid {os.geteuid()} (uid"
+            f" {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); remove it, or choose"
+            " another --bind"
+        )
+    try:
+        import fcntl  # checked in start(): absent on Windows, where the port is the lock
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            os.close(fd)
+            raise
+        owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise StartupError(
+            f"another flashtoken-daemon (pid {owner}) is serving {address};"
+            " stop it first, or pass another --bind"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    for stale in (path, path + ".full"):  # .full: moved aside by daemon/limits.py
+        try:
+            st = os.lstat(stale)
+        except FileNotFoundError:
+            continue
+        if st.st_uid != os.geteuid():
+            raise StartupError(
+                f"{stale} belongs to uid {st.st_uid}, not to this daemon's; remove it, or"
+                " choose another --bind"
+            )
+        log.info("removing stale socket %s", stale)
+        os.unlink(stale)
+    return fd
+
+
+def bounded(sock: zmq.Socket, hwm: int) -> None:
+    """A daemon socket's queues, bounded (daemon/budget.py): in messages per peer, in bytes by
+    tracking zero-copy frames, and a peer that stops reading is dropped by ZMTP heartbeats (its
+    I/O thread no longer answers once its queue is full), which frees what was queued for it."""
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, min(hwm, budget.SEND_HWM))
+    sock.setsockopt(zmq.RCVHWM, min(hwm, budget.RECEIVE_HWM))
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 10_000)
+    sock.copy_threshold = budget.TRACKED_FRAME_BYTES  # larger frames are zero-copy, tracked
+    # Connections the kernel queues before libzmq accepts them: past the door (daemon/limits.py)
+    # these still get in, so few.
+    sock.setsockopt(zmq.BACKLOG, 16)
+
+
+def memory() -> dict[str, int]:
+    """This process's resident memory now and at its peak (Linux; 0 elsewhere)."""
+    out = {"rss_bytes": 0, "rss_max_bytes": 0}
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmRSS:"):
+                    out["rss_bytes"] = int(line.split()[1]) * 1024
+                elif line.startswith(b"VmHWM:"):
+                    out["rss_max_bytes"] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def bind_private(sock: zmq.Socket, address: str, keys: auth.Keys | None) -> str | None:
+    """Bind ``sock``; an ipc socket file is 0600 from the start (umask), not only after the
+    chmod; a tcp:// socket is a CURVE server with ``keys``. Returns the ipc socket's path
+    (None for another transport). Raises StartupError."""
+    try:
+        return _bind(sock, address, keys)
+    except zmq.ZMQError as exc:
+        # On tcp:// the port is the single-instance lock: libzmq binds it exclusively.
+        held = exc.errno == errno.EADDRINUSE
+        raise StartupError(
+            f"cannot bind {address}: {exc}"
+            + ("; another flashtoken-daemon may be serving it" if held else "")
+        ) from exc
+
+
+def _bind(sock: zmq.Socket, address: str, keys: auth.Keys | None) -> str | None:
+    path = ipc_path(address)
+    if path is None:
+        auth.secure_server(sock, address, keys)
+        sock.bind(address)
+        return None
+    old = os.umask(0o177)
+    try:
+        sock.bind(address)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    return path
+
+
+def receive(router: zmq.Socket, max_prefix_bytes: int) -> tuple[bytes, list[Any], str | None]:
+    """One request, its frames checked as they come: of a message with more frames or more
+    bytes than a request can have, only the header is kept and the rest is read and dropped
+    uncopied (``recv_multipart`` copied every frame of a 200-frame, 800 MiB message first).
+    Returns the identity, the frames and why the message is refused (None: it is not).
+    Raises zmq.Again when there is none."""
+    identity = router.recv(zmq.NOBLOCK, copy=False)
+    more = identity.more
+    body: list[Any] = []
+    frames, size, limit = 0, 0, max_prefix_bytes + MAX_HEADER_BYTES
+    while more:
+        frame = router.recv(copy=False)  # the rest of a message is there (atomic delivery)
+        more = frame.more
+        frames, size = frames + 1, size + len(frame)
+        if frames <= 2 and size <= limit:
+            body.append(frame.buffer)
+    refused = None
+    if frames > 2:
+        refused = f"a request has 1 or 2 frames, not {frames}"
+    elif size > limit:
+        refused = f"a request of {size} bytes exceeds the limit of {limit}"
+    return identity.bytes, body, refused
+
+
+def curve_server(ctx: zmq.Context) -> tuple[auth.Keys, auth.ZapHandler]:
+    """TCP has no owner: the CURVE keys from the private tcp:// key file, and the ZAP handler
+    that admits only its client key, started before any bind. Raises StartupError."""
+    try:
+        keys = auth.make_keys(auth.key_file())
+    except (DaemonUnavailable, OSError) as exc:
+        raise StartupError(f"cannot use the tcp:// key file: {exc}") from exc
+    log.info("tcp:// with CURVE: only clients holding the keys in %s get in", auth.key_file())
+    return keys, auth.ZapHandler(ctx, keys)
