@@ -47,10 +47,12 @@ def test_a_prefix_is_cached_from_its_second_sight_on_the_host(
         assert daemon.stats()["fills"] == 0  # nothing encoded for a prefix seen once
 
         # The same worker's second request is a second sight, even before its sighting
-        # reached the daemon (they go in batches): it asks, and the daemon fills.
+        # reached the daemon (they go in batches): it asks, and the daemon fills. The GET that
+        # starts the fill may be answered by it (single flight) or, its wait over, miss.
         assert worker.encode_ordinary(" Q?", prefix=prefix) == expected
         second = worker.stats()
-        assert (second["first_sights"], second["misses"]) == (1, 1)
+        assert second["first_sights"] == 1
+        assert (second["misses"], second["l2_hits"], second["map_hits"]) in ((1, 0, 0), (0, 1, 0))
         assert worker.stats()["l1_items"] == 1  # cached now
     wait_until(lambda: daemon.stats()["map_curr_items"] == 1, 30, "the fill never landed")
     assert daemon.stats()["fills"] == 1
@@ -126,6 +128,8 @@ def test_min_uses_1_caches_from_the_first_request(
     with Client(daemon.address, ENC, timeout_ms=TIMEOUT_MS, min_uses=1) as worker:
         worker.encode_ordinary(" Q?", prefix=_prefix("first"))
         stats = worker.stats()
-        assert (stats["first_sights"], stats["l1_items"], stats["misses"]) == (0, 1, 1)
+        # Asked the daemon at once: answered by the fill it started (single flight) or a miss.
+        assert (stats["first_sights"], stats["l1_items"]) == (0, 1)
+        assert (stats["misses"], stats["l2_hits"]) in ((1, 0), (0, 1))
     with pytest.raises(ValueError, match="min_uses"):
         Client(daemon.address, ENC, min_uses=3)
