@@ -15,9 +15,8 @@ from typing import Any
 
 import tiktoken
 
-from flashtoken import tiktoken_parts
 from flashtoken.prefix import token_list
-from flashtoken.specials import SpecialPolicy
+from flashtoken.specials import SpecialPolicy, forbidden_ids
 
 __all__ = ["SpanCheck"]
 
@@ -28,7 +27,6 @@ class SpanCheck:
     def __init__(self, enc: tiktoken.Encoding) -> None:
         self.enc = enc
         self._may_hold: dict[frozenset[str], Callable[[str], bool]] = {}
-        self._forbidden: dict[frozenset[str], frozenset[int]] = {}
 
     def spelled(
         self, tokens: Any, data: bytes, text: str, allowed: frozenset[str]
@@ -42,10 +40,9 @@ class SpanCheck:
                 return None
         except Exception:
             return None
-        if self._may_hold_forbidden(allowed, text) and not self._forbidden_ids(allowed).isdisjoint(
-            found
-        ):
-            return None
+        if self._may_hold_forbidden(allowed, text):
+            if not forbidden_ids(self.enc, allowed).isdisjoint(found):
+                return None
         return found
 
     def _may_hold_forbidden(self, allowed: frozenset[str], text: str) -> bool:
@@ -58,11 +55,3 @@ class SpanCheck:
                 frozenset(), frozenset(self.enc.special_tokens_set - allowed)
             ).finds_disallowed
         return search(text)
-
-    def _forbidden_ids(self, allowed: frozenset[str]) -> frozenset[int]:
-        ids = self._forbidden.get(allowed)
-        if ids is None:
-            ids = self._forbidden[allowed] = frozenset(
-                i for s, i in tiktoken_parts.special_tokens(self.enc).items() if s not in allowed
-            )
-        return ids

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import tiktoken
 
-from flashtoken import parity, tiktoken_parts
+from flashtoken import parity
 from flashtoken.adopt import (
     FRONTIER_BLOCKS,
     Frontier,
@@ -38,7 +38,7 @@ from flashtoken.boundary import cut_rule
 from flashtoken.chains import BlockBytes, ChainStore, ListTokens, Node
 from flashtoken.encodings import resolve_encoding
 from flashtoken.prefix import EncodingLike, token_list
-from flashtoken.specials import ORDINARY, SpecialArg, SpecialPolicy, encode_with
+from flashtoken.specials import ORDINARY, SpecialArg, SpecialPolicy, encode_with, forbidden_ids
 from flashtoken.text import require_str
 from flashtoken.unicode import has_surrogates
 
@@ -116,7 +116,6 @@ class AutoPrefixCache:
         self._lengths = token_byte_lengths(self._enc)
         self._lock = threading.Lock()
         self._counts = collections.Counter[str]()
-        self._forbidden_ids: dict[frozenset[str], frozenset[int]] = {}
         self._store = ChainStore(max_bytes, ListTokens(), BlockBytes(), overhead=_NODE_OVERHEAD)
         self._memos: dict[frozenset[str], _Memo] = {}
         self._frontier = Frontier()
@@ -279,12 +278,7 @@ class AutoPrefixCache:
 
     def forbidden(self, allowed: frozenset[str]) -> frozenset[int]:
         """The ids of the special tokens not in ``allowed``: a chain must not hold one."""
-        forbidden = self._forbidden_ids.get(allowed)
-        if forbidden is None:
-            forbidden = self._forbidden_ids[allowed] = frozenset(
-                i for s, i in tiktoken_parts.special_tokens(self._enc).items() if s not in allowed
-            )
-        return forbidden
+        return forbidden_ids(self._enc, allowed)
 
     def _longest_path(self, allowed: frozenset[str], data: bytes) -> Plan:
         """The cached blocks that start ``data``, the digests of all its full blocks, and the

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Literal
 import regex
 import tiktoken
 
+from flashtoken import tiktoken_parts
+
 if TYPE_CHECKING:  # an Encoder has the two calls used here (flashtoken/backends.py)
     from flashtoken.backends import Encoder
 
@@ -136,6 +138,14 @@ ORDINARY = SpecialPolicy(frozenset(), frozenset(), ordinary=True)
 """The policy of ``encode_ordinary``: every special token's text is ordinary text."""
 
 _COLLECTIONS = (set, frozenset, tuple, list)
+
+
+@functools.lru_cache(maxsize=256)
+def forbidden_ids(enc: tiktoken.Encoding, allowed: frozenset[str]) -> frozenset[int]:
+    """The ids of ``enc``'s special tokens not in ``allowed``: ids that tokens taken from a
+    cache must not hold under that policy (a special token's id decodes to its text, so a
+    spelling check alone cannot tell it from the ordinary tokens of that text)."""
+    return frozenset(i for s, i in tiktoken_parts.special_tokens(enc).items() if s not in allowed)
 
 
 def _is_all(value: object) -> bool:
