@@ -15,7 +15,7 @@ from typing import Any
 import zmq
 
 from flashtoken.errors import DaemonUnavailable
-from flashtoken.wire import MAX_HEADER_BYTES, auth, ipc_path
+from flashtoken.wire import MAX_HEADER_BYTES, addresses, auth, ipc_path
 
 from . import budget
 
@@ -37,10 +37,10 @@ def take_lock(path: str, address: str) -> int:
     stale (its owner is gone) and is removed. Returns the lock's descriptor (held open for
     the daemon's life). Raises StartupError with a message fit for the user.
     """
-    if not (auth.ipc_available() and auth.fcntl_available()):
+    if not (addresses.ipc_available() and addresses.fcntl_available()):
         raise StartupError(
             f"cannot serve {address}: ipc:// (and its lock, fcntl) is not available"
-            f" here; bind {auth.DEFAULT_TCP_ADDRESS} (this platform's default),"
+            f" here; bind {addresses.DEFAULT_TCP_ADDRESS} (this platform's default),"
             " authenticated with the keys of its tcp:// key file"
         )
     if len(path.encode()) > _MAX_IPC_PATH_BYTES:

@@ -25,8 +25,8 @@ from flashtoken import get_encoding
 from flashtoken.encodings import encoding_id
 from flashtoken.errors import DaemonUnavailable
 from flashtoken.wire import GetRequest, default_address, make_key, parse_reply
+from flashtoken.wire.addresses import DEFAULT_TCP_ADDRESS
 from flashtoken.wire.auth import (
-    DEFAULT_TCP_ADDRESS,
     KEY_FILE_ENV,
     ZapHandler,
     make_keys,

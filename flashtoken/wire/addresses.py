@@ -93,13 +93,41 @@ def check_daemon_socket(address: str) -> None:
         )
 
 
+DEFAULT_TCP_ADDRESS = "tcp://127.0.0.1:7417"  # where ipc:// or its lock do not exist
+# Make this platform behave as one without ipc:// or fcntl (Windows), for tests on Linux.
+PRETEND_NO_IPC_ENV = "FLASHTOKEN_PRETEND_NO_IPC"
+PRETEND_NO_FCNTL_ENV = "FLASHTOKEN_PRETEND_NO_FCNTL"
+
+
+def _pretending(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+def ipc_available() -> bool:
+    """Whether ``ipc://`` works here (libzmq has it, and no test pretends otherwise)."""
+    if _pretending(PRETEND_NO_IPC_ENV):
+        return False
+    import zmq
+
+    return bool(zmq.has("ipc"))
+
+
+def fcntl_available() -> bool:
+    """Whether ``fcntl.flock`` (the ipc socket's single-instance lock) exists here."""
+    if _pretending(PRETEND_NO_FCNTL_ENV):
+        return False
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def default_address() -> str:
     """``ipc://{runtime_dir()}/daemon.sock``: where the daemon binds and clients connect.
 
     Where ``ipc://`` or ``fcntl`` (its lock) do not exist, as on Windows, ``tcp://127.0.0.1:7417``
     instead, authenticated with CURVE keys (flashtoken/wire/auth.py)."""
-    from .auth import DEFAULT_TCP_ADDRESS, fcntl_available, ipc_available
-
     if not (ipc_available() and fcntl_available()):
         return DEFAULT_TCP_ADDRESS
     return "ipc://" + os.path.join(runtime_dir(), "daemon.sock")

@@ -22,8 +22,7 @@ listens on the port.
 
 Where ``ipc://`` or ``fcntl`` do not exist (Windows), the default address is
 ``tcp://127.0.0.1:7417``, and the single-instance lock is the port itself: a second daemon
-cannot bind it (libzmq binds exclusively). ``FLASHTOKEN_PRETEND_NO_IPC=1`` and
-``FLASHTOKEN_PRETEND_NO_FCNTL=1`` make this platform behave so, for tests on Linux.
+cannot bind it (libzmq binds exclusively); addresses.py says where that is the case.
 """
 
 from __future__ import annotations
@@ -40,12 +39,9 @@ from flashtoken.errors import DaemonUnavailable
 from .addresses import runtime_dir
 
 __all__ = [
-    "DEFAULT_TCP_ADDRESS",
     "KEY_FILE_ENV",
     "Keys",
     "ZapHandler",
-    "fcntl_available",
-    "ipc_available",
     "key_file",
     "make_keys",
     "read_keys",
@@ -55,10 +51,7 @@ __all__ = [
 
 log = logging.getLogger("flashtoken.auth")
 
-DEFAULT_TCP_ADDRESS = "tcp://127.0.0.1:7417"
 KEY_FILE_ENV = "FLASHTOKEN_TCP_KEY_FILE"
-PRETEND_NO_IPC_ENV = "FLASHTOKEN_PRETEND_NO_IPC"
-PRETEND_NO_FCNTL_ENV = "FLASHTOKEN_PRETEND_NO_FCNTL"
 _FIELDS = ("server-public", "server-secret", "client-public", "client-secret")
 _ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # where libzmq asks (ZeroMQ RFC 27)
 _LOG_EVERY = 100  # after the first refusals, one line per this many: a scan must not flood logs
@@ -71,30 +64,6 @@ class Keys(NamedTuple):
     server_secret: bytes
     client_public: bytes
     client_secret: bytes
-
-
-def _pretending(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0")
-
-
-def ipc_available() -> bool:
-    """Whether ``ipc://`` works here (libzmq has it, and no test pretends otherwise)."""
-    if _pretending(PRETEND_NO_IPC_ENV):
-        return False
-    import zmq
-
-    return bool(zmq.has("ipc"))
-
-
-def fcntl_available() -> bool:
-    """Whether ``fcntl.flock`` (the ipc socket's single-instance lock) exists here."""
-    if _pretending(PRETEND_NO_FCNTL_ENV):
-        return False
-    try:
-        import fcntl  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def key_file() -> str:
