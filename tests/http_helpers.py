@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tests.polling import wait_until
+from tests.polling import poll, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -182,8 +182,8 @@ class GunicornProcess:
             proc.wait(STOP_TIMEOUT)
         deadline = time.monotonic() + 3.0
         for pid in self.daemon_pids:  # in a session of its own: not in the group above
-            while alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)  # a daemon whose master is gone exits by itself within ~1 s
+            # A daemon whose master is gone exits by itself within ~1 s.
+            poll(lambda: not alive(pid), max(0.0, deadline - time.monotonic()), 0.05)  # noqa: B023
             if alive(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)

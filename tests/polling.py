@@ -11,16 +11,25 @@ from collections.abc import Callable
 from typing import Any
 
 
-def wait_until(
-    predicate: Callable[[], Any], timeout: float, message: str, interval: float = 0.02
-) -> Any:
-    """``predicate()``'s first true value, polled every ``interval`` seconds; AssertionError with
-    ``message`` if none came within ``timeout`` seconds."""
+def poll(predicate: Callable[[], Any], timeout: float, interval: float = 0.02) -> Any:
+    """``predicate()``'s first true value, polled every ``interval`` seconds, or None if none
+    came within ``timeout`` seconds (for a wait whose running out is not a failure)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(message)
+            return None
         time.sleep(interval)
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, message: str, interval: float = 0.02
+) -> Any:
+    """``predicate()``'s first true value, polled every ``interval`` seconds; AssertionError with
+    ``message`` if none came within ``timeout`` seconds."""
+    value = poll(predicate, timeout, interval)
+    if not value:
+        raise AssertionError(message)
+    return value

@@ -327,7 +327,7 @@ def test_supervisor_reports_the_signal_that_killed_the_daemon() -> None:
     """gunicorn reaps every child with waitpid(-1); ``collect`` (run before it, on SIGCHLD)
     keeps the daemon's status, so the log can say what happened."""
     supervisor = Supervisor(SidecarSettings(), "ipc:///unused.sock")
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    proc = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
     supervisor.proc = proc
     try:
         os.kill(proc.pid, signal.SIGKILL)

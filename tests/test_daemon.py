@@ -7,7 +7,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,12 +50,11 @@ def get(
 
 
 def get_until_hit(daemon: DaemonProcess, prefix: str, enc: str = "cl100k_base", **kw):
-    deadline = time.monotonic() + 20
-    while True:
+    def hit() -> GetHit | None:
         reply = get(daemon, prefix, enc, **kw)
-        if isinstance(reply, GetHit) or time.monotonic() > deadline:
-            return reply
-        time.sleep(0.02)
+        return reply if isinstance(reply, GetHit) else None
+
+    return wait_until(hit, 20, f"the daemon never held the prefix {prefix[:40]!r}")
 
 
 def test_miss_fill_hit(daemon: DaemonProcess) -> None:

@@ -13,7 +13,6 @@ import asyncio
 import os
 import random
 import threading
-import time
 from array import array
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +39,7 @@ from flashtoken.wire import (
 )
 from tests.corpus import CORPUS
 from tests.daemon_fixtures import DaemonProcess, header, request, wait_until
+from tests.polling import poll
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -201,11 +201,8 @@ def follow_up(writer: Any, read: Callable[[str], Any], reader: Any, texts: list[
     for i, text in enumerate(texts):
         before = reader.stats()["auto_l1_adopted"]
         assert writer.encode_ordinary(text) == enc.encode_ordinary(text)
-        deadline = time.monotonic() + 2
-        while time.monotonic() < deadline:
-            if reader.stats()["auto_l1_adopted"] > before:
-                return i + 1
-            time.sleep(0.02)
+        if poll(lambda: reader.stats()["auto_l1_adopted"] > before, 2):  # noqa: B023
+            return i + 1
         assert read(text) == enc.encode_ordinary(text)  # missed: serve it, follow from there
     raise AssertionError("the reader never took a block the writer encoded")
 

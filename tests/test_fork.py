@@ -15,7 +15,6 @@ import os
 import random
 import signal
 import threading
-import time
 import warnings
 from collections.abc import Callable
 
@@ -24,6 +23,7 @@ from flashtoken.client import AsyncClient, Client
 
 from flashtoken import AutoPrefixCache, get_encoding
 from tests.daemon_fixtures import DaemonProcess
+from tests.polling import poll
 
 CHILDREN = 24
 CHILD_DEADLINE = 60.0  # s: a child doing a dozen encodes; only a deadlock comes near it
@@ -69,12 +69,14 @@ def _paths(
 
 def _wait_child(pid: int) -> int | None:
     """The child's exit code, or None if it did not exit by the deadline (then it is killed)."""
-    deadline = time.monotonic() + CHILD_DEADLINE
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)  # polling a condition (the child's exit), not a timing
+
+    def exited() -> tuple[int, int] | None:
+        done = os.waitpid(pid, os.WNOHANG)
+        return done if done[0] else None
+
+    found = poll(exited, CHILD_DEADLINE, 0.01)
+    if found is not None:
+        return os.waitstatus_to_exitcode(found[1])
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     return None
