@@ -15,7 +15,7 @@ from typing import Any
 import zmq
 
 from flashtoken.errors import DaemonUnavailable
-from flashtoken.wire import MAX_HEADER_BYTES, addresses, auth, ipc_path
+from flashtoken.wire import MAX_HEADER_BYTES, addresses, auth, ipc_path, publish_address
 
 from . import budget
 
@@ -142,6 +142,25 @@ def bind_private(sock: zmq.Socket, address: str, keys: auth.Keys | None) -> str 
             f"cannot bind {address}: {exc}"
             + ("; another flashtoken-daemon may be serving it" if held else "")
         ) from exc
+
+
+def bind_publisher(
+    ctx: zmq.Context, address: str, hwm: int, keys: auth.Keys | None
+) -> tuple[zmq.Socket | None, str | None]:
+    """The PUB socket that sends every chain block stored to the clients that follow chains
+    (docs/PROTOCOL.md, "Publishing"), bound private like the main socket at ``address``, and
+    its ipc path; (None, None) where there is no publish address. Raises StartupError."""
+    where = publish_address(address)
+    if where is None:
+        log.info("no publish address for %s: clients will not follow chains", address)
+        return None, None
+    pub = ctx.socket(zmq.PUB)
+    bounded(pub, hwm)
+    try:
+        return pub, bind_private(pub, where, keys)
+    except StartupError:
+        pub.close(linger=0)
+        raise
 
 
 def _bind(sock: zmq.Socket, address: str, keys: auth.Keys | None) -> str | None:

@@ -60,12 +60,20 @@ from flashtoken.wire import (
     auth,
     ipc_path,
     parse_request,
-    publish_address,
     request_id_of,
 )
 
 from . import budget
-from .binding import StartupError, bind_private, bounded, curve_server, memory, receive, take_lock
+from .binding import (
+    StartupError,
+    bind_private,
+    bind_publisher,
+    bounded,
+    curve_server,
+    memory,
+    receive,
+    take_lock,
+)
 from .budget import Outstanding
 from .chains import Chains
 from .encodings import Encodings, load
@@ -194,10 +202,12 @@ class Server:
         router.setsockopt(zmq.MAXMSGSIZE, self.config.max_prefix_bytes + MAX_HEADER_BYTES)
         try:
             self._socket_path = bind_private(router, address, self._keys)
+            self.chains.publisher, self._publish_path = bind_publisher(
+                self._ctx, address, self.config.hwm, self._keys
+            )
         except StartupError:
             self._close()
             raise
-        self._bind_publisher(address)
         self._poller = zmq.Poller()
         self._poller.register(router, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
@@ -249,22 +259,6 @@ class Server:
                 self._housekeeping()
         finally:
             self._close()
-
-    def _bind_publisher(self, address: str) -> None:
-        """The PUB socket that sends every chain block stored to the clients that follow
-        chains (docs/PROTOCOL.md, "Publishing"): private like the main socket."""
-        where = publish_address(address)
-        if where is None:
-            log.info("no publish address for %s: clients will not follow chains", address)
-            return
-        assert self._ctx is not None
-        pub = self.chains.publisher = self._ctx.socket(zmq.PUB)
-        bounded(pub, self.config.hwm)
-        try:
-            self._publish_path = bind_private(pub, where, self._keys)
-        except StartupError:
-            self._close()
-            raise
 
     def stop(self) -> None:
         """Ask the loop to stop; safe from a signal handler or another thread."""
