@@ -39,7 +39,7 @@ from flashtoken.wire import (
 
 from .budget import PARKED_BYTES, Outstanding
 from .encodings import Encodings, Loaded, check_loaded
-from .flights import Flights
+from .flights import Flights, fill_error
 from .store import ChainScope, Store
 
 log = logging.getLogger("flashtoken.daemon")
@@ -288,20 +288,15 @@ class Chains:
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:  # noqa: B036 - pyo3's PanicException is a BaseException
-            return ChainResult(key, request, error=f"{type(exc).__name__}: {exc}"[:300])
+            return ChainResult(key, request, error=fill_error(exc))
 
     def _landed(self, result: ChainResult) -> None:
         """On the loop: store a chain fill's blocks and publish them (no GET waits for one)."""
         request = result.request
         if result.error is not None:
-            self.counters["fill_errors"] += 1
-            log.warning(
-                "fill of a %d-byte %s text failed: %s",
-                len(request.text if isinstance(request, AutoRequest) else request.span),
-                request.enc,
-                result.error,
-            )
-            self.flights.fail(result.key, result.error)
+            size = len(request.text if isinstance(request, AutoRequest) else request.span)
+            what = f"a {size}-byte {request.enc} text"
+            self.flights.fill_failed(result.key, result.error, what)
             return None
         chain = result.chain
         assert chain is not None and result.loaded is not None

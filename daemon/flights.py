@@ -16,6 +16,7 @@ cold start every worker encodes the prefix *and* the daemon encodes it again, on
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from flashtoken.wire import GetMiss
 from .budget import PENDING_FILL_BYTES
 from .fills import FillPool
 from .settings import FAILED_FILLS_KEPT
+
+log = logging.getLogger("flashtoken.daemon")
 
 # What a flight's owner makes of its result (on the loop): the reply for each GET waiting for
 # it, given the request id (None: the fill made nothing to answer with, they get a miss).
@@ -106,6 +109,13 @@ class Flights:
                 self._answer(flight, flight.land(result))
         return len(done)
 
+    def fill_failed(self, key: Any, error: str, what: str) -> None:
+        """A fill of ``what`` (e.g. "a 512-byte cl100k_base prefix") raised ``error``: counted,
+        logged and remembered."""
+        self._counters["fill_errors"] += 1
+        log.warning("fill of %s failed: %s", what, error)
+        self.fail(key, error)
+
     def fail(self, key: Any, error: str) -> None:
         """Remember that the fill of ``key`` failed (bounded: the oldest are forgotten)."""
         self._failed[key] = error
@@ -163,3 +173,8 @@ class Flights:
             else:
                 self._counters["waited_misses"] += 1
                 self._send(identity, GetMiss(request_id, False).frames())
+
+
+def fill_error(exc: BaseException) -> str:
+    """What a fill that raised ``exc`` remembers and answers with (bounded)."""
+    return f"{type(exc).__name__}: {exc}"[:300]

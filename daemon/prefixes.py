@@ -31,7 +31,7 @@ from flashtoken.wire import (
 from .encodings import Encodings, Loaded, check_loaded
 from .fleet import FleetTier
 from .fleetcodec import Found
-from .flights import Answer, Flights
+from .flights import Answer, Flights, fill_error
 from .hostmap import HostMap
 from .store import PrefixScope, Store
 
@@ -150,21 +150,16 @@ class Prefixes:
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:  # noqa: B036 - pyo3's PanicException is a BaseException
-            return _Filled(key, request, error=f"{type(exc).__name__}: {exc}"[:300])
+            return _Filled(key, request, error=fill_error(exc))
 
     def _landed(self, result: _Filled) -> Answer:
         """On the loop: store a prefix's fill; the answer for the GETs that waited for it."""
         request = result.request
         if result.error is not None:
-            self.counters["fill_errors"] += 1
-            log.warning(
-                "fill of a %d-byte %s prefix failed: %s",
-                len(request.prefix),
-                request.enc,
+            self.flights.fill_failed(
+                (result.key, request.enc, request.allowed, _digest(request.prefix)),
                 result.error,
-            )
-            self.flights.fail(
-                (result.key, request.enc, request.allowed, _digest(request.prefix)), result.error
+                f"a {len(request.prefix)}-byte {request.enc} prefix",
             )
             return None
         found = result.found
