@@ -27,7 +27,6 @@ from flashtoken.specials import SpecialArg, SpecialPolicy
 from flashtoken.wire.admin import request_stats
 
 from .base import ClientBase, batch_source, to_numpy
-from .core import Prefix
 from .flows import Acquire, Drop, Flow, Recv, Release, Run, Send, Step, auto_encode, closing, drive
 from .flows import fetch_prefix as fetch_flow
 from .sockets import (
@@ -39,6 +38,7 @@ from .sockets import (
     send_within,
     trusted,
 )
+from .tally import Tallied
 
 __all__ = ["AsyncClient"]
 
@@ -200,14 +200,13 @@ class AsyncClient(ClientBase):
 
     # -- running the flows --------------------------------------------------------------------
 
-    async def _prefix(self, prefix: str, allowed: frozenset[str]) -> Prefix:
+    async def _prefix(self, prefix: str, allowed: frozenset[str]) -> Tallied:
         key, cache = self._l1(prefix, allowed)
         if cache is not None:
             return cache
         flow = fetch_flow(self._core, prefix, allowed, key, self._closed)
         fetched, source = await self._run(flow)
-        self._source.set(source)
-        return fetched
+        return self._fetched(fetched, source, allowed)
 
     async def _auto(self, text: str, policy: SpecialPolicy) -> list[int]:
         tokens, source = await self._run(auto_encode(self._core, text, policy, self._closed))

@@ -19,6 +19,7 @@ from .core import ClientCore, L1Key, Prefix
 from .flows import Source
 from .settings import client_settings
 from .sockets import register
+from .tally import Tallied, count_tokens
 
 __all__ = ["ClientBase"]
 
@@ -99,7 +100,9 @@ class ClientBase:
     def stats(self) -> dict[str, Any]:
         """This process's counters: ``l1_hits``, ``l2_hits`` (daemon hits), ``misses`` (daemon
         misses), ``fallbacks`` (local encodes without a daemon answer), ``timeouts``, ``errors``,
-        ``rejected_hits``, ``late_replies``, ``breaker`` (closed / open / half-open), L1 size."""
+        ``rejected_hits``, ``late_replies``, ``breaker`` (closed / open / half-open), L1 size, and
+        of the tokens returned, ``cached_tokens`` (from a cache) and ``uncached_tokens``
+        (encoded by the call: client/tally.py)."""
         out = self._core.stats()
         out["address"] = self.address
         return out
@@ -109,15 +112,22 @@ class ClientBase:
     def _allowed(self, allowed_special: SpecialArg) -> frozenset[str]:
         return ClientCore.allowed_of(self._core.enc, allowed_special)
 
-    def _l1(self, prefix: str, allowed: frozenset[str]) -> tuple[L1Key, Prefix | None]:
+    def _l1(self, prefix: str, allowed: frozenset[str]) -> tuple[L1Key, Tallied | None]:
         """The L1 key of ``prefix`` and its cache there (the source set if found)."""
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
         key = ClientCore.l1_key(prefix, allowed)
         cache: FixedPrefixTokenCache | None = self._core.l1_get(key)
-        if cache is not None:
-            self._source.set("l1")
-        return key, cache
+        if cache is None:
+            return key, None
+        self._source.set("l1")
+        return key, Tallied(cache, self._core.counters, cache.head_count(allowed))
+
+    def _fetched(self, cache: Prefix, source: Source, allowed: frozenset[str]) -> Tallied:
+        """A prefix the L1 did not hold, as a driver's flow fetched it (its source set): the
+        cache the call's method runs on, counting its tokens (client/tally.py)."""
+        self._source.set(source)
+        return Tallied.of(cache, source, allowed, self._core.counters)
 
     def _auto_policy(
         self, text: str, allowed_special: SpecialArg, disallowed_special: SpecialArg
@@ -136,7 +146,9 @@ class ClientBase:
         self._source.set("local")
         # Any: tiktoken's annotation omits the other collections its encode takes (and ours).
         special: Any = dict(allowed_special=allowed_special, disallowed_special=disallowed_special)
-        return self._core.enc.encode(text, **special)
+        tokens = self._core.enc.encode(text, **special)
+        count_tokens(self._core.counters, len(tokens), 0)
+        return tokens
 
 
 def batch_source(sources: list[Source | None]) -> str | None:

@@ -77,6 +77,8 @@ COUNTERS = (
     "map_hits",  # of l2_hits, those read from the host's map (no round trip)
     "first_sights",  # prefixes encoded whole, not cached: seen once (admission)
     "untrusted",  # sockets not connected: not the daemon's (owner, mode, directory)
+    "cached_tokens",  # of the tokens returned, those taken from a cache (client/tally.py)
+    "uncached_tokens",  # ... and those encoded by the call
 )
 
 

@@ -13,7 +13,9 @@ you), ``track(client)`` once per client. Needs ``pip install prometheus-client``
 ``[metrics]`` extra).
 
 Each counter of ``Client.stats()`` becomes ``flashtoken_client_<name>_total{encoding="..."}``
-(``flashtoken_client_l1_hits_total``, ``..._l2_hits_total``, ``..._misses_total``, ...): the sum
+(``flashtoken_client_l1_hits_total``, ``..._misses_total``, and the tokens returned,
+``..._cached_tokens_total`` from a cache and ``..._uncached_tokens_total`` encoded by the
+worker, as serving stacks report a prompt's cached tokens), with its HELP text: the sum
 over this host's worker processes, dead ones included, as counters should. The sizes of the
 in-process caches (``l1_items``, ``l1_bytes``, ...) are not exported: a gauge of a worker that
 gunicorn killed would linger in multiprocess mode unless every deployment added a
@@ -38,6 +40,7 @@ from typing import Any
 
 __all__ = [
     "CLIENT_GAUGES",
+    "CLIENT_HELP",
     "INTERVAL_S",
     "MULTIPROC_ENV",
     "flush",
@@ -55,6 +58,31 @@ CLIENT_GAUGES = frozenset(
     {"l1_items", "l1_bytes", "l1_limit", "auto_l1_items", "auto_l1_bytes", "breaker", "address"}
 )
 
+
+# The HELP text of each exported counter; one not listed here (a counter added since) gets a
+# generic one, so a new counter is exported before it is described.
+CLIENT_HELP = {
+    "cached_tokens": "Tokens returned that came from a cache (L1, host map, daemon, fleet).",
+    "uncached_tokens": "Tokens returned that the worker encoded itself for the call.",
+    "l1_hits": "Calls answered from the worker's in-process cache (declared prefixes, chains).",
+    "l2_hits": "Declared prefixes taken from the host's store (map or daemon), not encoded.",
+    "map_hits": "Of l2_hits, those read from the host's map with no round trip.",
+    "misses": "Declared prefixes the daemon did not hold when asked (encoded locally).",
+    "fallbacks": "Calls encoded locally without a daemon answer (timeout, error, breaker).",
+    "timeouts": "Round trips to the daemon that took longer than timeout_ms.",
+    "errors": "Daemon replies or sockets that failed (garbage, error replies, socket errors).",
+    "rejected_hits": "Daemon answers whose tokens did not spell the text (discarded).",
+    "late_replies": "Replies that came after their request gave up (discarded).",
+    "first_sights": "Declared prefixes encoded whole on their first sight, not cached.",
+    "untrusted": "Sockets not used: not a private socket of this user (not the daemon).",
+    "auto_calls": "Calls with no declared prefix (automatic reuse).",
+    "auto_hit_bytes": "Bytes of texts with no prefix found in the daemon's chains.",
+    "auto_told": "Texts told to the daemon (no reply awaited) so that it caches their blocks.",
+    "auto_l1_adopted": "Chain blocks other workers encoded, taken into this worker's cache.",
+    "auto_l1_refused": "Chain blocks not taken into the in-process cache (checks or room).",
+    "published_received": "Chain blocks received from the daemon's publications.",
+    "published_refused": "Publications of chain blocks that did not parse (refused).",
+}
 
 _MISSING = (
     "flashtoken.client.prometheus needs prometheus-client:"
@@ -166,9 +194,10 @@ def _counter(name: str) -> Any:
     if found is None:
         prometheus_client = _require()
         # prometheus-client appends "_total" to a counter's samples.
+        text = CLIENT_HELP.get(name, f"FlashToken Client.stats() counter {name}.")
         found = _COUNTERS[name] = prometheus_client.Counter(
             f"flashtoken_client_{name}",
-            f"FlashToken Client.stats() counter {name}, summed over this host's workers.",
+            f"{text[:-1]}, summed over this host's workers.",
             ["encoding"],
         )
     return found

@@ -23,10 +23,10 @@ from flashtoken.specials import SpecialArg, SpecialPolicy
 from flashtoken.wire.admin import request_stats
 
 from .base import ClientBase, batch_source, to_numpy
-from .core import Prefix
 from .flows import Acquire, Drop, Flow, Recv, Release, Send, Step, auto_encode, closing, drive
 from .flows import fetch_prefix as fetch_flow
 from .sockets import CONTEXT, abandon, configure_dealer, ms_left, send_within, trusted
+from .tally import Tallied
 
 __all__ = ["Client"]
 
@@ -209,13 +209,12 @@ class Client(ClientBase):
 
     # -- running the flows --------------------------------------------------------------------
 
-    def _prefix(self, prefix: str, allowed: frozenset[str]) -> Prefix:
+    def _prefix(self, prefix: str, allowed: frozenset[str]) -> Tallied:
         key, cache = self._l1(prefix, allowed)
         if cache is not None:
             return cache
         fetched, source = self._run(fetch_flow(self._core, prefix, allowed, key, self._closed))
-        self._source.set(source)
-        return fetched
+        return self._fetched(fetched, source, allowed)
 
     def _auto(self, text: str, policy: SpecialPolicy) -> list[int]:
         tokens, source = self._run(auto_encode(self._core, text, policy, self._closed))

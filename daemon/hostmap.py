@@ -14,6 +14,7 @@ import os
 import time
 from typing import Any
 
+from flashtoken.mapentry import entry_tokens
 from flashtoken.sharedmap import MapWriter, map_path
 
 __all__ = ["HostMap"]
@@ -30,6 +31,7 @@ class HostMap:
             "map_stores": 0,
             "map_refused": 0,
             "map_touched": 0,
+            "map_tokens_served": 0,
             "map_sightings": 0,
             "map_readers_cleared": 0,
         }
@@ -61,8 +63,20 @@ class HostMap:
         listed = [keys[i : i + 16] for i in range(0, len(keys), 16)]
         missing = self.writer.touch(listed)
         self.counters["map_touched"] += len(listed) - len(missing)
+        self.counters["map_tokens_served"] += self._tokens(listed, set(missing))
         self.counters["map_sightings"] += self.writer.mark_seen(missing)
         return len(listed) - len(missing)
+
+    def _tokens(self, listed: list[bytes], missing: set[bytes]) -> int:
+        """The tokens the workers read from the map for these hits (each entry's count, from its
+        header; zero-copy): the map's share of ``tokens_served``, which the daemon cannot count
+        when it sends, since readers bypass it. Rejected: a count per key kept beside the
+        writer's, which would have to follow every store, eviction and restart."""
+        held = [key for key in listed if key not in missing]
+        if not held:
+            return 0
+        with self.writer.env.begin(buffers=True) as txn:
+            return sum(entry_tokens(txn.get(key, b"")) for key in held)
 
     def share(self, budget: int, used_elsewhere: int) -> None:
         """Keep this map within what ``budget`` leaves beside the in-memory chains."""

@@ -21,7 +21,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["GAUGES", "MetricsServer", "prometheus_text"]
+__all__ = ["GAUGES", "HELP", "MetricsServer", "prometheus_text"]
 
 log = logging.getLogger("flashtoken.daemon")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -54,6 +54,12 @@ GAUGES = frozenset(
         "fleet_queue_bytes",
     }
 )
+# HELP texts beyond the generic "flashtoken-daemon stat NAME.".
+HELP = {
+    "tokens_served": "Cached tokens served to workers: socket_tokens_served + map_tokens_served.",
+    "socket_tokens_served": "Cached tokens sent in the daemon's replies (declared and chains).",
+    "map_tokens_served": "Cached tokens workers read from the host's map (counted at TOUCH).",
+}
 _INFO = ("version", "tiktoken_version", "pid")
 _SETTINGS_AS_GAUGES = ("max_bytes", "fill_threads", "max_prefix_bytes", "max_pending_fills", "hwm")
 
@@ -104,7 +110,7 @@ def prometheus_text(reply: dict[str, Any]) -> str:
         counter = name not in GAUGES
         metric = f"flashtoken_{name}" + ("_total" if counter else "")
         lines += [
-            f"# HELP {metric} flashtoken-daemon stat {name}.",
+            f"# HELP {metric} {HELP.get(name, f'flashtoken-daemon stat {name}.')}",
             f"# TYPE {metric} {'counter' if counter else 'gauge'}",
             f"{metric} {value}",
         ]

@@ -429,6 +429,9 @@ class Server:
             for name in ("curr_items", "bytes", "evictions"):
                 out[name] += held["map_" + name]
             out["total_items"] = out.get("total_items", 0) + held["map_stores"]
+        # Cached tokens sent on the socket, and read from the map by workers (counted at TOUCH).
+        out["socket_tokens_served"] = out["tokens_served"]
+        out["tokens_served"] += out.setdefault("map_tokens_served", 0)
         out["uncached_encodings"] = uncached_encodings()
         # What encodes each encoding's fills: --backend, or tiktoken where it failed its gate.
         out["backend_in_use"] = [

@@ -237,6 +237,12 @@ class FixedPrefixTokenCache:
         """Offset into ``prefix`` where re-encoding starts (for ``encode_ordinary``)."""
         return len(self._prefix) - len(self._tail)
 
+    def head_count(self, allowed: frozenset[str] = frozenset()) -> int:
+        """How many tokens of each result under ``allowed`` are reused as cached, not encoded."""
+        if not allowed:
+            return len(self._head)
+        return len(self._split_for(SpecialPolicy(allowed, frozenset())).head)
+
     # -- encode_ordinary ----------------------------------------------------------------------
 
     def encode_ordinary(self, suffix: str) -> list[int]:
