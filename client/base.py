@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from array import array
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeVar
 
 import tiktoken
 
@@ -17,11 +17,13 @@ from flashtoken.wire import default_address
 
 from .core import ClientCore, L1Key, Prefix
 from .flows import Source
-from .settings import client_settings
+from .settings import check_keywords, client_settings
 from .sockets import register
 from .tally import Tallied, count_tokens
 
 __all__ = ["ClientBase"]
+
+C = TypeVar("C", bound="ClientBase")
 
 
 class ClientBase:
@@ -31,6 +33,13 @@ class ClientBase:
     default (docs/INTEGRATION.md, "Settings"); a test checks that these keywords are the
     table's, so a setting cannot be added to one and not the other.
     """
+
+    def __new__(cls: type[C], *args: Any, **keywords: Any) -> C:
+        # Python's own TypeError for a misspelt keyword names no setting: these names are
+        # checked here first (a set difference, well under a microsecond), and one that is no
+        # setting is named with the closest that is (client_settings' message).
+        check_keywords(cls.__name__, keywords)
+        return super().__new__(cls)
 
     def __init__(
         self,

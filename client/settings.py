@@ -7,7 +7,7 @@ default. docs/INTEGRATION.md's "Settings" table is generated from this one (a te
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from flashtoken.auto import DEFAULT_BLOCK_BYTES
@@ -15,7 +15,7 @@ from flashtoken.backends import BACKENDS
 from flashtoken.settings import MiB, Setting, resolve
 from flashtoken.wire import MAX_PREFIX_BYTES
 
-__all__ = ["CLIENT_DEFAULTS", "CLIENT_SETTINGS", "client_settings"]
+__all__ = ["CLIENT_DEFAULTS", "CLIENT_SETTINGS", "check_keywords", "client_settings"]
 
 _HOUR_MS = 3_600_000
 
@@ -142,6 +142,17 @@ CLIENT_SETTINGS: tuple[Setting, ...] = (
 CLIENT_DEFAULTS: dict[str, Any] = {
     s.name: s.default for s in CLIENT_SETTINGS if s.name not in ("address", "encoding")
 }
+
+
+KEYWORDS = frozenset(s.name for s in CLIENT_SETTINGS)
+
+
+def check_keywords(owner: str, names: Iterable[str]) -> None:
+    """Raise the TypeError of ``client_settings`` if one of these keyword names is no setting:
+    ``Client() got unexpected keyword arguments: 'timout_ms' (did you mean 'timeout_ms'?); ...``."""
+    unknown = set(names) - KEYWORDS
+    if unknown:
+        resolve(CLIENT_SETTINGS, dict.fromkeys(unknown), owner=owner)
 
 
 def client_settings(owner: str, given: Mapping[str, Any]) -> dict[str, Any]:

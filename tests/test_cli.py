@@ -78,8 +78,10 @@ def cli(
         ({"auto_block_bytes": 8}, ValueError, r"auto_block_bytes must be >= 16"),
         ({"follow": "yes"}, TypeError, r"follow must be True or False"),
         ({"namespace": 5}, TypeError, r"namespace must be a str or bytes"),
-        # Explicit keywords: Python's own TypeError, and mypy or an IDE flags the call first.
-        ({"timeout": 20}, TypeError, r"unexpected keyword argument 'timeout'"),
+        # Explicit keywords (mypy or an IDE flags the call first); the error names the setting.
+        ({"timeout": 20}, TypeError, r"'timeout' \(did you mean 'timeout_ms'\?\)"),
+        ({"l1bytes": 1}, TypeError, r"'l1bytes' \(did you mean 'l1_bytes'\?\)"),
+        ({"nothing_like_it": 1}, TypeError, r"unexpected keyword arguments: 'nothing_like_it';"),
         ({"address": "ipc://@flashtoken"}, ValueError, r"abstract unix socket"),
         ({"address": "ipc://relative.sock"}, ValueError, r"not an absolute path"),
         ({"address": "localhost:7000"}, ValueError, r"not an ipc:// or tcp:// address"),
