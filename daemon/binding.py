@@ -9,94 +9,167 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 import stat
+import zlib
 from typing import Any
 
 import zmq
 
 from flashtoken.errors import DaemonUnavailable
+from flashtoken.settings import MAX_IPC_PATH_BYTES
 from flashtoken.wire import MAX_HEADER_BYTES, addresses, auth, ipc_path, publish_address
 
 from . import budget
 
 log = logging.getLogger("flashtoken.daemon")
 
-# Longest path a unix socket address can hold (sun_path is 108 bytes on Linux, with its NUL).
-_MAX_IPC_PATH_BYTES = 107
+# The ports that lock an ipc path where there is no fcntl (lock_port).
+_LOCK_PORT_FIRST = 20000
+_LOCK_PORTS = 10000
 
 
 class StartupError(Exception):
     """The daemon cannot start; the message says why and what to do."""
 
 
-def take_lock(path: str, address: str) -> int:
-    """One daemon per socket path: an exclusive flock on ``{path}.lock``, held for life.
+class InstanceLock:
+    """The single-instance lock of one socket path, held for the daemon's life and released by
+    the system when the process ends, however it ends: a pid file or a socket file left by a
+    SIGKILL never blocks a restart. ``fd``: the lock file (it holds the owner's pid); ``port``:
+    the loopback socket that is the lock where there is no fcntl, else None."""
+
+    def __init__(self, fd: int, port: socket.socket | None) -> None:
+        self.fd = fd
+        self.port = port
+
+    def close(self) -> None:
+        if self.port is not None:
+            self.port.close()
+        os.close(self.fd)
+
+
+def lock_port(path: str) -> int:
+    """The loopback port that locks ``path`` where there is no fcntl: one of 10,000 below the
+    ephemeral ranges (Linux's start at 32768, Windows' at 49152), so that no outgoing
+    connection's local port can hold it, derived from the path (every daemon computes the
+    same). Two paths may share one: the second daemon is refused, and says so."""
+    real = os.path.realpath(path).encode("utf-8", "surrogateescape")
+    return _LOCK_PORT_FIRST + zlib.crc32(real) % _LOCK_PORTS
+
+
+def take_lock(path: str, address: str) -> InstanceLock:
+    """One daemon per socket path: a lock on ``{path}.lock``, held for life.
 
     Two processes binding one ipc path would both succeed, and the second would silently
-    take the path from the first. With the lock held, a socket file left at the path is
-    stale (its owner is gone) and is removed. Returns the lock's descriptor (held open for
-    the daemon's life). Raises StartupError with a message fit for the user.
+    take the path from the first. The lock is an exclusive ``flock`` of the file; where fcntl
+    does not exist (Windows, or ``FLASHTOKEN_PRETEND_NO_FCNTL``), the port ``lock_port(path)``
+    on 127.0.0.1, bound and listening: the system frees both when the process dies, so a
+    stale pid file is never a lock. Rejected for the port-less case: a pid file checked for a
+    live pid (racy, and fooled by a recycled pid). With the lock held, a socket file left at
+    the path is stale (its owner is gone) and is removed. Raises StartupError with a message
+    fit for the user.
     """
-    if not (addresses.ipc_available() and addresses.fcntl_available()):
+    if not addresses.ipc_available():
         raise StartupError(
-            f"cannot serve {address}: ipc:// (and its lock, fcntl) is not available"
-            f" here; bind {addresses.DEFAULT_TCP_ADDRESS} (this platform's default),"
-            " authenticated with the keys of its tcp:// key file"
+            f"cannot serve {address}: ipc:// is not available here; bind"
+            f" {addresses.DEFAULT_TCP_ADDRESS} (this platform's default), authenticated with"
+            " the keys of its tcp:// key file"
         )
-    if len(path.encode()) > _MAX_IPC_PATH_BYTES:
+    if len(path.encode()) > MAX_IPC_PATH_BYTES:
         raise StartupError(
-            f"socket path {path!r} is longer than {_MAX_IPC_PATH_BYTES} bytes;"
+            f"socket path {path!r} is longer than {MAX_IPC_PATH_BYTES} bytes;"
             " choose a shorter --bind ipc:// path"
         )
     directory = os.path.dirname(path) or "."
     if not os.path.isdir(directory):
         raise StartupError(f"directory {directory} of {address} does not exist")
+    me = addresses.user_id()
     # O_NOFOLLOW: in a shared directory, another user could have planted a symlink here to
     # make the daemon write its pid into a file of its own. And it must be ours.
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fd = os.open(path + ".lock", flags, 0o600)
     except OSError as exc:
         raise StartupError(
             f"cannot open the lock file {path}.lock ({exc.strerror}; a symlink is refused);"
             " remove it, or choose another --bind"
         ) from None
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+    if not stat.S_ISREG(st.st_mode) or (me is not None and (st.st_uid != me or st.st_mode & 0o077)):
         os.close(fd)
         raise StartupError(
-            f"the lock file {path}.lock is not a private file of uid {os.geteuid()} (uid"
+            f"the lock file {path}.lock is not a private file of uid {me} (uid"
             f" {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); remove it, or choose"
             " another --bind"
         )
-    try:
-        import fcntl  # checked in start(): absent on Windows, where the port is the lock
-
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            os.close(fd)
-            raise
-        owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+    port, port_lock = None, None
+    if addresses.fcntl_available():
+        locked = _flock(fd)
+    else:
+        port_lock = lock_port(path)
+        port = _hold_port(port_lock)
+        locked = port is not None
+    if not locked:
+        os.lseek(fd, 0, os.SEEK_SET)
+        owner = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
         os.close(fd)
+        # Without fcntl the lock is a port, which a program other than a daemon may hold.
+        how = "" if port_lock is None else f" (its lock: port {port_lock} on 127.0.0.1)"
         raise StartupError(
-            f"another flashtoken-daemon (pid {owner}) is serving {address};"
+            f"another flashtoken-daemon (pid {owner}) is serving {address}{how};"
             " stop it first, or pass another --bind"
-        ) from None
+        )
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, f"{os.getpid()}\n".encode())
     for stale in (path, path + ".full"):  # .full: moved aside by daemon/limits.py
         try:
             st = os.lstat(stale)
         except FileNotFoundError:
             continue
-        if st.st_uid != os.geteuid():
+        if me is not None and st.st_uid != me:
             raise StartupError(
                 f"{stale} belongs to uid {st.st_uid}, not to this daemon's; remove it, or"
                 " choose another --bind"
             )
         log.info("removing stale socket %s", stale)
         os.unlink(stale)
-    return fd
+    return InstanceLock(fd, port)
+
+
+def _flock(fd: int) -> bool:
+    """An exclusive flock of ``fd`` without waiting; False if another process holds it."""
+    import fcntl  # checked by the caller: absent on Windows
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            os.close(fd)
+            raise
+        return False
+    return True
+
+
+def _hold_port(port: int) -> socket.socket | None:
+    """A listening socket on 127.0.0.1:``port``, or None if another holds the port. Without
+    SO_REUSEADDR, and on Windows with SO_EXCLUSIVEADDRUSE (else another socket that asks for
+    reuse could bind it too): a second bind fails while this one lives. A listener has no
+    TIME_WAIT, so a killed daemon's port is free at once."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    exclusive = getattr(socket, "SO_EXCLUSIVEADDRUSE", None)
+    if exclusive is not None:
+        sock.setsockopt(socket.SOL_SOCKET, exclusive, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen(1)
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+            return None
+        raise
+    return sock
 
 
 def bounded(sock: zmq.Socket, hwm: int) -> None:

@@ -65,6 +65,7 @@ from flashtoken.wire import (
 
 from . import budget
 from .binding import (
+    InstanceLock,
     StartupError,
     bind_private,
     bind_publisher,
@@ -109,7 +110,7 @@ class Server:
         self._stopping = False
         self._started = time.monotonic()
         self._parent = os.getppid()
-        self._lock_fd: int | None = None
+        self._lock: InstanceLock | None = None
         self._socket_path: str | None = None
         self._ctx: zmq.Context | None = None
         self._keys: auth.Keys | None = None  # tcp:// only: CURVE (flashtoken/wire/auth.py)
@@ -183,7 +184,7 @@ class Server:
         address = self.config.bind
         path = ipc_path(address)
         if path is not None:
-            self._lock_fd = take_lock(path, address)
+            self._lock = take_lock(path, address)
             # Test-only forced collisions exercise the in-memory store's checks: no map then.
             if self.config.debug_key_bytes is None:
                 self.hostmap = self.prefixes.hostmap = self._open_map(path)
@@ -288,11 +289,11 @@ class Server:
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
-        if self._lock_fd is not None:
+        if self._lock is not None:
             # The lock file stays: unlinking it would let a new daemon lock a fresh inode while
             # a third still waits on the old one.
-            os.close(self._lock_fd)
-            self._lock_fd = None
+            self._lock.close()
+            self._lock = None
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)

@@ -6,7 +6,9 @@ symlink); a client connects only to an ``ipc://`` socket that only its own user 
 
 from __future__ import annotations
 
+import getpass
 import os
+import re
 import stat
 import tempfile
 
@@ -17,7 +19,8 @@ def runtime_dir(*, create: bool = True) -> str:
     """The per-user directory of the default socket, checked to be private.
 
     ``$XDG_RUNTIME_DIR/flashtoken`` when ``XDG_RUNTIME_DIR`` is set and writable, else
-    ``{tempdir}/flashtoken-{uid}``; created with mode 0700.
+    ``{tempdir}/flashtoken-{uid}``; created with mode 0700. Where there is no uid (Windows:
+    no ``os.getuid``), ``{tempdir}/flashtoken-{user name}``: the temp directory is the user's own.
 
     Raises ``PermissionError`` if the directory exists but is not ours, is a symlink, or can be
     used by the group or others: a socket in it could be replaced by another user.
@@ -26,7 +29,9 @@ def runtime_dir(*, create: bool = True) -> str:
     if base and os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK):
         path = os.path.join(base, "flashtoken")
     else:
-        path = os.path.join(tempfile.gettempdir(), f"flashtoken-{os.getuid()}")
+        uid = user_id(effective=False)
+        tag = str(uid) if uid is not None else _user_name()
+        path = os.path.join(tempfile.gettempdir(), f"flashtoken-{tag}")
     if create:
         try:
             os.mkdir(path, 0o700)
@@ -36,17 +41,39 @@ def runtime_dir(*, create: bool = True) -> str:
     return path
 
 
+def user_id(*, effective: bool = True) -> int | None:
+    """This process's (effective) uid; None on a platform without one (Windows), where a
+    file's owner and mode bits say nothing (``st_uid`` is 0): access there is the ACL's, and
+    the default directory is in the user's own temp directory."""
+    if _pretending(PRETEND_NO_GETUID_ENV) or not hasattr(os, "geteuid"):
+        return None
+    return os.geteuid() if effective else os.getuid()
+
+
+def _user_name() -> str:
+    """The login name, as a file name's part (``flashtoken-{name}``)."""
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid, no USERNAME
+        name = ""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "user"
+
+
 def check_private_dir(path: str) -> None:
-    """Raise ``PermissionError`` unless ``path`` is a real directory of ours, mode 0o700 or less."""
+    """Raise ``PermissionError`` unless ``path`` is a real directory of ours, mode 0o700 or less
+    (with no uid, as on Windows: a real directory)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISDIR(st.st_mode):
         raise PermissionError(f"{path} is not a directory (a symlink?); remove it and retry")
-    if st.st_uid != os.getuid():
+    me = user_id(effective=False)
+    if me is None:
+        return
+    if st.st_uid != me:
         raise PermissionError(
-            f"{path} belongs to uid {st.st_uid}, not to us (uid {os.getuid()}); another user may"
+            f"{path} belongs to uid {st.st_uid}, not to us (uid {me}); another user may"
             " control the socket in it. Remove it, or pass --bind / address= elsewhere."
         )
     if st.st_mode & 0o077:
@@ -69,7 +96,6 @@ def check_daemon_socket(address: str) -> None:
     path = ipc_path(address)
     if path is None:
         return
-    me = os.geteuid()
     directory = os.path.dirname(path) or "."
     try:
         st = os.lstat(path)
@@ -79,6 +105,9 @@ def check_daemon_socket(address: str) -> None:
             f"no flashtoken-daemon socket at {address} ({exc.strerror}); start one with"
             " `flashtoken-daemon serve`"
         ) from None
+    me = user_id()
+    if me is None:
+        return  # no owner or mode to check (Windows): the directory's ACL decides who binds
     if not stat.S_ISSOCK(st.st_mode) or st.st_uid != me or st.st_mode & 0o077:
         raise DaemonUnavailable(
             f"{path} is not a private socket of uid {me} (uid {st.st_uid}, mode"
@@ -97,6 +126,7 @@ DEFAULT_TCP_ADDRESS = "tcp://127.0.0.1:7417"  # where ipc:// or its lock do not 
 # Make this platform behave as one without ipc:// or fcntl (Windows), for tests on Linux.
 PRETEND_NO_IPC_ENV = "FLASHTOKEN_PRETEND_NO_IPC"
 PRETEND_NO_FCNTL_ENV = "FLASHTOKEN_PRETEND_NO_FCNTL"
+PRETEND_NO_GETUID_ENV = "FLASHTOKEN_PRETEND_NO_GETUID"  # no os.getuid / os.geteuid (Windows)
 
 
 def _pretending(name: str) -> bool:
@@ -113,7 +143,8 @@ def ipc_available() -> bool:
 
 
 def fcntl_available() -> bool:
-    """Whether ``fcntl.flock`` (the ipc socket's single-instance lock) exists here."""
+    """Whether ``fcntl.flock`` exists here: the ipc socket's single-instance lock, else a
+    loopback port held for the daemon's life (daemon/binding.py)."""
     if _pretending(PRETEND_NO_FCNTL_ENV):
         return False
     try:
@@ -126,8 +157,10 @@ def fcntl_available() -> bool:
 def default_address() -> str:
     """``ipc://{runtime_dir()}/daemon.sock``: where the daemon binds and clients connect.
 
-    Where ``ipc://`` or ``fcntl`` (its lock) do not exist, as on Windows, ``tcp://127.0.0.1:7417``
-    instead, authenticated with CURVE keys (flashtoken/wire/auth.py)."""
+    Where ``ipc://`` or ``fcntl`` do not exist, as on Windows, ``tcp://127.0.0.1:7417`` instead,
+    authenticated with CURVE keys (flashtoken/wire/auth.py): without fcntl an ipc:// daemon is
+    still possible when asked for (``--bind``), locked by a port, but without a uid its socket
+    file's owner cannot be checked, which is what makes the default ipc:// address safe."""
     if not (ipc_available() and fcntl_available()):
         return DEFAULT_TCP_ADDRESS
     return "ipc://" + os.path.join(runtime_dir(), "daemon.sock")
