@@ -4,6 +4,7 @@ last call's ids came from, the counters and tiktoken's decode passthroughs."""
 
 from __future__ import annotations
 
+import inspect
 from array import array
 from contextvars import ContextVar
 from typing import Any, TypeVar
@@ -77,6 +78,12 @@ class ClientBase:
         self._source: ContextVar[str | None] = ContextVar("flashtoken_source", default=None)
         self._open()
         register(self)
+
+    # help(), inspect and IDEs show __init__'s keywords, not __new__'s (*args, **keywords).
+    __signature__ = inspect.signature(__init__).replace(
+        parameters=list(inspect.signature(__init__).parameters.values())[1:],
+        return_annotation=inspect.Signature.empty,
+    )
 
     def _open(self) -> None:
         """The driver's IO state (socket, lock), before the fork hook can see the client."""

@@ -57,6 +57,7 @@ __all__ = ["CLIENT_DEFAULTS", "Breaker", "ClientCore", "Pending"]
 
 _BYTES_PER_TOKEN = 12  # the head list (8, its ints shared) + tails and arrays made on demand
 _BYTES_PER_ENTRY = 512
+_UNSENT_TOUCH_BYTES = 256 * 16  # a TOUCH batch's worth of keys (the protocol takes 1,024)
 
 L1Key = Union[str, "tuple[str, frozenset[str]]"]
 Prefix = FixedPrefixTokenCache | WholeText
@@ -141,6 +142,7 @@ class ClientCore:
         self._from_daemon: set[L1Key] = set()  # L1 keys whose split the daemon gave
         self._l1_lock = threading.Lock()
         self.hostmap: HostMapView | None = None  # attach: the client gives the address
+        self._unsent_touches = b""  # keys of map hits whose TOUCH could not be sent yet
         # Prefixes this worker saw once (with no map to tell it), or None: cache from the first.
         self.seen = SecondSight() if settings["min_uses"] > 1 else None
         self.pid = os.getpid()
@@ -163,6 +165,7 @@ class ClientCore:
         from the parent's values at the fork, like all inherited memory.
         """
         self.pid = os.getpid()
+        self._unsent_touches = b""  # the parent's hits are the parent's to report
         if self.hostmap is not None:
             self.hostmap.after_fork()
         if self._l1_lock.locked():
@@ -287,10 +290,24 @@ class ClientCore:
     def touch_frames(self, *, closing: bool = False) -> list[bytes] | None:
         """A TOUCH to send now (fire-and-forget) for the map hits taken, or None; ``closing``:
         all that are pending, due or not."""
+        request = self.touch_request(closing=closing)
+        return None if request is None else request.frames()
+
+    def touch_request(self, *, closing: bool = False) -> TouchRequest | None:
+        """``touch_frames``' request, with the keys of the last one that could not be sent."""
         if self.hostmap is None:
             return None
         keys = self.hostmap.pending() if closing else self.hostmap.touches_due()
-        return None if keys is None else TouchRequest(0, keys).frames()
+        if self._unsent_touches:
+            keys, self._unsent_touches = self._unsent_touches + (keys or b""), b""
+        return None if keys is None else TouchRequest(0, keys)
+
+    def touch_unsent(self, keys: bytes) -> None:
+        """Keep the keys of a TOUCH that was not sent (a socket still connecting, the socket
+        busy) for the next one: a hit never reported is never counted by the daemon
+        (``get_hits``, ``map_tokens_served``) nor moves its entry in the LRU order. At most
+        ``_UNSENT_TOUCH_BYTES``, the newest, while the daemon is away."""
+        self._unsent_touches = (keys + self._unsent_touches)[-_UNSENT_TOUCH_BYTES:]
 
     def build_local(self, prefix: str, allowed: frozenset[str]) -> Prefix:
         """One local encode of the prefix: the same cost as tiktoken on it, once per process.

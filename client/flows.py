@@ -248,13 +248,19 @@ def _tell(core: ClientCore, frames: list[bytes] | None) -> Flow[None]:
 
 def _touch(core: ClientCore, closed: bool) -> Flow[None]:
     """Report map hits to the daemon (fire-and-forget, never waiting for the socket)."""
-    frames = core.touch_frames()
-    if frames is None or closed or not (yield Acquire(None)):
+    request = core.touch_request()
+    if request is None:
+        return
+    if closed or not (yield Acquire(None)):
+        core.touch_unsent(request.keys)  # the next report, or the close, takes them
         return
     try:
-        yield Send(frames, None)
+        # One try: a socket made just now is still connecting (ZMQ_IMMEDIATE), or its queue is
+        # full; the next report takes the keys (dropped, a worker's first hits went uncounted).
+        if not (yield Send(request.frames(), None)):
+            core.touch_unsent(request.keys)
     except SOCKET_ERRORS:
-        pass  # not connected, or its queue is full: the daemon's LRU order is approximate
+        core.touch_unsent(request.keys)
     yield Release()
 
 

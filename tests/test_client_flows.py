@@ -20,7 +20,7 @@ pytest.importorskip("zmq")
 from flashtoken.client import AsyncClient, Client  # noqa: E402
 from flashtoken.client.breaker import Breaker  # noqa: E402
 from flashtoken.client.core import ClientCore  # noqa: E402
-from flashtoken.client.flows import Acquire, Drop, Release, Send, fetch_prefix  # noqa: E402
+from flashtoken.client.flows import Acquire, Drop, Release, Send, _touch, fetch_prefix  # noqa: E402
 from flashtoken.client.requests import RequestContext  # noqa: E402
 from flashtoken.client.settings import CLIENT_SETTINGS, client_settings  # noqa: E402
 
@@ -93,6 +93,24 @@ def test_a_socket_error_is_a_failure_and_drops_the_socket(tmp_path: Path) -> Non
     kind, (_, source) = _step(flow)
     assert (kind, source) == ("returned", "local")
     assert core.counters["errors"] == 1 and core.breaker.failures == 1
+
+
+def test_a_touch_that_could_not_be_sent_goes_with_the_next(tmp_path: Path) -> None:
+    """A report that fell due on a socket still connecting (its one try failed) is kept, not
+    dropped: a worker's first map hits used to go uncounted by the daemon that way."""
+    core = _core(tmp_path)
+    assert core.hostmap is not None
+    core.hostmap.sighted(b"k" * 16)  # due at once: sightings go within 50 ms
+    flow = _touch(core, False)
+    assert _step(flow) == Acquire(None)
+    send = _step(flow, True)
+    assert isinstance(send, Send) and send.deadline is None and send.frames[-1] == b"k" * 16
+    assert _step(flow, False) == Release()  # not sent (ZMQ_IMMEDIATE: not connected yet)
+    assert _step(flow) == ("returned", None)
+    core.hostmap.sighted(b"j" * 16)
+    again = core.touch_request(closing=True)
+    assert again is not None and again.keys == b"k" * 16 + b"j" * 16
+    assert core.touch_request(closing=True) is None  # each key reported once
 
 
 def test_request_ids_are_unique_across_threads() -> None:

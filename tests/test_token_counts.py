@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -35,36 +34,23 @@ TIMEOUT_MS = 5000
 PREFIX = "You are a counted assistant. Réponds brièvement; 简洁地回答. " * 30
 
 
-# A worker process: three requests for PREFIX, then its sources and counters as JSON.
+# A worker process: three requests for PREFIX, then its sources and counters as JSON; it exits
+# at once, its map hit reported at close (or before, if its report fell due on a socket still
+# connecting: kept for the next one, not dropped).
 WORKER = textwrap.dedent(
     """
     import json
-    import sys
     from flashtoken import get_encoding
     from flashtoken.client import Client
-    from flashtoken.wire.admin import request_stats
-    sys.path.insert(0, ROOT)
-    from tests.polling import wait_until
     enc = get_encoding("cl100k_base")
     with Client(ADDRESS, "cl100k_base", timeout_ms=5000) as client:
-        # A round trip first (a text of its own, no prefix), so that the socket is connected
-        # when the map hit's TOUCH falls due: one sent on a socket still connecting is lost.
-        client.encode_ordinary("worker TOUCHED connects. " * 400)
-        before = client.stats()["cached_tokens"]
         sources = []
         for i in range(3):
             got = client.encode_ordinary(f" w{i}", prefix=PREFIX)
             assert got == enc.encode_ordinary(PREFIX + f" w{i}")
             sources.append(client.last_source)
         stats = client.stats()
-    # close() sent the map hit (TOUCH); stay until the daemon has it, as a serving worker
-    # would (one that exits at once may lose it with its socket).
-    wait_until(
-        lambda: request_stats(ADDRESS)["stats"]["map_touched"] > TOUCHED,
-        30,
-        f"never counted: {sources} {stats}",
-    )
-    print(json.dumps([sources, stats["cached_tokens"] - before, stats["map_hits"]]))
+    print(json.dumps([sources, stats["cached_tokens"], stats["map_hits"]]))
     """
 )
 
@@ -127,13 +113,8 @@ def test_a_fresh_workers_map_hit_counts_the_head_and_the_daemon_its_tokens(
     wait_until(lambda: daemon.stats()["map_curr_items"] == 1, 30, "the fill never landed")
     start = daemon.stats()
     outs = []
-    for n in range(3):
-        code = (
-            WORKER.replace("ADDRESS", repr(daemon.address))
-            .replace("PREFIX", repr(PREFIX))
-            .replace("ROOT", repr(str(Path(__file__).parent.parent)))
-            .replace("TOUCHED", str(start["map_touched"] + n))
-        )
+    for _ in range(3):
+        code = WORKER.replace("ADDRESS", repr(daemon.address)).replace("PREFIX", repr(PREFIX))
         done = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
         )
@@ -150,7 +131,7 @@ def test_a_fresh_workers_map_hit_counts_the_head_and_the_daemon_its_tokens(
     wait_until(
         lambda: daemon.stats()["map_tokens_served"] - start["map_tokens_served"] == map_tokens,
         30,
-        f"the workers' map hits were never counted: {start} {daemon.stats()} {map_tokens}",
+        "the workers' map hits were never counted",
     )
     stats = daemon.stats()
     assert stats["socket_tokens_served"] == start["socket_tokens_served"]
