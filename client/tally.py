@@ -57,10 +57,6 @@ class Tallied:
         reused = source in CACHED_SOURCES and isinstance(cache, FixedPrefixTokenCache)
         return cls(cache, counters, cache.head_count(allowed) if reused else 0)
 
-    @property
-    def prefix(self) -> str:
-        return str(self._cache.prefix)
-
     def _counted(self, returned: int) -> None:
         count_tokens(self._counters, returned, self._cached)
 
