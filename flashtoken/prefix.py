@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from array import array
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
@@ -149,12 +150,17 @@ class FixedPrefixTokenCache:
         """
         self = cls.__new__(cls)
         enc = resolve_encoding(encoding)
-        self._setup(enc, prefix, cut_rule(enc), backend)
-        policy = SpecialPolicy.of(enc, allowed_special, ())
+        self._setup(enc, prefix, _default_rule(enc), backend)
+        # A host map's hit comes here on a worker's first request for a prefix: nothing in this
+        # method is computed that the entry's first use does not need (~2 us).
+        if type(allowed_special) is frozenset and not allowed_special:
+            allowed = allowed_special
+        else:
+            allowed = SpecialPolicy.of(enc, allowed_special, ()).allowed
         if not isinstance(split.head, list):
             split = PrefixSplit(token_list(split.head), split.cut)
-        self._splits[policy.allowed] = split
-        if policy is ORDINARY or not policy.allowed:
+        self._splits[allowed] = split
+        if not allowed:
             self._use_ordinary(split)
         # Otherwise the ordinary split is computed if encode_ordinary is ever called (__getattr__).
         return self
@@ -426,6 +432,17 @@ class FixedPrefixTokenCache:
     def __repr__(self) -> str:
         shown = self._prefix if len(self._prefix) <= 40 else self._prefix[:37] + "..."
         return f"FixedPrefixTokenCache({self._enc.name!r}, {shown!r})"
+
+
+_rules: weakref.WeakKeyDictionary[tiktoken.Encoding, CutRule] = weakref.WeakKeyDictionary()
+
+
+def _default_rule(enc: tiktoken.Encoding) -> CutRule:
+    """``cut_rule(enc)``, made once per encoding: every map or daemon hit makes a cache."""
+    rule = _rules.get(enc)
+    if rule is None:
+        rule = _rules[enc] = cut_rule(enc)
+    return rule
 
 
 _UNSEEN = object()
