@@ -50,6 +50,7 @@ class ClientBase:
         fill: bool | None = None,
         min_uses: int | None = None,
         backend: str | None = None,
+        share_min_bytes: int | None = None,
     ) -> None:
         # The first statement, so that locals() holds the parameters only: name -> value given.
         given = dict(locals())
