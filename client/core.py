@@ -303,8 +303,8 @@ class ClientCore:
             return False
         return len(prefix.encode("utf-8", "surrogatepass")) < limit
 
-    def short_local(self, prefix: str, allowed: frozenset[str]) -> Prefix:
-        """A prefix too short to share: encoded whole, as tiktoken does; split and kept in the
+    def short_local(self, key: L1Key, prefix: str, allowed: frozenset[str]) -> Prefix:
+        """A prefix too short to share: encoded whole, as tiktoken does; split and put in the
         L1 only once it is seen again here (or at once with ``min_uses=1``) and the L1 can
         hold it. Nothing is looked up, sent or filled, so it costs nothing beyond its encode."""
         self.counters["short_prefixes"] += 1
@@ -314,7 +314,10 @@ class ClientCore:
             self.seen is not None and not self.seen.seen_before(_sighting(prefix, allowed))
         ):
             return WholeText(self.enc, prefix, self.encoder)
-        return self._split_here(prefix, allowed)
+        cache = self._split_here(prefix, allowed)
+        if self.pid == os.getpid():  # else a fork the hook missed: the next flow resets the L1
+            self.l1_put(key, cache)
+        return cache
 
     def build_local(self, prefix: str, allowed: frozenset[str]) -> Prefix:
         """One local encode of the prefix: the same cost as tiktoken on it, once per process.

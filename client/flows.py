@@ -101,12 +101,7 @@ def fetch_prefix(
     core: ClientCore, prefix: str, allowed: frozenset[str], key: L1Key, closed: bool
 ) -> Flow[tuple[Prefix, Source]]:
     """A declared prefix the L1 did not hold: the host's map, else the daemon (one round trip
-    within ``timeout_ms``), else one local encode; the result is put in the L1. A prefix too
-    short to share (``SHARE_MIN_BYTES``) is encoded here and never looked up."""
-    if core.too_short_to_share(prefix):
-        cache = core.short_local(prefix, allowed)
-        core.l1_put(key, cache)
-        return cache, "whole" if isinstance(cache, WholeText) else "local"
+    within ``timeout_ms``), else one local encode; the result is put in the L1."""
     cache = core.from_map(prefix, allowed)  # the host's map first: no round trip
     if cache is not None:
         core.l1_put(key, cache, True)
