@@ -298,9 +298,11 @@ class ClientCore:
     def too_short_to_share(self, prefix: str) -> bool:
         """Whether ``prefix`` is below ``SHARE_MIN_BYTES`` for this client's backend: its whole
         encode costs less than a hit from the host's store would."""
-        limit = self.share_min_bytes
-        if len(prefix) >= limit:  # a code point is one UTF-8 byte or more
+        limit, chars = self.share_min_bytes, len(prefix)
+        if chars >= limit:  # a code point is one UTF-8 byte or more (up to four)
             return False
+        if 4 * chars < limit or prefix.isascii():  # no encode (1 us a KiB) where it can't matter
+            return True
         return len(prefix.encode("utf-8", "surrogatepass")) < limit
 
     def short_local(self, key: L1Key, prefix: str, allowed: frozenset[str]) -> Prefix:

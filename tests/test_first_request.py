@@ -213,3 +213,13 @@ def test_the_threshold_follows_the_backend_and_the_setting(
     with Client(daemon.address, ENC, timeout_ms=TIMEOUT_MS) as default:
         assert default.encode_ordinary(" Q?", prefix=prefix) == want
         assert default.stats()["short_prefixes"] == 0  # tiktoken's threshold is 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40), st.integers(0, 60))
+def test_too_short_to_share_counts_utf8_bytes(prefix: str, limit: int) -> None:
+    from flashtoken.client.core import CLIENT_DEFAULTS, ClientCore
+
+    core = ClientCore(dict(CLIENT_DEFAULTS, encoding=ENC, share_min_bytes=limit))
+    size = len(prefix.encode("utf-8", "surrogatepass"))
+    assert core.too_short_to_share(prefix) == (size < limit)
