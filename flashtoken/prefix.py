@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import weakref
+import functools
 from array import array
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
@@ -151,12 +151,10 @@ class FixedPrefixTokenCache:
         self = cls.__new__(cls)
         enc = resolve_encoding(encoding)
         self._setup(enc, prefix, _default_rule(enc), backend)
-        # A host map's hit comes here on a worker's first request for a prefix: nothing in this
-        # method is computed that the entry's first use does not need (~2 us).
-        if type(allowed_special) is frozenset and not allowed_special:
-            allowed = allowed_special
-        else:
-            allowed = SpecialPolicy.of(enc, allowed_special, ()).allowed
+        # A worker's first request for a prefix from the host map comes here: nothing computed
+        # that the entry's first use does not need.
+        plain = type(allowed_special) is frozenset and not allowed_special
+        allowed = frozenset() if plain else SpecialPolicy.of(enc, allowed_special, ()).allowed
         if not isinstance(split.head, list):
             split = PrefixSplit(token_list(split.head), split.cut)
         self._splits[allowed] = split
@@ -434,16 +432,8 @@ class FixedPrefixTokenCache:
         return f"FixedPrefixTokenCache({self._enc.name!r}, {shown!r})"
 
 
-_rules: weakref.WeakKeyDictionary[tiktoken.Encoding, CutRule] = weakref.WeakKeyDictionary()
-
-
-def _default_rule(enc: tiktoken.Encoding) -> CutRule:
-    """``cut_rule(enc)``, made once per encoding: every map or daemon hit makes a cache."""
-    rule = _rules.get(enc)
-    if rule is None:
-        rule = _rules[enc] = cut_rule(enc)
-    return rule
-
+# cut_rule(enc), made once per encoding (at most 16 held): every map or daemon hit makes a cache.
+_default_rule = functools.lru_cache(maxsize=16)(cut_rule)
 
 _UNSEEN = object()
 _LAZY = ("encode_ordinary", "count_ordinary")  # the methods a lazy cache shadows once
