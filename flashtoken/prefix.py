@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from array import array
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, TypeVar
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import tiktoken
 
@@ -113,23 +113,34 @@ class FixedPrefixTokenCache:
     ) -> None:
         require_str(prefix, "prefix")
         enc = resolve_encoding(encoding)
-        self._setup(enc, prefix, cut_rule(enc, backtrack_pieces), backend)
         if eager:
+            self._setup(enc, prefix, cut_rule(enc, backtrack_pieces), backend)
             self._use_ordinary(self._split_for(ORDINARY))
         else:
-            # Instance attributes shadowing the methods for the first call only (then deleted):
-            # the hot paths stay free of a "first call?" check.
-            whole = self._encoder
-            self.encode_ordinary = self._once(whole.encode_ordinary)  # type: ignore[method-assign,assignment]
-            self.count_ordinary = self._once(whole.count_ordinary)  # type: ignore[method-assign,assignment]
+            # A miss's cache is often used once: the cut rule (~2 µs, most of the set-up) is
+            # made when a split first needs it (__getattr__), unless the caller chose the
+            # number of pieces (then it is checked here). Instance attributes shadow the
+            # methods for the first call only (then deleted): the hot paths stay free of a
+            # "first call?" check.
+            rule = None if backtrack_pieces is None else cut_rule(enc, backtrack_pieces)
+            self._setup(enc, prefix, rule, backend)
+            ordinary, count, shadows = (
+                self._encoder.encode_ordinary,
+                self._encoder.count_ordinary,
+                self.__dict__,
+            )
 
-    def _once(self, whole: Callable[[str], _T]) -> Callable[[str], _T]:
-        def first(suffix: str) -> _T:
-            for name in _LAZY:
-                self.__dict__.pop(name, None)
-            return whole(self._prefix + suffix)
+            # (pop, not del: threads of a batch may make the first call at once)
+            def first_ordinary(suffix: str) -> list[int]:
+                shadows.pop("encode_ordinary", None), shadows.pop("count_ordinary", None)
+                return ordinary(prefix + suffix)
 
-        return first
+            def first_count(suffix: str) -> int:
+                shadows.pop("encode_ordinary", None), shadows.pop("count_ordinary", None)
+                return count(prefix + suffix)
+
+            self.encode_ordinary = first_ordinary  # type: ignore[method-assign]
+            self.count_ordinary = first_count  # type: ignore[method-assign]
 
     @classmethod
     def from_split(
@@ -160,13 +171,14 @@ class FixedPrefixTokenCache:
         return self
 
     def _setup(
-        self, enc: tiktoken.Encoding, prefix: str, rule: CutRule, backend: str | Encoder
+        self, enc: tiktoken.Encoding, prefix: str, rule: CutRule | None, backend: str | Encoder
     ) -> None:
         self._enc = enc
         # What is not cached is encoded by this object (tiktoken's own methods by default).
         self._encoder = get_encoder(enc, backend)
         self._prefix = prefix
-        self._rule = rule
+        if rule is not None:  # else the default rule, made when first needed (__getattr__)
+            self._rule = rule
         self._splits: dict[frozenset[str], PrefixSplit] = {}
         self._held_tails: dict[frozenset[str], list[int]] = {}
         self._prefix_has: dict[frozenset[str], bool] = {}
@@ -183,6 +195,9 @@ class FixedPrefixTokenCache:
         if name in ("_head", "_tail"):
             self._use_ordinary(self._split_for(ORDINARY))
             return getattr(self, name)
+        if name == "_rule":  # a lazy cache's (eager=False)
+            self._rule = cut_rule(self._enc)
+            return self._rule
         if name == "_raw_prefix":  # for encode_to_numpy
             self._raw_prefix = has_surrogates(self._prefix)
             return self._raw_prefix
@@ -429,8 +444,6 @@ class FixedPrefixTokenCache:
 
 
 _UNSEEN = object()
-_LAZY = ("encode_ordinary", "count_ordinary")  # the methods a lazy cache shadows once
-_T = TypeVar("_T")
 
 
 def _memo_key(arg: object) -> object:
