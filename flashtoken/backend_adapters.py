@@ -207,7 +207,8 @@ def _avoided_test(avoid: str) -> Callable[[str, int], bool]:
     utf8 = frozenset(c.encode("utf-8") for c in avoid)
     leads = tuple(sorted({(seq[:1], len(seq)) for seq in utf8}))  # (lead byte, length)
     astral_chars = re.compile("[\U00010000-\U0010ffff]").findall
-    no_astral, one_byte = _width_test()
+    # A string this size or larger may be 4 bytes a character, then 2 (see _width_test).
+    four, two = _width_floors()
 
     def every_character(text: str) -> bool:
         for c in bmp:
@@ -229,8 +230,8 @@ def _avoided_test(avoid: str) -> Callable[[str, int], bool]:
     # lead byte's memchr takes under 1 us).
     def holds(text: str, size: int) -> bool:
         n = len(text)
-        if no_astral(size, n):
-            if narrow and one_byte(size, n):
+        if size < four + 4 * n:  # no code point above U+FFFF
+            if narrow and size < two + 2 * n:  # none above U+00FF
                 return False
             for c in bmp:
                 if c in text:
@@ -253,10 +254,10 @@ def _avoided_test(avoid: str) -> Callable[[str, int], bool]:
     return holds
 
 
-def _width_test() -> tuple[Callable[[int, int], bool], Callable[[int, int], bool]]:
-    """``no_astral(size, n)`` and ``one_byte(size, n)``: True only if a string of ``n``
-    characters and ``sys.getsizeof`` ``size`` is certainly stored 2 bytes a character or
-    fewer (so holds no code point above U+FFFF), and 1 byte a character.
+def _width_floors() -> tuple[int, int]:
+    """``(four, two)``: a string of ``n`` characters whose ``sys.getsizeof`` is below
+    ``four + 4 * n`` is certainly stored 2 bytes a character or fewer (so holds no code point
+    above U+FFFF), and below ``two + 2 * n`` 1 byte a character.
 
     CPython stores a string in 1, 2 or 4 bytes a character, the widest its characters need,
     after a fixed header; ``sys.getsizeof`` counts those bytes (and the terminating one), and
@@ -264,7 +265,7 @@ def _width_test() -> tuple[Callable[[int, int], bool], Callable[[int, int], bool
     character is never smaller than ``header + k * (n + 1)``, the headers measured here on
     strings of each width, and the copy can only make a narrow string look wider, never a
     wide one narrower: both tests err towards a search. Where sizes do not follow this layout
-    (another interpreter) both are always False: every non-ASCII text is searched."""
+    (another interpreter) no size passes either test: every non-ASCII text is searched."""
     getsizeof = sys.getsizeof
     two = getsizeof("\u4e2d") - 2 * 2  # header of a string stored 2 bytes a character
     four = getsizeof("\U0001f44d") - 4 * 2
@@ -274,5 +275,5 @@ def _width_test() -> tuple[Callable[[int, int], bool], Callable[[int, int], bool
         and getsizeof("\u00e9" * 100) < two + 2 * 101
     )
     if not tells:
-        return (lambda size, n: False), (lambda size, n: False)
-    return (lambda size, n: size < four + 4 * (n + 1)), (lambda size, n: size < two + 2 * (n + 1))
+        return -(1 << 62), -(1 << 62)
+    return four + 4, two + 2  # the terminating character's bytes

@@ -367,20 +367,20 @@ def test_the_width_test_errs_towards_a_search(text, cached):
     # no_astral / one_byte may be True only for strings that are so, whatever their size holds.
     import sys
 
-    from flashtoken.backend_adapters import _width_test
+    from flashtoken.backend_adapters import _width_floors
 
     text = "".join(text)  # a fresh string, without a UTF-8 copy yet
     if cached:
         _utf8_cached(text)
-    no_astral, one_byte = _width_test()
+    four, two = _width_floors()
     size, n = sys.getsizeof(text), len(text)
-    if no_astral(size, n):
+    if size < four + 4 * n:
         assert all(c <= "\uffff" for c in text)
-        if one_byte(size, n):
+        if size < two + 2 * n:
             assert all(c <= "\u00ff" for c in text)
     # And it does tell (a fresh string: one character may be an interned one, read before).
     if not cached and n > 1 and all(c <= "\uffff" for c in text):
-        assert no_astral(size, n) or sys.implementation.name != "cpython"
+        assert size < four + 4 * n or sys.implementation.name != "cpython"
 
 
 @pytest.mark.parametrize("filler", ["caf\u00e9 ", "\u4e2d\u6587 text ", "emoji \U0001f44d "])
