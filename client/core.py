@@ -52,7 +52,6 @@ from .hostmap import HostMapView
 from .requests import Pending, RequestContext
 from .served import SpanCheck
 from .settings import CLIENT_DEFAULTS
-from .waits import WaitBudget
 
 __all__ = ["CLIENT_DEFAULTS", "Breaker", "ClientCore", "Pending"]
 
@@ -114,7 +113,6 @@ class ClientCore:
         self.namespace: bytes = settings["namespace"]  # a str was taken as UTF-8
         self.requests = RequestContext(self.enc, self.namespace, settings["fill"])
         self.timeout = settings["timeout_ms"] / 1000
-        self.wait_budget = WaitBudget(self.timeout)  # for a fill in flight (client/waits.py)
         self.l1_limit = settings["l1_bytes"]
         self.max_prefix_bytes = min(settings["max_prefix_bytes"], MAX_PREFIX_BYTES)
         self.breaker = Breaker(
@@ -334,7 +332,7 @@ class ClientCore:
             tuple(sorted(allowed)),
             req.fill,
             data,
-            self.wait_budget.ms(len(prefix)) if req.fill else 0,
+            fill_wait_ms(len(data), self.timeout) if req.fill else 0,
         ).frames()
         return Pending(
             request_id, frames, GetHit, GetMiss, partial(self._check_hit, prefix, allowed)
@@ -419,3 +417,10 @@ class ClientCore:
         out["auto_told"] += chains.pop("told_by_follower")
         out.update(chains)
         return out
+
+
+def fill_wait_ms(prefix_bytes: int, timeout_s: float) -> int:
+    """How long a GET may wait for the daemon's fill of its prefix (single flight): about twice
+    what encoding it here would cost (~75 ns a byte; the daemon's encode serves every worker
+    that waits), and well inside the client's own timeout, so a wait never trips the breaker."""
+    return max(0, min(int(timeout_s * 750), 1 + prefix_bytes // 8192))

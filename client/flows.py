@@ -128,15 +128,9 @@ def fetch_prefix(
     if found is not None:
         core.l1_put(key, found, True)
         return found, "daemon"
-    started = time.monotonic()
     cache = core.build_local(prefix, allowed)
-    if isinstance(cache, WholeText):  # encoded later, whole, in the call
-        core.l1_put(key, cache)
-        return cache, "whole"
-    # It encoded the prefix: what waiting for a fill may cost next time (client/waits.py).
-    core.wait_budget.observe(len(prefix), time.monotonic() - started)
     core.l1_put(key, cache)
-    return cache, "local"
+    return cache, "whole" if isinstance(cache, WholeText) else "local"
 
 
 def auto_encode(

@@ -185,31 +185,3 @@ def test_the_breaker_opens_probes_and_backs_off() -> None:
     assert breaker.allow()
     breaker.success()
     assert breaker.state == "closed" and breaker.cooldown == 1.0 and breaker.allow()
-
-
-def test_a_get_waits_about_twice_what_a_local_encode_cost(tmp_path: Path) -> None:
-    # client/waits.py: the budget a GET gives a fill in flight follows this worker's own local
-    # encodes of prefixes (a loaded host's are slower, and so are its fills).
-    from flashtoken.client.waits import IDLE_NS_PER_CHAR, WaitBudget
-
-    budget = WaitBudget(timeout_s=1.0)
-    assert budget.ms(32 * 1024) == 1 + int(2 * IDLE_NS_PER_CHAR * 32 * 1024 / 1e6)
-    for _ in range(20):
-        budget.observe(10_000, 10_000 * 300e-9)  # 300 ns a character: a busy host
-    assert 295 < budget.ns_per_char < 305 and budget.ms(100_000) in (60, 61)
-    assert budget.ms(10**7) == 750  # never past 3/4 of the client's timeout
-    budget.observe(0, 1.0)  # nothing to learn from
-    assert 295 < budget.ns_per_char < 305
-
-    core = _core(tmp_path)
-    before = core.wait_budget.ns_per_char
-    key = ClientCore.l1_key(PREFIX, frozenset())
-    flow = fetch_prefix(core, PREFIX, frozenset(), key, False)
-    assert _step(flow) == Acquire(core.timeout)
-    sent = _step(flow, True)
-    assert isinstance(sent, Send)
-    assert _step(flow, False) == Drop()  # not sent: no daemon there
-    assert _step(flow) == Release()
-    kind, (cache, source) = _step(flow)
-    assert (kind, source) == ("returned", "local") and cache.prefix == PREFIX
-    assert core.wait_budget.ns_per_char != before  # the local encode was measured
