@@ -174,21 +174,21 @@ class Avoiding:
 
         def ordinary(text: str) -> list[int] | None:
             if text.isascii():
-                return inner_ordinary(text)  # type: ignore[no-any-return]
+                return inner_ordinary(text)
             size = getsizeof(text)
             out = inner_ordinary(text)
             return None if out is None or holds(text, size) else out
 
         def special(text: str, allowed: frozenset[str]) -> list[int] | None:
             if text.isascii():
-                return inner_special(text, allowed)  # type: ignore[no-any-return]
+                return inner_special(text, allowed)
             size = getsizeof(text)
             out = inner_special(text, allowed)
             return None if out is None or holds(text, size) else out
 
         def count_ordinary(text: str) -> int | None:
             if text.isascii():
-                return inner_count(text)  # type: ignore[no-any-return]
+                return inner_count(text)
             size = getsizeof(text)
             out = inner_count(text)
             return None if out is None or holds(text, size) else out

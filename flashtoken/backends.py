@@ -229,7 +229,7 @@ class Encoder:
         if large is None:
 
             def call_one(text: str) -> Any:
-                if state.disabled:  # type: ignore[union-attr]
+                if state.disabled:
                     return slow(text)
                 if len(text) < _LONG_RUN or not _has_long_run(text):
                     try:
