@@ -97,9 +97,8 @@ class FixedPrefixTokenCache:
     ``eager=False`` encodes nothing up front: the first ``encode_ordinary`` or
     ``count_ordinary`` encodes ``prefix + suffix`` whole, as tiktoken (or the backend) would,
     and the prefix is split on the next call. A prefix used once then costs one encode, not the
-    prefix's and then the tail's. Rejected: taking the split from that first encode (the tokens
-    before the stable cut are the prefix's own): finding how many tokens lie before the cut
-    walks back over the suffix's tokens, 10-60 µs, more than 10% of the encode it would save.
+    prefix's and then the tail's. Rejected: taking the split from that first encode: counting
+    the tokens before the cut walks back over the suffix's, 10-60 µs, over 10% of the encode.
     """
 
     def __init__(
@@ -117,30 +116,19 @@ class FixedPrefixTokenCache:
             self._setup(enc, prefix, cut_rule(enc, backtrack_pieces), backend)
             self._use_ordinary(self._split_for(ORDINARY))
         else:
-            # A miss's cache is often used once: the cut rule (~2 µs, most of the set-up) is
-            # made when a split first needs it (__getattr__), unless the caller chose the
-            # number of pieces (then it is checked here). Instance attributes shadow the
-            # methods for the first call only (then deleted): the hot paths stay free of a
-            # "first call?" check.
+            # Often used once: the cut rule (~2 µs, most of the set-up) waits for a split
+            # (__getattr__) unless the pieces were chosen. Two methods shadowed for the first call
+            # only (pop: a batch's threads may all make it): the hot paths stay check-free.
             rule = None if backtrack_pieces is None else cut_rule(enc, backtrack_pieces)
             self._setup(enc, prefix, rule, backend)
-            ordinary, count, shadows = (
-                self._encoder.encode_ordinary,
-                self._encoder.count_ordinary,
-                self.__dict__,
-            )
+            whole, shadows = self._encoder, self.__dict__
 
-            # (pop, not del: threads of a batch may make the first call at once)
-            def first_ordinary(suffix: str) -> list[int]:
+            def first(suffix: str, count: bool = False) -> Any:
                 shadows.pop("encode_ordinary", None), shadows.pop("count_ordinary", None)
-                return ordinary(prefix + suffix)
+                return (whole.count_ordinary if count else whole.encode_ordinary)(prefix + suffix)
 
-            def first_count(suffix: str) -> int:
-                shadows.pop("encode_ordinary", None), shadows.pop("count_ordinary", None)
-                return count(prefix + suffix)
-
-            self.encode_ordinary = first_ordinary  # type: ignore[method-assign]
-            self.count_ordinary = first_count  # type: ignore[method-assign]
+            self.encode_ordinary = first  # type: ignore[method-assign]
+            self.count_ordinary = lambda suffix: first(suffix, True)  # type: ignore[method-assign]
 
     @classmethod
     def from_split(
