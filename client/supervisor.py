@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from flashtoken.wire import ipc_path
 
 if TYPE_CHECKING:
-    from .gunicorn import SidecarSettings
+    from .sidecar_settings import SidecarSettings
 
 __all__ = ["Supervisor", "install_fork_guard", "status"]
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .gunicorn import SidecarSettings
+    from .sidecar_settings import SidecarSettings
 
 __all__ = ["encoding_names", "load_encodings", "prefix_caches", "seed"]
 
