@@ -16,6 +16,7 @@ import hashlib
 import logging
 from array import array
 from collections import OrderedDict, deque
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,7 +110,7 @@ class Chains:
         # the node and its number of blocks): the next TELL of the text names that block as its
         # parent, and its digests are checked from this state rather than by decoding the whole
         # chain back to its bytes (~0.7 ms for a 100 KB chat, on every turn).
-        self.states: OrderedDict[bytes, tuple[Node, int, Any]] = OrderedDict()
+        self.states: OrderedDict[Hashable, tuple[Node, int, Any]] = OrderedDict()
 
     def on_auto(self, request: Request) -> list[Any]:
         """The longest confirmed chain of blocks that starts the text; its tokens after the
@@ -425,7 +426,7 @@ def _check_digests(
     """The first ``blocks`` told digests that ``state`` (of the whole text before ``text[at:]``,
     where block ``request.first`` starts) gives the blocks from ``at``, up to the first that
     differs; and the state after them (None once one differs)."""
-    block, out = request.block, []
+    block, out = request.block, list[bytes]()
     for told in request.digests[:blocks]:
         state.update(text[at : at + block])
         at += block
