@@ -62,7 +62,12 @@ def test_a_growing_texts_tells_are_checked_from_the_kept_state(daemon: DaemonPro
         # A digest that is not that of its bytes, checked from the kept state: refused.
         sock.send_multipart(tell(2, start, [bytes(16)], data, parent))
         wait_until(lambda: daemon.stats()["tells_refused"] == 1, 10, "a lying TELL was taken")
-        assert daemon.stats()["blocks"] == 2
+        assert daemon.stats()["blocks"] == 2 and daemon.stats()["tells_from_state"] == 1
+        # A TELL that numbers its blocks otherwise than the kept state: not checked from it
+        # (the whole chain is decoded, and the digests of block 3 on are not those of 2 on).
+        sock.send_multipart(tell(3, start, digests(data, range(2, 3)), data, parent))
+        wait_until(lambda: daemon.stats()["tells_refused"] == 2, 10, "a misnumbered TELL was taken")
+        assert daemon.stats()["blocks"] == 2 and daemon.stats()["tells_from_state"] == 1
         for first in (2, 3, 4):  # the genuine ones, each from the state its parent's fill kept
             start = cut_of(data, first - 1)
             parent = digests(data, range(first))[-1]
@@ -73,7 +78,7 @@ def test_a_growing_texts_tells_are_checked_from_the_kept_state(daemon: DaemonPro
     finally:
         sock.close(0)
     stats = daemon.stats()
-    assert stats["tells_from_state"] == 4 and stats["tells_refused"] == 1
+    assert stats["tells_from_state"] == 4 and stats["tells_refused"] == 2
     # The blocks stored from the state are found by a lookup of the text and spell it.
     enc = get_encoding("cl100k_base")
     ask = AutoRequest(8, SEED, "cl100k_base", encoding_id(enc), (), False, BLOCK, 0, data)
