@@ -32,7 +32,6 @@ from flashtoken.adopt import (
     check_published,
     follows_from_root,
 )
-from flashtoken.automemo import Memo, next_memo, shared_blocks, utf8
 from flashtoken.backends import Encoder, get_encoder
 from flashtoken.blocks import block_cuts, token_byte_lengths
 from flashtoken.boundary import cut_rule
@@ -48,6 +47,20 @@ DEFAULT_MAX_BYTES = 64 * 2**20
 _NODE_OVERHEAD = 160  # bytes a node costs beyond its block and token pointers (measured, rounded)
 
 
+class _Memo(NamedTuple):
+    """The last path of a policy, its tokens joined: most texts extend the previous one (a
+    growing chat) or share all but its last blocks (a rewritten tail), and then a lookup costs a
+    memcmp and one list copy, not a step per block. Usable while its last node is stored (then,
+    leaves going first, so is every node of the path)."""
+
+    data: bytes
+    path: list[Node]
+    digests: list[int]  # of path's blocks
+    ends: list[int]  # ends[i]: how many tokens path[: i + 1] holds
+    head: list[int]  # path's tokens, joined (never handed out; may run on past ends[-1])
+    state: object  # the xxh3 state after the path's last block
+
+
 class Plan(NamedTuple):
     """What a lookup found: the path of cached blocks that start ``data`` and its cut."""
 
@@ -57,7 +70,7 @@ class Plan(NamedTuple):
     state: object  # the xxh3 state after the last full block
     cut: int  # path[-1].cut (characters), 0 for an empty path
     cut_byte: int  # the same in bytes
-    memo: Memo | None  # the memo path begins with ... (flashtoken/automemo.py)
+    memo: _Memo | None  # the memo path begins with ...
     shared: int  # ... for this many blocks
 
 
@@ -104,7 +117,7 @@ class AutoPrefixCache:
         self._lock = threading.Lock()
         self._counts = collections.Counter[str]()
         self._store = ChainStore(max_bytes, ListTokens(), BlockBytes(), overhead=_NODE_OVERHEAD)
-        self._memos: dict[frozenset[str], Memo] = {}
+        self._memos: dict[frozenset[str], _Memo] = {}
         self._frontier = Frontier()
         _live.add(self)
 
@@ -198,7 +211,7 @@ class AutoPrefixCache:
         if not self._rule.proven:
             return None
         try:
-            data = utf8(text, self._memos.get(policy.allowed))  # any memo: its bytes are exact
+            data = text.encode("utf-8")
         except UnicodeEncodeError:
             return None
         with self._lock:
@@ -259,9 +272,7 @@ class AutoPrefixCache:
                 blocks_added=sum(a is b for a, b in zip(chain, added, strict=False)),
             )
             if len(path) + len(chain) == len(digests) and (path or chain):
-                self._memos[allowed] = next_memo(
-                    data, path + chain, digests, plan.state, text, plan.memo, plan.shared
-                )
+                self._memos[allowed] = self._next_memo(plan, chain)
             ends = chain[-FRONTIER_BLOCKS:]
             self._frontier.follow(path[max(0, len(path) - (FRONTIER_BLOCKS - len(ends))) :] + ends)
 
@@ -281,7 +292,7 @@ class AutoPrefixCache:
         memo = self._memos.get(allowed)
         shared = 0
         if memo is not None and store.holds(memo.path[-1]):
-            shared = shared_blocks(data, memoryview(memo.data), len(memo.path), size)
+            shared = _shared_blocks(data, memoryview(memo.data), len(memo.path), size)
         if memo is not None and shared:
             path, digests = memo.path[:shared], memo.digests[:shared]
             if shared == len(memo.path):
@@ -305,6 +316,23 @@ class AutoPrefixCache:
         last = path[-1] if path else None
         cut, cut_byte = (last.cut, last.cut_byte) if last else (0, 0)
         return Plan(data, path, digests, state, cut, cut_byte, memo, shared)
+
+    def _next_memo(self, plan: Plan, chain: list[Node]) -> _Memo:
+        """The memo for ``plan.path + chain`` (under the lock). Its joined tokens extend the
+        previous memo's list in place when that list ends where this path leaves it (a growing
+        chat): a lookup never pays for joining what the last one joined already."""
+        memo, shared = plan.memo, plan.shared
+        if memo is not None and shared:
+            base = memo.ends[shared - 1]
+            head = memo.head if len(memo.head) == base else memo.head[:base]
+            ends = memo.ends[:shared]
+        else:
+            head, ends = [], []
+        for node in plan.path[shared:] + chain:
+            head += node.tokens  # in place: earlier plans slice only up to their own end
+            ends.append(len(head))
+        path = plan.path + chain
+        return _Memo(plan.data, path, plan.digests[: len(path)], ends, head, plan.state)
 
     def adopt(
         self,
@@ -386,6 +414,22 @@ class AutoPrefixCache:
 
 
 Ids = list[int]
+
+
+def _shared_blocks(data: bytes, other: memoryview, blocks: int, size: int) -> int:
+    """How many of the first ``blocks`` blocks of ``other`` start ``data`` (a binary search
+    of memcmps: a few for a rewritten tail, one for a text that extends ``other``)."""
+    # bytes.startswith(view) is a memcmp; comparing two memoryviews is ~60x slower.
+    if data.startswith(other[: blocks * size]):
+        return blocks
+    low, high = 0, blocks - 1  # data shares low blocks, not high + 1
+    while low < high:
+        mid = (low + high + 1) // 2
+        if data.startswith(other[: mid * size]):
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 # Every AutoPrefixCache of this process, for ``after_fork`` in a forked child.
