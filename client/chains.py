@@ -103,9 +103,11 @@ class Chains:
             self._followed = set()
 
     def distrust(self) -> None:
-        """Forget every block (the daemon was caught answering wrong: ClientCore.distrust)."""
-        self._unrecorded.clear()
-        self.auto.clear()
+        """Forget every block (the daemon was caught answering wrong: ClientCore.distrust),
+        those still to record too (under the lock: none is recorded after the clear)."""
+        with self._recording:
+            self._unrecorded.clear()
+            self.auto.clear()
 
     # -- one text -------------------------------------------------------------------------------
 
