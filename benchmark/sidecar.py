@@ -83,7 +83,8 @@ def client_stats(client: Any) -> dict[str, Any]:
 
 
 def warm(client: Any, prefix: str, timeout_s: float = 10.0) -> bool:
-    """Call the client until a request on ``prefix`` is a cache hit (L1 or L2); False on timeout.
+    """Call the client until a request on ``prefix`` is a cache hit (L1 or L2), or it shows the
+    prefix is too short for the client to share (never asked for); False on timeout.
 
     The first request is a miss: the client encodes locally and asks the daemon to fill.
     """
@@ -94,6 +95,8 @@ def warm(client: Any, prefix: str, timeout_s: float = 10.0) -> bool:
         after = client_stats(client)
         if any(after.get(k, 0) > before.get(k, 0) for k in ("l1_hits", "l2_hits")):
             return True
+        if after.get("short_prefixes", 0) > before.get("short_prefixes", 0):
+            return True  # too short to share (SHARE_MIN_BYTES): the client never asks for it
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)

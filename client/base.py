@@ -10,7 +10,7 @@ from typing import Any
 
 import tiktoken
 
-from flashtoken.prefix import FixedPrefixTokenCache
+from flashtoken.admission import WholeText
 from flashtoken.specials import SpecialArg, SpecialPolicy
 from flashtoken.text import require_str
 from flashtoken.wire import default_address
@@ -50,6 +50,7 @@ class ClientBase:
         fill: bool | None = None,
         min_uses: int | None = None,
         backend: str | None = None,
+        share_min_bytes: int | None = None,
     ) -> None:
         # The first statement, so that locals() holds the parameters only: name -> value given.
         given = dict(locals())
@@ -110,13 +111,19 @@ class ClientBase:
         return ClientCore.allowed_of(self._core.enc, allowed_special)
 
     def _l1(self, prefix: str, allowed: frozenset[str]) -> tuple[L1Key, Prefix | None]:
-        """The L1 key of ``prefix`` and its cache there (the source set if found)."""
+        """The L1 key of ``prefix`` and its cache there, or, for a prefix too short to share
+        (``share_min_bytes``), its local one: no flow, no IO (the source set if found). None:
+        fetch it (client/flows.py)."""
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
+        core = self._core
         key = ClientCore.l1_key(prefix, allowed)
-        cache: FixedPrefixTokenCache | None = self._core.l1_get(key)
+        cache: Prefix | None = core.l1_get(key)
         if cache is not None:
             self._source.set("l1")
+        elif core.share_min_bytes and core.too_short_to_share(prefix):
+            cache = core.short_local(key, prefix, allowed)
+            self._source.set("whole" if isinstance(cache, WholeText) else "local")
         return key, cache
 
     def _auto_policy(

@@ -51,7 +51,7 @@ from .chains import Chains
 from .hostmap import HostMapView
 from .requests import Pending, RequestContext
 from .served import SpanCheck
-from .settings import CLIENT_DEFAULTS
+from .settings import CLIENT_DEFAULTS, SHARE_MIN_BYTES
 
 __all__ = ["CLIENT_DEFAULTS", "Breaker", "ClientCore", "Pending"]
 
@@ -77,6 +77,7 @@ COUNTERS = (
     "map_hits",  # of l2_hits, those read from the host's map (no round trip)
     "first_sights",  # prefixes encoded whole, not cached: seen once (admission)
     "untrusted",  # sockets not connected: not the daemon's (owner, mode, directory)
+    "short_prefixes",  # declared prefixes below SHARE_MIN_BYTES: never looked up on the host
 )
 
 
@@ -115,6 +116,10 @@ class ClientCore:
         self.timeout = settings["timeout_ms"] / 1000
         self.l1_limit = settings["l1_bytes"]
         self.max_prefix_bytes = min(settings["max_prefix_bytes"], MAX_PREFIX_BYTES)
+        # Below this a hit costs more than the backend's whole encode (client/settings.py).
+        given = settings.get("share_min_bytes")
+        by_backend = SHARE_MIN_BYTES.get(self.encoder.backend, 0)
+        self.share_min_bytes = by_backend if given is None else given
         self.breaker = Breaker(
             settings["breaker_failures"],
             settings["breaker_cooldown_ms"] / 1000,
@@ -175,7 +180,7 @@ class ClientCore:
         its published chains."""
         self.chains.address = address
         try:
-            self.hostmap = HostMapView(address, self.enc)
+            self.hostmap = HostMapView(address, self.enc, self.encoder)
         except ImportError:  # lmdb missing: every prefix is asked for, as before the map
             self.hostmap = None
 
@@ -290,6 +295,32 @@ class ClientCore:
         keys = self.hostmap.pending() if closing else self.hostmap.touches_due()
         return None if keys is None else TouchRequest(0, keys).frames()
 
+    def too_short_to_share(self, prefix: str) -> bool:
+        """Whether ``prefix`` is below ``SHARE_MIN_BYTES`` for this client's backend: its whole
+        encode costs less than a hit from the host's store would."""
+        limit, chars = self.share_min_bytes, len(prefix)
+        if chars >= limit:  # a code point is one UTF-8 byte or more (up to four)
+            return False
+        if 4 * chars < limit or prefix.isascii():  # no encode (1 us a KiB) where it can't matter
+            return True
+        return len(prefix.encode("utf-8", "surrogatepass")) < limit
+
+    def short_local(self, key: L1Key, prefix: str, allowed: frozenset[str]) -> Prefix:
+        """A prefix too short to share: encoded whole, as tiktoken does; split and put in the
+        L1 only once it is seen again here (or at once with ``min_uses=1``) and the L1 can
+        hold it. Nothing is looked up, sent or filled, so it costs nothing beyond its encode."""
+        self.counters["short_prefixes"] += 1
+        # l1_put's estimate with the cut at its largest: whether the L1 could hold it at all.
+        fits = _BYTES_PER_ENTRY + (2 + _BYTES_PER_TOKEN // 3) * len(prefix) <= self.l1_limit
+        if not fits or (
+            self.seen is not None and not self.seen.seen_before(_sighting(prefix, allowed))
+        ):
+            return WholeText(self.enc, prefix, self.encoder)
+        cache = self._split_here(prefix, allowed)
+        if self.pid == os.getpid():  # else a fork the hook missed: the next flow resets the L1
+            self.l1_put(key, cache)
+        return cache
+
     def build_local(self, prefix: str, allowed: frozenset[str]) -> Prefix:
         """One local encode of the prefix: the same cost as tiktoken on it, once per process.
 
@@ -300,6 +331,9 @@ class ClientCore:
             if not self.seen.seen_before(_sighting(prefix, allowed)):
                 self.counters["first_sights"] += 1
                 return WholeText(self.enc, prefix, self.encoder)
+        return self._split_here(prefix, allowed)
+
+    def _split_here(self, prefix: str, allowed: frozenset[str]) -> FixedPrefixTokenCache:
         cache = FixedPrefixTokenCache(self.enc, prefix, backend=self.encoder)
         if allowed:
             # Compute the split for this policy now, not inside a later call.

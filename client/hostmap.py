@@ -28,15 +28,14 @@ from typing import TYPE_CHECKING
 
 import tiktoken
 
-from flashtoken.backends import Encoder
-from flashtoken.ids import token_list_from_bytes
+from flashtoken.backends import Encoder, get_encoder
 from flashtoken.ids import warm as warm_ids
-from flashtoken.mapentry import Hit, confirm, pack_entry
+from flashtoken.mapentry import Hit, pack_entry
 from flashtoken.prefix import FixedPrefixTokenCache, PrefixSplit
 from flashtoken.wire import ipc_path
 
 if TYPE_CHECKING:
-    from flashtoken.sharedmap import Absent, MapReader
+    from flashtoken.sharedmap import Absent
 
 __all__ = ["HostMapView"]
 
@@ -55,37 +54,55 @@ def _first_report() -> float:
     return time.monotonic() - TOUCH_EVERY_S + FIRST_REPORT_AFTER_S
 
 
-def _rehearse(reader: MapReader, enc: tiktoken.Encoding) -> None:
+# What the rehearsal encodes after its made-up prefix: the kinds of text a request's suffix
+# holds (tiktoken's first call on such text costs ~25 us more than its later ones, measured).
+_SAMPLE = (
+    " User: 1,234.56 dollars, up 12% (see §3)? Les modèles découpent le texte."
+    " 注意：请用中文回答。 def f(x):\n    return {'a': [x, -1]}\n\tOK!"
+)
+
+
+def _rehearse(view: HostMapView, enc: tiktoken.Encoding, backend: Encoder | str) -> None:
     """Take a hit's steps once on a made-up entry at start-up (~3 ms): the shared ints made,
-    the code run and the memory it needs allocated, so that a worker's first hit costs what its
-    later ones do (without this, about twice as much)."""
+    the code run and the memory it needs allocated, so that a worker's first hit costs about
+    what its later ones do (without this, about twice as much)."""
+    from flashtoken.sharedmap import hit_of
+
     warm_ids(enc.n_vocab)
+    # First: what tiktoken allocates for such text then lies below the memory the hit's steps
+    # free, which stays mapped for the first hit (in the other order, ~20 pages faulted anew).
+    get_encoder(enc, backend).encode_ordinary(_SAMPLE)
     size = 32 * 1024
     prefix = b"w" * size
     ids = array("I", range(1000, 1000 + size // 4)).tobytes()
-    found = confirm(pack_entry(b"", bytes(32), (), prefix, size, ids), b"", bytes(32), (), prefix)
-    assert found is not None
-    head = token_list_from_bytes(found[1])
-    cache = FixedPrefixTokenCache.from_split(enc, prefix.decode(), PrefixSplit(head, size))
+    value = pack_entry(b"", bytes(32), (), prefix, size, ids)
+    found = hit_of(value, b"", b"", bytes(32), (), prefix)
+    assert isinstance(found, Hit)
+    cache = view.cache_of(found, enc, prefix.decode(), frozenset(), backend)
     cache.encode_ordinary(" warm")
-    reader.get(b"", bytes(32), (), b"rehearsal: never stored")
+    assert view.reader is not None
+    view.reader.get(b"", bytes(32), (), b"rehearsal: never stored")
 
 
 class HostMapView:
     """The host map as one worker sees it; ``None``-like (no hits) for a non-ipc daemon."""
 
-    def __init__(self, address: str, enc: tiktoken.Encoding) -> None:
+    def __init__(
+        self, address: str, enc: tiktoken.Encoding, backend: Encoder | str = "tiktoken"
+    ) -> None:
         from flashtoken.sharedmap import MapReader, map_path  # lmdb: imported by the client only
 
         path = ipc_path(address)
         self.reader = None if path is None else MapReader(map_path(os.path.dirname(path)))
+        self._touched: list[bytes] = []
+        self._sightings = False
         if self.reader is not None:
             # Here, not in the first request (a fork reopens the map lazily).
             self.reader.open()
-            _rehearse(self.reader, enc)
-        self._touched: list[bytes] = []
-        self._sightings = False
+            _rehearse(self, enc, backend)
+            self._touched = []
         self._last_report = _first_report()
+        self._since = 0.0  # when the oldest key not reported yet was taken
 
     def lookup(
         self,
@@ -106,7 +123,18 @@ class HostMapView:
             return found
         if found.cut > len(prefix):
             return None
-        self._touched.append(found.key)
+        return self.cache_of(found, enc, prefix, allowed, backend)
+
+    def cache_of(
+        self,
+        found: Hit,
+        enc: tiktoken.Encoding,
+        prefix: str,
+        allowed: frozenset,
+        backend: Encoder | str,
+    ) -> FixedPrefixTokenCache:
+        """The L1 entry of a confirmed hit (counted as used, for the daemon's LRU order)."""
+        self._note(found.key)
         return FixedPrefixTokenCache.from_split(
             enc,
             prefix,
@@ -118,8 +146,13 @@ class HostMapView:
     def sighted(self, key: bytes) -> None:
         """This worker encodes ``key``'s prefix whole: tell the daemon soon (within 50 ms, not
         the second a hit's report may wait), so that the next worker asking finds the marker."""
-        self._touched.append(key)
+        self._note(key)
         self._sightings = True
+
+    def _note(self, key: bytes) -> None:
+        if not self._touched:
+            self._since = time.monotonic()
+        self._touched.append(key)
 
     def touches_due(self) -> bytes | None:
         """The keys to report now (a full batch, or the oldest older than 50 ms for a sighting,
@@ -127,13 +160,23 @@ class HostMapView:
         if not self._touched:
             return None
         now = time.monotonic()
-        every = SIGHTINGS_EVERY_S if self._sightings else TOUCH_EVERY_S
-        if len(self._touched) < TOUCH_BATCH and now - self._last_report < every:
+        if len(self._touched) < TOUCH_BATCH and not self._due(now):
             return None
         keys, self._touched = self._touched[:TOUCH_BATCH], self._touched[TOUCH_BATCH:]
         self._last_report = now
         self._sightings = False
         return b"".join(keys)
+
+    def _due(self, now: float) -> bool:
+        if self._sightings:
+            return now - self._last_report >= SIGHTINGS_EVERY_S
+        # Hits wait FIRST_REPORT_AFTER_S at least: never sent by the request that took them,
+        # which would make a fresh worker's socket on its first request's path (~1 ms; with the
+        # daemon frozen, a connect that never completes). A worker's first request comes any
+        # time after its start, so the time since the start cannot promise that alone.
+        return (
+            now - self._last_report >= TOUCH_EVERY_S and now - self._since >= FIRST_REPORT_AFTER_S
+        )
 
     def pending(self) -> bytes | None:
         """Every key not reported yet (at close: a short-lived worker's hits and sightings)."""

@@ -15,7 +15,7 @@ from flashtoken.backends import BACKENDS
 from flashtoken.settings import MiB, Setting, resolve
 from flashtoken.wire import MAX_PREFIX_BYTES
 
-__all__ = ["CLIENT_DEFAULTS", "CLIENT_SETTINGS", "client_settings"]
+__all__ = ["CLIENT_DEFAULTS", "CLIENT_SETTINGS", "SHARE_MIN_BYTES", "client_settings"]
 
 _HOUR_MS = 3_600_000
 
@@ -136,7 +136,28 @@ CLIENT_SETTINGS: tuple[Setting, ...] = (
         " tokenizer once it passed its gate against tiktoken",
         choices=BACKENDS,
     ),
+    Setting(
+        "share_min_bytes",
+        None,
+        "size",
+        "declared prefixes of fewer UTF-8 bytes are encoded here whole, never looked up on the"
+        " host: below it the backend's whole encode costs less than a hit",
+        low=0,
+        high=MAX_PREFIX_BYTES,
+        default_text="per backend: toktok 3072, gigatoken 6144, tiktoken 0",
+    ),
 )
+
+# share_min_bytes when unset, per backend in use: declared prefixes of fewer UTF-8 bytes are
+# never looked up in the host's store (neither the map nor the daemon), because the backend
+# encodes prefix + suffix whole in less time than a hit costs (the hash, the lookup and its
+# confirmation, the token list, the split); the client's own L1 still caches one seen twice.
+# Measured here (cl100k, a 38-character suffix, a client with l1_bytes=0, medians of 300 calls):
+# a map hit costs 15-20 us up to 1 KiB, 30 us at 4 KiB, 45 us at 8 KiB; the whole encode,
+# toktok 18 us for 2 KiB and 35 us for 4 KiB, gigatoken 27 us for 4 KiB and 47 us for 8 KiB,
+# tiktoken 25 us for 256 bytes. tiktoken: 0, since it would gain a few us below ~180 bytes
+# only. A backend not named here: 0 (always shared).
+SHARE_MIN_BYTES: dict[str, int] = {"tiktoken": 0, "toktok": 3072, "gigatoken": 6144}
 
 # What ClientCore takes (address and encoding belong to Client / AsyncClient).
 CLIENT_DEFAULTS: dict[str, Any] = {

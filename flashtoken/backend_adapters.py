@@ -19,7 +19,7 @@ from typing import Any
 import tiktoken
 
 from flashtoken import tiktoken_parts
-from flashtoken.ids import token_list_from_bytes
+from flashtoken.ids import MAX_TOKEN_ID, token_list_from_array
 
 __all__ = ["Avoiding", "Gigatoken", "TokTok", "Unsupported", "gigatoken_tokenizer"]
 
@@ -88,44 +88,58 @@ def gigatoken_tokenizer(enc: tiktoken.Encoding, pretokenizer: str | None = None)
 
 
 class Gigatoken:
-    """gigatoken, built from this Encoding's own ranks and special tokens (no file is fetched)."""
+    """gigatoken, built from this Encoding's own ranks and special tokens (no file is fetched).
+
+    Its raw encode (a numpy array) recognises every special token. So an answer is kept only if
+    it holds no special token's id outside ``allowed``: every OpenAI encoding numbers its special
+    tokens above its ranks, so one comparison with the array's maximum (which the conversion to
+    a list computes anyway) tells that the answer holds none at all, and the text then held no
+    special token gigatoken saw, which makes its answer the ordinary encoding (gated). Rejected:
+    searching the text for special-token text before encoding (``"<|"``, then a regex of the
+    tokens): ~30 µs on 32 KiB stored 2 bytes a character wherever ``<`` and ``|`` both occur,
+    a fifth of the encode, where the maximum costs ~2 µs.
+    """
 
     def __init__(self, enc: tiktoken.Encoding) -> None:
+        specials = tiktoken_parts.special_tokens(enc)
+        ranks = tiktoken_parts.mergeable_ranks(enc)
+        self._floor = min(specials.values(), default=MAX_TOKEN_ID)
+        if ranks and max(ranks.values()) >= self._floor:
+            raise Unsupported(f"{enc.name} numbers a special token among its ranks")
         tok = gigatoken_tokenizer(enc)
-        # The raw encode (a numpy array) recognises every special token: so only texts that
-        # hold no special token outside ``allowed`` are its to take.
         self._raw = tok.backend.encode
-        self._specials = frozenset(tiktoken_parts.special_tokens(enc))
-        # Most texts hold no special token's text, and cheap tests tell: each character of the
-        # tokens' common prefix ("<|" for OpenAI's) on its own (~1 us on 32 KiB), then the
-        # prefix (a two-character search is ~30 us on 32 KiB stored 4 bytes a character), and
-        # only then the regex search (~50-100 us, a character at a time).
-        common = os.path.commonprefix(sorted(self._specials)) if self._specials else ""
-        self._chars = tuple(dict.fromkeys(common))
-        self._starts = (common,) if common else tuple({s[0] for s in self._specials})
-        self._patterns: dict[frozenset[str], re.Pattern[str]] = {}
+        self._specials = specials
+        self._every = frozenset(specials)
+        self._allowed_ids: dict[frozenset[str], frozenset[int]] = {}
 
-    def _takes(self, text: str, allowed: frozenset[str]) -> bool:
-        if not all(ch in text for ch in self._chars):
-            return True
-        if not any(start in text for start in self._starts):
-            return True
-        pattern = self._patterns.get(allowed)
-        if pattern is None:
-            others = sorted(self._specials - allowed, key=len, reverse=True)
-            pattern = re.compile("|".join(map(re.escape, others)) or "(?!)")
-            if len(self._patterns) < 64:
-                self._patterns[allowed] = pattern
-        return pattern.search(text) is None
+    def _allowed(self, allowed: frozenset[str]) -> frozenset[int]:
+        """The ids an answer may hold under ``allowed``: those of allowed tokens that no other
+        token shares (two o200k_harmony tokens share 200018: that id cannot tell which)."""
+        ids = self._allowed_ids.get(allowed)
+        if ids is None:
+            others = {i for s, i in self._specials.items() if s not in allowed}
+            ids = frozenset(i for s, i in self._specials.items() if s in allowed) - others
+            if len(self._allowed_ids) < 64:
+                self._allowed_ids[allowed] = ids
+        return ids
 
     def ordinary(self, text: str) -> list[int] | None:
-        return token_list_from_bytes(self._raw(text)) if self._takes(text, frozenset()) else None
+        ids = self._raw(text)
+        top = int(ids.max(initial=0))
+        return None if top >= self._floor else token_list_from_array(ids, top)
 
     def special(self, text: str, allowed: frozenset[str]) -> list[int] | None:
-        return token_list_from_bytes(self._raw(text)) if self._takes(text, allowed) else None
+        ids = self._raw(text)
+        top = int(ids.max(initial=0))
+        if top >= self._floor and allowed != self._every:
+            found = set(ids[ids >= self._floor].tolist())
+            if not found <= self._allowed(allowed):
+                return None
+        return token_list_from_array(ids, top)
 
     def count_ordinary(self, text: str) -> int | None:
-        return len(self._raw(text)) if self._takes(text, frozenset()) else None
+        ids = self._raw(text)
+        return None if int(ids.max(initial=0)) >= self._floor else len(ids)
 
 
 class Avoiding:
@@ -141,86 +155,125 @@ class Avoiding:
     UTF-8, which CPython then keeps with the string, so ``text.encode()`` here is a copy, not a
     second conversion, and the astral code points are found by their UTF-8 lead byte (a memchr
     each) instead of a regex over every character. An answer for a text holding an avoided code
-    point is thrown away (those texts are rare: the work lost is rare)."""
+    point is thrown away (those texts are rare: the work lost is rare). The text's size is taken
+    *before* the encode: that cached UTF-8 counts in ``sys.getsizeof`` and would hide how many
+    bytes a character the string is stored in (:func:`_width_test`)."""
 
     def __init__(self, inner: Any, avoid: str) -> None:
         self.inner = inner
         self.avoided = len(avoid)
-        bmp = tuple(c for c in avoid if c <= "\uffff")
-        narrow = all(c > "\u00ff" for c in bmp)  # none can be in a text stored 1 byte a char
-        astral = frozenset(c for c in avoid if c > "\uffff")
-        utf8 = frozenset(c.encode("utf-8") for c in avoid)
-        leads = tuple(sorted({(seq[:1], len(seq)) for seq in utf8}))  # (lead byte, length)
-        astral_chars = re.compile("[\U00010000-\U0010ffff]").findall
+        holds = _avoided_test(avoid)
+        getsizeof = sys.getsizeof
+        # Closures, not methods: a 100-character text takes toktok about a microsecond, so each
+        # lookup and call layer on this path is a visible share of it.
+        inner_ordinary, inner_special, inner_count = (
+            inner.ordinary,
+            inner.special,
+            inner.count_ordinary,
+        )
 
-        def every_character(text: str) -> bool:
-            return any(c in text for c in bmp) or not astral.isdisjoint(astral_chars(text))
-
-        # Measured on 32 KiB of non-ASCII text: a `c in text` costs ~1 us, a regex class search
-        # ~50-190 us whatever the class (a character at a time), close to toktok's whole encode
-        # at worst. So: a text stored 1 or 2 bytes a character (no astral code point) is
-        # searched for the few BMP ones, one by one; a text stored 4 bytes a character (emoji,
-        # say) at each UTF-8 lead byte of an avoided code point (~3 us on 32 KiB with a few
-        # emoji: E0, EA and F0 for cl100k_base). A text with more such lead bytes than one per
-        # 128 characters (Indic, emoji-heavy) is searched character by character (~60 us).
-        # Rejected: one class of every avoided range (~1 ms: `re` tests astral ranges one by
-        # one); checking before the encode (the UTF-8 conversion was then paid twice).
-        def holds_avoided(text: str) -> bool:
+        def ordinary(text: str) -> list[int] | None:
             if text.isascii():
+                return inner_ordinary(text)
+            size = getsizeof(text)
+            out = inner_ordinary(text)
+            return None if out is None or holds(text, size) else out
+
+        def special(text: str, allowed: frozenset[str]) -> list[int] | None:
+            if text.isascii():
+                return inner_special(text, allowed)
+            size = getsizeof(text)
+            out = inner_special(text, allowed)
+            return None if out is None or holds(text, size) else out
+
+        def count_ordinary(text: str) -> int | None:
+            if text.isascii():
+                return inner_count(text)
+            size = getsizeof(text)
+            out = inner_count(text)
+            return None if out is None or holds(text, size) else out
+
+        self.ordinary: Callable[[str], list[int] | None] = ordinary
+        self.special: Callable[[str, frozenset[str]], list[int] | None] = special
+        self.count_ordinary: Callable[[str], int | None] = count_ordinary
+
+
+def _avoided_test(avoid: str) -> Callable[[str, int], bool]:
+    """``holds(text, size)``: whether the non-ASCII ``text`` holds a code point of ``avoid``,
+    ``size`` being ``sys.getsizeof(text)`` taken before a backend read the text."""
+    bmp = tuple(c for c in avoid if c <= "\uffff")
+    narrow = all(c > "\u00ff" for c in bmp)  # none can be in a text stored 1 byte a char
+    astral = frozenset(c for c in avoid if c > "\uffff")
+    utf8 = frozenset(c.encode("utf-8") for c in avoid)
+    leads = tuple(sorted({(seq[:1], len(seq)) for seq in utf8}))  # (lead byte, length)
+    astral_chars = re.compile("[\U00010000-\U0010ffff]").findall
+    # A string this size or larger may be 4 bytes a character, then 2 (see _width_test).
+    four, two = _width_floors()
+
+    def every_character(text: str) -> bool:
+        for c in bmp:
+            if c in text:
+                return True
+        return not astral.isdisjoint(astral_chars(text))
+
+    # Measured on 32 KiB of non-ASCII text: a `c in text` costs ~0.1-1 us, a regex class search
+    # ~50-190 us whatever the class (a character at a time), close to toktok's whole encode
+    # at worst. So: a text stored 1 or 2 bytes a character (no astral code point) is
+    # searched for the few BMP ones, one by one (none at all in 1 byte a character when they
+    # all lie above U+00FF); a text stored 4 bytes a character (emoji, say) at each UTF-8 lead
+    # byte of an avoided code point (~3 us on 32 KiB with a few emoji: E0, EA and F0 for
+    # cl100k_base). A text with more such lead bytes than one per 128 characters (Indic,
+    # emoji-heavy) is searched character by character (~60 us).
+    # Rejected: one class of every avoided range (~1 ms: `re` tests astral ranges one by
+    # one); checking before the encode (the UTF-8 conversion was then paid twice); finding
+    # two-byte UTF-8 prefixes (F0 90, ...) with bytes.find (~100 us each on 128 KiB, where the
+    # lead byte's memchr takes under 1 us).
+    def holds(text: str, size: int) -> bool:
+        n = len(text)
+        if size < four + 4 * n:  # no code point above U+FFFF
+            if narrow and size < two + 2 * n:  # none above U+00FF
                 return False
-            if not _may_hold_astral(text):
-                return not (narrow and _one_byte_a_char(text)) and any(c in text for c in bmp)
-            data = text.encode("utf-8", "surrogatepass")
-            # A lead byte costs ~0.25 us to look at, a character ~2 ns to collect (findall).
-            most = max(64, len(text) >> 7)
-            for lead, length in leads:
-                at, looked = data.find(lead), 0
-                while at != -1:
-                    if data[at : at + length] in utf8:
-                        return True
-                    looked += 1
-                    if looked > most:
-                        return every_character(text)
-                    at = data.find(lead, at + length)
+            for c in bmp:
+                if c in text:
+                    return True
             return False
+        data = text.encode("utf-8", "surrogatepass")
+        # A lead byte costs ~0.25 us to look at, a character ~2 ns to collect (findall).
+        most = max(64, n >> 7)
+        for lead, length in leads:
+            at, looked = data.find(lead), 0
+            while at != -1:
+                if data[at : at + length] in utf8:
+                    return True
+                looked += 1
+                if looked > most:
+                    return every_character(text)
+                at = data.find(lead, at + length)
+        return False
 
-        self._holds_avoided = holds_avoided
-
-    def ordinary(self, text: str) -> list[int] | None:
-        out = self.inner.ordinary(text)
-        return None if out is None or self._holds_avoided(text) else out
-
-    def special(self, text: str, allowed: frozenset[str]) -> list[int] | None:
-        out = self.inner.special(text, allowed)
-        return None if out is None or self._holds_avoided(text) else out
-
-    def count_ordinary(self, text: str) -> int | None:
-        out = self.inner.count_ordinary(text)
-        return None if out is None or self._holds_avoided(text) else out
-
-
-def _one_byte_a_char(text: str) -> bool:
-    """True only if CPython stores ``text`` 1 byte a character (no code point above U+00FF):
-    a header of ~73 bytes plus n, where 2 bytes a character take 2n + 74."""
-    return _ONE_BYTE_TELLS and sys.getsizeof(text) < 2 * len(text) + 70
+    return holds
 
 
-def _may_hold_astral(text: str) -> bool:
-    """False only if ``text`` has no character above U+FFFF, known without reading it.
+def _width_floors() -> tuple[int, int]:
+    """``(four, two)``: a string of ``n`` characters whose ``sys.getsizeof`` is below
+    ``four + 4 * n`` is certainly stored 2 bytes a character or fewer (so holds no code point
+    above U+FFFF), and below ``two + 2 * n`` 1 byte a character.
 
-    CPython stores a string in 1, 2 or 4 bytes a character, the widest its characters need, and
-    ``sys.getsizeof`` shows which (a header of under 100 bytes plus the characters). Elsewhere
-    (``_SIZE_TELLS`` false) every non-ASCII text is searched."""
-    n = len(text)
-    return not _SIZE_TELLS or n < 64 or sys.getsizeof(text) > 3 * n + 100
-
-
-_SIZE_TELLS = (
-    sys.getsizeof("\U0001f44d" * 100) > 400
-    and sys.getsizeof("\u4e2d\U0001f44d" * 50) > 400
-    and sys.getsizeof("\u4e2d" * 100) < 300
-)
-_ONE_BYTE_TELLS = (
-    sys.getsizeof("\u00e9" * 100) < 250 < sys.getsizeof("\u4e2d" * 100)
-    and sys.getsizeof("\u00e9" * 4) < 2 * 4 + 70
-)
+    CPython stores a string in 1, 2 or 4 bytes a character, the widest its characters need,
+    after a fixed header; ``sys.getsizeof`` counts those bytes (and the terminating one), and
+    also the string's UTF-8 copy once something has asked for it. So a string stored k bytes a
+    character is never smaller than ``header + k * (n + 1)``, the headers measured here on
+    strings of each width, and the copy can only make a narrow string look wider, never a
+    wide one narrower: both tests err towards a search. Where sizes do not follow this layout
+    (another interpreter) no size passes either test: every non-ASCII text is searched."""
+    getsizeof = sys.getsizeof
+    two = getsizeof("\u4e2d") - 2 * 2  # header of a string stored 2 bytes a character
+    four = getsizeof("\U0001f44d") - 4 * 2
+    tells = (
+        getsizeof("\u4e2d" * 100) == two + 2 * 101
+        and getsizeof("\U0001f44d" * 100) == four + 4 * 101
+        and getsizeof("\u00e9" * 100) < two + 2 * 101
+    )
+    if not tells:
+        return -(1 << 62), -(1 << 62)
+    return four + 4, two + 2  # the terminating character's bytes

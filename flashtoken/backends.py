@@ -226,6 +226,25 @@ class Encoder:
         state, counts, large_state = self._state, self._counts, self._large
         assert state is not None
 
+        if large is None:
+
+            def call_one(text: str) -> Any:
+                if state.disabled:
+                    return slow(text)
+                if len(text) < _LONG_RUN or not _has_long_run(text):
+                    try:
+                        out = fast(text)
+                    except BaseException as exc:  # any refusal, PanicException included
+                        if _fatal(exc):
+                            raise
+                        out = None
+                    if out is not None:
+                        return out
+                    counts["routed_to_tiktoken"] += 1
+                return slow(text)
+
+            return call_one
+
         def call(text: str) -> Any:
             size = len(text)
             if large is not None and size >= _LARGE and not large_state.disabled:  # type: ignore[union-attr]
@@ -374,6 +393,11 @@ _encoders: weakref.WeakKeyDictionary[tiktoken.Encoding, dict[tuple[str, float], 
 )
 
 
+# (id of the Encoding, backend, fraction) -> (a weak reference to it, its Encoder): the
+# reference tells an Encoding from a later one that reuses a dead one's id.
+_recent: dict[tuple[int, str, float], tuple[weakref.ref[tiktoken.Encoding], Encoder]] = {}
+
+
 def get_encoder(
     encoding: str | tiktoken.Encoding | Encoder,
     backend: str | Encoder = "tiktoken",
@@ -382,6 +406,12 @@ def get_encoder(
 ) -> Encoder:
     """The process's :class:`Encoder` for ``encoding`` and ``backend`` (one per pair), or
     ``backend`` itself when it is an Encoder already (which must be of the same encoding)."""
+    if type(backend) is str:
+        # The usual call (a cache or client made per request on a miss): one plain dict
+        # lookup. A WeakKeyDictionary lookup makes a weak reference every time (~0.3 µs).
+        found = _recent.get((id(encoding), backend, shadow_fraction))
+        if found is not None and found[0]() is encoding:
+            return found[1]
     enc = encoding.encoding if isinstance(encoding, Encoder) else resolve_encoding(encoding)
     if isinstance(backend, Encoder):
         if backend.encoding is not enc:
@@ -394,4 +424,8 @@ def get_encoder(
     encoder = per_enc.get(key)
     if encoder is None:
         encoder = per_enc[key] = Encoder(enc, backend, shadow_fraction=shadow_fraction)
+    if isinstance(encoding, tiktoken.Encoding):
+        if len(_recent) >= 64:
+            _recent.clear()
+        _recent[(id(encoding), backend, shadow_fraction)] = (weakref.ref(encoding), encoder)
     return encoder

@@ -113,15 +113,16 @@ def confirm(
     end = at + n_namespace + n_policy + n_prefix + 4 * n_tokens
     if end != len(view) or cut > n_prefix:
         return None
-    # Compared as bytes: comparing a memoryview with bytes goes item by item (~2.5 ns a byte,
-    # 80 us for 32 KiB), a copy and a memcmp take about 1 us.
-    if bytes(view[at : at + n_namespace]) != namespace:
+    # Compared by bytes.startswith, a memcmp over the mapping with no copy (the lengths are
+    # equal, so it is equality). Rejected: ``view[a:b] == prefix``, which compares item by item
+    # (~2.5 ns a byte, 80 us for 32 KiB); ``bytes(view[a:b]) == prefix`` copies 32 KiB first.
+    if not namespace.startswith(view[at : at + n_namespace]):
         return None
     at += n_namespace
-    if bytes(view[at : at + n_policy]) != policy:
+    if not policy.startswith(view[at : at + n_policy]):
         return None
     at += n_policy
-    if bytes(view[at : at + n_prefix]) != prefix:  # the confirmation: a memcmp of the prefix
+    if not prefix.startswith(view[at : at + n_prefix]):  # the confirmation: the prefix's bytes
         return None
     at += n_prefix
     h = xxhash.xxh3_64()

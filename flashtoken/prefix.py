@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from array import array
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, TypeVar
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import tiktoken
 
@@ -97,9 +98,8 @@ class FixedPrefixTokenCache:
     ``eager=False`` encodes nothing up front: the first ``encode_ordinary`` or
     ``count_ordinary`` encodes ``prefix + suffix`` whole, as tiktoken (or the backend) would,
     and the prefix is split on the next call. A prefix used once then costs one encode, not the
-    prefix's and then the tail's. Rejected: taking the split from that first encode (the tokens
-    before the stable cut are the prefix's own): finding how many tokens lie before the cut
-    walks back over the suffix's tokens, 10-60 µs, more than 10% of the encode it would save.
+    prefix's and then the tail's. Rejected: taking the split from that first encode: counting
+    the tokens before the cut walks back over the suffix's, 10-60 µs, over 10% of the encode.
     """
 
     def __init__(
@@ -113,23 +113,23 @@ class FixedPrefixTokenCache:
     ) -> None:
         require_str(prefix, "prefix")
         enc = resolve_encoding(encoding)
-        self._setup(enc, prefix, cut_rule(enc, backtrack_pieces), backend)
         if eager:
+            self._setup(enc, prefix, cut_rule(enc, backtrack_pieces), backend)
             self._use_ordinary(self._split_for(ORDINARY))
         else:
-            # Instance attributes shadowing the methods for the first call only (then deleted):
-            # the hot paths stay free of a "first call?" check.
-            whole = self._encoder
-            self.encode_ordinary = self._once(whole.encode_ordinary)  # type: ignore[method-assign,assignment]
-            self.count_ordinary = self._once(whole.count_ordinary)  # type: ignore[method-assign,assignment]
+            # Often used once: the cut rule (~2 µs, most of the set-up) waits for a split
+            # (__getattr__) unless the pieces were chosen. Two methods shadowed for the first call
+            # only (pop: a batch's threads may all make it): the hot paths stay check-free.
+            rule = None if backtrack_pieces is None else cut_rule(enc, backtrack_pieces)
+            self._setup(enc, prefix, rule, backend)
+            whole, shadows = self._encoder, self.__dict__
 
-    def _once(self, whole: Callable[[str], _T]) -> Callable[[str], _T]:
-        def first(suffix: str) -> _T:
-            for name in _LAZY:
-                self.__dict__.pop(name, None)
-            return whole(self._prefix + suffix)
+            def first(suffix: str, count: bool = False) -> Any:
+                shadows.pop("encode_ordinary", None), shadows.pop("count_ordinary", None)
+                return (whole.count_ordinary if count else whole.encode_ordinary)(prefix + suffix)
 
-        return first
+            self.encode_ordinary = first  # type: ignore[method-assign]
+            self.count_ordinary = lambda suffix: first(suffix, True)  # type: ignore[method-assign]
 
     @classmethod
     def from_split(
@@ -149,24 +149,28 @@ class FixedPrefixTokenCache:
         """
         self = cls.__new__(cls)
         enc = resolve_encoding(encoding)
-        self._setup(enc, prefix, cut_rule(enc), backend)
-        policy = SpecialPolicy.of(enc, allowed_special, ())
+        self._setup(enc, prefix, _default_rule(enc), backend)
+        # A worker's first request for a prefix from the host map comes here: nothing computed
+        # that the entry's first use does not need.
+        plain = type(allowed_special) is frozenset and not allowed_special
+        allowed = frozenset() if plain else SpecialPolicy.of(enc, allowed_special, ()).allowed
         if not isinstance(split.head, list):
             split = PrefixSplit(token_list(split.head), split.cut)
-        self._splits[policy.allowed] = split
-        if policy is ORDINARY or not policy.allowed:
+        self._splits[allowed] = split
+        if not allowed:
             self._use_ordinary(split)
         # Otherwise the ordinary split is computed if encode_ordinary is ever called (__getattr__).
         return self
 
     def _setup(
-        self, enc: tiktoken.Encoding, prefix: str, rule: CutRule, backend: str | Encoder
+        self, enc: tiktoken.Encoding, prefix: str, rule: CutRule | None, backend: str | Encoder
     ) -> None:
         self._enc = enc
         # What is not cached is encoded by this object (tiktoken's own methods by default).
         self._encoder = get_encoder(enc, backend)
         self._prefix = prefix
-        self._rule = rule
+        if rule is not None:  # else the default rule, made when first needed (__getattr__)
+            self._rule = rule
         self._splits: dict[frozenset[str], PrefixSplit] = {}
         self._held_tails: dict[frozenset[str], list[int]] = {}
         self._prefix_has: dict[frozenset[str], bool] = {}
@@ -183,6 +187,9 @@ class FixedPrefixTokenCache:
         if name in ("_head", "_tail"):
             self._use_ordinary(self._split_for(ORDINARY))
             return getattr(self, name)
+        if name == "_rule":  # a lazy cache's (eager=False)
+            self._rule = cut_rule(self._enc)
+            return self._rule
         if name == "_raw_prefix":  # for encode_to_numpy
             self._raw_prefix = has_surrogates(self._prefix)
             return self._raw_prefix
@@ -428,9 +435,10 @@ class FixedPrefixTokenCache:
         return f"FixedPrefixTokenCache({self._enc.name!r}, {shown!r})"
 
 
+# cut_rule(enc), made once per encoding (at most 16 held): every map or daemon hit makes a cache.
+_default_rule = functools.lru_cache(maxsize=16)(cut_rule)
+
 _UNSEEN = object()
-_LAZY = ("encode_ordinary", "count_ordinary")  # the methods a lazy cache shadows once
-_T = TypeVar("_T")
 
 
 def _memo_key(arg: object) -> object:

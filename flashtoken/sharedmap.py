@@ -108,13 +108,7 @@ class MapReader:
                     value = txn.get(key)
                     if value is None:
                         return Absent(key, False)
-                    found = confirm(value, namespace, eid, allowed, prefix)
-                    if found is None:
-                        # A sighting, a collision (another prefix's entry) or a damaged entry:
-                        # the daemon is asked, and it encodes from the bytes it receives.
-                        return Absent(key, True)
-                    # Copied out of the mapping before the transaction ends.
-                    return Hit(token_list_from_bytes(found[1]), found[0], key)
+                    return hit_of(value, key, namespace, eid, allowed, prefix)
             except lmdb.Error:
                 self._fail()
                 return None
@@ -167,6 +161,20 @@ class MapReader:
     def _fail(self) -> None:
         self._failed_pid = os.getpid()
         self._opened = None
+
+
+def hit_of(
+    value: object, key: bytes, namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes
+) -> Hit | Absent:
+    """The hit that ``value`` (found under ``key``) is for this asker, or :class:`Absent`: a
+    sighting, a collision (another prefix's entry) or a damaged entry, for which the daemon is
+    asked (it encodes from the bytes it receives). Its own function so that a worker's start-up
+    can take these steps on a made-up entry (client/hostmap.py)."""
+    found = confirm(value, namespace, eid, allowed, prefix)
+    if found is None:
+        return Absent(key, True)
+    # Copied out of the mapping (into the list) before the transaction ends.
+    return Hit(token_list_from_bytes(found[1]), found[0], key)
 
 
 def _inode(path: str) -> int:

@@ -325,3 +325,69 @@ def test_the_long_run_search_agrees_with_the_regex(start, length):
             text = before * start + space * length + after * 70_000
             longest = max(len(list(run)) for ws, run in itertools.groupby(text, str.isspace) if ws)
             assert backends._has_long_run(text) == (longest >= backends._LONG_RUN), longest
+
+
+needs_gigatoken = pytest.mark.skipif(
+    "gigatoken" not in INSTALLED, reason="gigatoken is not installed (the dev extra)"
+)
+
+
+@needs_gigatoken
+def test_gigatoken_answers_only_without_a_special_token_outside_allowed(enc):
+    # gigatoken recognises every special token; its answer is kept only when it holds no id of
+    # a token outside `allowed`, told by the ids (two o200k_harmony tokens share 200018).
+    encoder = Encoder(enc, "gigatoken")
+    specials = sorted(enc.special_tokens_set)
+    shared = [s for s in specials if enc.encode_single_token(s) == 200018]
+    picks = [frozenset(), frozenset(specials), *(frozenset({s}) for s in specials[:3] + shared)]
+    for special in [*specials[:3], *shared, *SPECIALS[:2]]:
+        if special not in enc.special_tokens_set:
+            continue
+        for text in (special, f"a {special} b", f"x{special}{special[:-2]}", f"{special}\u4e2d"):
+            assert encoder.encode_ordinary(text) == enc.encode_ordinary(text), text
+            assert encoder.count_ordinary(text) == len(enc.encode_ordinary(text)), text
+            for allowed in picks:
+                want = enc.encode(text, allowed_special=allowed, disallowed_special=())
+                got = encoder.encode(text, allowed_special=allowed, disallowed_special=())
+                assert got == want, (text, sorted(allowed)[:2])
+
+
+def _utf8_cached(text: str) -> str:
+    """``text`` with CPython's UTF-8 copy made, as a backend's read of it leaves it."""
+    import ctypes
+
+    as_utf8 = ctypes.pythonapi.PyUnicode_AsUTF8AndSize
+    as_utf8.restype, as_utf8.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_void_p]
+    as_utf8(text, None)
+    return text
+
+
+@given(text=st.text(min_size=1, max_size=300), cached=st.booleans())
+def test_the_width_test_errs_towards_a_search(text, cached):
+    # no_astral / one_byte may be True only for strings that are so, whatever their size holds.
+    import sys
+
+    from flashtoken.backend_adapters import _width_floors
+
+    text = "".join(text)  # a fresh string, without a UTF-8 copy yet
+    if cached:
+        _utf8_cached(text)
+    four, two = _width_floors()
+    size, n = sys.getsizeof(text), len(text)
+    if size < four + 4 * n:
+        assert all(c <= "\uffff" for c in text)
+        if size < two + 2 * n:
+            assert all(c <= "\u00ff" for c in text)
+    # And it does tell (a fresh string: one character may be an interned one, read before).
+    if not cached and n > 1 and all(c <= "\uffff" for c in text):
+        assert size < four + 4 * n or sys.implementation.name != "cpython"
+
+
+@pytest.mark.parametrize("filler", ["caf\u00e9 ", "\u4e2d\u6587 text ", "emoji \U0001f44d "])
+def test_avoided_code_points_are_found_in_text_read_as_utf8_before(fast, enc, filler):
+    # A string whose UTF-8 copy exists already (read before by someone) looks wider by its size.
+    for avoided in ("\U000323b0:A", "\ua7ce:B", "\u0c5c 1a"):
+        for text in (filler * 40 + avoided, avoided + filler * 40):
+            text = _utf8_cached("".join(text))
+            assert fast.encode_ordinary(text) == enc.encode_ordinary(text), text[:40]
+            assert fast.count_ordinary(text) == len(enc.encode_ordinary(text))

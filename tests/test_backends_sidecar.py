@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from flashtoken.client import Client
@@ -50,6 +51,9 @@ def test_the_client_setting_reads_the_environment(monkeypatch: pytest.MonkeyPatc
         client_settings("Client", {})
 
 
+_SHARED: dict[str, Any] = {"timeout_ms": TIMEOUT_MS, "min_uses": 1, "share_min_bytes": 0}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_client_and_a_daemon_with_a_backend_are_exact(
     start_daemon: Callable[..., DaemonProcess], backend: str
@@ -62,8 +66,9 @@ def test_a_client_and_a_daemon_with_a_backend_are_exact(
     pairs = [pair for text in CORPUS[::3] for pair in splits(text)][::5]
     pairs += [("You are a helpful assistant. " * 40, " Answer: é 中文 👋 <|endoftext|>")]
     with (
-        Client(daemon.address, name, timeout_ms=TIMEOUT_MS, min_uses=1, backend=backend) as a,
-        Client(daemon.address, name, timeout_ms=TIMEOUT_MS, min_uses=1, backend=backend) as b,
+        # share_min_bytes=0: the corpus's short prefixes go to the daemon too (its hits tested).
+        Client(daemon.address, name, **_SHARED, backend=backend) as a,
+        Client(daemon.address, name, **_SHARED, backend=backend) as b,
     ):
         assert a.stats()["backend"] == _expected(backend)
         for prefix, suffix in pairs:  # misses: encoded here, fills asked for

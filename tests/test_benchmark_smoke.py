@@ -28,7 +28,8 @@ def _daemon_importable() -> bool:
         return False
 
 
-@pytest.mark.timeout(120)
+# A hang guard, not a speed bound: the tiny run takes ~30 s alone and ~80 s on two busy cores.
+@pytest.mark.timeout(660)
 def test_benchmark_tiny_run(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     out = tmp_path / "out"
@@ -37,7 +38,7 @@ def test_benchmark_tiny_run(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
