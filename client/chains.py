@@ -5,12 +5,14 @@ The L1 is a ``flashtoken.AutoPrefixCache``. After its lookup (``plan``) a text i
 blocks (TELL, sent by the follower thread); otherwise one AUTO round trip asks the daemon for
 its chain first (its reply checked by ``served.SpanCheck``, as a GET hit is). The follower
 (client/follow.py) takes the blocks the daemon publishes for the chains this process follows
-(``take_published``: checked by the AutoPrefixCache). Sans-IO: the round trip itself is
+(``take_published``: checked by the AutoPrefixCache) and records this process's own new blocks
+after the request has its tokens (``catch_up``). Sans-IO: the round trip itself is
 client/flows.py's.
 """
 
 from __future__ import annotations
 
+import threading
 from functools import partial
 from typing import Any
 
@@ -85,24 +87,34 @@ class Chains:
         self._seeds: dict[frozenset[str], bytes] = {}
         self._seed_policies: dict[bytes, SpecialPolicy] = {}
         self.tell_from_root = False  # the daemon lost our chains: tell whole texts (note_reply)
+        # Recording a text's new blocks in the L1 waits for the follower's thread, off the
+        # request's path (~60-110 us of a ~200 us request for a long chat); the next lookup, and
+        # stats, first finish what is left (``catch_up``), so a process sees its own texts.
+        self._unrecorded: list[Any] = []
+        self._recording = threading.Lock()
 
     def after_fork(self) -> None:
         """In a child: the AutoPrefixCache's lock anew, and the parent's follower left alone."""
         self.auto.after_fork()  # a no-op once flashtoken.auto's own fork hook has run
+        self._recording = threading.Lock()  # the parent's follower may have held it
         if self.follower is not None:  # its thread is the parent's: leave its socket alone
             abandon(self.follower)
             self.follower = None
             self._followed = set()
 
     def distrust(self) -> None:
-        """Forget every block (the daemon was caught answering wrong: ClientCore.distrust)."""
-        self.auto.clear()
+        """Forget every block (the daemon was caught answering wrong: ClientCore.distrust),
+        those still to record too (under the lock: none is recorded after the clear)."""
+        with self._recording:
+            self._unrecorded.clear()
+            self.auto.clear()
 
     # -- one text -------------------------------------------------------------------------------
 
     def plan(self, text: str, policy: SpecialPolicy) -> Any:
         """The L1's longest cached path for ``text`` (None: not UTF-8, encode locally)."""
         self.counters["auto_calls"] += 1
+        self.catch_up()  # an uncontended lock: waits only while the thread is recording
         return self.auto.lookup(text, policy)
 
     def route(self, plan: Any) -> str:
@@ -130,9 +142,21 @@ class Chains:
             tail += encode_with(self.encoder, text[cut:], policy)
         else:
             tail = encode_with(self.encoder, text[plan.cut :], policy)
-        self.auto.record(plan, policy, text, tail)
-        head += tail
+        head += tail  # a new list: ``tail`` is only ever read again, by the record
+        follower = self.follower
+        if follower is None:
+            self.auto.record(plan, policy, text, tail)
+        else:
+            self._unrecorded.append((plan, policy, text, tail))
+            follower.later(self.catch_up)
         return head
+
+    def catch_up(self) -> None:
+        """Record the texts whose blocks are not recorded yet, in order (the follower's thread
+        does, between requests; a lookup or stats first, if the thread has not yet)."""
+        with self._recording:
+            while self._unrecorded:
+                self.auto.record(*self._unrecorded.pop(0))
 
     def seed(self, allowed: frozenset[str]) -> bytes:
         """The chain seed of a policy (``make_chain_seed``), made once."""
@@ -291,6 +315,7 @@ class Chains:
             follower.close()
 
     def stats(self) -> dict[str, Any]:
+        self.catch_up()
         auto = self.auto.stats()
         return {
             "auto_l1_items": auto["curr_items"],

@@ -13,7 +13,8 @@ The same thread sends the client's TELLs (the blocks it encoded itself, for the 
 and publish) on a DEALER socket of its own: a send costs a request about 80 us of system calls
 and wake-ups on a busy host, and nothing waits for a TELL: the daemon answers one only when it
 no longer holds the chain it extends, and the thread passes that on (the next TELL then starts
-from the first block).
+from the first block). It also records the blocks of the texts this process encoded in its L1
+(``later``: ``Chains.catch_up``), so that a request does not wait for that bookkeeping.
 
 A subscriber subscribes to its chain seeds only (the topic is the first frame), so processes
 with another namespace, encoding, policy or block size receive nothing of each other's. A
@@ -88,6 +89,11 @@ class Follower:
         self._commands.put(("tell", frames))
         self._wake()
 
+    def later(self, job: Callable[[], object]) -> None:
+        """Run ``job`` soon, on the thread (work a request need not wait for)."""
+        self._commands.put(("run", job))
+        self._wake()
+
     def close(self, timeout: float = 1.0) -> None:
         """Stop the thread and close its socket (from any thread but the follower's own)."""
         if self._thread.is_alive():
@@ -141,6 +147,12 @@ class Follower:
     def _do(self, what: str, arg: Any) -> None:
         if what == "subscribe":
             self._sock.setsockopt(zmq.SUBSCRIBE, arg)
+            return
+        if what == "run":
+            try:
+                arg()
+            except Exception:  # a bug of ours must not kill the thread: log, go on
+                log.exception("a deferred job failed")
             return
         try:
             self._dealer.send_multipart(arg, zmq.NOBLOCK)

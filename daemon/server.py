@@ -128,6 +128,7 @@ class Server:
             "blocks_published": 0,
             "tells_unplaced": 0,
             "tells_refused": 0,
+            "tells_from_state": 0,  # TELLs checked from a kept digest state (daemon/chains.py)
             "server_errors": 0,
             "fills_abandoned": 0,
             "fills_refused": 0,
