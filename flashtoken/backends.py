@@ -226,25 +226,6 @@ class Encoder:
         state, counts, large_state = self._state, self._counts, self._large
         assert state is not None
 
-        if large is None:
-
-            def call_one(text: str) -> Any:
-                if state.disabled:
-                    return slow(text)
-                if len(text) < _LONG_RUN or not _has_long_run(text):
-                    try:
-                        out = fast(text)
-                    except BaseException as exc:  # any refusal, PanicException included
-                        if _fatal(exc):
-                            raise
-                        out = None
-                    if out is not None:
-                        return out
-                    counts["routed_to_tiktoken"] += 1
-                return slow(text)
-
-            return call_one
-
         def call(text: str) -> Any:
             size = len(text)
             if large is not None and size >= _LARGE and not large_state.disabled:  # type: ignore[union-attr]
