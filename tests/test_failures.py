@@ -33,14 +33,17 @@ prefixes = ["".join(rng.choice(words) for _ in range(rng.randrange(1, 400))) for
 suffixes = ["", " x", "s", "'t", "4567", "\n\n", "中", " ", "e\u0301"]
 client = Client(address, name, timeout_ms=20, l1_bytes=0, min_uses=1)  # no L1: every call: L2
 mismatches = exceptions = calls = 0
+first_mismatch = first_exception = None  # what to show if either count is not 0
 at_restart = down = None
 while not os.path.exists(os.path.join(control, "stop")):
     prefix, suffix = rng.choice(prefixes), rng.choice(suffixes)
     try:
         if client.encode_ordinary(suffix, prefix=prefix) != enc.encode_ordinary(prefix + suffix):
             mismatches += 1
-    except BaseException:
+            first_mismatch = first_mismatch or [prefix, suffix, client.last_source]
+    except BaseException as exc:
         exceptions += 1
+        first_exception = first_exception or repr(exc)
     calls += 1
     if down is None and os.path.exists(os.path.join(control, "killed")):
         down = client.stats()
@@ -56,6 +59,7 @@ while not os.path.exists(os.path.join(control, "stop")):
     if at_restart is not None and client.stats()["l2_hits"] > at_restart["l2_hits"]:
         open(os.path.join(control, f"resumed-{seed}"), "w").close()
 print(json.dumps({"mismatches": mismatches, "exceptions": exceptions, "calls": calls,
+                  "first_mismatch": first_mismatch, "first_exception": first_exception,
                   "at_restart": at_restart, "end": client.stats()}))
 """
 
@@ -100,7 +104,8 @@ def test_kill9_and_restart_under_multiprocess_load(
     for (out, err), worker in zip(outputs, workers, strict=False):
         assert worker.returncode == 0, err
         report = json.loads(out)
-        assert report["mismatches"] == 0 and report["exceptions"] == 0
+        assert report["mismatches"] == 0, report["first_mismatch"]
+        assert report["exceptions"] == 0, report["first_exception"]
         assert report["calls"] > 50
         # Hits resumed without restarting the client.
         assert report["end"]["l2_hits"] > report["at_restart"]["l2_hits"]
