@@ -59,8 +59,17 @@ def environment(path: str, *, writer_map_size: int | None = None) -> lmdb.Enviro
     env = _envs.get(key)
     if env is None:
         if writer_map_size is None:
+            # map_size=0: the writer's map size, read from the file. The library's default
+            # (10 MiB, or the data's size if larger) would stop every read once the daemon's
+            # data outgrew it (MDB_MAP_RESIZED; the reader then adopts the new size).
             env = lmdb.open(
-                path, readonly=True, create=False, lock=True, max_readers=1024, max_dbs=0
+                path,
+                map_size=0,
+                readonly=True,
+                create=False,
+                lock=True,
+                max_readers=1024,
+                max_dbs=0,
             )
         else:
             env = lmdb.open(

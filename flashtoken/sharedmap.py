@@ -103,15 +103,22 @@ class MapReader:
                 return None
             env, salt, _ = opened
             key = entry_key(salt, namespace, eid, allowed, prefix)
-            try:
-                with env.begin(buffers=True) as txn:
-                    value = txn.get(key)
-                    if value is None:
-                        return Absent(key, False)
-                    return hit_of(value, key, namespace, eid, allowed, prefix)
-            except lmdb.Error:
-                self._fail()
-                return None
+            for attempt in range(2):
+                try:
+                    with env.begin(buffers=True) as txn:
+                        value = txn.get(key)
+                        if value is None:
+                            return Absent(key, False)
+                        return hit_of(value, key, namespace, eid, allowed, prefix)
+                except lmdb.MapResizedError:
+                    # A daemon restarted with a larger --max-bytes grew the map: adopt its size
+                    # (no transaction of this process is open: they all run under envs_lock).
+                    if attempt or not _adopt_map_size(env):
+                        break
+                except lmdb.Error:
+                    break
+            self._fail()
+            return None
 
     @property
     def usable(self) -> bool:
@@ -175,6 +182,14 @@ def hit_of(
         return Absent(key, True)
     # Copied out of the mapping (into the list) before the transaction ends.
     return Hit(token_list_from_bytes(found[1]), found[0], key)
+
+
+def _adopt_map_size(env: lmdb.Environment) -> bool:
+    try:
+        env.set_mapsize(0)
+    except lmdb.Error:
+        return False
+    return True
 
 
 def _inode(path: str) -> int:

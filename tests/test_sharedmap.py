@@ -284,6 +284,41 @@ def test_a_worker_follows_a_map_the_daemon_rebuilt(path) -> None:
         worker.stdout.close()
 
 
+def test_a_worker_keeps_reading_a_map_that_grew_past_its_first_size(path) -> None:
+    """A worker that opened the map while it was small reads what the daemon wrote after its
+    data outgrew that size (LMDB's default reader map is 10 MiB: every read then failed with
+    MDB_MAP_RESIZED, and the worker stopped using the map for good)."""
+    import json
+
+    writer = MapWriter(path, 1 << 26)
+    _put(writer, 0)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", SERVING_READER.format(root=os.getcwd(), path=path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def ask(indices: list[int]) -> dict[int, list | None]:
+            worker.stdin.write(json.dumps(indices) + "\n")
+            worker.stdin.flush()
+            return {int(k): v for k, v in json.loads(worker.stdout.readline()).items()}
+
+        assert ask([0]) == {0: _expected(0)}  # opened now, with ~8 KiB of data
+        ballast = array("I", range(256 * 1024)).tobytes()  # 1 MiB of tokens an entry
+        for n in range(16):
+            ballast_prefix = b"ballast %d " % n + b"z" * 4000
+            assert writer.store(NS, EID, ALLOWED, ballast_prefix, 4000, ballast)
+        _put(writer, 1)
+        assert writer.bytes > 16 << 20
+        assert ask([0, 1]) == {0: _expected(0), 1: _expected(1)}
+    finally:
+        worker.stdin.close()
+        assert worker.wait(timeout=60) == 0
+        worker.stdout.close()
+
+
 def test_ids_come_out_of_the_map_as_shared_ints() -> None:
     """A hit's list holds one int object per id value (8 bytes a token in a worker's L1, not
     ~40), equal to the ids stored, including ids above any table made so far."""
