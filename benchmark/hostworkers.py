@@ -204,9 +204,11 @@ def _worker(spec: dict[str, Any], barrier: Any, out: Any) -> None:
             return cache.encode_ordinary(s)
     else:
         call = lambda p, s: enc.encode_ordinary(p + s)  # noqa: E731
-    barrier.wait()
     phases, latencies, kept = [], [], []
     for phase in range(spec.get("phases", len(PHASES))):
+        # Every pass starts together: a pass's req/s is the slowest worker's, and a fast worker's
+        # warm pass must not overlap the others' cold passes and the daemon's fills for them.
+        barrier.wait()
         start = time.perf_counter()
         for n, i in enumerate(order):
             t = time.perf_counter()
