@@ -11,8 +11,9 @@
    default admission (``min_uses=2``: a prefix is cached on the host's second sight of it) and
    with ``min_uses=1`` (cached from the first), tiktoken. Three passes over the same requests:
    cold (fresh daemon, fresh workers), second (the shared store's second sights: admitted now)
-   and warm (every strategy's caches hold what the requests use). All workers start each pass
-   together (a barrier per pass), so a pass's req/s, its slowest worker's, is that pass alone.
+   and warm (every strategy's caches hold what the requests use; it goes over the requests 5
+   times, as one go takes ~30 ms). All workers start each pass together (a barrier per pass),
+   so a pass's req/s, its slowest worker's, is that pass alone.
    A declared prefix that changes every request (a chat's whole history as ``prefix=``):
    the client against tiktoken on the whole text (the miss path must cost nothing).
 3. Worker recycling (gunicorn ``--max-requests``): 4 worker slots, each worker replaced every
