@@ -127,17 +127,17 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             results["first_request"]["ratio_median"],
             15,
             True,
-        )  # noqa: E501
+        )
         check(
             "the same, daemon SIGSTOPped", results["first_request_frozen"]["ratio_median"], 10, True
-        )  # noqa: E501
+        )
     if "changing_prefix" in results:
         check(
             "a prefix new every request vs tiktoken",
             results["changing_prefix"]["ratio_median"],
             0.95,
             True,
-        )  # noqa: E501
+        )
     for row in results.get("throughput", []):
         w = row["workers"]
         if w >= 4:
@@ -160,7 +160,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 row["shared"]["host_pss_mib"] / row["dict"]["host_pss_mib"],
                 0.5,
                 False,
-            )  # noqa: E501
+            )
         if "daemon" in row and w == max(r["workers"] for r in results["throughput"]):
             check(
                 f"daemon map bytes per stored token ({w} workers' run)",
@@ -168,7 +168,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 5,
                 False,
                 " B",
-            )  # noqa: E501
+            )
     return out
 
 
