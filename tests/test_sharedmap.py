@@ -3,12 +3,15 @@ readers in other processes, a writer killed mid-write, a damaged file, fork, dea
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 from array import array
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -251,26 +254,37 @@ SERVING_READER = textwrap.dedent(
 )
 
 
-def test_a_worker_follows_a_map_the_daemon_rebuilt(path) -> None:
-    """A worker that holds the old map open moves to the new one: it reads what the new daemon
-    wrote, and nothing of the old file (which it may go on reading until it notices)."""
-    import json
-
-    writer = MapWriter(path, 1 << 24)
-    _put(writer, 0)
+@contextlib.contextmanager
+def serving_reader(path: str) -> Iterator[Callable[[list[int]], dict[int, list | None]]]:
+    """A worker process holding a MapReader on ``path`` open between questions: ``ask(indices)``
+    gives its answer for each prefix, ``[cut, tokens]`` or None."""
     worker = subprocess.Popen(
         [sys.executable, "-c", SERVING_READER.format(root=os.getcwd(), path=path)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert worker.stdin is not None and worker.stdout is not None
+
+    def ask(indices: list[int]) -> dict[int, list | None]:
+        worker.stdin.write(json.dumps(indices) + "\n")
+        worker.stdin.flush()
+        return {int(k): v for k, v in json.loads(worker.stdout.readline()).items()}
+
     try:
+        yield ask
+    finally:
+        worker.stdin.close()
+        assert worker.wait(timeout=60) == 0
+        worker.stdout.close()
 
-        def ask(indices: list[int]) -> dict[int, list | None]:
-            worker.stdin.write(json.dumps(indices) + "\n")
-            worker.stdin.flush()
-            return {int(k): v for k, v in json.loads(worker.stdout.readline()).items()}
 
+def test_a_worker_follows_a_map_the_daemon_rebuilt(path) -> None:
+    """A worker that holds the old map open moves to the new one: it reads what the new daemon
+    wrote, and nothing of the old file (which it may go on reading until it notices)."""
+    writer = MapWriter(path, 1 << 24)
+    _put(writer, 0)
+    with serving_reader(path) as ask:
         assert ask([0, 1]) == {0: _expected(0), 1: None}
         writer.close()
         os.chmod(os.path.join(path, "data.mdb"), 0o644)  # untrusted: the next daemon rebuilds
@@ -278,45 +292,42 @@ def test_a_worker_follows_a_map_the_daemon_rebuilt(path) -> None:
         assert rebuilt.rebuilds == 1
         _put(rebuilt, 1)
         assert ask([0, 1]) == {0: None, 1: _expected(1)}
-    finally:
-        worker.stdin.close()
-        assert worker.wait(timeout=60) == 0
-        worker.stdout.close()
+
+
+def _fill(writer: MapWriter, mib: int) -> None:
+    """Entries of 1 MiB of tokens each, until the map's data passes ``mib`` MiB."""
+    ballast = array("I", range(256 * 1024)).tobytes()
+    for n in range(mib):
+        assert writer.store(NS, EID, ALLOWED, b"ballast %d " % n + b"z" * 4000, 4000, ballast)
+    assert writer.bytes > mib << 20
 
 
 def test_a_worker_keeps_reading_a_map_that_grew_past_its_first_size(path) -> None:
     """A worker that opened the map while it was small reads what the daemon wrote after its
     data outgrew that size (LMDB's default reader map is 10 MiB: every read then failed with
     MDB_MAP_RESIZED, and the worker stopped using the map for good)."""
-    import json
-
     writer = MapWriter(path, 1 << 26)
     _put(writer, 0)
-    worker = subprocess.Popen(
-        [sys.executable, "-c", SERVING_READER.format(root=os.getcwd(), path=path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-
-        def ask(indices: list[int]) -> dict[int, list | None]:
-            worker.stdin.write(json.dumps(indices) + "\n")
-            worker.stdin.flush()
-            return {int(k): v for k, v in json.loads(worker.stdout.readline()).items()}
-
+    with serving_reader(path) as ask:
         assert ask([0]) == {0: _expected(0)}  # opened now, with ~8 KiB of data
-        ballast = array("I", range(256 * 1024)).tobytes()  # 1 MiB of tokens an entry
-        for n in range(16):
-            ballast_prefix = b"ballast %d " % n + b"z" * 4000
-            assert writer.store(NS, EID, ALLOWED, ballast_prefix, 4000, ballast)
+        _fill(writer, 16)
         _put(writer, 1)
-        assert writer.bytes > 16 << 20
         assert ask([0, 1]) == {0: _expected(0), 1: _expected(1)}
-    finally:
-        worker.stdin.close()
-        assert worker.wait(timeout=60) == 0
-        worker.stdout.close()
+
+
+def test_a_worker_adopts_the_map_a_restarted_daemon_made_larger(path) -> None:
+    """A daemon restarted with a larger ``--max-bytes`` grows the map the workers hold open;
+    once its data passes the size they mapped, they adopt the new one (MDB_MAP_RESIZED, then
+    the size recorded in the file) and read on, the old entries and the new."""
+    small = MapWriter(path, 1 << 20)  # a map of 2 MiB + 64 MiB
+    _put(small, 0)
+    with serving_reader(path) as ask:
+        assert ask([0]) == {0: _expected(0)}  # mapped at the small size
+        small.close()
+        larger = MapWriter(path, 80 << 20)  # restarted: a map of 224 MiB, the entry kept
+        _fill(larger, 70)  # past the 66 MiB the worker mapped
+        _put(larger, 1)
+        assert ask([0, 1]) == {0: _expected(0), 1: _expected(1)}
 
 
 def test_ids_come_out_of_the_map_as_shared_ints() -> None:
