@@ -242,6 +242,7 @@ def test_declared_prefixes_and_chains_share_one_budget(
 ) -> None:
     daemon = start_daemon("--max-bytes", "48KiB")
     enc = get_encoding("cl100k_base")
+    both_held = 0  # the turns after which blocks and a declared prefix were held together
     with client(daemon) as c:
         for i, text in enumerate(_chat(30, 2)):
             check(c, enc, text)
@@ -250,7 +251,10 @@ def test_declared_prefixes_and_chains_share_one_budget(
             settle(daemon)
             stats = daemon.stats()
             assert stats["bytes"] <= stats["limit_maxbytes"] == 48 * 1024
-    assert stats["evictions"] > 0 and stats["blocks"] > 0 and stats["curr_items"] > stats["blocks"]
+            both_held += stats["blocks"] > 0 and stats["curr_items"] > stats["blocks"]
+    # Which one the LRU evicts last depends on the order of the daemon's fills (a TELL's blocks
+    # and a GET's prefix fill in parallel): any one turn may end with blocks only, not all.
+    assert stats["evictions"] > 0 and both_held > 0
     assert stats["evictions"] + stats["curr_items"] == stats["total_items"]
 
 
