@@ -16,8 +16,9 @@ from flashtoken.specials import SpecialArg, SpecialPolicy
 from flashtoken.text import require_str
 from flashtoken.wire import default_address
 
-from .core import ClientCore, L1Key, Prefix
+from .core import ClientCore
 from .flows import Source
+from .l1 import L1Key, Prefix, l1_key
 from .settings import check_keywords, client_settings
 from .sockets import register
 from .tally import Tallied, count_tokens
@@ -136,8 +137,8 @@ class ClientBase:
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, not {type(prefix).__name__}")
         core = self._core
-        key = ClientCore.l1_key(prefix, allowed)
-        cache: Prefix | None = core.l1_get(key)
+        key = l1_key(prefix, allowed)
+        cache: Prefix | None = core.l1.get(key)
         if cache is not None:
             self._source.set("l1")
             return key, Tallied.of(cache, "l1", allowed, core.counters)

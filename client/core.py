@@ -1,7 +1,8 @@
 """What the sync and asyncio clients share, without any socket IO (sans-IO).
 
-The L1 cache, the keys, the circuit breaker, building requests and checking replies all live
-here (with the automatic-reuse half in client/chains.py, a component); the order of the steps
+The L1 (client/l1.py), the host's map (client/hostmap.py), the circuit breaker, building
+requests and checking replies are held here (the automatic-reuse half is client/chains.py; each
+is a component); the order of the steps
 of each request is client/flows.py's, and ``Client`` and ``AsyncClient`` differ only in how they
 wait on the socket. Every decision that could change a token id is made here, and made the same
 way for both.
@@ -19,11 +20,9 @@ computes (it runs that code; it is reachable only by the socket owner).
 from __future__ import annotations
 
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping
 from functools import partial
-from typing import Any, Union
+from typing import Any
 
 import tiktoken
 import xxhash
@@ -49,18 +48,14 @@ from flashtoken.wire import (
 from .breaker import Breaker
 from .chains import Chains
 from .hostmap import HostMapView
+from .l1 import L1Key, Prefix, PrefixL1
 from .requests import Pending, RequestContext
 from .served import SpanCheck
 from .settings import CLIENT_DEFAULTS, SHARE_MIN_BYTES
 
 __all__ = ["CLIENT_DEFAULTS", "Breaker", "ClientCore", "Pending"]
 
-_BYTES_PER_TOKEN = 12  # the head list (8, its ints shared) + tails and arrays made on demand
-_BYTES_PER_ENTRY = 512
 _UNSENT_TOUCH_BYTES = 256 * 16  # a TOUCH batch's worth of keys (the protocol takes 1,024)
-
-L1Key = Union[str, "tuple[str, frozenset[str]]"]
-Prefix = FixedPrefixTokenCache | WholeText
 
 COUNTERS = (
     "l1_hits",
@@ -117,7 +112,6 @@ class ClientCore:
         self.namespace: bytes = settings["namespace"]  # a str was taken as UTF-8
         self.requests = RequestContext(self.enc, self.namespace, settings["fill"])
         self.timeout = settings["timeout_ms"] / 1000
-        self.l1_limit = settings["l1_bytes"]
         self.max_prefix_bytes = min(settings["max_prefix_bytes"], MAX_PREFIX_BYTES)
         # Below this a hit costs more than the backend's whole encode (client/settings.py).
         given = settings.get("share_min_bytes")
@@ -142,10 +136,7 @@ class ClientCore:
             follow=settings["follow"],
             encoder=self.encoder,
         )
-        self.l1: OrderedDict[L1Key, tuple[FixedPrefixTokenCache, int]] = OrderedDict()
-        self.l1_bytes = 0
-        self._from_daemon: set[L1Key] = set()  # L1 keys whose split the daemon gave
-        self._l1_lock = threading.Lock()
+        self.l1 = PrefixL1(settings["l1_bytes"], self.counters)
         self.hostmap: HostMapView | None = None  # attach: the client gives the address
         self._unsent_touches = b""  # keys of map hits whose TOUCH could not be sent yet
         # Prefixes this worker saw once (with no map to tell it), or None: cache from the first.
@@ -164,19 +155,14 @@ class ClientCore:
         """In a child process: the same L1 (plain data), a fresh breaker and locks.
 
         Run by ``os.register_at_fork`` before the child runs any code (client/sockets.py), and
-        by the pid check of a call if a fork bypassed that (a C-level ``fork()``). A lock a
-        parent's thread held at the fork would never be released: it is made anew, and the L1
-        it guarded emptied (that thread was half way through an update). The counters carry on
-        from the parent's values at the fork, like all inherited memory.
+        by the pid check of a call if a fork bypassed that (a C-level ``fork()``). The counters
+        carry on from the parent's values at the fork, like all inherited memory.
         """
         self.pid = os.getpid()
         self._unsent_touches = b""  # the parent's hits are the parent's to report
         if self.hostmap is not None:
             self.hostmap.after_fork()
-        if self._l1_lock.locked():
-            self.l1 = OrderedDict()
-            self.l1_bytes = 0
-        self._l1_lock = threading.Lock()
+        self.l1.after_fork()
         self.chains.after_fork()
         self.breaker.reset()
 
@@ -189,7 +175,7 @@ class ClientCore:
         except ImportError:  # lmdb missing: every prefix is asked for, as before the map
             self.hostmap = None
 
-    # -- L1 -----------------------------------------------------------------------------------
+    # -- the policy's key, and trust ----------------------------------------------------------
 
     @staticmethod
     def allowed_of(enc: tiktoken.Encoding, allowed_special: SpecialArg) -> frozenset[str]:
@@ -208,56 +194,12 @@ class ClientCore:
         # Invalid: the cache raises the TypeError SpecialPolicy raises, given the same arguments.
         return frozenset()
 
-    @staticmethod
-    def l1_key(prefix: str, allowed: frozenset[str]) -> L1Key:
-        # The ordinary policy is keyed by the str itself: its hash is cached on the object, and
-        # a caller passing the same object gets an identity comparison, not a memcmp.
-        return (prefix, allowed) if allowed else prefix
-
-    def l1_get(self, key: L1Key) -> FixedPrefixTokenCache | None:
-        found = self.l1.get(key)
-        if found is None:
-            return None
-        try:
-            self.l1.move_to_end(key)
-        except KeyError:  # evicted by another thread in between: still a valid cache
-            pass
-        self.counters["l1_hits"] += 1
-        return found[0]
-
-    def l1_put(self, key: L1Key, cache: Prefix, from_daemon: bool = False) -> None:
-        if isinstance(cache, WholeText):
-            return  # a first sight: encoded whole, not kept (admission on the second sight)
-        size = _BYTES_PER_ENTRY + 2 * len(cache.prefix) + _BYTES_PER_TOKEN * cache.cut // 3
-        # cut // 3: a cheap token-count estimate (~3-4 chars a token), without a len() of head.
-        if size > self.l1_limit:
-            return
-        with self._l1_lock:
-            old = self.l1.pop(key, None)
-            if old is not None:
-                self.l1_bytes -= old[1]
-            while self.l1 and self.l1_bytes + size > self.l1_limit:
-                gone, (_, gone_size) = self.l1.popitem(last=False)
-                self.l1_bytes -= gone_size
-                self._from_daemon.discard(gone)
-            self.l1[key] = (cache, size)
-            self.l1_bytes += size
-            if from_daemon:
-                self._from_daemon.add(key)
-            else:
-                self._from_daemon.discard(key)
-
     def distrust(self) -> None:
         """A reply of the daemon was found wrong: drop from the L1 everything it gave before
         (declared prefixes it answered, every block of the automatic L1), not only that reply.
         What the client cannot check (that a spelling is tiktoken's own tokenization) it took
         on trust; a daemon caught answering wrong is not trusted with what it said before."""
-        with self._l1_lock:
-            for key in self._from_daemon:
-                old = self.l1.pop(key, None)
-                if old is not None:
-                    self.l1_bytes -= old[1]
-            self._from_daemon = set()
+        self.l1.distrust()
         self.chains.distrust()
 
     def from_map(self, prefix: str, allowed: frozenset[str]) -> Prefix | None:
@@ -329,15 +271,13 @@ class ClientCore:
         L1 only once it is seen again here (or at once with ``min_uses=1``) and the L1 can
         hold it. Nothing is looked up, sent or filled, so it costs nothing beyond its encode."""
         self.counters["short_prefixes"] += 1
-        # l1_put's estimate with the cut at its largest: whether the L1 could hold it at all.
-        fits = _BYTES_PER_ENTRY + (2 + _BYTES_PER_TOKEN // 3) * len(prefix) <= self.l1_limit
-        if not fits or (
+        if not self.l1.could_hold(len(prefix)) or (
             self.seen is not None and not self.seen.seen_before(_sighting(prefix, allowed))
         ):
             return WholeText(self.enc, prefix, self.encoder)
         cache = self._split_here(prefix, allowed)
         if self.pid == os.getpid():  # else a fork the hook missed: the next flow resets the L1
-            self.l1_put(key, cache)
+            self.l1.put(key, cache)
         return cache
 
     def build_local(self, prefix: str, allowed: frozenset[str]) -> Prefix:
@@ -464,8 +404,8 @@ class ClientCore:
         out["breaker"] = self.breaker.state
         out["backend"] = self.encoder.backend  # tiktoken where the asked one failed its gate
         out["l1_items"] = len(self.l1)
-        out["l1_bytes"] = self.l1_bytes
-        out["l1_limit"] = self.l1_limit
+        out["l1_bytes"] = self.l1.bytes
+        out["l1_limit"] = self.l1.limit
         chains = self.chains.stats()
         out["auto_told"] += chains.pop("told_by_follower")
         out.update(chains)

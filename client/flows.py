@@ -40,7 +40,8 @@ from flashtoken.specials import SpecialPolicy, encode_with
 from flashtoken.text import require_str
 
 from .chains import AUTO_L1, AUTO_TELL
-from .core import DONE, LATE, ClientCore, L1Key, Prefix
+from .core import DONE, LATE, ClientCore
+from .l1 import L1Key, Prefix
 from .requests import Pending
 from .sockets import SOCKET_ERRORS
 from .tally import count_tokens
@@ -105,7 +106,7 @@ def fetch_prefix(
     within ``timeout_ms``), else one local encode; the result is put in the L1."""
     cache = core.from_map(prefix, allowed)  # the host's map first: no round trip
     if cache is not None:
-        core.l1_put(key, cache, True)
+        core.l1.put(key, cache, True)
         yield from _touch(core, closed)
         return cache, "whole" if isinstance(cache, WholeText) else "map"
     found = None
@@ -115,7 +116,7 @@ def fetch_prefix(
         else:
             # Again under the lock: the thread or task that held it may have fetched this prefix
             # (two missing one prefix would otherwise both round-trip).
-            held = core.l1_get(key)
+            held = core.l1.get(key)
             if held is not None:
                 yield Release()
                 return held, "l1"
@@ -127,10 +128,10 @@ def fetch_prefix(
                 found = yield from _exchange(core, pending)
             yield Release()
     if found is not None:
-        core.l1_put(key, found, True)
+        core.l1.put(key, found, True)
         return found, "daemon"
     cache = core.build_local(prefix, allowed)
-    core.l1_put(key, cache)
+    core.l1.put(key, cache)
     return cache, "whole" if isinstance(cache, WholeText) else "local"
 
 

@@ -13,6 +13,8 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from .l1 import l1_key
+
 if TYPE_CHECKING:
     from .sidecar_settings import SidecarSettings
 
@@ -73,4 +75,4 @@ def seed(client: Any, caches: Sequence[Any]) -> None:
     if core is None or not caches or client.encoding.name != caches[0].encoding.name:
         return
     for cache in caches:
-        core.l1_put(core.l1_key(cache.prefix, frozenset()), cache)
+        core.l1.put(l1_key(cache.prefix, frozenset()), cache)

@@ -119,7 +119,7 @@ def test_client_settings_from_the_environment(
         assert client.address == address
         assert client.encoding.name == "o200k_base"
         assert client._core.timeout == pytest.approx(0.035)
-        assert client._core.l1_limit == 2**20
+        assert client._core.l1.limit == 2**20
         assert client._core.follow is False
         assert client._core.namespace == b"tenant-b"
     # An explicit argument wins over the variable.

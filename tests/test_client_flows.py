@@ -21,6 +21,7 @@ from flashtoken.client import AsyncClient, Client  # noqa: E402
 from flashtoken.client.breaker import Breaker  # noqa: E402
 from flashtoken.client.core import ClientCore  # noqa: E402
 from flashtoken.client.flows import Acquire, Drop, Release, Send, _touch, fetch_prefix  # noqa: E402
+from flashtoken.client.l1 import l1_key  # noqa: E402
 from flashtoken.client.requests import RequestContext  # noqa: E402
 from flashtoken.client.settings import CLIENT_SETTINGS, client_settings  # noqa: E402
 
@@ -46,12 +47,12 @@ def _step(flow: Any, result: Any = None) -> Any:
 
 def test_the_l1_is_checked_again_under_the_lock(tmp_path: Path) -> None:
     core = _core(tmp_path)
-    key = ClientCore.l1_key(PREFIX, frozenset())
+    key = l1_key(PREFIX, frozenset())
     flow = fetch_prefix(core, PREFIX, frozenset(), key, False)
     assert _step(flow) == Acquire(core.timeout)
     # While this caller waited for the socket, the one holding it put the prefix in the L1.
     theirs = FixedPrefixTokenCache(get_encoding("cl100k_base"), PREFIX)
-    core.l1_put(key, theirs)
+    core.l1.put(key, theirs)
     assert _step(flow, True) == Release()
     assert _step(flow) == ("returned", (theirs, "l1"))
     assert core.counters["fallbacks"] == 0  # no request prepared, none sent
@@ -65,7 +66,7 @@ def test_a_half_open_breaker_keeps_its_probe_for_a_caller_that_gets_the_lock(
         core.breaker.failure()
     core.breaker.open_until = 0.0  # the cool-down is over: one probe may go out
     assert core.breaker.state == "half-open"
-    key = ClientCore.l1_key(PREFIX, frozenset())
+    key = l1_key(PREFIX, frozenset())
     busy = fetch_prefix(core, PREFIX, frozenset(), key, False)
     assert _step(busy) == Acquire(core.timeout)
     kind, (cache, source) = _step(busy, False)  # the socket stayed busy for the whole budget
@@ -82,7 +83,7 @@ def test_a_half_open_breaker_keeps_its_probe_for_a_caller_that_gets_the_lock(
 
 def test_a_socket_error_is_a_failure_and_drops_the_socket(tmp_path: Path) -> None:
     core = _core(tmp_path)
-    key = ClientCore.l1_key(PREFIX, frozenset())
+    key = l1_key(PREFIX, frozenset())
     flow = fetch_prefix(core, PREFIX, frozenset(), key, False)
     assert _step(flow) == Acquire(core.timeout)
     assert isinstance(_step(flow, True), Send)
