@@ -286,7 +286,6 @@ def _recycled_slot(spec: dict[str, Any], every: int, out: Any) -> None:
     """One worker slot under gunicorn ``--max-requests=every``: a new process every ``every``
     requests, forked from this slot process (which has imported the code and loaded the
     encoding, as gunicorn's arbiter with ``--preload``), each starting with empty caches."""
-    preload()  # (the parent did already: every strategy's slots start from the same state)
     ctx = mp.get_context("fork")
     start = time.perf_counter()
     latencies, wrong = [], 0
@@ -308,6 +307,7 @@ def recycling(
 ) -> dict[str, Any]:
     """Throughput and p99 with every worker replaced each ``every`` requests."""
     row: dict[str, Any] = {"workers": workers, "max_requests": every}
+    preload()  # the slots inherit it, as gunicorn's arbiter has the app loaded
     ctx = mp.get_context("fork")
     for strategy in STRATEGIES:
         daemon = Daemon(encodings=(ENCODING,)) if strategy in MIN_USES else None

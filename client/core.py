@@ -1,11 +1,10 @@
 """What the sync and asyncio clients share, without any socket IO (sans-IO).
 
-The L1 (client/l1.py), the host's map (client/hostmap.py), the circuit breaker, building
-requests and checking replies are held here (the automatic-reuse half is client/chains.py; each
-is a component); the order of the steps
-of each request is client/flows.py's, and ``Client`` and ``AsyncClient`` differ only in how they
-wait on the socket. Every decision that could change a token id is made here, and made the same
-way for both.
+The L1 (client/l1.py), the host's map (client/hostmap.py), the circuit breaker, building requests
+and checking replies are held here (the automatic-reuse half is client/chains.py; each is a
+component); the order of the steps of each request is client/flows.py's, and ``Client`` and
+``AsyncClient`` differ only in how they wait on the socket. Every decision that could change a
+token id is made here, and made the same way for both.
 
 A reply is used only after these checks (``ClientCore.accept``): it parses as our protocol, its
 id is the one we are waiting for (else it is a late reply and is discarded), it answers the

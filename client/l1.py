@@ -24,6 +24,11 @@ L1Key = Union[str, "tuple[str, frozenset[str]]"]
 Prefix = FixedPrefixTokenCache | WholeText
 
 
+def _entry_bytes(chars: int, cut: int) -> int:
+    # cut // 3: a cheap token-count estimate (~3-4 chars a token), without a len() of the head.
+    return _BYTES_PER_ENTRY + 2 * chars + _BYTES_PER_TOKEN * cut // 3
+
+
 def l1_key(prefix: str, allowed: frozenset[str]) -> L1Key:
     # The ordinary policy is keyed by the str itself: its hash is cached on the object, and a
     # caller passing the same object gets an identity comparison, not a memcmp.
@@ -58,8 +63,7 @@ class PrefixL1:
     def put(self, key: L1Key, cache: Prefix, from_daemon: bool = False) -> None:
         if isinstance(cache, WholeText):
             return  # a first sight: encoded whole, not kept (admission on the second sight)
-        size = _BYTES_PER_ENTRY + 2 * len(cache.prefix) + _BYTES_PER_TOKEN * cache.cut // 3
-        # cut // 3: a cheap token-count estimate (~3-4 chars a token), without a len() of head.
+        size = _entry_bytes(len(cache.prefix), cache.cut)
         if size > self.limit:
             return
         with self._lock:
@@ -78,9 +82,8 @@ class PrefixL1:
                 self._from_daemon.discard(key)
 
     def could_hold(self, chars: int) -> bool:
-        """Whether a prefix of ``chars`` code points could be kept (``put``'s estimate with the
-        cut at its largest)."""
-        return _BYTES_PER_ENTRY + (2 + _BYTES_PER_TOKEN // 3) * chars <= self.limit
+        """Whether a prefix of ``chars`` code points could be kept (its cut at the largest)."""
+        return _entry_bytes(chars, chars) <= self.limit
 
     def distrust(self) -> None:
         """Drop every entry the daemon gave."""
