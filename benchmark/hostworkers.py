@@ -71,30 +71,34 @@ FIRST_REQUEST = textwrap.dedent(
     from flashtoken import get_encoding
     from flashtoken.encodings import encoding_id
     from flashtoken.client import Client
-    address, name, prefix, suffix = json.loads(sys.stdin.read())
+    address, name, prefix, suffix, options = json.loads(sys.stdin.read())
     enc = get_encoding(name)
     encoding_id(enc)  # the worker's start-up, not its request
     enc.encode_ordinary(prefix[::-1])  # tiktoken warmed on another text of the same size
-    client = Client(address=address, encoding=name)
+    client = Client(address=address, encoding=name, **options)
     start = time.perf_counter()
     tokens = client.encode_ordinary(suffix, prefix=prefix)
     ours = time.perf_counter() - start
+    source = client.last_source
     start = time.perf_counter()
     expected = enc.encode_ordinary(prefix + suffix)
     theirs = time.perf_counter() - start
     print(json.dumps({"ours": ours, "tiktoken": theirs, "exact": tokens == expected,
-                      "stats": client.stats()}))
+                      "source": source, "stats": client.stats()}))
     client.close()
     """
 )
 
 
-def first_request(daemon: Daemon, prefix: str, suffix: str, workers: int) -> dict[str, Any]:
+def first_request(
+    daemon: Daemon, prefix: str, suffix: str, workers: int, **options: Any
+) -> dict[str, Any]:
+    """``workers`` fresh processes, each timing its first request (a client with ``options``)."""
     runs = []
     for _ in range(workers):
         done = subprocess.run(
             [sys.executable, "-c", FIRST_REQUEST],
-            input=json.dumps([daemon.address, ENCODING, prefix, suffix]),
+            input=json.dumps([daemon.address, ENCODING, prefix, suffix, options]),
             capture_output=True,
             text=True,
             timeout=120,
@@ -111,6 +115,7 @@ def first_request(daemon: Daemon, prefix: str, suffix: str, workers: int) -> dic
         "ours_us_median": statistics.median(r["ours"] for r in runs) * 1e6,
         "tiktoken_us_median": statistics.median(r["tiktoken"] for r in runs) * 1e6,
         "wrong": sum(not r["exact"] for r in runs),
+        "sources": sorted({r["source"] for r in runs}),
         "last_stats": runs[-1]["stats"],
     }
 
@@ -160,7 +165,8 @@ def changing_prefix(daemon: Daemon, turns: int, repetitions: int) -> dict[str, A
 
 
 def hold(daemon: Daemon, prefix: str) -> None:
-    """Make the daemon hold ``prefix`` (the host has it)."""
+    """Make the daemon hold ``prefix`` (the host has it) and list it as hot (a worker starting
+    takes it into its L1)."""
     from benchmark.sidecar import make_client, warm
 
     client = make_client(daemon.address, ENCODING)
@@ -169,6 +175,16 @@ def hold(daemon: Daemon, prefix: str) -> None:
             raise RuntimeError("the daemon never held the prefix")
     finally:
         client.close()
+    deadline = time.monotonic() + 30
+    while True:
+        probe = make_client(daemon.address, ENCODING)
+        listed = probe.stats()["preloaded"] > 0
+        probe.close()
+        if listed:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError("the daemon never listed the prefix as hot")
+        time.sleep(0.1)
 
 
 # -- 2.-4. worker processes --------------------------------------------------------------------

@@ -51,6 +51,7 @@ class ClientBase:
         namespace: bytes | str | None = None,
         timeout_ms: float | None = None,
         l1_bytes: int | None = None,
+        preload_bytes: int | None = None,
         breaker_failures: int | None = None,
         breaker_cooldown_ms: float | None = None,
         breaker_max_cooldown_ms: float | None = None,

@@ -47,7 +47,7 @@ from flashtoken.wire import (
 from .breaker import Breaker
 from .chains import Chains
 from .hostmap import HostMapView
-from .l1 import L1Key, Prefix, PrefixL1
+from .l1 import L1Key, Prefix, PrefixL1, l1_key
 from .requests import Pending, RequestContext
 from .served import SpanCheck
 from .settings import CLIENT_DEFAULTS, SHARE_MIN_BYTES
@@ -73,6 +73,7 @@ COUNTERS = (
     "first_sights",  # prefixes encoded whole, not cached: seen once (admission)
     "untrusted",  # sockets not connected: not the daemon's (owner, mode, directory)
     "short_prefixes",  # declared prefixes below SHARE_MIN_BYTES: never looked up on the host
+    "preloaded",  # the host's hot prefixes taken into the L1 when the client started
     "cached_tokens",  # of the tokens returned, those taken from a cache (client/tally.py)
     "uncached_tokens",  # ... and those encoded by the call
 )
@@ -136,6 +137,7 @@ class ClientCore:
             encoder=self.encoder,
         )
         self.l1 = PrefixL1(settings["l1_bytes"], self.counters)
+        self.preload_bytes = min(settings["preload_bytes"], settings["l1_bytes"])
         self.hostmap: HostMapView | None = None  # attach: the client gives the address
         self._unsent_touches = b""  # keys of map hits whose TOUCH could not be sent yet
         # Prefixes this worker saw once (with no map to tell it), or None: cache from the first.
@@ -173,6 +175,13 @@ class ClientCore:
             self.hostmap = HostMapView(address, self.enc, self.encoder)
         except ImportError:  # lmdb missing: every prefix is asked for, as before the map
             self.hostmap = None
+            return
+        hot = self.hostmap.hot(
+            self.enc, self.requests.tag, self.requests.eid, self.preload_bytes, self.encoder
+        )
+        for prefix, allowed, cache in reversed(hot):  # the newest put last: the L1's freshest
+            self.l1.put(l1_key(prefix, allowed), cache, True)
+        self.counters["preloaded"] += len(hot)
 
     # -- the policy's key, and trust ----------------------------------------------------------
 

@@ -75,6 +75,7 @@ CLIENT_HELP = {
     "late_replies": "Replies that came after their request gave up (discarded).",
     "first_sights": "Declared prefixes encoded whole on their first sight, not cached.",
     "short_prefixes": "Declared prefixes below share_min_bytes: encoded here, never looked up.",
+    "preloaded": "The host's hot prefixes taken into the L1 when the client started.",
     "untrusted": "Sockets not used: not a private socket of this user (not the daemon).",
     "auto_calls": "Calls with no declared prefix (automatic reuse).",
     "auto_hit_bytes": "Bytes of texts with no prefix found in the daemon's chains.",

@@ -20,6 +20,10 @@ from flashtoken.sharedmap import MapWriter, map_path
 __all__ = ["HostMap"]
 
 _READER_CHECK_S = 5.0  # how often slots of dead readers are cleared
+# How often the hot list is looked at: a change costs one small write transaction (no fsync)
+# at most once a second, whatever the rate of hits, and is written within about two (an idle
+# daemon's loop wakes once a second).
+_HOT_EVERY_S = 1.0
 
 
 class HostMap:
@@ -36,6 +40,7 @@ class HostMap:
             "map_readers_cleared": 0,
         }
         self._next_check = time.monotonic() + _READER_CHECK_S
+        self._next_hot = 0.0
 
     def get(
         self, namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes
@@ -84,6 +89,9 @@ class HostMap:
 
     def housekeeping(self) -> None:
         now = time.monotonic()
+        if now >= self._next_hot:
+            self._next_hot = now + _HOT_EVERY_S
+            self.writer.publish_hot()  # what a worker starting takes into its L1
         if now >= self._next_check:
             self._next_check = now + _READER_CHECK_S
             self.counters["map_readers_cleared"] += self.writer.check_readers()

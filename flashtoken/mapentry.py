@@ -8,6 +8,10 @@ header alone, kind 2: the host saw the key once, see flashtoken/admission.py). A
     prefix   the prefix's UTF-8 bytes
     tokens   little-endian uint32 ids: the prefix's tokens before ``cut``
 
+Beside the entries, under a reserved key, the daemon keeps the hot list: the keys of the
+entries used most recently, newest first (``pack_hot``). A worker starting takes those entries
+into its L1 (client/hostmap.py), so that its first request for a hot prefix is an L1 hit.
+
 A key only locates an entry (xxh3 has no collision resistance against crafted text, and prompts
 carry user text): a hit is used only if the stored namespace, encoding id, policy and prefix
 bytes equal the asker's, and the checksum (xxh3-64 over the rest of the entry, written by the
@@ -24,17 +28,30 @@ import xxhash
 
 __all__ = [
     "FORMAT",
+    "HOT_KEY",
+    "SALT_KEY",
     "SEEN_MARKER",
+    "VERSION_KEY",
     "Hit",
+    "HOT_KEYS",
     "confirm",
     "entry_cost",
+    "entry_identity",
     "entry_key",
     "entry_tokens",
+    "hot_keys",
     "is_seen_marker",
     "pack_entry",
+    "pack_hot",
 ]
 
 FORMAT = b"FTM1"  # the format version is part of the magic
+# The map's own records, under keys that are never a 16-byte entry key.
+VERSION_KEY = b"\x00flashtoken-map-format"
+SALT_KEY = b"\x00flashtoken-map-salt"
+"""A random salt per map, in the map: keys cannot be aimed at from outside the daemon's private
+directory (a crafted xxh3 collision could only evict, never mislead, but not even that)."""
+HOT_KEY = b"\x00flashtoken-map-hot"  # the hot list
 _HEADER = struct.Struct("<4sBxxxIIIQ")  # magic, kind, cut, prefix bytes, tokens, checksum
 _META = struct.Struct("<32sHI")  # encoding id, namespace length, policy length
 KIND_PREFIX = 1
@@ -79,6 +96,48 @@ SEEN_MARKER = _HEADER.pack(FORMAT, KIND_SEEN, 0, 0, 0, 0)
 """The value stored for a key the host has seen once and not cached: no tokens, nothing to
 confirm. A marker under a colliding key costs a request, never an id: it only sends a worker to
 the daemon instead of encoding alone."""
+
+
+HOT_KEYS = 64  # the hot list's length: 1 KiB
+_HOT_MAGIC = b"FTH1"
+
+
+def pack_hot(keys: list[bytes]) -> bytes:
+    """The hot list's value: the 16-byte keys of the most recently used entries, newest first."""
+    return _HOT_MAGIC + b"".join(keys[:HOT_KEYS])
+
+
+def hot_keys(value: Any) -> list[bytes]:
+    """The keys of a hot list's value; [] for anything else. A key listed is only a key: its
+    entry is looked up and confirmed like any other (it may have been evicted since)."""
+    data = bytes(value)
+    if not data.startswith(_HOT_MAGIC) or (len(data) - 4) % 16 or len(data) > 4 + 16 * HOT_KEYS:
+        return []
+    return [data[i : i + 16] for i in range(4, len(data), 16)]
+
+
+def entry_identity(value: Any) -> tuple[bytes, bytes, tuple[str, ...], bytes] | None:
+    """``(namespace, encoding id, allowed specials, prefix bytes)`` of a prefix entry as its
+    fields say, unconfirmed (``confirm`` checks them and the checksum); None if malformed."""
+    view = memoryview(value)
+    if len(view) < _HEADER.size + _META.size:
+        return None
+    magic, kind, _, n_prefix, _, _ = _HEADER.unpack_from(view)
+    if magic != FORMAT or kind != KIND_PREFIX:
+        return None
+    eid, n_namespace, n_policy = _META.unpack_from(view, _HEADER.size)
+    at = _HEADER.size + _META.size
+    if at + n_namespace + n_policy + n_prefix > len(view):
+        return None
+    namespace = bytes(view[at : at + n_namespace])
+    at += n_namespace
+    try:
+        policy = bytes(view[at : at + n_policy]).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    at += n_policy
+    allowed = tuple(policy.split("\x00")) if policy else ()
+    return namespace, eid, allowed, bytes(view[at : at + n_prefix])
 
 
 def is_seen_marker(value: Any) -> bool:

@@ -6,8 +6,9 @@ entry, copy the tokens out of the mapping. LMDB (one writer, many readers in man
 so a reader never sees a half-written or freed entry, crash-safe, zero-copy reads) does what a
 home-made shared-memory table would have to be debugged into doing.
 
-The entries' format is flashtoken/mapentry.py's; one environment per process, fork safety
-and the trust check are flashtoken/mapenv.py's.
+This module is the daemon's side (the writer). The workers' side is flashtoken/mapreader.py,
+the entries' format flashtoken/mapentry.py's; one environment per process, fork safety and the
+trust check are flashtoken/mapenv.py's.
 
 ``import flashtoken`` does not import this module (nor lmdb).
 """
@@ -16,40 +17,31 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from itertools import islice
 
 import lmdb
 
-from flashtoken.ids import token_list_from_bytes
 from flashtoken.mapentry import (
     FORMAT,
+    HOT_KEY,
+    HOT_KEYS,
+    SALT_KEY,
     SEEN_MARKER,
-    Hit,
+    VERSION_KEY,
     confirm,
     entry_cost,
     entry_key,
     entry_tokens,
     is_seen_marker,
     pack_entry,
+    pack_hot,
 )
-from flashtoken.mapenv import (
-    environment,
-    envs_lock,
-    forget,
-    forget_environment,
-    open_environment,
-    trusted,
-)
+from flashtoken.mapenv import environment, envs_lock, forget_environment, trusted
 
 log = logging.getLogger("flashtoken.sharedmap")
 
 _MARKER_COST = entry_cost(b"k" * 16, len(SEEN_MARKER))
-_VERSION_KEY = b"\x00flashtoken-map-format"  # never a 16-byte entry key
-_SALT_KEY = b"\x00flashtoken-map-salt"
-"""A random salt per map, in the map: keys cannot be aimed at from outside the daemon's private
-directory (a crafted xxh3 collision could only evict, never mislead, but not even that)."""
 
 MAP_DIRNAME = "map"
 
@@ -57,146 +49,6 @@ MAP_DIRNAME = "map"
 def map_path(directory: str) -> str:
     """Where the daemon whose private directory is ``directory`` keeps its map."""
     return os.path.join(directory, MAP_DIRNAME)
-
-
-@dataclass(frozen=True)
-class Absent:
-    """No tokens in the map for a prefix: its ``key``, and whether the host has ``seen`` it."""
-
-    key: bytes
-    seen: bool
-
-
-class MapReader:
-    """A worker's read-only view of the host's map (opened lazily, again after fork).
-
-    The map's ownership and mode are checked when it is opened, not on every read: a check
-    then could not vouch for the file already mapped anyway. A map the daemon rebuilt (a new
-    file under the same name) is noticed within ``RECHECK_S`` and opened anew; until then the
-    old file is read, which stays intact (LMDB never rewrites an unlinked file) and holds only
-    what the daemon wrote.
-    """
-
-    RECHECK_S = 1.0
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._failed_pid = 0  # the pid that found no usable map (retried on reopen())
-        self._opened: tuple[lmdb.Environment, bytes, int] | None = None  # env, salt, inode
-        self._checked = 0.0
-
-    def get(
-        self, namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes
-    ) -> Hit | None:
-        """The confirmed hit for this prefix, or None (not there, not ours, not usable)."""
-        found = self.lookup(namespace, eid, allowed, prefix)
-        return found if isinstance(found, Hit) else None
-
-    def lookup(
-        self, namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes
-    ) -> Hit | Absent | None:
-        """The confirmed hit for this prefix; else :class:`Absent` (with whether the host has
-        seen it), or None when there is no usable map."""
-        with envs_lock:
-            opened = self._open_env()
-            if opened is None:
-                return None
-            env, salt, _ = opened
-            key = entry_key(salt, namespace, eid, allowed, prefix)
-            for attempt in range(2):
-                try:
-                    with env.begin(buffers=True) as txn:
-                        value = txn.get(key)
-                        if value is None:
-                            return Absent(key, False)
-                        return hit_of(value, key, namespace, eid, allowed, prefix)
-                except lmdb.MapResizedError:
-                    # A daemon restarted with a larger --max-bytes grew the map: adopt its size
-                    # (no transaction of this process is open: they all run under envs_lock).
-                    if attempt or not _adopt_map_size(env):
-                        break
-                except lmdb.Error:
-                    break
-            self._fail()
-            return None
-
-    @property
-    def usable(self) -> bool:
-        """Whether the last lookup found a map to read (it answers for what the host saw)."""
-        return self._opened is not None and self._failed_pid != os.getpid()
-
-    def open(self) -> bool:
-        """Open the map now rather than on the first lookup (~1 ms, once per process)."""
-        with envs_lock:
-            return self._open_env() is not None
-
-    def reopen(self) -> None:
-        """Try again to open the map (after the daemon says it exists)."""
-        self._failed_pid = 0
-
-    def _open_env(self) -> tuple[lmdb.Environment, bytes, int] | None:
-        pid = os.getpid()
-        if self._failed_pid == pid:
-            return None
-        opened = self._opened
-        if opened is not None and open_environment(self.path) is opened[0]:
-            now = time.monotonic()
-            if now - self._checked < self.RECHECK_S:
-                return opened
-            self._checked = now
-            if _inode(self.path) == opened[2]:
-                return opened
-            forget(self.path)  # rebuilt under us: open the new file
-        self._opened = None
-        if not trusted(self.path):
-            self._failed_pid = pid
-            return None
-        try:
-            env = environment(self.path)
-            with env.begin(buffers=True) as txn:
-                stored = txn.get(_SALT_KEY)
-                salt = None if stored is None else bytes(stored)
-        except lmdb.Error:
-            self._failed_pid = pid
-            return None
-        if salt is None:  # the daemon has not finished creating it: look again next time
-            return None
-        self._opened = (env, salt, _inode(self.path))
-        self._checked = time.monotonic()
-        return self._opened
-
-    def _fail(self) -> None:
-        self._failed_pid = os.getpid()
-        self._opened = None
-
-
-def hit_of(
-    value: object, key: bytes, namespace: bytes, eid: bytes, allowed: tuple[str, ...], prefix: bytes
-) -> Hit | Absent:
-    """The hit that ``value`` (found under ``key``) is for this asker, or :class:`Absent`: a
-    sighting, a collision (another prefix's entry) or a damaged entry, for which the daemon is
-    asked (it encodes from the bytes it receives). Its own function so that a worker's start-up
-    can take these steps on a made-up entry (client/hostmap.py)."""
-    found = confirm(value, namespace, eid, allowed, prefix)
-    if found is None:
-        return Absent(key, True)
-    # Copied out of the mapping (into the list) before the transaction ends.
-    return Hit(token_list_from_bytes(found[1]), found[0], key)
-
-
-def _adopt_map_size(env: lmdb.Environment) -> bool:
-    try:
-        env.set_mapsize(0)
-    except lmdb.Error:
-        return False
-    return True
-
-
-def _inode(path: str) -> int:
-    try:
-        return os.stat(os.path.join(path, "data.mdb")).st_ino
-    except OSError:
-        return -1
 
 
 class MapWriter:
@@ -218,6 +70,7 @@ class MapWriter:
         # one per 4 KiB of budget, so they take under 3% of it.
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         self.seen_capacity = max(64, min(65536, max_bytes // 4096))
+        self._hot: list[bytes] = []  # the hot list as last written
         self.bytes = 0
         self.tokens = 0
         self.evictions = 0
@@ -232,7 +85,7 @@ class MapWriter:
             with envs_lock:
                 env = environment(self.path, writer_map_size=self._map_size)
             with env.begin() as txn:
-                version = txn.get(_VERSION_KEY)
+                version = txn.get(VERSION_KEY)
             if version not in (None, FORMAT):
                 raise lmdb.Error(f"format {version!r}")
             if env.info()["map_size"] != self._map_size:
@@ -244,11 +97,11 @@ class MapWriter:
             with envs_lock:
                 env = environment(self.path, writer_map_size=self._map_size)
         with env.begin(write=True) as txn:
-            txn.put(_VERSION_KEY, FORMAT)
-            self.salt = bytes(txn.get(_SALT_KEY) or b"")
+            txn.put(VERSION_KEY, FORMAT)
+            self.salt = bytes(txn.get(SALT_KEY) or b"")
             if len(self.salt) != 16:
                 self.salt = os.urandom(16)
-                txn.put(_SALT_KEY, self.salt)
+                txn.put(SALT_KEY, self.salt)
         return env
 
     def _index(self, env: lmdb.Environment) -> None:
@@ -257,7 +110,7 @@ class MapWriter:
         with env.begin(buffers=True) as txn:
             for stored, value in txn.cursor():
                 key = bytes(stored)
-                if key in (_VERSION_KEY, _SALT_KEY):
+                if key in (VERSION_KEY, SALT_KEY, HOT_KEY):
                     continue
                 if len(key) != 16 or bytes(value[:4]) != FORMAT:
                     damaged.append(key)
@@ -279,6 +132,7 @@ class MapWriter:
         self.rebuilds += 1
         self._order.clear()
         self._seen.clear()
+        self._hot = []
         self.bytes = self.tokens = 0
         for name in ("data.mdb", "lock.mdb"):
             try:
@@ -420,6 +274,18 @@ class MapWriter:
             for key in victims:
                 txn.delete(key)
         self.evictions += len(victims)
+
+    def publish_hot(self) -> None:
+        """Write the hot list (the most recently used keys, newest first) if it changed."""
+        hot = list(islice(reversed(self._order), HOT_KEYS))
+        if hot == self._hot:
+            return
+        try:
+            with self.env.begin(write=True) as txn:
+                txn.put(HOT_KEY, pack_hot(hot))
+        except lmdb.MapFullError:  # a hint, like the markers
+            return
+        self._hot = hot
 
     def check_readers(self) -> int:
         """Clear reader slots of dead processes (a worker killed mid-read), so that the pages

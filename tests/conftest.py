@@ -11,6 +11,12 @@ from hypothesis import HealthCheck, settings
 
 from flashtoken import get_encoding
 
+# A client starting takes the host's hot prefixes into its L1 (preload_bytes): a test naming the
+# path a request takes (the map, the daemon, a first sight) would race with the daemon's hot
+# list, rewritten within a second or two. Off for the suite (and the processes it starts);
+# tests/test_preload.py and the gunicorn recycling test turn it on.
+os.environ["FLASHTOKEN_PRELOAD_BYTES"] = "0"
+
 # The real-daemon fixtures (start_daemon, daemon, shared_daemon), owned by the sidecar's tests.
 pytest_plugins = ["tests.daemon_fixtures"]
 

@@ -88,7 +88,8 @@ FRESH_WORKER = textwrap.dedent(
     from flashtoken.client import Client
     address, prefix, suffix = json.loads(sys.stdin.read())
     enc = get_encoding("cl100k_base")
-    client = Client(address, "cl100k_base", timeout_ms=5000)
+    # preload_bytes=0: the map read itself (test_preload.py: the hot prefixes taken at start).
+    client = Client(address, "cl100k_base", timeout_ms=5000, preload_bytes=0)
     tokens = client.encode_ordinary(suffix, prefix=prefix)
     source = client.last_source
     # The hit is reported later, never by the request that took it (that would make the

@@ -86,7 +86,8 @@ def test_without_fcntl_the_port_locks_the_path_and_a_kill_never_blocks_a_restart
         second = _daemon(daemon_dir, pretend).start()
         try:
             assert (daemon_dir / "d.sock.lock").read_text().strip() == str(second.pid)
-            with Client(second.address, ENC, timeout_ms=5000) as fresh:
+            # preload_bytes=0: the request itself reads the map (not the hot list at start).
+            with Client(second.address, ENC, timeout_ms=5000, preload_bytes=0) as fresh:
                 got = fresh.encode_ordinary(" again", prefix=PREFIX)
                 assert got == enc.encode_ordinary(PREFIX + " again")
                 assert fresh.last_source == "map"  # the killed daemon's map, reopened hot

@@ -19,7 +19,8 @@ lmdb = pytest.importorskip("lmdb")
 
 from flashtoken import sharedmap  # noqa: E402
 from flashtoken.mapentry import pack_entry  # noqa: E402
-from flashtoken.sharedmap import MapReader, MapWriter  # noqa: E402
+from flashtoken.mapreader import MapReader  # noqa: E402
+from flashtoken.sharedmap import MapWriter  # noqa: E402
 
 EID = bytes(range(32))
 NS = b"tenant-a"
@@ -50,7 +51,7 @@ READER = textwrap.dedent(
     import sys, json
     sys.path.insert(0, {root!r})
     from tests.test_sharedmap import _prefix, EID, NS, ALLOWED
-    from flashtoken.sharedmap import MapReader
+    from flashtoken.mapreader import MapReader
     reader = MapReader({path!r})
     out = {{}}
     for i in {indices!r}:
@@ -241,7 +242,7 @@ SERVING_READER = textwrap.dedent(
     import sys, json
     sys.path.insert(0, {root!r})
     from tests.test_sharedmap import _prefix, EID, NS, ALLOWED
-    from flashtoken.sharedmap import MapReader
+    from flashtoken.mapreader import MapReader
     reader = MapReader({path!r})
     reader.RECHECK_S = 0.0  # look for a rebuilt map on every read, not once a second
     for line in sys.stdin:
