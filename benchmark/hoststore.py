@@ -19,7 +19,8 @@
    A declared prefix that changes every request (a chat's whole history as ``prefix=``):
    the client against tiktoken on the whole text (the miss path must cost nothing).
 3. Worker recycling (gunicorn ``--max-requests``): 4 worker slots, each worker replaced every
-   50 requests by a fresh process (empty caches): throughput and p99, per strategy.
+   50 requests by a fresh process (empty caches; the shared store's client takes the host's
+   hot prefixes when it starts): throughput and p99, per strategy.
 4. Host memory at 8 workers: the sum of PSS over the workers and the daemon (a shared mapping
    counts once, split between the processes that map it), per-process dict against shared store,
    each worker's read after a garbage collection and ``malloc_trim`` (its caches, not its freed

@@ -301,7 +301,8 @@ def _run_workers(
 def _recycled_slot(spec: dict[str, Any], every: int, out: Any) -> None:
     """One worker slot under gunicorn ``--max-requests=every``: a new process every ``every``
     requests, forked from this slot process (which has imported the code and loaded the
-    encoding, as gunicorn's arbiter with ``--preload``), each starting with empty caches."""
+    encoding, as gunicorn's arbiter with ``--preload``), each starting with empty caches (the
+    shared store's client then takes the host's hot prefixes, as it would under gunicorn)."""
     ctx = mp.get_context("fork")
     start = time.perf_counter()
     latencies, wrong = [], 0

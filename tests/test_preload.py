@@ -32,6 +32,7 @@ from flashtoken import get_encoding, sharedmap, split_prefix  # noqa: E402
 from flashtoken.encodings import encoding_id  # noqa: E402
 from flashtoken.mapentry import (  # noqa: E402
     HOT_KEYS,
+    SEEN_MARKER,
     entry_identity,
     hot_keys,
     pack_entry,
@@ -72,6 +73,7 @@ def test_an_entrys_identity_is_what_it_was_packed_with(
     tokens = tokens4[: len(tokens4) // 4 * 4]
     value = pack_entry(namespace, bytes(32), policy, prefix, len(prefix), tokens)
     assert entry_identity(value) == (namespace, bytes(32), policy, prefix)
+    assert entry_identity(SEEN_MARKER) is None  # a sighting has no tokens to take
     for cut in range(0, len(value), 7):  # a value cut short is never read past its end
         short = entry_identity(value[:cut])
         assert short is None or len(short[3]) <= cut
