@@ -103,27 +103,42 @@ FRESH_WORKER = textwrap.dedent(
 )
 
 
-def _fresh_worker(address: str, prefix: str, suffix: str) -> dict:
+def run_worker(code: str, payload: list, env: dict[str, str] | None = None) -> dict:
+    """A new worker process running ``code`` on ``payload`` (JSON on its stdin): its JSON."""
     done = subprocess.run(
-        [sys.executable, "-c", FRESH_WORKER],
-        input=json.dumps([address, prefix, suffix]),
+        [sys.executable, "-c", code],
+        input=json.dumps(payload),
         capture_output=True,
         text=True,
         timeout=120,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
 
+def _fresh_worker(address: str, prefix: str, suffix: str) -> dict:
+    return run_worker(FRESH_WORKER, [address, prefix, suffix])
+
+
+HELD_PREFIX = "System: be exact; écrivez clairement; 注意 1,234.5 's\n\n " * 300
+SUFFIXES = ["", " Q?", "s", "'s more", "\n\n", " 中文", "<|endoftext|>", "1"]
+
+
+def holding_daemon(start_daemon: Callable[..., DaemonProcess]) -> DaemonProcess:
+    """A daemon whose map holds ``HELD_PREFIX``."""
+    daemon = start_daemon()
+    with Client(daemon.address, ENC, timeout_ms=TIMEOUT_MS, min_uses=1) as filler:
+        filler.encode_ordinary(" Q?", prefix=HELD_PREFIX)  # a miss: the daemon fills it
+    wait_until(lambda: daemon.stats()["map_curr_items"] == 1, 30, "the fill never landed")
+    return daemon
+
+
 def test_a_fresh_workers_first_request_is_a_map_hit_also_with_the_daemon_frozen(
     start_daemon: Callable[..., DaemonProcess],
 ) -> None:
-    daemon = start_daemon()
-    prefix = "System: be exact; écrivez clairement; 注意 1,234.5 's\n\n " * 300
-    with Client(daemon.address, ENC, timeout_ms=TIMEOUT_MS, min_uses=1) as filler:
-        filler.encode_ordinary(" Q?", prefix=prefix)  # a miss: the daemon fills it
-    wait_until(lambda: daemon.stats()["map_curr_items"] == 1, 30, "the fill never landed")
-    suffixes = ["", " Q?", "s", "'s more", "\n\n", " 中文", "<|endoftext|>", "1"]
+    daemon = holding_daemon(start_daemon)
+    prefix, suffixes = HELD_PREFIX, SUFFIXES
     for suffix in suffixes:
         got = _fresh_worker(daemon.address, prefix, suffix)
         assert got["exact"] and got["source"] == "map" and got["unsent"] == 1, got

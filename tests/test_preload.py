@@ -8,11 +8,8 @@ SIGSTOPped: a fresh worker's first request for a hot prefix is an L1 hit with ti
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 from array import array
 from collections.abc import Callable, Iterator
@@ -42,6 +39,7 @@ from flashtoken.mapreader import MapReader  # noqa: E402
 from flashtoken.sharedmap import MapWriter  # noqa: E402
 from tests.daemon_fixtures import DaemonProcess  # noqa: E402
 from tests.polling import wait_until  # noqa: E402
+from tests.test_first_request import HELD_PREFIX, SUFFIXES, holding_daemon, run_worker  # noqa: E402
 
 ENC = "cl100k_base"
 TIMEOUT_MS = 5000
@@ -170,26 +168,16 @@ FRESH_WORKER = textwrap.dedent(
 
 
 def _fresh_worker(address: str, prefix: str, suffixes: list[str], **options: object) -> dict:
-    done = subprocess.run(
-        [sys.executable, "-c", FRESH_WORKER],
-        input=json.dumps([address, prefix, suffixes, options]),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=os.getcwd(),
-        env={k: v for k, v in os.environ.items() if k != "FLASHTOKEN_PRELOAD_BYTES"},
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+    # With the client's own default for preload_bytes (the suite turns it off).
+    env = {k: v for k, v in os.environ.items() if k != "FLASHTOKEN_PRELOAD_BYTES"}
+    return run_worker(FRESH_WORKER, [address, prefix, suffixes, options], env)
 
 
 def test_a_fresh_worker_serves_a_hot_prefix_from_its_l1_also_with_the_daemon_frozen(
     start_daemon: Callable[..., DaemonProcess],
 ) -> None:
-    daemon = start_daemon()
-    prefix = "System: be exact; écrivez clairement; 注意 1,234.5 's\n\n " * 300
-    with Client(daemon.address, ENC, timeout_ms=TIMEOUT_MS, min_uses=1) as filler:
-        filler.encode_ordinary(" Q?", prefix=prefix)  # a miss: the daemon fills it
+    daemon = holding_daemon(start_daemon)
+    prefix, suffixes = HELD_PREFIX, SUFFIXES
 
     def preloaded() -> bool:
         with Client(daemon.address, ENC, timeout_ms=TIMEOUT_MS, preload_bytes=PRELOAD) as probe:
@@ -200,7 +188,6 @@ def test_a_fresh_worker_serves_a_hot_prefix_from_its_l1_also_with_the_daemon_fro
         assert len(probe._core.l1) == 1
         probe._core.distrust()  # what the daemon gave, preloaded too, is dropped with the rest
         assert len(probe._core.l1) == 0
-    suffixes = ["", " Q?", "s", "'s more", "\n\n", " 中文", "<|endoftext|>", "1"]
     got = _fresh_worker(daemon.address, prefix, suffixes)
     assert got["preloaded"] == 1 and all(got["exact"]), got
     assert set(got["sources"]) == {"l1"} and got["stats"]["map_hits"] == 0, got
